@@ -1,0 +1,27 @@
+# `make run` and `make test` set everything up on a fresh machine (Python 3.11 with pip).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run test bench install clean-outputs
+
+$(BIN)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	dvc repro
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" -q
+
+bench: install
+	$(BIN)/python benchmarks/quality_vs_steps.py

@@ -1,0 +1,77 @@
+"""The seed's convolutional autoencoder: (1, 28, 28) -> 28->14->7->4 -> 16-d latent, and its mirror."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class AutoencoderSpec:
+    latent_dim: int = 16
+    channels: tuple[int, int, int] = (32, 64, 128)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AutoencoderSpec":
+        return cls(latent_dim=int(d["latent_dim"]), channels=tuple(d["channels"]))
+
+
+class ConvEncoder(nn.Module):
+    def __init__(self, spec: AutoencoderSpec):
+        super().__init__()
+        c1, c2, c3 = spec.channels
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.SiLU(),   # 28 -> 14
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.SiLU(),  # 14 -> 7
+            nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.SiLU(),  # 7 -> 4
+            nn.Flatten(),
+            nn.Linear(c3 * 4 * 4, spec.latent_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) in [0, 1] -> (B, latent)
+        return self.net(x)
+
+
+class ConvDecoder(nn.Module):
+    def __init__(self, spec: AutoencoderSpec):
+        super().__init__()
+        c1, c2, c3 = spec.channels
+        self.c3 = c3
+        self.fc = nn.Linear(spec.latent_dim, c3 * 4 * 4)
+        self.net = nn.Sequential(
+            nn.SiLU(),
+            nn.ConvTranspose2d(c3, c2, 3, stride=2, padding=1), nn.SiLU(),                    # 4 -> 7
+            nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.SiLU(),  # 7 -> 14
+            nn.ConvTranspose2d(c1, 1, 3, stride=2, padding=1, output_padding=1),              # 14 -> 28
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, latent) -> logits (B, 1, 28, 28)
+        return self.net(self.fc(z).view(-1, self.c3, 4, 4))
+
+
+class ConvAutoencoder(nn.Module):
+    def __init__(self, spec: AutoencoderSpec):
+        super().__init__()
+        self.spec = spec
+        self.encoder = ConvEncoder(spec)
+        self.decoder = ConvDecoder(spec)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents to images in [0, 1] (the seed's sigmoid output)."""
+        return torch.sigmoid(self.decoder(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_logits(self.encode(x))

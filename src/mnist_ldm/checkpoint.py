@@ -1,0 +1,64 @@
+"""Self-describing checkpoints, saved atomically and loaded without running code from the file.
+
+Every checkpoint is a plain dict of tensors, numbers, strings, lists and dicts with a `format`
+(which kind of checkpoint) and `format_version`, so `torch.load(weights_only=True)` reads it and a
+file of the wrong kind is refused with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_path
+from .errors import UserError
+
+FORMAT_VERSION = 1
+KINDS = {
+    "mnist-ldm/autoencoder": "an autoencoder checkpoint (models/autoencoder.pt)",
+    "mnist-ldm/diffusion": "a latent-diffusion checkpoint (models/diffusion.pt)",
+    "mnist-ldm/evaluator": "an evaluator checkpoint (models/evaluator.pt)",
+    "mnist-ldm/resume": "a resumable training state",
+}
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def save_checkpoint(path: str | Path, kind: str, payload: dict[str, Any]) -> None:
+    assert kind in KINDS, kind
+    with atomic_path(path) as tmp:
+        torch.save({"format": kind, "format_version": FORMAT_VERSION, **payload}, tmp)
+
+
+def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> dict[str, Any]:
+    """Load `path`, which must be a checkpoint of `kind`; anything else is a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[0] if "weights_only" not in str(e).splitlines()[0] else ""
+        for line in str(e).splitlines():
+            if "Unsupported global" in line or "Unsupported operand" in line:
+                reason = line.strip()
+                break
+        raise CheckpointError(f"{path}: refused to load: the file holds pickled Python objects, not only tensors and "
+                              f"plain data, and loading it could run code ({reason or 'unsafe pickle'})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt: {first})") from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        raise CheckpointError(f"{path}: not an mnist-ldm checkpoint (no 'format' field); expected {KINDS[kind]}")
+    if ckpt["format"] != kind:
+        got = KINDS.get(ckpt["format"], repr(ckpt["format"]))
+        raise CheckpointError(f"{path}: this is {got}, but {KINDS[kind]} was expected here")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('format_version')!r} is not supported; "
+                              f"this version of mnist-ldm reads version {FORMAT_VERSION}")
+    return ckpt

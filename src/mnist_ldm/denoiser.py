@@ -1,0 +1,95 @@
+"""The seed's LatentDenoiser: an MLP of FiLM residual blocks that predicts the noise in a latent.
+
+Optionally class-conditional: a label embedding is added to the time embedding; label index
+`num_classes` is the "no label" token used for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DenoiserSpec:
+    latent_dim: int = 16
+    hidden_dim: int = 256
+    num_blocks: int = 4
+    num_classes: int = 0  # 0 = unconditional (the seed's model)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DenoiserSpec":
+        return cls(**{k: int(d[k]) for k in ("latent_dim", "hidden_dim", "num_blocks", "num_classes")})
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps, (B,) -> (B, dim), as in the Transformer/DDPM papers."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class FiLMLayer(nn.Module):
+    """LayerNorm(h) -> (1 + gamma) * h + beta with gamma, beta = Linear(emb) -> SiLU -> Linear."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.film = nn.Linear(hidden, 2 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.film(emb).chunk(2, dim=-1)  # (B, H) each
+        h = (1 + gamma) * self.norm(h) + beta
+        return self.out(F.silu(h))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.film1 = FiLMLayer(hidden)
+        self.film2 = FiLMLayer(hidden)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return h + self.film2(self.film1(h, emb), emb)
+
+
+class LatentDenoiser(nn.Module):
+    def __init__(self, spec: DenoiserSpec):
+        super().__init__()
+        self.spec = spec
+        H = spec.hidden_dim
+        self.time_mlp = nn.Sequential(nn.Linear(H, H), nn.SiLU(), nn.Linear(H, H))
+        self.label_emb = nn.Embedding(spec.num_classes + 1, H) if spec.num_classes else None
+        self.in_proj = nn.Linear(spec.latent_dim, H)
+        self.blocks = nn.ModuleList(ResidualBlock(H) for _ in range(spec.num_blocks))
+        self.out_proj = nn.Linear(H, spec.latent_dim)
+
+    @property
+    def null_label(self) -> int:
+        return self.spec.num_classes
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, latent), t (B,) long, y (B,) long or None -> predicted noise (B, latent)."""
+        emb = self.time_mlp(timestep_embedding(t, self.spec.hidden_dim))  # (B, H)
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full_like(t, self.null_label)
+            emb = emb + self.label_emb(y)
+        h = self.in_proj(z)  # (B, H)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out_proj(h)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,142 @@
+"""Stage `evaluate`: score generated digits in the evaluator's feature space, beside honest floors.
+
+Every set is compared with the MNIST test set at the same n:
+* `train_vs_test`: real training images, the floor that real data reaches at this n;
+* `ae_reconstruction`: test images through the autoencoder, the best this decoder allows;
+* `single_gaussian`: decodes of one Gaussian fitted to the training latents, the trivial
+  baseline the diffusion model must beat;
+* `standard_normal`: decodes of raw N(0, I) latents, a sanity check that must score far worse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics, plots, tracking
+from .atomic import write_json
+from .config import Params
+from .data import load_split
+from .encode import encode_images, load_latents
+from .errors import UserError
+from .evaluator import features_and_probs, load_evaluator
+from .train_ae import load_autoencoder
+
+
+def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    if not Path(path).is_file():
+        raise UserError(f"{path}: samples file not found")
+    try:
+        with np.load(path) as f:
+            if "images" not in f:
+                raise UserError(f"{path}: no array 'images' in the file; expected images (N, 28, 28) uint8")
+            images = f["images"]
+            labels = f["labels"] if "labels" in f else None
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npz file ({type(e).__name__})") from None
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise UserError(f"{path}: 'images' has shape {images.shape}; expected (N, 28, 28)")
+    if images.dtype != np.uint8:
+        if images.min() < 0 or images.max() > 1:
+            raise UserError(f"{path}: 'images' must be uint8 0-255 or floats in [0, 1], got {images.dtype} "
+                            f"in [{images.min():.3g}, {images.max():.3g}]")
+        images = (images * 255).round().astype(np.uint8)
+    return images, labels
+
+
+def floor_images(ae, z_train: np.ndarray, test_images: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Image sets for the floors (see the module docstring), n each."""
+    rng = np.random.default_rng(seed)
+    z64 = z_train.astype(np.float64)
+    mu, cov = z64.mean(0), np.cov(z64, rowvar=False)
+    gauss = rng.multivariate_normal(mu, cov, size=n).astype(np.float32)
+    normal = rng.standard_normal((n, z_train.shape[1])).astype(np.float32)
+    with torch.no_grad():
+        def dec(z):
+            return (ae.decode(torch.from_numpy(z))[:, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        recon = dec(encode_images(ae, test_images[:n], desc="encode test"))
+        return {"ae_reconstruction": recon, "single_gaussian": dec(gauss), "standard_normal": dec(normal)}
+
+
+def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_images: np.ndarray, ae,
+          z_train: np.ndarray | None, n: int, k: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    n = min(n, len(images), len(test_images), len(train_images))
+    if n < k + 2:
+        raise UserError(f"evaluate: only {n} images to compare; need at least {k + 2}")
+    gen = images[rng.choice(len(images), n, replace=False)] if len(images) > n else images
+    test = test_images[:n]
+    train_sub = train_images[rng.choice(len(train_images), n, replace=False)]
+    f_test, _ = features_and_probs(evaluator, test)
+    f_gen, p_gen = features_and_probs(evaluator, gen)
+    f_train_sub, _ = features_and_probs(evaluator, train_sub)
+    fcd = {"generated": metrics.frechet_classifier_distance(f_gen, f_test),
+           "train_vs_test": metrics.frechet_classifier_distance(f_train_sub, f_test)}
+    if ae is not None and z_train is not None:
+        for name, ims in floor_images(ae, z_train, test, n, seed).items():
+            fcd[name] = metrics.frechet_classifier_distance(features_and_probs(evaluator, ims)[0], f_test)
+    f_train_all, _ = features_and_probs(evaluator, train_images)
+    balance = metrics.class_balance(p_gen)
+    result = {
+        "n": int(n),
+        "fcd": fcd,
+        "prdc": metrics.prdc(f_test, f_gen, k=k),
+        "prdc_train_vs_test": metrics.prdc(f_test, f_train_sub, k=k),
+        "class_balance": {"tv_to_uniform": balance["tv_to_uniform"], "classes_present": balance["classes_present"],
+                          "mean_top_confidence": balance["mean_top_confidence"]},
+        "class_counts": {str(d): int(c) for d, c in enumerate(balance["class_counts"])},
+        "memorization": metrics.memorization_ratio(f_gen, f_train_all, f_test),
+    }
+    if labels is not None:
+        lab = labels[:n] if len(images) <= n else None
+        if lab is not None:
+            result["label_accuracy"] = float((p_gen.argmax(1) == lab).mean())
+    if "single_gaussian" in fcd:
+        result["fcd_ratio_to_single_gaussian"] = fcd["generated"] / fcd["single_gaussian"]
+    return result
+
+
+def _charts(result: dict, plots_dir: Path):
+    names = list(result["fcd"])
+    fig = plots.bar_chart(names, [result["fcd"][k] for k in names], f"FCD vs MNIST test (n = {result['n']})",
+                          "Fréchet classifier distance (lower is better)", highlight=0)
+    plots.save_figure(fig, plots_dir / "fcd.png")
+    counts = result["class_counts"]
+    fig = plots.bar_chart(list(counts), list(counts.values()),
+                          f"predicted class of generated digits (TV to uniform {result['class_balance']['tv_to_uniform']:.3f})",
+                          "samples")
+    plots.save_figure(fig, plots_dir / "class_histogram.png")
+
+
+def main(params: Params, samples: Path, evaluator_ckpt: Path, data_dir: Path, ae_ckpt: Path, latent_dir: Path,
+         output: Path, plots_dir: Path) -> dict:
+    cfg = params.evaluate
+    images, labels = load_samples(samples)
+    evaluator, ev_meta = load_evaluator(evaluator_ckpt)
+    train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
+    ae = z_train = None
+    if Path(ae_ckpt).is_file():
+        ae, _ = load_autoencoder(ae_ckpt)
+        z_train = load_latents(latent_dir, "train")[0] if (Path(latent_dir) / "train.npz").is_file() else \
+            encode_images(ae, train.images, desc="encode train")
+    with tracking.stage_run("evaluate", params, {"evaluate.n": cfg.n, "evaluate.k": cfg.k, "samples": str(samples)}) as run:
+        result = score(images, labels, evaluator, train.images, test.images, ae, z_train, cfg.n, cfg.k, cfg.seed)
+        result["evaluator_test_accuracy"] = ev_meta["metrics"]["test_accuracy"]
+        write_json(output, result)
+        _charts(result, plots_dir)
+        run.headline({"fcd": result["fcd"]["generated"], **{f"fcd_floor_{k}": v for k, v in result["fcd"].items()
+                                                              if k != "generated"},
+                      **{k: v for k, v in result["prdc"].items()}, "class_tv": result["class_balance"]["tv_to_uniform"]})
+        for p in (output, plots_dir / "fcd.png", plots_dir / "class_histogram.png"):
+            run.log_artifact(p)
+    rows = "\n".join(f"  {k:<18} {v:10.4f}" for k, v in result["fcd"].items())
+    print(f"evaluate: FCD at n = {result['n']} (lower is better)\n{rows}\n"
+          f"  precision {result['prdc']['precision']:.3f}  recall {result['prdc']['recall']:.3f}  "
+          f"classes present {result['class_balance']['classes_present']}  -> {output}")
+    return result

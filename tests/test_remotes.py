@@ -1,0 +1,188 @@
+"""DVC remotes round trip: push the pipeline's outputs, clone the git repository elsewhere, pull, and
+get byte-identical models, data and samples, with nothing left to re-run. Remotes: a local directory,
+and the S3 API of a moto server on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, make_repo_copy, run
+from conftest import test_env as user_env
+
+OUTPUTS = ("models/autoencoder.pt", "models/diffusion.pt", "models/evaluator.pt", "data/prepared", "data/latents",
+           "outputs/samples.npz")
+CACHED_STAGES = ("prepare", "train_ae", "encode", "train_diffusion", "sample", "train_evaluator")
+STAGES = (*CACHED_STAGES, "evaluate")
+
+
+def md5s(repo: Path) -> dict[str, str]:
+    out = {}
+    for rel in OUTPUTS:
+        p = repo / rel
+        for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+            if f.is_file():
+                out[str(f.relative_to(repo))] = hashlib.md5(f.read_bytes()).hexdigest()
+    return out
+
+
+def dvc(repo: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run([str(BIN / "dvc"), *args], repo, env=env)
+
+
+def git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return run(["git", *args], repo)
+
+
+def objects(root: Path) -> set[str]:
+    """The content-addressed objects under a DVC cache or a local remote, as "ab/cdef...[.dir]"."""
+    root = root / "files/md5"
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def assert_pushed(pushed: set[str], repo: Path, hashes: dict[str, str]) -> None:
+    """Every output file's content and the listing of both directories are in the remote, and nothing
+    the local cache does not hold (the run cache, e.g. of metrics files, is not pushed by default)."""
+    assert {f"{h[:2]}/{h[2:]}" for h in hashes.values()} <= pushed
+    assert len([o for o in pushed if o.endswith(".dir")]) == 2  # data/prepared, data/latents
+    assert pushed <= objects(repo / ".dvc/cache")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A shrunk copy after `dvc repro`, committed to git, and the md5 of every DVC-tracked output."""
+    repo = make_repo_copy(tmp_path_factory.mktemp("remotes") / "repo", {"tracking": {"enabled": False}})
+    dvc(repo, "repro")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "pipeline outputs")
+    assert all((repo / rel).exists() for rel in OUTPUTS)
+    return repo, md5s(repo)
+
+
+def working_copy(pipeline: tuple[Path, dict], dest: Path) -> Path:
+    """A private copy of the committed pipeline repository, its DVC cache included."""
+    shutil.copytree(pipeline[0], dest, symlinks=True)
+    return dest
+
+
+def add_remote(repo: Path, name: str, url: str, *options: tuple[str, str]) -> None:
+    dvc(repo, "remote", "add", "-d", name, url)
+    for key, value in options:
+        dvc(repo, "remote", "modify", name, key, value)
+    git(repo, "add", ".dvc/config")
+    git(repo, "commit", "-qm", f"remote {name}")
+
+
+def clone(src: Path, dest: Path) -> Path:
+    run(["git", "clone", "-q", str(src), str(dest)], src.parent)
+    assert not any((dest / rel).exists() for rel in OUTPUTS), "git carried DVC-tracked outputs"
+    return dest
+
+
+def assert_up_to_date(repo: Path, env: dict | None = None) -> None:
+    assert "Data and pipelines are up to date." in dvc(repo, "status", env=env).stdout
+    out = dvc(repo, "repro", env=env).stdout
+    assert "Running stage" not in out, out
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in out, out
+
+
+def test_local_directory_remote_round_trip(pipeline, tmp_path: Path):
+    src = working_copy(pipeline, tmp_path / "src")
+    store = tmp_path / "store"
+    add_remote(src, "local", str(store))
+    dvc(src, "push")
+    assert_pushed(objects(store), src, pipeline[1])
+
+    dst = clone(src, tmp_path / "clone")
+    assert "local" in dvc(dst, "remote", "list").stdout and str(store) in dvc(dst, "remote", "list").stdout
+    dvc(dst, "pull")
+    assert md5s(dst) == pipeline[1]
+    assert_up_to_date(dst)
+
+
+def test_repro_pull_fetches_instead_of_running(pipeline, tmp_path: Path):
+    src = working_copy(pipeline, tmp_path / "src")
+    add_remote(src, "local", str(tmp_path / "store"))
+    dvc(src, "push")
+
+    dst = clone(src, tmp_path / "clone")
+    t0 = time.monotonic()
+    out = dvc(dst, "repro", "--pull").stdout
+    seconds = time.monotonic() - t0
+    assert "Running stage" not in out, out
+    for stage in CACHED_STAGES:
+        assert f"Pulling data for stage: '{stage}'" in out, out
+    assert md5s(dst) == pipeline[1]
+    assert_up_to_date(dst)
+    assert seconds < 60, f"dvc repro --pull took {seconds:.0f} s; did it train?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(tmp_path: Path):
+    """moto's S3 API on 127.0.0.1, stopped when the test ends."""
+    port, log = free_port(), open(tmp_path / "moto.log", "w")
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "moto.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/moto-api/", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "moto_server did not answer"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_s3_remote_round_trip(pipeline, s3_server: str, tmp_path: Path):
+    import boto3
+
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = user_env(**creds, AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
+                   AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"), NO_PROXY="127.0.0.1",
+                   no_proxy="127.0.0.1")
+    s3 = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
+                      region_name="us-east-1")
+    s3.create_bucket(Bucket="mnist-ldm")
+
+    src = working_copy(pipeline, tmp_path / "src")
+    add_remote(src, "s3remote", "s3://mnist-ldm/pipeline", ("endpointurl", s3_server))
+    dvc(src, "push", env=env)
+    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mnist-ldm", Prefix="pipeline/")
+            for o in page.get("Contents", [])}
+    assert_pushed({k.removeprefix("pipeline/files/md5/") for k in keys}, src, pipeline[1])
+
+    dst = clone(src, tmp_path / "clone")
+    config = (dst / ".dvc/config").read_text()
+    assert "s3://mnist-ldm/pipeline" in config and s3_server in config
+    assert "testing" not in config and not (dst / ".dvc/config.local").exists()
+    dvc(dst, "pull", env=env)
+    assert md5s(dst) == pipeline[1]
+    assert_up_to_date(dst, env)

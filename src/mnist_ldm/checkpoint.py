@@ -32,7 +32,8 @@ class CheckpointError(UserError):
 def save_checkpoint(path: str | Path, kind: str, payload: dict[str, Any]) -> None:
     assert kind in KINDS, kind
     with atomic_path(path) as tmp:
-        torch.save({"format": kind, "format_version": FORMAT_VERSION, **payload}, tmp)
+        with open(tmp, "wb") as f:  # a file object: the archive is not named after the (pid-stamped) temp file
+            torch.save({"format": kind, "format_version": FORMAT_VERSION, **payload}, f)
 
 
 def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> dict[str, Any]:
@@ -44,10 +45,13 @@ def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> di
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).splitlines()[0] if "weights_only" not in str(e).splitlines()[0] else ""
-        for line in str(e).splitlines():
-            if "Unsupported global" in line or "Unsupported operand" in line:
-                reason = line.strip()
+        for line in str(e).splitlines():  # torch words it "Unsupported global: GLOBAL x" or "unsupported GLOBAL x"
+            if "unsupported global" in line.lower() or "unsupported operand" in line.lower():
+                reason = line.strip().split(" was not an allowed global")[0]  # not torch's advice to allowlist it
                 break
+        if "unsupported global" not in reason.lower() and not _pickle_or_zip(path):
+            raise CheckpointError(f"{path}: not a readable {what} (neither a zip archive nor a pickle: truncated, "
+                                  f"corrupt or another kind of file)") from None
         raise CheckpointError(f"{path}: refused to load: the file holds pickled Python objects, not only tensors and "
                               f"plain data, and loading it could run code ({reason or 'unsafe pickle'})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
@@ -62,3 +66,10 @@ def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> di
         raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('format_version')!r} is not supported; "
                               f"this version of mnist-ldm reads version {FORMAT_VERSION}")
     return ckpt
+
+
+def _pickle_or_zip(path: Path) -> bool:
+    """Whether the file starts like a torch zip archive or a protocol-2+ pickle (torch's legacy format)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")

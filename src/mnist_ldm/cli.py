@@ -133,8 +133,10 @@ def run(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     cmd = args.command
     if cmd == "prepare":
-        from . import data
-        meta = data.prepare(params.data, args.out)
+        from . import data, tracking
+        with tracking.stage_run("prepare", params, tracking.section_params(params, "data")) as trun:
+            meta = data.prepare(params.data, args.out)
+            trun.log_prepared(meta, args.out)
         print(f"prepare: {meta['counts']['train']} train / {meta['counts']['test']} test images from "
               f"{meta['source']} ({meta['description']}) -> {args.out}")
     elif cmd == "train-ae":
@@ -144,8 +146,13 @@ def run(args: argparse.Namespace) -> None:
         params = _with(params, autoencoder=ae)
         train_ae.main(params, args.data, args.out, args.metrics, args.plots, args.generate_images)
     elif cmd == "encode":
-        from . import encode
-        encode.main(args.data, args.ae_ckpt, args.out)
+        from . import encode, tracking
+        from .data import load_meta
+        with tracking.stage_run("encode", params, {"encode.data": str(args.data), "encode.ae_ckpt": str(args.ae_ckpt)},
+                                load_meta(args.data)) as trun:
+            stats = encode.main(args.data, args.ae_ckpt, args.out)
+            trun.headline({"latent_std": stats["raw_std_overall"]})
+            trun.log_artifact(args.out / "stats.json")
     elif cmd == "train-diffusion":
         from . import train_diffusion
         d = override(params.diffusion, "diffusion", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

@@ -49,13 +49,11 @@ def load_stats(latent_dir: Path) -> dict:
 
 def main(data_dir: Path, ae_ckpt: Path, out_dir: Path) -> dict:
     model, _ = load_autoencoder(ae_ckpt)
-    stats = None
-    for split in ("train", "test"):
-        data = load_split(data_dir, split)
-        z = encode_images(model, data.images, desc=f"encode {split}")
-        if split == "train":
-            stats = latent_stats(z)
-        write_npz(out_dir / f"{split}.npz", z=z, labels=data.labels)
+    splits = {split: load_split(data_dir, split) for split in ("train", "test")}  # both readable before any write
+    latents = {split: encode_images(model, data.images, desc=f"encode {split}") for split, data in splits.items()}
+    stats = latent_stats(latents["train"])
+    for split, data in splits.items():
+        write_npz(out_dir / f"{split}.npz", z=latents[split], labels=data.labels)
     stats["ae_checkpoint_md5"] = hashlib.md5(Path(ae_ckpt).read_bytes()).hexdigest()
     write_json(out_dir / "stats.json", stats)
     print(f"encode: latents of std {stats['raw_std_overall']:.2f} (before standardizing) -> {out_dir}")

@@ -125,7 +125,8 @@ def main(params: Params, samples: Path, evaluator_ckpt: Path, data_dir: Path, ae
         ae, _ = load_autoencoder(ae_ckpt)
         z_train = load_latents(latent_dir, "train")[0] if (Path(latent_dir) / "train.npz").is_file() else \
             encode_images(ae, train.images, desc="encode train")
-    with tracking.stage_run("evaluate", params, {"evaluate.n": cfg.n, "evaluate.k": cfg.k, "samples": str(samples)}) as run:
+    stage_params = {**tracking.section_params(params, "evaluate"), "evaluate.samples": str(samples)}
+    with tracking.stage_run("evaluate", params, stage_params) as run:
         result = score(images, labels, evaluator, train.images, test.images, ae, z_train, cfg.n, cfg.k, cfg.seed)
         result["evaluator_test_accuracy"] = ev_meta["metrics"]["test_accuracy"]
         write_json(output, result)

@@ -71,7 +71,7 @@ def main(params: Params, data_dir: Path, out: Path, metrics_path: Path) -> dict:
     train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
     with tracking.stage_run("train_evaluator", params,
                             {f"evaluator.{k}": v for k, v in dataclasses.asdict(cfg).items()}, meta) as run:
-        run.log_dataset(meta, "mnist-train", "training")
+        run.log_dataset(meta, "mnist-train", "training", data_dir)
         torch.manual_seed(cfg.seed)
         model = DigitClassifier()
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -99,6 +99,7 @@ def main(params: Params, data_dir: Path, out: Path, metrics_path: Path) -> dict:
         })
         write_json(metrics_path, {**final, "weights_sha256": weights_hash[:16]})
         run.headline(final)
-        run.log_artifact(metrics_path)
+        for p in (metrics_path, out):
+            run.log_artifact(p)
     print(f"train_evaluator: test accuracy {final['test_accuracy']:.4f} (weights {weights_hash[:12]}) -> {out}")
     return final

@@ -7,7 +7,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
 
 from .atomic import atomic_path
 
@@ -22,11 +21,15 @@ def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def grid_array(images, nrow: int) -> np.ndarray:
     """An (H, W) uint8 picture of the images in rows of `nrow`, the form MLflow's log_image takes."""
+    from torchvision.utils import make_grid  # imported here: torchvision costs seconds at start-up
+
     g = make_grid(to_tensor(images), nrow=nrow, padding=2, pad_value=1.0)[0]  # (H, W)
     return (g.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def save_grid(images, path: str | Path, nrow: int) -> None:
+    from torchvision.utils import save_image
+
     with atomic_path(path) as tmp:
         save_image(to_tensor(images), tmp, nrow=nrow, padding=2, pad_value=1.0, format="png")
 

@@ -27,9 +27,15 @@ from .train_ae import load_autoencoder
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
 
 
-def sample_images(cfg: SampleConfig, ckpt: Path, ae_ckpt: Path, n: int, trajectory_every: int = 0):
-    """Images (n, 28, 28) uint8, their requested labels (or None) and, optionally, the trajectory."""
+def sample_images(cfg: SampleConfig, ckpt: Path, ae_ckpt: Path, n: int, trajectory_points: int = 0):
+    """Images (n, 28, 28) uint8, their requested labels (or None) and, optionally, the predicted x_0 of
+    the first 10 samples at about `trajectory_points` moments of the denoising."""
     model, s, meta = load_diffusion(ckpt, use_ema=cfg.use_ema)
+    n_evals = s.T if cfg.sampler == "ddpm" else cfg.steps
+    trajectory_every = max(1, n_evals // trajectory_points) if trajectory_points else 0
+    if cfg.sampler == "ddim" and cfg.steps > s.T:
+        raise UserError(f"--steps/sample.steps={cfg.steps} is more than the T={s.T} diffusion steps of the model in "
+                        f"{ckpt}; use at most {s.T}")
     ae, _ = load_autoencoder(ae_ckpt)
     check_pair(meta, ae, ckpt, ae_ckpt)
     labels = None
@@ -103,9 +109,9 @@ def main(params: Params, ckpt: Path, ae_ckpt: Path, latent_dir: Path, out: Path,
     stage_params = {f"sample.{k}": v for k, v in dataclasses.asdict(cfg).items()}
     with tracking.stage_run("sample", params, stage_params) as run:
         t0 = time.perf_counter()
-        n_evals = 1000 if cfg.sampler == "ddpm" else cfg.steps
-        images, labels, traj, (model, s, ae, stats) = sample_images(
-            cfg, ckpt, ae_ckpt, cfg.num_images, trajectory_every=max(1, n_evals // 10))
+        images, labels, traj, (model, s, ae, stats) = sample_images(cfg, ckpt, ae_ckpt, cfg.num_images,
+                                                                    trajectory_points=10)
+        n_evals = s.T if cfg.sampler == "ddpm" else cfg.steps
         seconds = time.perf_counter() - t0
         arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
         write_npz(out, **arrays)

@@ -2,14 +2,17 @@
 
 * Store: `MLFLOW_TRACKING_URI` if set (a team server), else `sqlite:///<repo>/mlflow.db` with
   artifacts in `<repo>/mlartifacts`. `<repo>` is the real repository root, also when DVC runs the
-  stage inside an experiment's temporary copy (`.dvc/tmp/exps/...`).
+  stage inside an experiment's temporary copy (`dvc exp run --temp`, `dvc queue`): DVC then sets
+  `DVC_ROOT` to the origin repository, and a working copy under `.dvc/tmp/exps/` maps back to it.
 * Parent: identified by a hash of every param and of the pipeline's source inputs (code, raw
   data): stages of one `dvc repro` find it without talking to each other, and `dvc repro -f` finds
-  the same one again. It holds every param (`section.key`) and the headline metrics of all stages.
-* Child: one per executed stage, tagged with the hash of the stage's deps and params (what
-  `dvc.lock` records). A re-execution with the same inputs links to the finished run instead of
-  logging a twin; an interrupted run with the same inputs is continued.
-* If the server stops answering mid-stage, training goes on and a warning says what was not logged.
+  the same one again. It holds every param (`section.key`) and the numbers of every metrics file
+  that dvc.yaml lists (`<file stem>.<key>`), so it also shows the stages an experiment did not re-run.
+* Child: one per executed stage, tagged with the hash of the stage's inputs (deps and params as
+  `dvc.lock` records them, the effective params, the command line). A re-execution with the same
+  inputs links to the finished run instead of logging a twin; an interrupted one is continued.
+* If the server does not answer when a stage starts, the stage fails before any work. If it stops
+  answering mid-stage, training goes on and one warning says what was not logged.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -30,6 +37,18 @@ from .config import Params
 from .errors import UserError
 
 TAG = "mnist_ldm."
+
+# Fail within seconds instead of retrying for minutes when a server goes away mid-stage (MLflow
+# reads these per request; a value the user exported wins), and no "View run" lines on stdout.
+ENV_DEFAULTS = {
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+_QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration",
+                  "mlflow.tracking._tracking_service.client")
 
 
 class TrackingError(UserError):
@@ -49,7 +68,23 @@ def repo_root() -> Path:
 
 
 def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    """`MLFLOW_TRACKING_URI` (a relative sqlite or file store is taken relative to `root`), else `<root>/mlflow.db`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        return f"sqlite:///{root / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{root / uri[len('sqlite:///'):]}"
+    has_scheme = ":" in uri.split("/", 1)[0] or uri.startswith("databricks")
+    if not has_scheme and not Path(uri).is_absolute():  # a plain directory: a file store
+        return str(root / uri)
+    return uri
+
+
+def _artifact_location(uri: str) -> Optional[str]:
+    """Artifacts of a sqlite store go next to the database (`<repo>/mlartifacts` by default)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
 
 
 def _git(args: list[str], cwd: Path) -> Optional[str]:
@@ -84,8 +119,11 @@ def _param_value(raw: dict, dotted: str) -> Any:
 
 
 def _load_dvc_yaml(root: Path) -> dict:
-    path = root / "dvc.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+    try:
+        data = yaml.safe_load((root / "dvc.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def stage_inputs(workdir: Path, stage: str) -> dict:
@@ -116,78 +154,157 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def section_params(params: Params, section: str) -> dict[str, Any]:
+    """`{"section.key": value}` for one params section."""
+    return {k: v for k, v in params.flat().items() if k.startswith(section + ".")}
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _warn(message: str) -> None:
+    """One line on stderr, on a line of its own even while a progress bar is drawn."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    except Exception:
+        print(message, file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- the run objects
 
 class StageRun:
-    """Logging for one stage. Every call is safe: after the first failure it warns once and stops logging."""
+    """Logging for one stage. Every call is safe: after the first failure it warns once and stops logging.
+
+    `active` is False when tracking is off, or when the stage re-ran with inputs identical to a
+    finished run (nothing more goes into that run); the parent run is still updated then.
+    """
 
     def __init__(self, client=None, run_id: Optional[str] = None, parent_id: Optional[str] = None,
                  stage: str = "", uri: str = "", active: bool = True):
         self.client, self.run_id, self.parent_id = client, run_id, parent_id
-        self.stage, self.uri, self.active = stage, uri, active and client is not None
+        self.stage, self.uri = stage, uri
+        self.active = active and client is not None and run_id is not None
         self.lost: Optional[str] = None
+        self.headline_metrics: dict[str, float] = {}
+        self._last: dict[str, tuple[int, float]] = {}  # key -> (step, value) last logged to this run
 
-    def _call(self, what: str, fn, *args, **kwargs) -> None:
-        if not self.active or self.lost:
-            return
+    @property
+    def logging(self) -> bool:
+        """Whether child-run logging still happens (callers skip work, such as preview images, if not)."""
+        return self.active and not self.lost
+
+    def _call(self, what: str, fn, *args, **kwargs) -> Any:
+        if self.client is None or self.lost:
+            return None
         try:
-            fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception as e:  # any transport or server error: keep training, report once
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             self.lost = what
-            print(f"warning: mlflow: logging to {self.uri} failed while logging {what} ({first}); "
-                  f"the stage goes on and writes its outputs, but the rest of its MLflow logging is skipped",
-                  file=sys.stderr)
+            _warn(f"warning: mlflow: {self.stage}: logging to {self.uri} failed at {what} ({_first_line(e, 120)}); "
+                  f"the stage goes on and writes its outputs, the rest of its MLflow logging is skipped")
+            return None
 
     def log_params(self, params: dict[str, Any]) -> None:
+        if not self.logging:
+            return
         from mlflow.entities import Param
+
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self._call("params", self.client.log_batch, self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None, run_id: Optional[str] = None) -> None:
+        if not (self.logging or (run_id is not None and self.client is not None)):
+            return
         from mlflow.entities import Metric
+
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
-        if items:
-            self._call("metrics", self.client.log_batch, run_id or self.run_id, metrics=items)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if run_id is None or run_id == self.run_id:
+            self._last.update({m.key: (m.step, m.value) for m in items})
+        for i in range(0, len(items), 500):
+            self._call("metrics", self.client.log_batch, run_id or self.run_id, metrics=items[i:i + 500])
 
     def log_image(self, key: str, image, step: int) -> None:
-        self._call(f"image {key}", self.client.log_image, self.run_id, image, key=key, step=step)
+        if self.logging:
+            self._call(f"image {key}", self.client.log_image, self.run_id, image, key=key, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        if Path(path).exists():
-            self._call(f"artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
+        if self.logging and Path(path).exists():
+            self._call(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_figure(self, fig, name: str) -> None:
-        self._call(f"figure {name}", self.client.log_figure, self.run_id, fig, name)
+        if self.logging:
+            self._call(f"figure {name}", self.client.log_figure, self.run_id, fig, name)
 
     def log_dict(self, obj: dict, name: str) -> None:
-        self._call(f"file {name}", self.client.log_dict, self.run_id, obj, name)
+        if self.logging:
+            self._call(f"file {name}", self.client.log_dict, self.run_id, obj, name)
 
-    def log_dataset(self, meta: dict, name: str, context: str) -> None:
-        """The training data as an MLflow dataset input, its digest being the content hash of `meta.json`."""
-        if not self.active or self.lost:
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.logging:
+            for k, v in tags.items():
+                self._call(f"tag {k}", self.client.set_tag, self.run_id, k, str(v))
+
+    def log_dataset(self, meta: dict, name: str, context: str, path: Optional[str | Path] = None) -> None:
+        """The data as an MLflow dataset input; its digest is the content hash of `meta.json` (MLflow keeps 36 chars)."""
+        if not self.logging:
             return
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        ds = MetaDataset(HTTPDatasetSource(f"file://{meta.get('description', '')}"), name=name,
-                         digest=str(meta.get("content_hash", ""))[:36])
-        self._call("dataset input", self.client.log_inputs, self.run_id,
-                   datasets=[_dataset_input(ds, context, InputTag)])
+        content_hash = str(meta.get("content_hash", ""))
+        source = {"path": str(path) if path is not None else None, "origin": meta.get("source"),
+                  "description": meta.get("description"), "content_hash": content_hash}
+        ds = Dataset(name=name, digest=content_hash[:36], source_type="local", source=json.dumps(source),
+                     profile=json.dumps({"counts": meta.get("counts", {})}))
+        tags = [InputTag(key="mlflow.data.context", value=context), InputTag(key=TAG + "content_hash", value=content_hash)]
+        self._call("dataset input", self.client.log_inputs, self.run_id, datasets=[DatasetInput(ds, tags)])
+
+    def log_prepared(self, meta: dict, out_dir: Path) -> None:
+        """What `prepare` made: data tags (also on the parent), the dataset, its counts and meta.json."""
+        tags = _data_tags(meta)
+        self.set_tags(tags)
+        if self.parent_id and self.client is not None:
+            for k, v in tags.items():
+                self._call(f"tag {k}", self.client.set_tag, self.parent_id, k, v)
+        self.log_dataset(meta, "mnist-prepared", "prepared", out_dir)
+        counts = meta.get("counts", {})
+        self.headline({f"{split}_images": n for split, n in counts.items()})
+        self.log_artifact(Path(out_dir) / "meta.json")
 
     def headline(self, metrics: dict[str, float]) -> None:
-        """The stage's final figures: on its own run and, prefixed by the stage name, on the parent."""
-        self.log_metrics(metrics)
-        if self.parent_id:
-            self.log_metrics({f"{self.stage}.{k}": v for k, v in metrics.items()}, run_id=self.parent_id)
+        """The stage's final figures, at the last step logged (values already logged there are not repeated).
+        The parent gets them through the metrics files dvc.yaml lists; a stage run outside such a
+        pipeline puts them on the parent prefixed by its name."""
+        self.headline_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        step = max((s for s, _ in self._last.values()), default=0)
+        self.log_metrics({k: v for k, v in self.headline_metrics.items()
+                          if not (k in self._last and self._last[k][0] == step and _same(self._last[k][1], v))}, step)
 
 
-def _dataset_input(ds, context: str, InputTag):
-    from mlflow.entities import DatasetInput
-    return DatasetInput(dataset=ds._to_mlflow_entity(), tags=[InputTag(key="mlflow.data.context", value=context)])
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (e.g. `dvc queue kill`), turned into an exception so that the run is marked KILLED."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_server(uri: str) -> None:
@@ -199,34 +316,45 @@ def _check_server(uri: str) -> None:
         r = requests.get(uri.rstrip("/") + "/health", timeout=5)
         r.raise_for_status()
     except Exception as e:
-        kind = type(e).__name__
-        raise TrackingError(f"MLflow tracking server at MLFLOW_TRACKING_URI={uri} is not answering ({kind}); "
-                            f"start it, or unset MLFLOW_TRACKING_URI to log to the local sqlite store") from None
+        raise TrackingError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not answering "
+                            f"({type(e).__name__}); start it, or unset MLFLOW_TRACKING_URI to log to the "
+                            f"repository's sqlite store") from None
 
 
-def _experiment_id(client, name: str, root: Path, uri: str) -> str:
+def _experiment_id(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created meanwhile by another process
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(uri))
+        except Exception:  # created meanwhile by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage != "active":
+        raise TrackingError(f"MLflow experiment '{name}' at {uri} is deleted; restore it "
+                            f"(mlflow experiments restore --experiment-id {exp.experiment_id}) "
+                            f"or choose another tracking.experiment")
+    return exp.experiment_id
 
 
 def _git_tags(workdir: Path) -> dict[str, str]:
     tags = {}
-    commit = _git(["rev-parse", "HEAD"], workdir) or os.environ.get("DVC_EXP_BASELINE_REV")
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git(["rev-parse", "HEAD"], workdir)
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags[TAG + "git_commit"] = commit
         dirty = _git(["status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"], workdir)
-        tags[TAG + "git_dirty"] = str(bool(dirty))
+        tags[TAG + "git_dirty"] = str(bool(dirty)).lower()
     for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         if os.environ.get(var):
             tags[TAG + var.lower()] = os.environ[var]
     return tags
+
+
+def _data_tags(meta: Optional[dict]) -> dict[str, str]:
+    if not meta:
+        return {}
+    return {TAG + "data_source": str(meta.get("source")), TAG + "data_hash": str(meta.get("content_hash"))}
 
 
 def _find_run(client, exp_id: str, tags: dict[str, str]):
@@ -235,99 +363,130 @@ def _find_run(client, exp_id: str, tags: dict[str, str]):
     return runs[0] if runs else None
 
 
-def _parent_run(client, exp_id: str, key: str, params: Params, tags: dict[str, str]) -> str:
-    found = _find_run(client, exp_id, {TAG + "pipeline_key": key})
+def _parent_run(client, exp_id: str, key: str, params: Params, tags: dict[str, str],
+                under_dvc: bool) -> tuple[str, bool]:
+    """The parent run of this pipeline state (found or created), and whether this stage sets its status:
+    a stage that DVC runs does; a stage run by hand leaves a parent that finished alone."""
+    from mlflow.entities import Param
+
+    found = _find_run(client, exp_id, {TAG + "pipeline_key": key, TAG + "kind": "pipeline"})
     if found is not None:
-        return found.info.run_id
+        own = under_dvc or found.info.status != "FINISHED"
+        if own and found.info.status != "RUNNING":
+            client.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id, own
     name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{key[:6]}"
     run = client.create_run(exp_id, run_name=name, tags={**tags, TAG + "pipeline_key": key, TAG + "kind": "pipeline"})
-    client.log_batch(run.info.run_id, params=[__import__("mlflow").entities.Param(k, str(v))
-                                              for k, v in params.flat().items()])
-    return run.info.run_id
+    items = [Param(k, str(v)) for k, v in params.flat().items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id, True
+
+
+def _quiet_mlflow() -> None:
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_meta: Optional[dict] = None,
               workdir: Optional[Path] = None) -> Iterator[StageRun]:
-    """Open (or link) the child run of `stage`; mark it FAILED if the stage raises."""
+    """Open (or link, or continue) the child run of `stage`; mark it FAILED (KILLED) if the stage raises (is interrupted)."""
     if not params.tracking.enabled or os.environ.get("RANK", "0") != "0":
         yield StageRun(active=False)
         return
     workdir = (workdir or Path.cwd()).resolve()
-    root = repo_root()
-    uri = tracking_uri(root)
+    uri = tracking_uri(repo_root())
     _check_server(uri)
-    # Fail fast instead of retrying for minutes when a server goes away mid-stage.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    for k, v in ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    _quiet_mlflow()
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    inputs = {**(stage_inputs(workdir, stage) or {}), "stage_params": stage_params, "argv": sys.argv[1:]}
+    input_hash = _digest(inputs)
     try:
-        exp_id = _experiment_id(client, params.tracking.experiment, root, uri)
-        tags = _git_tags(workdir)
-        if data_meta:
-            tags.update({TAG + "data_source": str(data_meta.get("source")),
-                         TAG + "data_hash": str(data_meta.get("content_hash"))})
-        parent_id = _parent_run(client, exp_id, pipeline_key(workdir, params), params, tags)
-        inputs = stage_inputs(workdir, stage) or {"params": stage_params}
-        input_hash = _digest(inputs)
+        client = MlflowClient(tracking_uri=uri)
+        exp_id = _experiment_id(client, params.tracking.experiment, uri)
+        tags = {**_git_tags(workdir), **_data_tags(data_meta)}
+        under_dvc = bool(os.environ.get("DVC_STAGE"))
+        parent_id, own_parent = _parent_run(client, exp_id, pipeline_key(workdir, params), params, tags, under_dvc)
+        for k, v in _data_tags(data_meta).items():
+            client.set_tag(parent_id, k, v)
         existing = _find_run(client, exp_id, {TAG + "stage": stage, TAG + "input_hash": input_hash})
+        if existing is not None and existing.info.status == "FINISHED":
+            run_id, mode = existing.info.run_id, "linked"
+            client.set_tag(run_id, TAG + "last_relinked", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            client.set_tag(parent_id, f"{TAG}linked.{stage}", run_id)
+        elif existing is not None:
+            run_id, mode = existing.info.run_id, "continued"
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "mlflow.parentRunId", parent_id)
+        else:
+            run_id, mode = client.create_run(exp_id, run_name=stage, tags={
+                **tags, "mlflow.parentRunId": parent_id, TAG + "stage": stage, TAG + "input_hash": input_hash,
+                TAG + "kind": "stage"}).info.run_id, "new"
     except TrackingError:
         raise
     except Exception as e:
-        raise TrackingError(f"MLflow store {uri} could not be used ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        raise TrackingError(f"MLflow store {uri} could not be used ({type(e).__name__}: {_first_line(e)})") from None
 
-    if existing is not None and existing.info.status == "FINISHED":
-        print(f"mlflow: stage {stage} ran again with identical inputs (hash {input_hash}); linked to the existing "
-              f"run {existing.info.run_id} instead of logging a duplicate", file=sys.stderr)
-        client.set_tag(existing.info.run_id, TAG + "last_relinked", time.strftime("%Y-%m-%dT%H:%M:%S"))
-        run = StageRun(client, existing.info.run_id, parent_id, stage, uri, active=True)
-        run.active = False  # log nothing more into the finished run
-        yield run
-        return
-    if existing is not None:
-        run_id = existing.info.run_id
-        client.update_run(run_id, status="RUNNING")
-        print(f"mlflow: continuing the interrupted run {run_id} of stage {stage}", file=sys.stderr)
-    else:
-        run_id = client.create_run(exp_id, run_name=stage, tags={
-            **tags, "mlflow.parentRunId": parent_id, TAG + "stage": stage, TAG + "input_hash": input_hash,
-            TAG + "kind": "stage"}).info.run_id
-        run = StageRun(client, run_id, parent_id, stage, uri)
+    run = StageRun(client, run_id, parent_id, stage, uri, active=mode != "linked")
+    if mode == "new":
         run.log_params(stage_params)
         run.log_dict(inputs, "dvc_inputs.yaml")
-    run = StageRun(client, run_id, parent_id, stage, uri)
-    print(f"mlflow: stage {stage} logs to run {run_id} (parent {parent_id}) at {uri}", file=sys.stderr)
+    if mode == "linked":
+        print(f"mlflow: {stage}: inputs identical to finished run {run_id} (hash {input_hash}); linked to it "
+              f"instead of logging a duplicate", file=sys.stderr)
+    else:
+        where = f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}" if uri.startswith("http") else uri
+        print(f"mlflow: {stage}: {'continuing interrupted' if mode == 'continued' else 'logging to'} run {run_id} "
+              f"(parent {parent_id}) at {where}", file=sys.stderr)
     try:
-        yield run
+        with _sigterm_raises():
+            yield run
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-        run._call("run status", client.set_terminated, run_id, status)
-        run._call("run status", client.set_terminated, parent_id, status)
+        if mode != "linked":
+            run._call("run status", client.set_terminated, run_id, status)
+        if own_parent:
+            run._call("run status", client.set_terminated, parent_id, status)
         raise
-    _sync_parent_metrics(run, workdir)
-    run._call("run status", client.set_terminated, run_id, "FINISHED")
-    run._call("run status", client.set_terminated, parent_id, "FINISHED")
-    if run.lost:
-        print(f"warning: mlflow: stage {stage} finished and wrote its outputs, but its logging to {uri} "
-              f"stopped at '{run.lost}'; its metrics files are complete", file=sys.stderr)
+    if own_parent:
+        _sync_parent_metrics(run, workdir, from_files=under_dvc)
+    if mode != "linked":
+        run._call("run status", client.set_terminated, run_id, "FINISHED")
+    if own_parent:
+        run._call("run status", client.set_terminated, parent_id, "FINISHED")
 
 
-def _sync_parent_metrics(run: StageRun, workdir: Path) -> None:
-    """Copy the numbers of every metrics file declared in dvc.yaml onto the parent run."""
-    if not run.parent_id:
+def _sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool) -> None:
+    """Put the numbers of every metrics file that dvc.yaml lists on the parent (a stage that DVC runs), or
+    else the stage's headline prefixed by its name, logging only changed values."""
+    if not run.parent_id or run.client is None or run.lost:
         return
-    for entry in _load_dvc_yaml(workdir).get("metrics", []):
+    flat: dict[str, float] = {}
+    entries = _load_dvc_yaml(workdir).get("metrics", []) if from_files else []
+    for entry in entries:
         path = workdir / entry
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        flat = {f"{path.stem}.{k}": v for k, v in _flatten(data).items()}
-        run.log_metrics(flat, run_id=run.parent_id)
+        if isinstance(data, dict):
+            flat.update({f"{path.stem}.{k}": v for k, v in _flatten(data).items()})
+    if not entries:
+        flat.update({f"{run.stage}.{k}": v for k, v in run.headline_metrics.items()})
+    parent = run._call("parent metrics", run.client.get_run, run.parent_id)
+    if parent is None:
+        return
+    current = parent.data.metrics
+    changed = {k: v for k, v in flat.items() if k not in current or not _same(current[k], v)}
+    run.log_metrics(changed, run_id=run.parent_id)
+
+
+def _same(a: float, b: float) -> bool:
+    return float(a) == float(b) or (math.isnan(float(a)) and math.isnan(float(b)))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, float]:

@@ -62,7 +62,7 @@ def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_
         metrics = reconstruction_metrics(model, test.images)
         if run is not None:
             run.log_metrics({"train_bce": train_loss, **metrics}, step=epoch)
-            if generate_images:
+            if generate_images and run.logging:
                 run.log_image("reconstructions", plots.grid_array(reconstructions(model, test.images[:16]), 16), epoch)
         return metrics
 
@@ -90,7 +90,7 @@ def main(params: Params, data_dir: Path, out: Path, metrics_path: Path, plots_di
     train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
     with tracking.stage_run("train_ae", params, {f"autoencoder.{k}": v for k, v in dataclasses.asdict(cfg).items()},
                             meta) as run:
-        run.log_dataset(meta, "mnist-train", "training")
+        run.log_dataset(meta, "mnist-train", "training", data_dir)
         model, history = train_autoencoder(cfg, train, test, resume_path_for(out), meta["content_hash"], run,
                                            generate_images)
         final = {**reconstruction_metrics(model, test.images), "params": count_parameters(model)}

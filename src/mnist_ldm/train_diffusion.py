@@ -24,6 +24,9 @@ from .sampling import decode_latents, generate_latents, preview_labels
 from .train_ae import load_autoencoder
 from .trainer import EMA, fingerprint, resume_path_for, run_training
 
+PREVIEW_GUIDANCE = 2.0  # guidance of the per-epoch MLflow preview grid (conditional models only)
+PREVIEW_STEPS = 50  # DDIM steps of that preview: cheap enough to run every epoch
+
 
 def standardize(z: np.ndarray, stats: dict) -> torch.Tensor:
     return (torch.from_numpy(z).double() - torch.tensor(stats["mean"])) .div(torch.tensor(stats["std"])).float()
@@ -115,13 +118,13 @@ def main(params: Params, ae_ckpt: Path, out: Path, metrics_path: Path, plots_dir
     ae_md5 = hashlib.md5(Path(ae_ckpt).read_bytes()).hexdigest()
     stage_params = {f"diffusion.{k}": v for k, v in dataclasses.asdict(cfg).items()}
     with tracking.stage_run("train_diffusion", params, stage_params, meta) as run:
-        run.log_dataset(meta, "mnist-train-latents", "training")
+        run.log_dataset(meta, "mnist-train-latents", "training", latent_dir or data_dir)
 
         def preview(model, s, epoch):
-            if not cfg.generate_images:
+            if not cfg.generate_images or not run.logging:
                 return
             labels = preview_labels(model, 64)
-            z = generate_latents(model, s, 64, "ddim", 50, 0.0, seed=epoch, labels=labels, guidance=2.0, progress=False)
+            z = generate_latents(model, s, 64, "ddim", min(PREVIEW_STEPS, s.T), 0.0, seed=epoch, labels=labels, guidance=PREVIEW_GUIDANCE, progress=False)
             run.log_image("samples", plots.grid_array(decode_latents(ae, z, stats), 8), epoch)
 
         model, ema, optimizer, s, history = train_denoiser(

@@ -93,33 +93,35 @@ def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
     _maybe_resume(resume_path, run_fingerprint, model, optimizer, ema, gen, state, desc)
 
     bar = progress(total=total, initial=state.step, desc=desc, unit="step")
-    while state.step < total:
-        epoch, i = divmod(state.step, steps_per_epoch)
-        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        idx = order[i * batch_size:(i + 1) * batch_size]
-        model.train()
-        loss = loss_fn(idx, gen)
-        if not torch.isfinite(loss):
-            last = f"{resume_path} (left as it was)" if resume_path.exists() else "none written yet"
-            raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {state.step + 1} (epoch {epoch + 1}); "
-                                   f"training stopped; last good checkpoint: {last}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if ema is not None:
-            ema.update(model)
-        state.step += 1
-        state.epoch_loss_sum += loss.item() * len(idx)
-        bar.update(1)
-        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.4f}")
-        if i + 1 == steps_per_epoch:
-            metrics = {"epoch": epoch + 1, "train_loss": state.epoch_loss_sum / n_items}
-            metrics.update(on_epoch_end(epoch + 1, metrics["train_loss"]))
-            state.history.append(metrics)
-            state.epoch_loss_sum = 0.0
-        if state.step % checkpoint_every == 0 and state.step < total:
-            _save_resume(resume_path, run_fingerprint, model, optimizer, ema, gen, state)
-    bar.close()
+    try:  # close the bar before any error is printed, so the error stays the last line
+        while state.step < total:
+            epoch, i = divmod(state.step, steps_per_epoch)
+            order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            model.train()
+            loss = loss_fn(idx, gen)
+            if not torch.isfinite(loss):
+                last = f"{resume_path} (left as it was)" if resume_path.exists() else "none written yet"
+                raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {state.step + 1} (epoch {epoch + 1}); "
+                                       f"training stopped; last good checkpoint: {last}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ema is not None:
+                ema.update(model)
+            state.step += 1
+            state.epoch_loss_sum += loss.item() * len(idx)
+            bar.update(1)
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.4f}")
+            if i + 1 == steps_per_epoch:
+                metrics = {"epoch": epoch + 1, "train_loss": state.epoch_loss_sum / n_items}
+                metrics.update(on_epoch_end(epoch + 1, metrics["train_loss"]))
+                state.history.append(metrics)
+                state.epoch_loss_sum = 0.0
+            if state.step % checkpoint_every == 0 and state.step < total:
+                _save_resume(resume_path, run_fingerprint, model, optimizer, ema, gen, state)
+    finally:
+        bar.close()
     return state.history
 
 

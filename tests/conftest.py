@@ -78,6 +78,17 @@ def make_repo_copy(dest: Path, params: dict | None = None) -> Path:
     return dest
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors on 2 shared cores: a second intra-op thread only adds contention (10x slower here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     return make_repo_copy(tmp_path / "repo")

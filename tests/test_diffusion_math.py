@@ -65,13 +65,7 @@ class RefSchedule:
         return cond_mean, cond_var
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors on 2 shared cores: a second intra-op thread only adds contention (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ from mnist_ldm.autoencoder import AutoencoderSpec, ConvAutoencoder
 from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser, count_parameters, timestep_embedding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- layer formulas

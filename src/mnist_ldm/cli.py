@@ -15,34 +15,22 @@ from .config import SAMPLERS, load_params, override
 from .errors import UserError
 
 
-def _digit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a digit 0-9, got {text!r}") from None
-    if not 0 <= value <= 9:
-        raise argparse.ArgumentTypeError(f"expected a digit 0-9, got {value}")
-    return value
+def _checked(cast, ok, expected: str):
+    """An argparse type: `cast` the text, then require `ok(value)`; errors say what was expected."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+_digit = _checked(int, lambda v: 0 <= v <= 9, "a digit 0-9")
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_positive_float = _checked(float, lambda v: v > 0, "a positive number")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -80,7 +80,11 @@ class LatentDenoiser(nn.Module):
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, latent), t (B,) long, y (B,) long or None -> predicted noise (B, latent)."""
-        emb = self.time_mlp(timestep_embedding(t, self.spec.hidden_dim))  # (B, H)
+        if len(t) > 1 and bool((t == t[0]).all()) and (y is None or bool((y == y[0]).all())):
+            # One timestep (and label) for the whole batch, as in sampling: embed it once and let the
+            # FiLM scale/shift broadcast, which skips most of the network's multiply-adds.
+            t, y = t[:1], (y[:1] if y is not None else None)
+        emb = self.time_mlp(timestep_embedding(t, self.spec.hidden_dim))  # (B, H) or (1, H)
         if self.label_emb is not None:
             if y is None:
                 y = torch.full_like(t, self.null_label)

@@ -22,7 +22,7 @@ from .config import Params
 from .data import load_meta, load_split
 from .denoiser import count_parameters
 from .train_ae import as_batch
-from .trainer import fingerprint, resume_path_for, run_training
+from .trainer import adam, fingerprint, resume_path_for, run_training
 
 FEATURE_DIM = 128
 
@@ -74,7 +74,7 @@ def main(params: Params, data_dir: Path, out: Path, metrics_path: Path) -> dict:
         run.log_dataset(meta, "mnist-train", "training", data_dir)
         torch.manual_seed(cfg.seed)
         model = DigitClassifier()
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        optimizer = adam(model, cfg.lr)
         images, labels = torch.from_numpy(train.images), torch.from_numpy(train.labels).long()
 
         def loss_fn(idx, gen):

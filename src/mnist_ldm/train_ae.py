@@ -18,7 +18,7 @@ from .config import AutoencoderConfig, Params
 from .data import Split, load_meta, load_split
 from .denoiser import count_parameters
 from .errors import UserError
-from .trainer import fingerprint, resume_path_for, run_training
+from .trainer import adam, fingerprint, resume_path_for, run_training
 
 
 def as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_
                       run: Optional[tracking.StageRun] = None, generate_images: bool = False):
     torch.manual_seed(cfg.seed)
     model = ConvAutoencoder(AutoencoderSpec(latent_dim=cfg.latent_dim))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = adam(model, cfg.lr)
     images = torch.from_numpy(train.images)
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .encode import encode_images, latent_stats, load_latents, load_stats
 from .errors import UserError
 from .sampling import decode_latents, generate_latents, preview_labels
 from .train_ae import load_autoencoder
-from .trainer import EMA, fingerprint, resume_path_for, run_training
+from .trainer import EMA, adam, fingerprint, resume_path_for, run_training
 
 PREVIEW_GUIDANCE = 2.0  # guidance of the per-epoch MLflow preview grid (conditional models only)
 PREVIEW_STEPS = 50  # DDIM steps of that preview: cheap enough to run every epoch
@@ -66,7 +66,7 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
     spec = DenoiserSpec(cfg.latent_dim, cfg.hidden_dim, cfg.num_blocks, num_classes=10 if cfg.conditional else 0)
     model = LatentDenoiser(spec)
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_steps)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = adam(model, cfg.lr)
     s = NoiseSchedule.linear(cfg.T, cfg.beta_start, cfg.beta_end)
     cond = cfg.conditional
 

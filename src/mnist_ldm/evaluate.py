@@ -105,7 +105,7 @@ def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_
 def _charts(result: dict, plots_dir: Path):
     names = list(result["fcd"])
     fig = plots.bar_chart(names, [result["fcd"][k] for k in names], f"FCD vs MNIST test (n = {result['n']})",
-                          "Fréchet classifier distance (lower is better)", highlight=0)
+                          "Fréchet classifier distance (log scale, lower is better)", highlight=0, log=True)
     plots.save_figure(fig, plots_dir / "fcd.png")
     counts = result["class_counts"]
     fig = plots.bar_chart(list(counts), list(counts.values()),

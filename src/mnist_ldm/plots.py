@@ -62,7 +62,8 @@ def line_chart(history: Sequence[dict], keys: Sequence[str], title: str, xlabel:
     return fig
 
 
-def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, ylabel: str, highlight: int = -1):
+def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, ylabel: str, highlight: int = -1,
+              log: bool = False):
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     colors = ["tab:orange" if i == highlight else "tab:blue" for i in range(len(values))]
@@ -70,5 +71,7 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, ylabel
     ax.bar_label(bars, fmt="%.3g", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
     ax.tick_params(axis="x", labelrotation=20)
     return fig

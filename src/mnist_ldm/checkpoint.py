@@ -73,3 +73,9 @@ def _pickle_or_zip(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
     return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")
+
+
+def state_dict_mismatch(e: RuntimeError) -> str:
+    """The first concrete problem in torch's load_state_dict error (its first line is only a heading)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[1] if len(lines) > 1 else lines[0] if lines else "mismatch")[:200]

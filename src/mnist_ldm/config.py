@@ -262,5 +262,9 @@ def override(section, name: str, **changes):
     """A copy of `section` with CLI overrides applied (None means 'not given'), re-validated."""
     changes = {k: v for k, v in changes.items() if v is not None}
     new = dataclasses.replace(section, **changes)
-    new.validate(name)
+    try:
+        new.validate(name)
+    except ConfigError as e:  # the value may come from a flag: say so (--eta sets sample.eta, and so on)
+        raise ConfigError(str(e).replace("params: ", "", 1).replace(" is not allowed", " (from a command-line "
+                          "flag or params.yaml) is not allowed", 1)) from None
     return new

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .autoencoder import ConvAutoencoder
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, state_dict_mismatch
 from .denoiser import DenoiserSpec, LatentDenoiser
 from .diffusion import NoiseSchedule, guided_eps, sample_loop
 from .errors import UserError
@@ -22,7 +22,7 @@ def load_diffusion(path: str | Path, use_ema: bool = True) -> tuple[LatentDenois
     try:
         model.load_state_dict(ckpt["ema_state_dict"] if use_ema else ckpt["state_dict"])
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit the model config it records ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: weights do not fit the model config it records ({state_dict_mismatch(e)})") from None
     sch = ckpt["schedule"]
     return model.eval(), NoiseSchedule.linear(sch["T"], sch["beta_start"], sch["beta_end"]), ckpt
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from . import plots, tracking
 from .atomic import write_json
 from .autoencoder import AutoencoderSpec, ConvAutoencoder
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, state_dict_mismatch
 from .config import AutoencoderConfig, Params
 from .data import Split, load_meta, load_split
 from .denoiser import count_parameters
@@ -79,7 +79,7 @@ def load_autoencoder(path: str | Path) -> tuple[ConvAutoencoder, dict]:
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit the model config it records ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: weights do not fit the model config it records ({state_dict_mismatch(e)})") from None
     return model.eval(), ckpt
 
 

@@ -104,8 +104,9 @@ def guidance_sweep(model, s, ae, stats, scales=GUIDANCE_SWEEP, per_cell: int = 1
 def main(params: Params, ckpt: Path, ae_ckpt: Path, latent_dir: Path, out: Path, plots_dir: Path,
          metrics_path: Path) -> dict:
     cfg = params.sample
+    z_test, _ = load_latents(latent_dir, "test")  # the reference set's size, and digits to interpolate
     if cfg.num_images == 0:  # as many as the test set, the reference that `evaluate` compares with
-        cfg = dataclasses.replace(cfg, num_images=len(load_latents(latent_dir, "test")[0]))
+        cfg = dataclasses.replace(cfg, num_images=len(z_test))
     stage_params = {f"sample.{k}": v for k, v in dataclasses.asdict(cfg).items()}
     with tracking.stage_run("sample", params, stage_params) as run:
         t0 = time.perf_counter()
@@ -119,7 +120,6 @@ def main(params: Params, ckpt: Path, ae_ckpt: Path, latent_dir: Path, out: Path,
         plots.save_grid(images[:cfg.grid_size], plots_dir / "grid.png", nrow=nrow)
         strip = np.stack(traj, 1).reshape(-1, 28, 28)  # rows: samples, columns: time
         plots.save_grid(strip, plots_dir / "trajectory.png", nrow=len(traj))
-        z_test, _ = load_latents(latent_dir, "test")
         z_test_std = (torch.from_numpy(z_test) - torch.tensor(stats["mean"]).float()) / torch.tensor(stats["std"]).float()
         plots.save_grid(interpolation_grid(model, s, ae, stats, z_test_std), plots_dir / "interpolation.png", nrow=10)
         if model.spec.num_classes:

@@ -91,7 +91,7 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
     return model, ema, optimizer, s, history
 
 
-def _latents(latent_dir: Optional[Path], data_dir: Path, ae, ae_ckpt: Path):
+def _latents(latent_dir: Optional[Path], data_dir: Path, ae):
     """Cached latents from the encode stage, or (CLI use without a cache) encoded here once."""
     if latent_dir is not None:
         z_tr, y_tr = load_latents(latent_dir, "train")
@@ -110,7 +110,7 @@ def main(params: Params, ae_ckpt: Path, out: Path, metrics_path: Path, plots_dir
         raise UserError(f"diffusion.latent_dim={cfg.latent_dim} does not match the latent dim "
                         f"{ae.spec.latent_dim} of the autoencoder in {ae_ckpt}")
     meta = load_meta(data_dir)
-    z_tr, y_tr, z_te, y_te, stats = _latents(latent_dir, data_dir, ae, ae_ckpt)
+    z_tr, y_tr, z_te, y_te, stats = _latents(latent_dir, data_dir, ae)
     if z_tr.shape[1] != cfg.latent_dim:
         raise UserError(f"{latent_dir}: cached latents have dim {z_tr.shape[1]}, expected {cfg.latent_dim}")
     z_tr, y_tr = select_digit(z_tr, y_tr, cfg.only_digit)
@@ -124,7 +124,8 @@ def main(params: Params, ae_ckpt: Path, out: Path, metrics_path: Path, plots_dir
             if not cfg.generate_images or not run.logging:
                 return
             labels = preview_labels(model, 64)
-            z = generate_latents(model, s, 64, "ddim", min(PREVIEW_STEPS, s.T), 0.0, seed=epoch, labels=labels, guidance=PREVIEW_GUIDANCE, progress=False)
+            z = generate_latents(model, s, 64, "ddim", min(PREVIEW_STEPS, s.T), 0.0, seed=epoch, labels=labels,
+                                 guidance=PREVIEW_GUIDANCE, progress=False)
             run.log_image("samples", plots.grid_array(decode_latents(ae, z, stats), 8), epoch)
 
         model, ema, optimizer, s, history = train_denoiser(

@@ -72,16 +72,15 @@ def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_
         raise UserError(f"evaluate: only {n} images to compare; need at least {k + 2}")
     gen = images[rng.choice(len(images), n, replace=False)] if len(images) > n else images
     test = test_images[:n]
-    train_sub = train_images[rng.choice(len(train_images), n, replace=False)]
+    f_train_all, _ = features_and_probs(evaluator, train_images)  # for the memorization check too
+    f_train_sub = f_train_all[rng.choice(len(train_images), n, replace=False)]
     f_test, _ = features_and_probs(evaluator, test)
     f_gen, p_gen = features_and_probs(evaluator, gen)
-    f_train_sub, _ = features_and_probs(evaluator, train_sub)
     fcd = {"generated": metrics.frechet_classifier_distance(f_gen, f_test),
            "train_vs_test": metrics.frechet_classifier_distance(f_train_sub, f_test)}
     if ae is not None and z_train is not None:
         for name, ims in floor_images(ae, z_train, test, n, seed).items():
             fcd[name] = metrics.frechet_classifier_distance(features_and_probs(evaluator, ims)[0], f_test)
-    f_train_all, _ = features_and_probs(evaluator, train_images)
     balance = metrics.class_balance(p_gen)
     result = {
         "n": int(n),

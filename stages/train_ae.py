@@ -1,7 +1,7 @@
-"""DVC stage `train_ae` (dvc.yaml): `mnist-ldm train-ae` with the paths that dvc.yaml passes."""
+"""DVC stage `train_ae` (dvc.yaml): runs `mnist_ldm.stages.train_ae` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.cli import main
+from mnist_ldm.stages.train_ae import main
 
-sys.exit(main(["train-ae", *sys.argv[1:]]))
+sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
-"""DVC stage `train_diffusion` (dvc.yaml): `mnist-ldm train-diffusion` with the paths that dvc.yaml passes."""
+"""DVC stage `train_diffusion` (dvc.yaml): runs `mnist_ldm.stages.train_diffusion` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.cli import main
+from mnist_ldm.stages.train_diffusion import main
 
-sys.exit(main(["train-diffusion", *sys.argv[1:]]))
+sys.exit(main(sys.argv[1:]))

@@ -1,13 +1,16 @@
-"""Atomic file outputs: write beside the target under a temporary name, then rename.
+"""Atomic outputs: write beside the target under a temporary name, then rename it into place.
 
-An interrupted stage therefore never leaves a file that looks finished (DVC would cache it).
+An interrupted or failing stage therefore never leaves a file, or a folder of files, that looks
+finished (DVC would cache it) or that mixes old and new contents.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,9 +31,54 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty folder beside `path`; on success it replaces `path` as a whole, on error it is
+    removed and `path` keeps its previous contents."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.[to][ml][pd]-*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.is_dir():
+            os.replace(path, old)
+        elif path.exists():
+            path.unlink()
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finite_json(obj: Any, where: str = "") -> Any:
+    """`obj` with every non-finite float replaced by None and its key listed under `"absent"` with why.
+
+    A metrics file must never carry NaN (DVC, MLflow and JSON readers disagree on it)."""
+    absent: dict[str, str] = {}
+
+    def walk(node: Any, key: str) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [walk(v, f"{key}[{i}]") for i, v in enumerate(node)]
+        if isinstance(node, (float, np.floating)) and not math.isfinite(float(node)):
+            absent[key] = f"not finite ({float(node)})"
+            return None
+        return node
+
+    clean = walk(obj, "")
+    if absent and isinstance(clean, dict):
+        clean["absent"] = {**clean.get("absent", {}), **absent}
+    return clean
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(finite_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def write_npz(path: str | Path, **arrays: np.ndarray) -> None:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import load_model_checkpoint
+from .images import as_batch
 
 
 @dataclass(frozen=True)
@@ -75,3 +81,39 @@ class ConvAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode_logits(self.encode(x))
+
+
+def load_autoencoder(path: str | Path) -> tuple[ConvAutoencoder, dict]:
+    """The autoencoder in `path` (eval mode, on the CPU) and the checkpoint's other fields."""
+    return load_model_checkpoint(path, "mnist-ldm/autoencoder", "autoencoder checkpoint",
+                                 lambda cfg: ConvAutoencoder(AutoencoderSpec.from_dict(cfg)))
+
+
+@torch.no_grad()
+def encode_images(model: ConvAutoencoder, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
+    """uint8 (N, 28, 28) -> raw latents (N, latent_dim) float32."""
+    model.eval()
+    out = [model.encode(as_batch(images[i:i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+@torch.no_grad()
+def reconstruction_metrics(model: ConvAutoencoder, images: np.ndarray, batch_size: int = 1000) -> dict:
+    """Per-pixel BCE and MSE of the reconstructions of `images`."""
+    model.eval()
+    bce = mse = 0.0
+    for i in range(0, len(images), batch_size):
+        x = as_batch(images[i:i + batch_size])
+        logits = model(x)
+        bce += F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item()
+        mse += F.mse_loss(torch.sigmoid(logits), x, reduction="sum").item()
+    n = len(images) * 28 * 28
+    return {"test_bce": bce / n, "test_mse": mse / n}
+
+
+@torch.no_grad()
+def reconstructions(model: ConvAutoencoder, images: np.ndarray) -> torch.Tensor:
+    """Rows of originals above their reconstructions: (2N, 1, 28, 28)."""
+    model.eval()
+    x = as_batch(images)
+    return torch.cat([x, model.decode(model.encode(x))])

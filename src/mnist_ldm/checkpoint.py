@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -79,3 +79,29 @@ def state_dict_mismatch(e: RuntimeError) -> str:
     """The first concrete problem in torch's load_state_dict error (its first line is only a heading)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return (lines[1] if len(lines) > 1 else lines[0] if lines else "mismatch")[:200]
+
+
+def check_finite(state_dict: dict, path: str | Path, which: str = "weights") -> None:
+    """Refuse weights holding NaN or infinity (they decode to blank images without any error)."""
+    for name, t in state_dict.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: {which} '{name}' hold NaN or infinite values; the checkpoint is "
+                                  f"unusable (retrain it, e.g. dvc repro -f, or restore it with dvc checkout)")
+
+
+def load_model_checkpoint(path: str | Path, kind: str, what: str, build: Callable[[dict], torch.nn.Module],
+                          weights: str = "state_dict") -> tuple[Any, dict]:
+    """Build the model that `path` describes, load its `weights` (finite, fitting), eval mode, CPU."""
+    ckpt = load_checkpoint(path, kind, what)
+    try:
+        model = build(ckpt.get("model_config", {}))
+        state = ckpt[weights]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: incomplete {what} (missing or malformed field {e})") from None
+    check_finite(state, path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model config it records "
+                              f"({state_dict_mismatch(e)})") from None
+    return model.eval(), ckpt

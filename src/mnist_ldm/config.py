@@ -1,19 +1,18 @@
-"""Typed, frozen configuration: one dataclass per `params.yaml` section.
+"""Typed, frozen configuration: one dataclass per `params.yaml` section, and their range checks.
 
-`load_params()` reads the YAML once, rejects unknown keys, wrong types and out-of-range values with
-one line that names the key, the value and what is allowed, and returns a `Params` object.
+Reading the file lives in `params_file` (`load_params`, `params_from_dict`, `apply_overrides`), which
+imports this module; this module imports nothing of the package but `errors`. Every check raises a
+`ConfigError` whose message is one line starting with `params:`; the caller swaps that prefix for where
+the value came from (the file's path, `--set ...`, a command-line flag).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
+import math
 import typing
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Optional
-
-import yaml
 
 from .errors import UserError
 
@@ -30,8 +29,31 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"params: {key}={value!r} is not allowed; expected {allowed}")
 
 
+def float_keys(cls: type) -> list[str]:
+    """The fields of a section dataclass declared `float` (the ones that must be finite)."""
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in fields(cls) if hints[f.name] is float]
+
+
+class _Section:
+    """`validate(name)`: every float finite (whatever set it: the file, `--set`, a flag), then the section's rules."""
+
+    def validate(self, s: str) -> None:
+        for key in float_keys(type(self)):
+            value = getattr(self, key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"params: {s}.{key}={value!r} is not allowed; expected a finite number "
+                                  "(.nan, .inf and -.inf are refused)")
+        seed = getattr(self, "seed", 0)
+        _require(isinstance(seed, int) and 0 <= seed < 2**63, f"{s}.seed", seed, "an integer in [0, 2^63)")
+        self.rules(s)
+
+    def rules(self, s: str) -> None:
+        pass
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     source: str = "auto"
     idx_dir: str = "data/raw/mnist"
     hf_dataset: str = "ylecun/mnist"
@@ -42,7 +64,7 @@ class DataConfig:
     limit_test: int = 0
     seed: int = 0
 
-    def validate(self, s: str) -> None:
+    def rules(self, s: str) -> None:
         _require(self.source in DATA_SOURCES, f"{s}.source", self.source, f"one of {', '.join(DATA_SOURCES)}")
         _require(self.hf_timeout_s > 0, f"{s}.hf_timeout_s", self.hf_timeout_s, "a number > 0")
         _require(0 < self.bundled_test_fraction < 1, f"{s}.bundled_test_fraction",
@@ -52,15 +74,16 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class AutoencoderConfig:
+class AutoencoderConfig(_Section):
     latent_dim: int = 16
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    generate_images: bool = True  # a reconstruction grid per epoch, logged to MLflow
     seed: int = 0
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
 
-    def validate(self, s: str) -> None:
+    def rules(self, s: str) -> None:
         _require(self.latent_dim >= 1, f"{s}.latent_dim", self.latent_dim, "an integer >= 1")
         _require(self.epochs >= 1, f"{s}.epochs", self.epochs, "an integer >= 1")
         _require(self.batch_size >= 1, f"{s}.batch_size", self.batch_size, "an integer >= 1")
@@ -69,8 +92,8 @@ class AutoencoderConfig:
 
 
 @dataclass(frozen=True)
-class DiffusionConfig:
-    latent_dim: int = 16
+class DiffusionConfig(_Section):
+    # no latent_dim: the latent size is read from the autoencoder checkpoint
     hidden_dim: int = 256
     num_blocks: int = 4
     T: int = 1000
@@ -88,8 +111,7 @@ class DiffusionConfig:
     seed: int = 0
     checkpoint_every: int = 500
 
-    def validate(self, s: str) -> None:
-        _require(self.latent_dim >= 1, f"{s}.latent_dim", self.latent_dim, "an integer >= 1")
+    def rules(self, s: str) -> None:
         _require(self.hidden_dim >= 1, f"{s}.hidden_dim", self.hidden_dim, "an integer >= 1")
         _require(self.num_blocks >= 1, f"{s}.num_blocks", self.num_blocks, "an integer >= 1")
         _require(self.T >= 2, f"{s}.T", self.T, "an integer >= 2")
@@ -108,7 +130,7 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
-class SampleConfig:
+class SampleConfig(_Section):
     num_images: int = 0  # scored by `evaluate`; 0 = as many as the test set; the grid shows the first grid_size
     grid_size: int = 100
     sampler: str = "ddpm"
@@ -120,7 +142,7 @@ class SampleConfig:
     batch_size: int = 2500
     seed: int = 0
 
-    def validate(self, s: str) -> None:
+    def rules(self, s: str) -> None:
         _require(self.num_images >= 0, f"{s}.num_images", self.num_images, "an integer >= 0 (0 = test set size)")
         _require(self.grid_size >= 1, f"{s}.grid_size", self.grid_size, "an integer >= 1")
         _require(self.sampler in SAMPLERS, f"{s}.sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
@@ -132,35 +154,37 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
-class EvaluatorConfig:
+class EvaluatorConfig(_Section):
     epochs: int = 3
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
+    checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
 
-    def validate(self, s: str) -> None:
+    def rules(self, s: str) -> None:
         _require(self.epochs >= 1, f"{s}.epochs", self.epochs, "an integer >= 1")
         _require(self.batch_size >= 1, f"{s}.batch_size", self.batch_size, "an integer >= 1")
         _require(self.lr > 0, f"{s}.lr", self.lr, "a number > 0")
+        _require(self.checkpoint_every >= 1, f"{s}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     n: int = 10000  # images per set; capped by the test set size
     k: int = 5  # neighbours for precision/recall/density/coverage
     seed: int = 0
 
-    def validate(self, s: str) -> None:
+    def rules(self, s: str) -> None:
         _require(self.n >= 10, f"{s}.n", self.n, "an integer >= 10")
         _require(self.k >= 1, f"{s}.k", self.k, "an integer >= 1")
 
 
 @dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(_Section):
     enabled: bool = True
     experiment: str = "mnist-ldm"
 
-    def validate(self, s: str) -> None:
+    def rules(self, s: str) -> None:
         _require(bool(self.experiment.strip()), f"{s}.experiment", self.experiment, "a non-empty name")
 
 
@@ -175,87 +199,13 @@ class Params:
     tracking: TrackingConfig = TrackingConfig()
 
     def validate(self) -> None:
-        if self.diffusion.latent_dim != self.autoencoder.latent_dim:
-            raise ConfigError(
-                f"params: diffusion.latent_dim={self.diffusion.latent_dim} does not match "
-                f"autoencoder.latent_dim={self.autoencoder.latent_dim}; the two must be equal")
+        """Every section's checks (there are no rules across sections)."""
+        for f in fields(self):
+            getattr(self, f.name).validate(f.name)
 
     def flat(self) -> dict[str, Any]:
         """`{"section.key": value}` for every param, the form MLflow logs."""
         return {f"{sec}.{k}": v for sec, d in dataclasses.asdict(self).items() for k, v in d.items()}
-
-
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else a.__name__ for a in typing.get_args(tp))
-    return tp.__name__
-
-
-def _build_section(cls: type, raw: Any, name: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"params: section '{name}' must be a mapping of keys to values, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in valid:
-            raise ConfigError(f"params: unknown key '{name}.{key}'; valid keys in '{name}': {', '.join(valid)}")
-        if not _type_ok(value, hints[key]):
-            raise ConfigError(f"params: {name}.{key}={value!r} has the wrong type; expected {_type_name(hints[key])}")
-        kwargs[key] = float(value) if hints[key] is float else value
-    obj = cls(**kwargs)
-    obj.validate(name)
-    return obj
-
-
-def params_from_dict(raw: Any) -> Params:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError("params: the file must hold a mapping of sections")
-    sections = {f.name: f.type for f in fields(Params)}
-    hints = typing.get_type_hints(Params)
-    unknown = [k for k in raw if k not in sections]
-    if unknown:
-        raise ConfigError(f"params: unknown section '{unknown[0]}'; valid sections: {', '.join(sections)}")
-    params = Params(**{name: _build_section(hints[name], raw.get(name), name) for name in sections})
-    params.validate()
-    return params
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
-    try:
-        return params_from_dict(raw)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("params:", f"{path}:", 1)) from None
 
 
 def override(section, name: str, **changes):

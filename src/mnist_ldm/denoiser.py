@@ -94,6 +94,3 @@ class LatentDenoiser(nn.Module):
             h = block(h, emb)
         return self.out_proj(h)
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

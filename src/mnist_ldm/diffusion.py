@@ -99,7 +99,11 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
 
 
 def ddim_sigma(s: NoiseSchedule, t: int, t_prev: int, eta: float) -> float:
-    """sigma_t(eta) of DDIM eq. (16); eta = 1 with t_prev = t-1 gives the DDPM posterior variance."""
+    """sigma_t(eta) of DDIM eq. (16); eta = 1 with t_prev = t-1 gives the DDPM posterior variance.
+
+    eta must be in [0, 1]: above 1, sigma_t^2 exceeds 1 - abar_{t_prev} and the step has no real solution."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
     ac = s.alphas_cumprod[t]
     ac_prev = s.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
     return float(eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt())
@@ -136,6 +140,8 @@ def sample_loop(eps_fn: EpsFn, s: NoiseSchedule, x_T: torch.Tensor, sampler: str
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampler {sampler!r}; valid: ddpm, ddim")
+    if sampler == "ddim" and not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
     x = x_T
     ts = list(range(s.T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(s.T, steps or s.T)
     for i, t in enumerate(ts):

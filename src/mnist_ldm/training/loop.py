@@ -1,4 +1,4 @@
-"""A deterministic, resumable minibatch loop shared by the three training stages.
+"""A deterministic, resumable minibatch loop shared by the three trainings, and the EMA of weights.
 
 The data order of epoch e is a permutation drawn from its own generator seeded with (seed, e), and
 all other randomness comes from one `torch.Generator` whose state is saved with the model,
@@ -19,20 +19,14 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .errors import UserError
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..errors import UserError
+from ..progress import progress
 
 
 class TrainingDiverged(UserError):
     pass
-
-
-def progress(iterable=None, **kwargs):
-    """A tqdm bar on stderr; redrawn at most every 5 s when stderr is a log file rather than a terminal."""
-    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 5.0)
-    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
 def fingerprint(*parts) -> str:
@@ -45,18 +39,26 @@ def adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 class EMA:
-    """Exponential moving average of parameters, decay ramped up as min(decay, (1+n)/(10+n)) over warm-up."""
+    """Exponential moving average of parameters.
+
+    The averaging horizon 1 / (1 - d) grows linearly from 1 (a copy of the weights) at the first
+    update to 1 / (1 - decay) at `warmup_steps`, then stays: the decay rises continuously to `decay`.
+    """
 
     def __init__(self, model: nn.Module, decay: float, warmup_steps: int):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup_steps, self.updates = decay, warmup_steps, 0
 
     def current_decay(self) -> float:
-        n = self.updates
-        if self.warmup_steps and n < self.warmup_steps:
-            return min(self.decay, (1 + n) / (10 + n))
-        return self.decay
+        if not self.warmup_steps or self.updates >= self.warmup_steps:
+            return self.decay
+        horizon = 1.0 + (1.0 / (1.0 - self.decay) - 1.0) * self.updates / self.warmup_steps
+        return 1.0 - 1.0 / horizon
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

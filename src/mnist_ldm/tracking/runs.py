@@ -1,180 +1,30 @@
-"""MLflow tracking for the pipeline: one parent run per pipeline execution, one child run per stage.
-
-* Store: `MLFLOW_TRACKING_URI` if set (a team server), else `sqlite:///<repo>/mlflow.db` with
-  artifacts in `<repo>/mlartifacts`. `<repo>` is the real repository root, also when DVC runs the
-  stage inside an experiment's temporary copy (`dvc exp run --temp`, `dvc queue`): DVC then sets
-  `DVC_ROOT` to the origin repository, and a working copy under `.dvc/tmp/exps/` maps back to it.
-* Parent: identified by a hash of every param and of the pipeline's source inputs (code, raw
-  data): stages of one `dvc repro` find it without talking to each other, and `dvc repro -f` finds
-  the same one again. It holds every param (`section.key`) and the numbers of every metrics file
-  that dvc.yaml lists (`<file stem>.<key>`), so it also shows the stages an experiment did not re-run.
-* Child: one per executed stage, tagged with the hash of the stage's inputs (deps and params as
-  `dvc.lock` records them, the effective params, the command line). A re-execution with the same
-  inputs links to the finished run instead of logging a twin; an interrupted one is continued.
-* If the server does not answer when a stage starts, the stage fails before any work. If it stops
-  answering mid-stage, training goes on and one warning says what was not logged.
-"""
+"""The run lifecycle: a child run per stage under one parent run per pipeline state."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import logging
 import math
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
-import yaml
+from ..config import Params
+from .identity import _data_tags, _digest, _git_tags, _load_dvc_yaml, pipeline_key, stage_inputs
+from .store import (ENV_DEFAULTS, TAG, TrackingError, _check_server, _experiment_id, _first_line, _quiet_mlflow,
+                    _warn, repo_root, tracking_uri)
 
-from .config import Params
-from .errors import UserError
-
-TAG = "mnist_ldm."
-
-# Fail within seconds instead of retrying for minutes when a server goes away mid-stage (MLflow
-# reads these per request; a value the user exported wins), and no "View run" lines on stdout.
-ENV_DEFAULTS = {
-    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-}
-_QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration",
-                  "mlflow.tracking._tracking_service.client")
+if TYPE_CHECKING:
+    import numpy as np
 
 
-class TrackingError(UserError):
-    pass
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-
-# --------------------------------------------------------------------------- where things are
-
-def repo_root() -> Path:
-    """The repository the runs belong to; an experiment's temporary copy maps back to its origin."""
-    root = Path(os.environ.get("DVC_ROOT") or _git(["rev-parse", "--show-toplevel"], Path.cwd()) or Path.cwd()).resolve()
-    parts = root.parts
-    for i in range(len(parts) - 3):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return root
-
-
-def tracking_uri(root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` (a relative sqlite or file store is taken relative to `root`), else `<root>/mlflow.db`."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if not uri:
-        return f"sqlite:///{root / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{root / uri[len('sqlite:///'):]}"
-    has_scheme = ":" in uri.split("/", 1)[0] or uri.startswith("databricks")
-    if not has_scheme and not Path(uri).is_absolute():  # a plain directory: a file store
-        return str(root / uri)
-    return uri
-
-
-def _artifact_location(uri: str) -> Optional[str]:
-    """Artifacts of a sqlite store go next to the database (`<repo>/mlartifacts` by default)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return None
-
-
-def _git(args: list[str], cwd: Path) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-# --------------------------------------------------------------------------- input hashes
-
-def _hash_path(path: Path) -> str:
-    if path.is_file():
-        h = hashlib.md5()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    if path.is_dir():
-        listing = [(str(p.relative_to(path)), _hash_path(p)) for p in sorted(path.rglob("*"))
-                   if p.is_file() and "__pycache__" not in p.parts]
-        return hashlib.md5(json.dumps(listing).encode()).hexdigest() + ".dir"
-    return "missing"
-
-
-def _param_value(raw: dict, dotted: str) -> Any:
-    node: Any = raw
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def _load_dvc_yaml(root: Path) -> dict:
-    try:
-        data = yaml.safe_load((root / "dvc.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def stage_inputs(workdir: Path, stage: str) -> dict:
-    """The deps (with hashes) and params of `stage`, as dvc.lock records them."""
-    pipeline = _load_dvc_yaml(workdir).get("stages", {})
-    if stage not in pipeline:
-        return {}
-    spec = pipeline[stage]
-    raw_params = yaml.safe_load((workdir / "params.yaml").read_text()) if (workdir / "params.yaml").is_file() else {}
-    keys = [k for item in spec.get("params", []) for k in ([item] if isinstance(item, str) else list(item))]
-    return {
-        "cmd": spec.get("cmd"),
-        "deps": [{"path": d, "md5": _hash_path(workdir / d)} for d in spec.get("deps", [])],
-        "params": {"params.yaml": {k: _param_value(raw_params, k) for k in keys}},
-    }
-
-
-def pipeline_key(workdir: Path, params: Params) -> str:
-    """Hash of all params and of every dep that no stage produces (code, raw data)."""
-    stages = _load_dvc_yaml(workdir).get("stages", {})
-    outs = {str(o if isinstance(o, str) else next(iter(o))) for s in stages.values() for o in s.get("outs", [])}
-    sources = sorted({d for s in stages.values() for d in s.get("deps", []) if d not in outs})
-    payload = {"params": params.flat(), "sources": {d: _hash_path(workdir / d) for d in sources}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def section_params(params: Params, section: str) -> dict[str, Any]:
-    """`{"section.key": value}` for one params section."""
-    return {k: v for k, v in params.flat().items() if k.startswith(section + ".")}
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-def _warn(message: str) -> None:
-    """One line on stderr, on a line of its own even while a progress bar is drawn."""
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-    except Exception:
-        print(message, file=sys.stderr)
-
-
-# --------------------------------------------------------------------------- the run objects
 
 class StageRun:
     """Logging for one stage. Every call is safe: after the first failure it warns once and stops logging.
@@ -183,7 +33,7 @@ class StageRun:
     finished run (nothing more goes into that run); the parent run is still updated then.
     """
 
-    def __init__(self, client=None, run_id: Optional[str] = None, parent_id: Optional[str] = None,
+    def __init__(self, client: Any = None, run_id: Optional[str] = None, parent_id: Optional[str] = None,
                  stage: str = "", uri: str = "", active: bool = True):
         self.client, self.run_id, self.parent_id = client, run_id, parent_id
         self.stage, self.uri = stage, uri
@@ -191,13 +41,14 @@ class StageRun:
         self.lost: Optional[str] = None
         self.headline_metrics: dict[str, float] = {}
         self._last: dict[str, tuple[int, float]] = {}  # key -> (step, value) last logged to this run
+        self._not_finite: set[str] = set()  # keys already warned about
 
     @property
     def logging(self) -> bool:
         """Whether child-run logging still happens (callers skip work, such as preview images, if not)."""
         return self.active and not self.lost
 
-    def _call(self, what: str, fn, *args, **kwargs) -> Any:
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.client is None or self.lost:
             return None
         try:
@@ -208,6 +59,19 @@ class StageRun:
                   f"the stage goes on and writes its outputs, the rest of its MLflow logging is skipped")
             return None
 
+    def _finite(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """The numeric entries that MLflow may get; a NaN or infinite value is dropped, with one warning per key."""
+        out = {}
+        for k, v in metrics.items():
+            if not _number(v):
+                continue
+            if math.isfinite(v):
+                out[k] = v
+            elif k not in self._not_finite:
+                self._not_finite.add(k)
+                _warn(f"warning: mlflow: {self.stage}: metric {k} is {v}; not logged")
+        return out
+
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.logging:
             return
@@ -217,20 +81,30 @@ class StageRun:
         for i in range(0, len(items), 100):
             self._call("params", self.client.log_batch, self.run_id, params=items[i:i + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None, run_id: Optional[str] = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None,
+                    run_id: Optional[str] = None) -> None:
+        """Log the finite numbers of `metrics` at `step` to this run (or to `run_id`, e.g. the parent)."""
         if not (self.logging or (run_id is not None and self.client is not None)):
             return
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        items = [Metric(k, float(v), ts, step or 0) for k, v in self._finite(metrics).items()]
         if run_id is None or run_id == self.run_id:
             self._last.update({m.key: (m.step, m.value) for m in items})
         for i in range(0, len(items), 500):
             self._call("metrics", self.client.log_batch, run_id or self.run_id, metrics=items[i:i + 500])
 
-    def log_image(self, key: str, image, step: int) -> None:
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float],
+                  images: Optional[Mapping[str, np.ndarray]] = None) -> None:
+        """One epoch's numbers at step `epoch`, and its pictures (uint8 HxW or HxWxC); the training loops' callback."""
+        if not self.logging:
+            return
+        self.log_metrics(metrics, step=epoch)
+        for key, image in (images or {}).items():
+            self.log_image(key, image, step=epoch)
+
+    def log_image(self, key: str, image: Any, step: int) -> None:
         if self.logging:
             self._call(f"image {key}", self.client.log_image, self.run_id, image, key=key, step=step)
 
@@ -238,7 +112,7 @@ class StageRun:
         if self.logging and Path(path).exists():
             self._call(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
-    def log_figure(self, fig, name: str) -> None:
+    def log_figure(self, fig: Any, name: str) -> None:
         if self.logging:
             self._call(f"figure {name}", self.client.log_figure, self.run_id, fig, name)
 
@@ -277,15 +151,17 @@ class StageRun:
         self.headline({f"{split}_images": n for split, n in counts.items()})
         self.log_artifact(Path(out_dir) / "meta.json")
 
-    def headline(self, metrics: dict[str, float]) -> None:
+    def headline(self, metrics: Mapping[str, float]) -> None:
         """The stage's final figures, at the last step logged (values already logged there are not repeated).
         The parent gets them through the metrics files dvc.yaml lists; a stage run outside such a
         pipeline puts them on the parent prefixed by its name."""
-        self.headline_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.headline_metrics = self._finite(metrics)
         step = max((s for s, _ in self._last.values()), default=0)
         self.log_metrics({k: v for k, v in self.headline_metrics.items()
                           if not (k in self._last and self._last[k][0] == step and _same(self._last[k][1], v))}, step)
 
+
+# --------------------------------------------------------------------------- interruption
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (e.g. `dvc queue kill`), turned into an exception so that the run is marked KILLED."""
@@ -307,63 +183,15 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _check_server(uri: str) -> None:
-    if not uri.startswith(("http://", "https://")):
-        return
-    import requests
+# --------------------------------------------------------------------------- finding and opening runs
 
-    try:
-        r = requests.get(uri.rstrip("/") + "/health", timeout=5)
-        r.raise_for_status()
-    except Exception as e:
-        raise TrackingError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not answering "
-                            f"({type(e).__name__}); start it, or unset MLFLOW_TRACKING_URI to log to the "
-                            f"repository's sqlite store") from None
-
-
-def _experiment_id(client, name: str, uri: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri))
-        except Exception:  # created meanwhile by another process
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-    if exp.lifecycle_stage != "active":
-        raise TrackingError(f"MLflow experiment '{name}' at {uri} is deleted; restore it "
-                            f"(mlflow experiments restore --experiment-id {exp.experiment_id}) "
-                            f"or choose another tracking.experiment")
-    return exp.experiment_id
-
-
-def _git_tags(workdir: Path) -> dict[str, str]:
-    tags = {}
-    commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git(["rev-parse", "HEAD"], workdir)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags[TAG + "git_commit"] = commit
-        dirty = _git(["status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"], workdir)
-        tags[TAG + "git_dirty"] = str(bool(dirty)).lower()
-    for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
-        if os.environ.get(var):
-            tags[TAG + var.lower()] = os.environ[var]
-    return tags
-
-
-def _data_tags(meta: Optional[dict]) -> dict[str, str]:
-    if not meta:
-        return {}
-    return {TAG + "data_source": str(meta.get("source")), TAG + "data_hash": str(meta.get("content_hash"))}
-
-
-def _find_run(client, exp_id: str, tags: dict[str, str]):
+def _find_run(client: Any, exp_id: str, tags: dict[str, str]) -> Any:
     flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     runs = client.search_runs([exp_id], filter_string=flt, max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
 
 
-def _parent_run(client, exp_id: str, key: str, params: Params, tags: dict[str, str],
+def _parent_run(client: Any, exp_id: str, key: str, params: Params, tags: dict[str, str],
                 under_dvc: bool) -> tuple[str, bool]:
     """The parent run of this pipeline state (found or created), and whether this stage sets its status:
     a stage that DVC runs does; a stage run by hand leaves a parent that finished alone."""
@@ -383,11 +211,6 @@ def _parent_run(client, exp_id: str, key: str, params: Params, tags: dict[str, s
     return run.info.run_id, True
 
 
-def _quiet_mlflow() -> None:
-    for name in _QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_meta: Optional[dict] = None,
               workdir: Optional[Path] = None) -> Iterator[StageRun]:
@@ -396,7 +219,8 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
         yield StageRun(active=False)
         return
     workdir = (workdir or Path.cwd()).resolve()
-    uri = tracking_uri(repo_root())
+    root = repo_root()
+    uri = tracking_uri(root)
     _check_server(uri)
     for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
@@ -407,7 +231,7 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
     input_hash = _digest(inputs)
     try:
         client = MlflowClient(tracking_uri=uri)
-        exp_id = _experiment_id(client, params.tracking.experiment, uri)
+        exp_id = _experiment_id(client, params.tracking.experiment, uri, root)
         tags = {**_git_tags(workdir), **_data_tags(data_meta)}
         under_dvc = bool(os.environ.get("DVC_STAGE"))
         parent_id, own_parent = _parent_run(client, exp_id, pipeline_key(workdir, params), params, tags, under_dvc)
@@ -460,6 +284,8 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
         run._call("run status", client.set_terminated, parent_id, "FINISHED")
 
 
+# --------------------------------------------------------------------------- the parent's numbers
+
 def _sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool) -> None:
     """Put the numbers of every metrics file that dvc.yaml lists on the parent (a stage that DVC runs), or
     else the stage's headline prefixed by its name, logging only changed values."""
@@ -494,6 +320,6 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
     for k, v in d.items():
         if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        elif _number(v):
             out[f"{prefix}{k}"] = v
     return out

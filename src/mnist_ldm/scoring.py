@@ -1,4 +1,4 @@
-"""Stage `evaluate`: score generated digits in the evaluator's feature space, beside honest floors.
+"""Scoring generated digits in the evaluator's feature space, beside honest floors.
 
 Every set is compared with the MNIST test set at the same n:
 * `train_vs_test`: real training images, the floor that real data reaches at this n;
@@ -15,14 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics, plots, tracking
-from .atomic import write_json
-from .config import Params
-from .data import load_split
-from .encode import encode_images, load_latents
+from . import metrics
+from .autoencoder import encode_images
+from .classifier import features_and_probs
 from .errors import UserError
-from .evaluator import features_and_probs, load_evaluator
-from .train_ae import load_autoencoder
+from .images import to_uint8
 
 
 def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -59,8 +56,8 @@ def floor_images(ae, z_train: np.ndarray, test_images: np.ndarray, n: int, seed:
     normal = rng.standard_normal((n, z_train.shape[1])).astype(np.float32)
     with torch.no_grad():
         def dec(z):
-            return (ae.decode(torch.from_numpy(z))[:, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-        recon = dec(encode_images(ae, test_images[:n], desc="encode test"))
+            return to_uint8(ae.decode(torch.from_numpy(z)))
+        recon = dec(encode_images(ae, test_images[:n]))
         return {"ae_reconstruction": recon, "single_gaussian": dec(gauss), "standard_normal": dec(normal)}
 
 
@@ -70,7 +67,8 @@ def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_
     n = min(n, len(images), len(test_images), len(train_images))
     if n < k + 2:
         raise UserError(f"evaluate: only {n} images to compare; need at least {k + 2}")
-    gen = images[rng.choice(len(images), n, replace=False)] if len(images) > n else images
+    pick = rng.choice(len(images), n, replace=False) if len(images) > n else np.arange(len(images))
+    gen = images[pick]
     test = test_images[:n]
     f_train_all, _ = features_and_probs(evaluator, train_images)  # for the memorization check too
     f_train_sub = f_train_all[rng.choice(len(train_images), n, replace=False)]
@@ -93,50 +91,10 @@ def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_
         "memorization": metrics.memorization_ratio(f_gen, f_train_all, f_test),
     }
     if labels is not None:
-        lab = labels[:n] if len(images) <= n else None
-        if lab is not None:
-            result["label_accuracy"] = float((p_gen.argmax(1) == lab).mean())
+        result["label_accuracy"] = float((p_gen.argmax(1) == labels[pick]).mean())
+    if "ae_reconstruction" not in fcd:
+        result["absent"] = {f"fcd.{k}": "no autoencoder and training latents were given"
+                            for k in ("ae_reconstruction", "single_gaussian", "standard_normal")}
     if "single_gaussian" in fcd:
         result["fcd_ratio_to_single_gaussian"] = fcd["generated"] / fcd["single_gaussian"]
-    return result
-
-
-def _charts(result: dict, plots_dir: Path):
-    names = list(result["fcd"])
-    fig = plots.bar_chart(names, [result["fcd"][k] for k in names], f"FCD vs MNIST test (n = {result['n']})",
-                          "Fréchet classifier distance (log scale, lower is better)", highlight=0, log=True)
-    plots.save_figure(fig, plots_dir / "fcd.png")
-    counts = result["class_counts"]
-    fig = plots.bar_chart(list(counts), list(counts.values()),
-                          f"predicted class of generated digits (TV to uniform {result['class_balance']['tv_to_uniform']:.3f})",
-                          "samples")
-    plots.save_figure(fig, plots_dir / "class_histogram.png")
-
-
-def main(params: Params, samples: Path, evaluator_ckpt: Path, data_dir: Path, ae_ckpt: Path, latent_dir: Path,
-         output: Path, plots_dir: Path) -> dict:
-    cfg = params.evaluate
-    images, labels = load_samples(samples)
-    evaluator, ev_meta = load_evaluator(evaluator_ckpt)
-    train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
-    ae = z_train = None
-    if Path(ae_ckpt).is_file():
-        ae, _ = load_autoencoder(ae_ckpt)
-        z_train = load_latents(latent_dir, "train")[0] if (Path(latent_dir) / "train.npz").is_file() else \
-            encode_images(ae, train.images, desc="encode train")
-    stage_params = {**tracking.section_params(params, "evaluate"), "evaluate.samples": str(samples)}
-    with tracking.stage_run("evaluate", params, stage_params) as run:
-        result = score(images, labels, evaluator, train.images, test.images, ae, z_train, cfg.n, cfg.k, cfg.seed)
-        result["evaluator_test_accuracy"] = ev_meta["metrics"]["test_accuracy"]
-        write_json(output, result)
-        _charts(result, plots_dir)
-        run.headline({"fcd": result["fcd"]["generated"], **{f"fcd_floor_{k}": v for k, v in result["fcd"].items()
-                                                              if k != "generated"},
-                      **{k: v for k, v in result["prdc"].items()}, "class_tv": result["class_balance"]["tv_to_uniform"]})
-        for p in (output, plots_dir / "fcd.png", plots_dir / "class_histogram.png"):
-            run.log_artifact(p)
-    rows = "\n".join(f"  {k:<18} {v:10.4f}" for k, v in result["fcd"].items())
-    print(f"evaluate: FCD at n = {result['n']} (lower is better)\n{rows}\n"
-          f"  precision {result['prdc']['precision']:.3f}  recall {result['prdc']['recall']:.3f}  "
-          f"classes present {result['class_balance']['classes_present']}  -> {output}")
     return result

@@ -1,0 +1,54 @@
+"""The evaluator: a small CNN digit classifier whose features and softmax score generated digits.
+
+It is trained on the training split only, with a fixed seed; its penultimate layer (128-d) is the
+feature space of the Fréchet classifier distance (FCD) and of precision/recall.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import load_model_checkpoint
+from .images import as_batch
+
+FEATURE_DIM = 128
+
+
+class DigitClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 14
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14 -> 7
+            nn.Flatten(), nn.Linear(32 * 7 * 7, FEATURE_DIM), nn.ReLU(),
+        )
+        self.head = nn.Linear(FEATURE_DIM, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def features_and_probs(model: DigitClassifier, images: np.ndarray, batch_size: int = 2000):
+    """uint8 (N, 28, 28) -> penultimate features (N, 128) float64 and softmax (N, 10) float64."""
+    model.eval()
+    feats, probs = [], []
+    for i in range(0, len(images), batch_size):
+        f = model.features(as_batch(images[i:i + batch_size]))
+        feats.append(f.double())
+        probs.append(F.softmax(model.head(f), dim=-1).double())
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def accuracy(model: DigitClassifier, images: np.ndarray, labels: np.ndarray) -> float:
+    _, p = features_and_probs(model, images)
+    return float((p.argmax(1) == labels).mean())
+
+
+def load_classifier(path: str | Path) -> tuple[DigitClassifier, dict]:
+    return load_model_checkpoint(path, "mnist-ldm/evaluator", "evaluator checkpoint", lambda cfg: DigitClassifier())

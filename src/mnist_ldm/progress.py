@@ -1,0 +1,13 @@
+"""Progress bars for everything a user waits for: tqdm on stderr, calm when stderr is a log file."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on stderr; redrawn at most every 5 s when stderr is a log file rather than a terminal."""
+    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 5.0)
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)

@@ -1,0 +1,118 @@
+"""What every command shares: argument types, `--params` and `--set`, writable outputs, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ..config import Params
+from ..params_file import apply_overrides, load_params
+from ..errors import UserError
+
+
+def checked(cast, ok, expected: str):
+    """An argparse type: `cast` the text, then require `ok(value)`; errors say what was expected."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+    return parse
+
+
+digit = checked(int, lambda v: 0 <= v <= 9, "a digit 0-9")
+positive_int = checked(int, lambda v: v >= 1, "a positive integer")
+positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+finite_float = checked(float, math.isfinite, "a finite number")
+seed = checked(int, lambda v: 0 <= v < 2**63, "an integer seed in [0, 2^63)")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other user error
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def add_common(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """`--params FILE` and `--set section.key=value` (repeatable); `suppress` for a subcommand's copy."""
+    default = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    p.add_argument("--params", type=Path, default=default(Path("params.yaml")), help="params file (default: params.yaml)")
+    p.add_argument("--set", action="append", default=default([]), metavar="SECTION.KEY=VALUE",
+                   help="override one param for this command (repeatable), e.g. --set diffusion.lr=0.0005")
+
+
+def load(args: argparse.Namespace) -> Params:
+    return apply_overrides(load_params(args.params), list(args.set or []))
+
+
+def check_writable(files: Sequence[Path] = (), folders: Sequence[Path] = ()) -> None:
+    """Fail before any expensive work if an output cannot be written (a parent is a file, no permission,
+    a file where a folder should be or the reverse)."""
+    for path, want_dir in [(Path(f), False) for f in files] + [(Path(d), True) for d in folders]:
+        parent = path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"{path}: cannot write here: a parent of it is a file, not a folder") from None
+        except OSError as e:
+            raise UserError(os_error_line(e, parent)) from None
+        if path.exists() and path.is_dir() != want_dir:
+            raise UserError(f"{path}: is {'a folder' if path.is_dir() else 'a file'}; "
+                            f"expected {'a folder' if want_dir else 'a file'} path here")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"{parent}: no permission to write {path.name} here; fix the folder's permissions")
+
+
+HINTS = {
+    errno.EACCES: "check the permissions of the file and its folder",
+    errno.EPERM: "check the permissions of the file and its folder",
+    errno.ENOSPC: "free some disk space and run again",
+    errno.EDQUOT: "free some disk space (quota) and run again",
+    errno.EISDIR: "it is a folder; give a file path",
+    errno.ENOTDIR: "a parent of it is a file, not a folder",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def os_error_line(e: OSError, fallback: Optional[Path] = None) -> str:
+    where = e.filename if e.filename is not None else fallback or "?"
+    hint = HINTS.get(e.errno or 0, "check the path")
+    return f"{where}: {e.strerror or type(e).__name__}; {hint}"
+
+
+def guarded(fn: Callable[[], object]) -> int:
+    """Run a command: user and OS errors become one `error:` line and exit 2; Ctrl-C exits 130."""
+    try:
+        fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except OverflowError as e:
+        print(f"error: a number is too large ({e}); check seeds and sizes in params.yaml and the flags",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run_stage(name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+              run: Callable[[Params, argparse.Namespace], object], argv: Optional[Sequence[str]] = None) -> int:
+    """`python stages/<name>.py ...`: parse this stage's flags and run it."""
+    p = Parser(prog=f"mnist-ldm {name}")
+    add_common(p)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return guarded(lambda: run(load(args), args))

@@ -1,0 +1,45 @@
+"""Stage `encode`: the frozen encoder turns each split into latents once; diffusion training reads this cache."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import tracking
+from ..atomic import atomic_dir, write_json, write_npz
+from ..autoencoder import encode_images, load_autoencoder
+from ..config import Params
+from ..data import load_meta, load_split
+from ..latents import file_md5, latent_stats
+from .common import check_writable, run_stage
+
+HELP = "encode the prepared data into cached latents"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
+    p.add_argument("--ae-ckpt", type=Path, required=True, help="autoencoder checkpoint")
+    p.add_argument("--out", type=Path, required=True, help="latent cache folder (data/latents)")
+
+
+def run(params: Params, args: argparse.Namespace) -> dict:
+    check_writable(folders=[args.out])
+    model, _ = load_autoencoder(args.ae_ckpt)
+    meta = load_meta(args.data)
+    splits = {split: load_split(args.data, split) for split in ("train", "test")}  # both readable before any write
+    with tracking.stage_run("encode", params, {"encode.data": str(args.data), "encode.ae_ckpt": str(args.ae_ckpt)},
+                            meta) as trun:
+        latents = {split: encode_images(model, data.images) for split, data in splits.items()}
+        stats = {**latent_stats(latents["train"]), "ae_checkpoint_md5": file_md5(args.ae_ckpt)}
+        with atomic_dir(args.out) as tmp:  # latents and their stats are replaced together or not at all
+            for split, data in splits.items():
+                write_npz(tmp / f"{split}.npz", z=latents[split], labels=data.labels)
+            write_json(tmp / "stats.json", stats)
+        trun.headline({"latent_std": stats["raw_std_overall"]})
+        trun.log_artifact(args.out / "stats.json")
+    print(f"encode: latents of std {stats['raw_std_overall']:.2f} (before standardizing) -> {args.out}")
+    return stats
+
+
+def main(argv=None) -> int:
+    return run_stage("encode", add_arguments, run, argv)

@@ -1,0 +1,79 @@
+"""Stage `evaluate`: FCD with floors, precision/recall, class balance and memorization, as `metrics/eval.json`.
+
+Also `mnist-ldm evaluate --no-tracking ...` to score any `.npz` of images outside the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from .. import plots, tracking
+from ..atomic import atomic_dir, write_json
+from ..autoencoder import load_autoencoder
+from ..classifier import load_classifier
+from ..config import Params, override
+from ..data import load_split
+from ..latents import check_producer, load_latents
+from ..scoring import load_samples, score
+from .common import check_writable, run_stage
+
+HELP = "score an .npz of images: FCD with floors, precision/recall, balance"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", type=Path, required=True, help=".npz with 'images' (N, 28, 28) uint8")
+    p.add_argument("--evaluator", type=Path, required=True, help="evaluator checkpoint")
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder (the reference images)")
+    p.add_argument("--ae-ckpt", type=Path, required=True, help="autoencoder checkpoint (for the floors)")
+    p.add_argument("--latents", type=Path, required=True, help="latent cache of that autoencoder (for the floors)")
+    p.add_argument("--output", type=Path, required=True, help="metrics JSON to write")
+    p.add_argument("--plots", type=Path, required=True, help="folder for the PNG charts")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (scoring outside the pipeline)")
+
+
+def _charts(result: dict, plots_dir: Path) -> None:
+    names = list(result["fcd"])
+    fig = plots.bar_chart(names, [result["fcd"][k] for k in names], f"FCD vs MNIST test (n = {result['n']})",
+                          "Fréchet classifier distance (log scale, lower is better)", highlight=0, log=True)
+    plots.save_figure(fig, plots_dir / "fcd.png")
+    counts = result["class_counts"]
+    fig = plots.bar_chart(list(counts), list(counts.values()),
+                          f"predicted class of generated digits (TV to uniform "
+                          f"{result['class_balance']['tv_to_uniform']:.3f})", "samples")
+    plots.save_figure(fig, plots_dir / "class_histogram.png")
+
+
+def run(params: Params, args: argparse.Namespace) -> dict:
+    if args.no_tracking:
+        params = dataclasses.replace(params, tracking=override(params.tracking, "tracking", enabled=False))
+    cfg = params.evaluate
+    check_writable(files=[args.output], folders=[args.plots])
+    images, labels = load_samples(args.samples)
+    evaluator, ev_meta = load_classifier(args.evaluator)
+    train, test = load_split(args.data, "train"), load_split(args.data, "test")
+    ae, _ = load_autoencoder(args.ae_ckpt)
+    check_producer(args.latents, args.ae_ckpt)
+    z_train = load_latents(args.latents, "train")[0]
+    stage_params = {**tracking.section_params(params, "evaluate"), "evaluate.samples": str(args.samples)}
+    with tracking.stage_run("evaluate", params, stage_params) as run:
+        result = score(images, labels, evaluator, train.images, test.images, ae, z_train, cfg.n, cfg.k, cfg.seed)
+        result["evaluator_test_accuracy"] = ev_meta["metrics"]["test_accuracy"]
+        with atomic_dir(args.plots) as tmp:
+            _charts(result, tmp)
+        write_json(args.output, result)
+        run.headline({"fcd": result["fcd"]["generated"],
+                      **{f"fcd_floor_{k}": v for k, v in result["fcd"].items() if k != "generated"},
+                      **result["prdc"], "class_tv": result["class_balance"]["tv_to_uniform"]})
+        for p in (args.output, args.plots / "fcd.png", args.plots / "class_histogram.png"):
+            run.log_artifact(p)
+    rows = "\n".join(f"  {k:<18} {v:10.4f}" for k, v in result["fcd"].items())
+    print(f"evaluate: FCD at n = {result['n']} (lower is better)\n{rows}\n"
+          f"  precision {result['prdc']['precision']:.3f}  recall {result['prdc']['recall']:.3f}  "
+          f"classes present {result['class_balance']['classes_present']}  -> {args.output}")
+    return result
+
+
+def main(argv=None) -> int:
+    return run_stage("evaluate", add_arguments, run, argv)

@@ -1,0 +1,60 @@
+"""`mnist-ldm infer` (the seed's infer.py): digits from a trained pair of checkpoints, as a PNG grid or arrays.
+
+Every default comes from params.yaml's `sample` section; each flag overrides one value there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from .. import plots
+from ..atomic import write_npz
+from ..config import SAMPLERS, Params, override
+from ..errors import UserError
+from ..pipeline import LatentDiffusionPipeline
+from .common import check_writable, digit, finite_float, positive_int, run_stage, seed
+
+HELP = "generate digits from a trained pair of checkpoints"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", type=Path, required=True, help="diffusion checkpoint")
+    p.add_argument("--ae-ckpt", type=Path, required=True, help="autoencoder checkpoint")
+    p.add_argument("--output", type=Path, default=Path("generated_digits.png"), help=".png grid or .npz arrays")
+    p.add_argument("--num-images", type=positive_int,
+                   help="sample.num_images (when that is 0, 'as many as the test set', sample.grid_size)")
+    p.add_argument("--seed", type=seed, help="sample.seed")
+    p.add_argument("--sampler", choices=SAMPLERS, help="sample.sampler")
+    p.add_argument("--steps", type=positive_int, help="sample.steps (DDIM only)")
+    p.add_argument("--eta", type=finite_float, help="sample.eta: DDIM noise, 0 deterministic, 1 DDPM-like")
+    p.add_argument("--digit", type=digit, help="sample.digit: class-conditional models, which digit")
+    p.add_argument("--guidance", type=finite_float, help="sample.guidance: classifier-free guidance scale w")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+
+
+def run(params: Params, args: argparse.Namespace) -> Path:
+    cfg = override(params.sample, "sample", num_images=args.num_images, seed=args.seed, sampler=args.sampler,
+                   steps=args.steps, eta=args.eta, digit=args.digit, guidance=args.guidance,
+                   use_ema=False if args.raw_weights else None)
+    n = cfg.num_images or cfg.grid_size
+    suffix = args.output.suffix.lower()
+    if suffix not in (".png", ".npz"):
+        raise UserError(f"--output {args.output}: unsupported file type '{args.output.suffix}'; "
+                        f"use .png (a grid) or .npz (arrays)")
+    check_writable(files=[args.output])
+    pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema)
+    out = pipe.sample(n, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance, digit=cfg.digit,
+                      seed=cfg.seed, batch_size=cfg.batch_size)
+    if suffix == ".npz":
+        write_npz(args.output, **({"images": out.images} if out.labels is None else
+                                  {"images": out.images, "labels": out.labels}))
+    else:
+        plots.save_grid(out.images, args.output, nrow=max(1, int(math.ceil(math.sqrt(n)))))
+    print(f"infer: {n} images ({cfg.sampler}, seed {cfg.seed}) -> {args.output}")
+    return args.output
+
+
+def main(argv=None) -> int:
+    return run_stage("infer", add_arguments, run, argv)

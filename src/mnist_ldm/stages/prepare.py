@@ -1,0 +1,36 @@
+"""Stage `prepare`: MNIST from the configured source, written as `data/prepared` in one piece."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import tracking
+from ..atomic import atomic_dir
+from ..config import Params
+from ..data import limit, write_prepared
+from ..mnist_sources import load_mnist
+from .common import check_writable, run_stage
+
+HELP = "load MNIST and write the prepared data folder"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="prepared data folder (data/prepared)")
+
+
+def run(params: Params, args: argparse.Namespace) -> dict:
+    check_writable(folders=[args.out])
+    with tracking.stage_run("prepare", params, tracking.section_params(params, "data")) as trun:
+        data = load_mnist(params.data)
+        train, test = limit(data.train, params.data.limit_train), limit(data.test, params.data.limit_test)
+        with atomic_dir(args.out) as tmp:
+            meta = write_prepared(tmp, train, test, data.source, data.description)
+        trun.log_prepared(meta, args.out)
+    print(f"prepare: {meta['counts']['train']} train / {meta['counts']['test']} test images from "
+          f"{meta['source']} ({meta['description']}) -> {args.out}")
+    return meta
+
+
+def main(argv=None) -> int:
+    return run_stage("prepare", add_arguments, run, argv)

@@ -1,0 +1,74 @@
+"""Stage `sample`: the samples that `evaluate` scores, a grid, a denoising trajectory, a latent
+interpolation and, for a class-conditional model, a guidance sweep."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import plots, tracking
+from ..atomic import atomic_dir, write_json, write_npz
+from ..config import Params
+from ..latents import check_producer, load_latents
+from ..pipeline import LatentDiffusionPipeline
+from .common import check_writable, run_stage
+
+HELP = "the pipeline's sampling stage"
+GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", type=Path, required=True, help="diffusion checkpoint")
+    p.add_argument("--ae-ckpt", type=Path, required=True, help="autoencoder checkpoint")
+    p.add_argument("--latents", type=Path, required=True, help="latent cache (reference size, digits to interpolate)")
+    p.add_argument("--out", type=Path, required=True, help=".npz of the samples to write")
+    p.add_argument("--plots", type=Path, required=True, help="folder for the PNG pictures")
+    p.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+
+
+def run(params: Params, args: argparse.Namespace) -> dict:
+    cfg = params.sample
+    check_writable(files=[args.out, args.metrics], folders=[args.plots])
+    check_producer(args.latents, args.ae_ckpt)
+    z_test, _ = load_latents(args.latents, "test")  # the reference set's size, and digits to interpolate
+    if cfg.num_images == 0:  # as many as the test set, the reference that `evaluate` compares with
+        cfg = dataclasses.replace(cfg, num_images=len(z_test))
+    pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema)
+    pipe.check_request(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, cfg.digit)
+    with tracking.stage_run("sample", params, tracking.section_params(dataclasses.replace(params, sample=cfg),
+                                                                      "sample")) as run:
+        t0 = time.perf_counter()
+        out = pipe.sample(cfg.num_images, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance,
+                          digit=cfg.digit, seed=cfg.seed, batch_size=cfg.batch_size, trajectory_points=10)
+        seconds = time.perf_counter() - t0
+        n_evals = pipe.network_evals(cfg.sampler, cfg.steps)
+        with atomic_dir(args.plots) as tmp:
+            plots.save_grid(out.images[:cfg.grid_size], tmp / "grid.png", nrow=int(math.sqrt(cfg.grid_size)) or 1)
+            strip = np.stack(out.trajectory, 1).reshape(-1, 28, 28)  # rows: samples, columns: time
+            plots.save_grid(strip, tmp / "trajectory.png", nrow=len(out.trajectory))
+            z_std = pipe.scaler.standardize(z_test[:12])
+            plots.save_grid(pipe.interpolate(z_std[:6], z_std[6:12]), tmp / "interpolation.png", nrow=10)
+            if pipe.num_classes:
+                plots.save_grid(pipe.guidance_sweep(GUIDANCE_SWEEP), tmp / "guidance_sweep.png",
+                                nrow=len(GUIDANCE_SWEEP))
+        write_npz(args.out, **({"images": out.images} if out.labels is None else
+                               {"images": out.images, "labels": out.labels}))
+        summary = {"num_images": int(len(out.images)), "sampler": cfg.sampler, "network_evals": int(n_evals),
+                   "seconds": round(seconds, 2), "images_per_second": round(len(out.images) / seconds, 1)}
+        write_json(args.metrics, summary)
+        run.headline({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        run.log_image("samples", plots.grid_array(out.images[:64], 8), 0)
+        for p in sorted(args.plots.glob("*.png")) + [args.metrics]:
+            run.log_artifact(p)
+    print(f"sample: {len(out.images)} images with {cfg.sampler} ({n_evals} network evaluations) in {seconds:.1f} s "
+          f"-> {args.out}")
+    return summary
+
+
+def main(argv=None) -> int:
+    return run_stage("sample", add_arguments, run, argv)

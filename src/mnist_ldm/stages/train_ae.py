@@ -1,0 +1,71 @@
+"""Stage `train_ae`: the convolutional autoencoder, its checkpoint, metrics and pictures."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from .. import plots, tracking
+from ..atomic import atomic_dir, write_json
+from ..autoencoder import reconstruction_metrics, reconstructions
+from ..checkpoint import save_checkpoint
+from ..config import Params, override
+from ..data import load_meta, load_split
+from ..training.autoencoder import train_autoencoder
+from ..training.loop import count_parameters, resume_path_for
+from .common import check_writable, positive_float, positive_int, run_stage
+
+HELP = "train the convolutional autoencoder"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    p.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    p.add_argument("--plots", type=Path, required=True, help="folder for the PNG pictures")
+    p.add_argument("--epochs", type=positive_int, help="autoencoder.epochs")
+    p.add_argument("--batch-size", type=positive_int, help="autoencoder.batch_size")
+    p.add_argument("--lr", type=positive_float, help="autoencoder.lr")
+    p.add_argument("--latent-dim", type=positive_int, help="autoencoder.latent_dim")
+    p.add_argument("--generate-images", action=argparse.BooleanOptionalAction, default=None,
+                   help="log a reconstruction grid to MLflow every epoch (autoencoder.generate_images)")
+
+
+def run(params: Params, args: argparse.Namespace) -> dict:
+    cfg = override(params.autoencoder, "autoencoder", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   latent_dim=args.latent_dim, generate_images=args.generate_images)
+    params = dataclasses.replace(params, autoencoder=cfg)
+    check_writable(files=[args.out, args.metrics], folders=[args.plots])
+    meta = load_meta(args.data)
+    train, test = load_split(args.data, "train"), load_split(args.data, "test")
+    with tracking.stage_run("train_ae", params, tracking.section_params(params, "autoencoder"), meta) as run:
+        run.log_dataset(meta, "mnist-train", "training", args.data)
+        model, history = train_autoencoder(cfg, train, test, resume_path_for(args.out), meta["content_hash"],
+                                           on_epoch=run.log_epoch, previews=cfg.generate_images and run.logging)
+        final = {**reconstruction_metrics(model, test.images), "params": count_parameters(model)}
+        with atomic_dir(args.plots) as tmp:
+            plots.save_grid(reconstructions(model, test.images[:32]), tmp / "reconstructions.png", nrow=32)
+            plots.save_figure(plots.line_chart(history, ["train_loss", "test_bce"], "autoencoder BCE"),
+                              tmp / "loss.png")
+        save_checkpoint(args.out, "mnist-ldm/autoencoder", {
+            "model_config": model.spec.to_dict(),
+            "state_dict": model.state_dict(),
+            "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "generate_images"},
+            "trained_on": {k: meta[k] for k in ("source", "content_hash", "counts")},
+            "history": history,
+            "metrics": final,
+        })
+        resume_path_for(args.out).unlink(missing_ok=True)
+        write_json(args.metrics, final)
+        run.headline(final)
+        for p in (args.plots / "reconstructions.png", args.plots / "loss.png", args.metrics,
+                  args.data / "meta.json", args.out):
+            run.log_artifact(p)
+    print(f"train_ae: test BCE {final['test_bce']:.4f}, MSE {final['test_mse']:.5f}, "
+          f"{final['params']:,} parameters -> {args.out}")
+    return final
+
+
+def main(argv=None) -> int:
+    return run_stage("train_ae", add_arguments, run, argv)

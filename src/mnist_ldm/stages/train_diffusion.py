@@ -1,0 +1,116 @@
+"""Stage `train_diffusion`: the latent DDPM on standardized cached latents, saved as a self-describing checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .. import plots, tracking
+from ..atomic import atomic_dir, write_json
+from ..autoencoder import load_autoencoder
+from ..checkpoint import save_checkpoint
+from ..config import Params, override
+from ..data import load_meta
+from ..errors import UserError
+from ..latents import LatentScaler, check_producer, file_md5, load_latents
+from ..pipeline import LatentDiffusionPipeline
+from ..training.denoiser import select_digit, train_denoiser
+from ..training.loop import count_parameters, resume_path_for
+from .common import check_writable, digit, positive_float, positive_int, run_stage
+
+HELP = "train the latent denoiser"
+PREVIEW_GUIDANCE = 2.0  # guidance of the per-epoch MLflow preview grid (conditional models only)
+PREVIEW_STEPS = 50  # DDIM steps of that preview: cheap enough to run every epoch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ae-ckpt", type=Path, required=True, help="autoencoder checkpoint (sets the latent size)")
+    p.add_argument("--latents", type=Path, required=True, help="latent cache written by 'encode'")
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder (for meta.json)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    p.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    p.add_argument("--plots", type=Path, required=True, help="folder for the PNG pictures")
+    p.add_argument("--epochs", type=positive_int, help="diffusion.epochs")
+    p.add_argument("--batch-size", type=positive_int, help="diffusion.batch_size")
+    p.add_argument("--lr", type=positive_float, help="diffusion.lr")
+    p.add_argument("--T", type=positive_int, dest="T", help="diffusion.T")
+    p.add_argument("--only-digit", type=digit, help="diffusion.only_digit")
+    p.add_argument("--hidden-dim", type=positive_int, help="diffusion.hidden_dim")
+    p.add_argument("--latent-dim", type=positive_int,
+                   help="checked against the autoencoder checkpoint, which sets the latent size")
+    p.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=None,
+                   help="class-conditional model with classifier-free guidance (diffusion.conditional)")
+    p.add_argument("--generate-images", action=argparse.BooleanOptionalAction, default=None,
+                   help="log a sample grid to MLflow every epoch (diffusion.generate_images)")
+
+
+def run(params: Params, args: argparse.Namespace) -> dict:
+    cfg = override(params.diffusion, "diffusion", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   T=args.T, only_digit=args.only_digit, hidden_dim=args.hidden_dim, conditional=args.conditional,
+                   generate_images=args.generate_images)
+    params = dataclasses.replace(params, diffusion=cfg)
+    check_writable(files=[args.out, args.metrics], folders=[args.plots])
+    ae, _ = load_autoencoder(args.ae_ckpt)
+    if args.latent_dim is not None and args.latent_dim != ae.spec.latent_dim:
+        raise UserError(f"--latent-dim {args.latent_dim} does not match the {ae.spec.latent_dim}-d latents of the "
+                        f"autoencoder in {args.ae_ckpt}, which sets the latent size")
+    stats = check_producer(args.latents, args.ae_ckpt)
+    scaler = LatentScaler.from_dict(stats, str(args.latents / "stats.json"))
+    meta = load_meta(args.data)
+    z_tr, y_tr = select_digit(*load_latents(args.latents, "train"), cfg.only_digit)
+    z_te, y_te = select_digit(*load_latents(args.latents, "test"), cfg.only_digit)
+    if z_tr.shape[1] != ae.spec.latent_dim:
+        raise UserError(f"{args.latents}: cached latents have dim {z_tr.shape[1]}, but the autoencoder in "
+                        f"{args.ae_ckpt} makes {ae.spec.latent_dim}-d latents; re-run 'encode'")
+    ae_md5 = file_md5(args.ae_ckpt)
+    with tracking.stage_run("train_diffusion", params, tracking.section_params(params, "diffusion"), meta) as run:
+        run.log_dataset(meta, "mnist-train-latents", "training", args.latents)
+
+        def preview(model, s, epoch):
+            pipe = LatentDiffusionPipeline(ae, model, s, scaler)
+            labels = pipe.labels_for(64, None)
+            z, _ = pipe.sample_latents(64, sampler="ddim", steps=min(PREVIEW_STEPS, s.T), eta=0.0, labels=labels,
+                                       guidance=PREVIEW_GUIDANCE, seed=epoch, progress=False)
+            return plots.grid_array(pipe.decode(z), 8)
+
+        model, ema, optimizer, s, history = train_denoiser(
+            cfg, scaler.standardize(z_tr), torch.from_numpy(y_tr).long(), scaler.standardize(z_te),
+            torch.from_numpy(y_te).long(), resume_path_for(args.out), f"{meta['content_hash']}:{ae_md5}",
+            on_epoch=run.log_epoch, preview=preview if cfg.generate_images and run.logging else None)
+        final = {"train_loss": history[-1]["train_loss"], "test_loss": history[-1]["test_loss"],
+                 "test_loss_ema": history[-1]["test_loss_ema"], "params": count_parameters(model),
+                 "train_latents": int(len(z_tr))}
+        with atomic_dir(args.plots) as tmp:
+            plots.save_figure(plots.line_chart(history, ["train_loss", "test_loss", "test_loss_ema"],
+                                               "latent diffusion loss (MSE on noise)"), tmp / "loss.png")
+        save_checkpoint(args.out, "mnist-ldm/diffusion", {
+            "model_config": model.spec.to_dict(),
+            "state_dict": model.state_dict(),
+            "ema_state_dict": ema.model.state_dict(),
+            "ema": {"decay": cfg.ema_decay, "warmup_steps": cfg.ema_warmup_steps, "updates": ema.updates},
+            "optimizer": optimizer.state_dict(),
+            "step": ema.updates,
+            "schedule": {"kind": "linear", "T": cfg.T, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end},
+            "latent_stats": scaler.to_dict(),
+            "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "generate_images"},
+            "trained_on": {"data_source": meta["source"], "data_hash": meta["content_hash"],
+                           "autoencoder_md5": ae_md5, "autoencoder_config": ae.spec.to_dict(),
+                           "only_digit": cfg.only_digit, "latents": int(len(z_tr))},
+            "history": history,
+            "metrics": final,
+        })
+        resume_path_for(args.out).unlink(missing_ok=True)
+        write_json(args.metrics, final)
+        run.headline(final)
+        for p in (args.plots / "loss.png", args.metrics, args.out):
+            run.log_artifact(p)
+    print(f"train_diffusion: {final['params']:,}-parameter denoiser, held-out loss {final['test_loss']:.4f} "
+          f"(EMA {final['test_loss_ema']:.4f}) -> {args.out}")
+    return final
+
+
+def main(argv=None) -> int:
+    return run_stage("train_diffusion", add_arguments, run, argv)

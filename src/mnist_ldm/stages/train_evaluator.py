@@ -1,0 +1,55 @@
+"""Stage `train_evaluator`: the CNN whose features score generated digits, trained on the training split only."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+from pathlib import Path
+
+from .. import tracking
+from ..atomic import write_json
+from ..checkpoint import save_checkpoint
+from ..classifier import FEATURE_DIM
+from ..config import Params
+from ..data import load_meta, load_split
+from ..training.classifier import train_classifier
+from ..training.loop import count_parameters, resume_path_for
+from .common import check_writable, run_stage
+
+HELP = "train the CNN that scores samples"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    p.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+
+
+def run(params: Params, args: argparse.Namespace) -> dict:
+    cfg = params.evaluator
+    check_writable(files=[args.out, args.metrics])
+    meta = load_meta(args.data)
+    train, test = load_split(args.data, "train"), load_split(args.data, "test")
+    with tracking.stage_run("train_evaluator", params, tracking.section_params(params, "evaluator"), meta) as run:
+        run.log_dataset(meta, "mnist-train", "training", args.data)
+        model, history = train_classifier(cfg, train, test, resume_path_for(args.out), meta["content_hash"],
+                                          on_epoch=run.log_epoch)
+        weights_hash = hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest()
+        final = {"test_accuracy": history[-1]["test_accuracy"], "params": count_parameters(model)}
+        save_checkpoint(args.out, "mnist-ldm/evaluator", {
+            "state_dict": model.state_dict(), "model_config": {"feature_dim": FEATURE_DIM},
+            "train_config": dataclasses.asdict(cfg), "weights_sha256": weights_hash,
+            "trained_on": {k: meta[k] for k in ("source", "content_hash", "counts")}, "metrics": final,
+        })
+        resume_path_for(args.out).unlink(missing_ok=True)
+        write_json(args.metrics, {**final, "weights_sha256": weights_hash[:16]})
+        run.headline(final)
+        for p in (args.metrics, args.out):
+            run.log_artifact(p)
+    print(f"train_evaluator: test accuracy {final['test_accuracy']:.4f} (weights {weights_hash[:12]}) -> {args.out}")
+    return final
+
+
+def main(argv=None) -> int:
+    return run_stage("train_evaluator", add_arguments, run, argv)

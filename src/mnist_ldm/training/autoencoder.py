@@ -1,0 +1,52 @@
+"""Training the convolutional autoencoder with BCE on every training digit."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import plots
+from ..autoencoder import AutoencoderSpec, ConvAutoencoder, reconstruction_metrics, reconstructions
+from ..config import AutoencoderConfig
+from ..data import Split
+from ..images import as_batch
+from .loop import adam, fingerprint, run_training
+
+EpochCallback = Callable[[int, dict, dict], None]  # (epoch, metrics, {name: grid image}) -> None
+
+
+def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_path: Path, data_hash: str,
+                      on_epoch: Optional[EpochCallback] = None, previews: bool = False):
+    """The trained model and its per-epoch history; `on_epoch` gets each epoch's figures (and a
+    reconstruction grid when `previews`)."""
+    torch.manual_seed(cfg.seed)
+    model = ConvAutoencoder(AutoencoderSpec(latent_dim=cfg.latent_dim))
+    optimizer = adam(model, cfg.lr)
+    images = torch.from_numpy(train.images)
+
+    def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = as_batch(images[idx])
+        return F.binary_cross_entropy_with_logits(model(x), x)
+
+    def on_epoch_end(epoch: int, train_loss: float) -> dict:
+        metrics = reconstruction_metrics(model, test.images)
+        if on_epoch is not None:
+            grids = {"reconstructions": plots.grid_array(reconstructions(model, test.images[:16]), 16)} \
+                if previews else {}
+            on_epoch(epoch, {"train_bce": train_loss, **metrics}, grids)
+        return metrics
+
+    history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(images),
+                           batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
+                           checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, desc="train_ae",
+                           run_fingerprint=fingerprint("autoencoder", _training_fields(cfg), data_hash))
+    return model, history
+
+
+def _training_fields(cfg: AutoencoderConfig) -> dict:
+    """The fields that change the weights (logging switches do not)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "generate_images"}

@@ -1,0 +1,40 @@
+"""Training the evaluator's digit classifier on the training split only."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..classifier import DigitClassifier, accuracy
+from ..config import EvaluatorConfig
+from ..data import Split
+from ..images import as_batch
+from .loop import adam, fingerprint, run_training
+
+
+def train_classifier(cfg: EvaluatorConfig, train: Split, test: Split, resume_path: Path, data_hash: str,
+                     on_epoch: Optional[Callable[[int, dict, dict], None]] = None):
+    """The trained classifier and its per-epoch history (train loss, test accuracy)."""
+    torch.manual_seed(cfg.seed)
+    model = DigitClassifier()
+    optimizer = adam(model, cfg.lr)
+    images, labels = torch.from_numpy(train.images), torch.from_numpy(train.labels).long()
+
+    def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return F.cross_entropy(model(as_batch(images[idx])), labels[idx])
+
+    def on_epoch_end(epoch: int, train_loss: float) -> dict:
+        acc = accuracy(model, test.images, test.labels)
+        if on_epoch is not None:
+            on_epoch(epoch, {"train_loss": train_loss, "test_accuracy": acc}, {})
+        return {"test_accuracy": acc}
+
+    history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(images),
+                           batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
+                           checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, desc="train_evaluator",
+                           run_fingerprint=fingerprint("evaluator", dataclasses.asdict(cfg), data_hash))
+    return model, history

@@ -1,0 +1,80 @@
+"""Training the latent denoiser: DDPM's L_simple (MSE on the noise) on standardized latents, with EMA."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import DiffusionConfig
+from ..denoiser import DenoiserSpec, LatentDenoiser
+from ..diffusion import NoiseSchedule, q_sample
+from .loop import EMA, adam, fingerprint, run_training
+
+# (EMA model, schedule, epoch) -> a preview grid image, made only when the stage logs it
+PreviewFn = Callable[[LatentDenoiser, NoiseSchedule, int], np.ndarray]
+
+
+def select_digit(z: np.ndarray, labels: np.ndarray, only_digit: Optional[int]):
+    """The seed's --only-digit: keep one digit's latents (the autoencoder still saw every digit)."""
+    if only_digit is None:
+        return z, labels
+    keep = labels == only_digit
+    return z[keep], labels[keep]
+
+
+def diffusion_loss(model: LatentDenoiser, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor],
+                   gen: torch.Generator, cond_drop_prob: float) -> torch.Tensor:
+    """L_simple of Ho et al.: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t) ||^2."""
+    B = z0.shape[0]
+    t = torch.randint(0, s.T, (B,), generator=gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    if y is not None:  # classifier-free guidance training: drop labels to the null token
+        drop = torch.rand(B, generator=gen) < cond_drop_prob
+        y = torch.where(drop, torch.full_like(y, model.null_label), y)
+    return F.mse_loss(model(q_sample(s, z0, t, noise), t, y), noise)
+
+
+@torch.no_grad()
+def held_out_loss(model: LatentDenoiser, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor]) -> float:
+    """The same loss on held-out latents with fixed t and noise, so epochs are comparable."""
+    model.eval()
+    gen = torch.Generator().manual_seed(1234)
+    return diffusion_loss(model, s, z0, y, gen, 0.0).item()
+
+
+def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.Tensor, z_test: torch.Tensor,
+                   y_test: torch.Tensor, resume_path: Path, data_hash: str,
+                   on_epoch: Optional[Callable[[int, dict, dict], None]] = None, preview: Optional[PreviewFn] = None):
+    """Model, EMA, optimizer, schedule and per-epoch history; `on_epoch` gets each epoch's figures
+    and, when `preview` is given, a sample grid from the EMA weights."""
+    torch.manual_seed(cfg.seed)
+    spec = DenoiserSpec(z_train.shape[1], cfg.hidden_dim, cfg.num_blocks, num_classes=10 if cfg.conditional else 0)
+    model = LatentDenoiser(spec)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_steps)
+    optimizer = adam(model, cfg.lr)
+    s = NoiseSchedule.linear(cfg.T, cfg.beta_start, cfg.beta_end)
+    cond = cfg.conditional
+
+    def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return diffusion_loss(model, s, z_train[idx], y_train[idx] if cond else None, gen, cfg.cond_drop_prob)
+
+    def on_epoch_end(epoch: int, train_loss: float) -> dict:
+        metrics = {"test_loss": held_out_loss(model, s, z_test, y_test if cond else None),
+                   "test_loss_ema": held_out_loss(ema.model, s, z_test, y_test if cond else None),
+                   "ema_decay": ema.current_decay()}
+        if on_epoch is not None:
+            grids = {"samples": preview(ema.model, s, epoch)} if preview is not None else {}
+            on_epoch(epoch, {"train_loss": train_loss, **metrics}, grids)
+        return metrics
+
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "generate_images"}
+    history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(z_train),
+                           batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
+                           checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, ema=ema,
+                           desc="train_diffusion", run_fingerprint=fingerprint("diffusion", fields, data_hash))
+    return model, ema, optimizer, s, history

@@ -1,0 +1,322 @@
+"""Strict, finite params loading: each refusal is one line naming the file (or `--set` item), key and fix."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from mnist_ldm.config import (AutoencoderConfig, ConfigError, DiffusionConfig, Params, SampleConfig, float_keys,
+                              override)
+from mnist_ldm.errors import UserError
+from mnist_ldm.params_file import SECTIONS, apply_overrides, load_params, params_from_dict, parse_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = (REPO / "params.yaml").read_text()
+
+
+def refused(fn, *args, **kwargs) -> str:
+    """The one-line message of the ConfigError that `fn(*args)` raises."""
+    with pytest.raises(ConfigError) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert isinstance(info.value, UserError) and "\n" not in msg and msg.strip() == msg, msg
+    return msg
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "params.yaml") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def edited(key: str, new_line: str) -> str:
+    """The project's params.yaml with the line of `section.key` replaced by `  key: <new_line>`."""
+    section, name = key.split(".")
+    out, current = [], None
+    for line in BASE.splitlines():
+        if line and not line.startswith((" ", "#")):
+            current = line.rstrip(":")
+        if current == section and line.startswith(f"  {name}:"):
+            line = f"  {name}: {new_line}"
+        out.append(line)
+    text = "\n".join(out) + "\n"
+    assert text != BASE or new_line in BASE
+    return text
+
+
+# --- the project's own file and the schema ---------------------------------------------------------
+
+def test_project_params_load_and_match_the_schema():
+    p = load_params(REPO / "params.yaml")
+    assert p.autoencoder.generate_images is True and p.diffusion.generate_images is True
+    assert "latent_dim" not in {f.name for f in fields(DiffusionConfig)}
+    assert "diffusion.latent_dim" not in p.flat() and p.flat()["autoencoder.latent_dim"] == 16
+    assert all(math.isfinite(v) for v in p.flat().values() if isinstance(v, float))
+
+
+def test_diffusion_latent_dim_is_now_an_unknown_key(tmp_path):
+    path = write(tmp_path, BASE.replace("diffusion:\n", "diffusion:\n  latent_dim: 16\n"))
+    msg = refused(load_params, path)
+    assert msg.startswith(f"{path}: unknown key 'diffusion.latent_dim'") and "hidden_dim" in msg
+
+
+def test_autoencoder_generate_images_is_a_bool(tmp_path):
+    assert load_params(write(tmp_path, edited("autoencoder.generate_images", "false"))).autoencoder.generate_images \
+        is False
+    msg = refused(load_params, write(tmp_path, edited("autoencoder.generate_images", "3")))
+    assert msg == f"{tmp_path / 'params.yaml'}: autoencoder.generate_images=3 has the wrong type; expected bool"
+
+
+def test_config_imports_alone_without_the_loader():
+    code = ("import sys, mnist_ldm.config as c; assert 'mnist_ldm.params_file' not in sys.modules; "
+            "assert 'yaml' not in sys.modules; c.Params().validate()")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# --- 1. duplicate keys ---------------------------------------------------------------------------
+
+def test_duplicate_key_inside_a_section(tmp_path):
+    path = write(tmp_path, BASE.replace("  lr: 0.0002\n", "  lr: 0.0002\n  # a second try\n  lr: 0.0005\n"))
+    lines = path.read_text().splitlines()
+    first = lines.index("  lr: 0.0002") + 1
+    second = lines.index("  lr: 0.0005") + 1
+    msg = refused(load_params, path)
+    assert msg == (f"{path}: duplicate key 'diffusion.lr' at lines {first} and {second}; "
+                   "keep only one (YAML would silently use the last)")
+
+
+def test_duplicate_section(tmp_path):
+    path = write(tmp_path, BASE + "tracking:\n  enabled: false\n")
+    first = BASE.splitlines().index("tracking:") + 1
+    msg = refused(load_params, path)
+    assert msg.startswith(f"{path}: duplicate key 'tracking' at lines {first} and {len(BASE.splitlines()) + 1};")
+
+
+def test_duplicate_key_in_a_flow_mapping_on_one_line(tmp_path):
+    path = write(tmp_path, BASE.replace("tracking:\n  enabled: true\n", "tracking: {enabled: true, enabled: false,\n"
+                                        "  experiment: x}\n").replace("  experiment: mnist-ldm\n", ""))
+    line = path.read_text().splitlines().index("tracking: {enabled: true, enabled: false,") + 1
+    assert f"duplicate key 'tracking.enabled' at lines {line} and {line}" in refused(load_params, path)
+
+
+def test_merge_keys_may_still_be_overridden():
+    assert parse_yaml("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 5\n")["c"] == {"x": 5, "y": 2}
+    assert "duplicate key 'c.x' at lines 4 and 5" in refused(parse_yaml, "a: &b {x: 1}\nc:\n  <<: *b\n  x: 5\n  x: 6\n")
+
+
+# --- 2. empty, not a mapping, missing sections ------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
+def test_empty_file(tmp_path, text):
+    path = write(tmp_path, text)
+    assert refused(load_params, path) == (f"{path}: the file is empty; it needs the sections "
+                                          f"{', '.join(SECTIONS)}")
+
+
+@pytest.mark.parametrize("text, kind", [("- data\n- sample\n", "list"), ("just words\n", "str"), ("5\n", "int")])
+def test_file_not_a_mapping(tmp_path, text, kind):
+    path = write(tmp_path, text)
+    assert refused(load_params, path) == (f"{path}: the file must hold a mapping of sections "
+                                          f"({', '.join(SECTIONS)}), got {kind}")
+
+
+def _without(text: str, section: str) -> str:
+    out, skip = [], False
+    for line in text.splitlines():
+        if line and not line.startswith((" ", "#")):
+            skip = line == f"{section}:"
+        if not skip:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def test_one_missing_section(tmp_path):
+    path = write(tmp_path, _without(BASE, "evaluate"))
+    msg = refused(load_params, path)
+    assert msg.startswith(f"{path}: missing section evaluate; every section must be present (data, ")
+
+
+def test_several_missing_sections(tmp_path):
+    path = write(tmp_path, _without(_without(BASE, "tracking"), "data"))
+    assert refused(load_params, path).startswith(f"{path}: missing sections data, tracking;")
+
+
+def test_keys_left_out_of_a_present_section_take_defaults(tmp_path):
+    text = _without(BASE, "sample").replace("evaluator:", "sample:\n  steps: 7\n\nevaluator:")
+    p = load_params(write(tmp_path, text.replace("tracking:\n  enabled: true\n  experiment: mnist-ldm\n",
+                                                 "tracking:\n")))
+    assert p.sample == SampleConfig(steps=7) and p.tracking.enabled is True
+
+
+def test_params_from_dict_is_strict_unless_asked():
+    assert "missing sections" in refused(params_from_dict, {"sample": {"steps": 5}})
+    p = params_from_dict({"sample": {"steps": 5}}, require_all_sections=False)
+    assert p.sample.steps == 5 and p.diffusion == DiffusionConfig()
+    assert params_from_dict(None, require_all_sections=False) == Params()
+
+
+# --- 3. numbers YAML 1.1 reads as text ------------------------------------------------------------
+
+@pytest.mark.parametrize("written, advice", [
+    ("2e-4", "write 2.0e-4 or 0.0002"),
+    ("1E-3", "write 1.0e-3 or 0.001"),
+    ("1e4", "write 1.0e+4 or 10000.0"),
+    ("'0.5'", "write 0.5"),
+])
+def test_float_written_as_text(tmp_path, written, advice):
+    path = write(tmp_path, edited("diffusion.lr", written))
+    raw = written.strip("'")
+    assert refused(load_params, path) == f"{path}: diffusion.lr='{raw}' is text in YAML; {advice}"
+
+
+def test_the_advice_is_what_yaml_reads_as_the_number(tmp_path):
+    assert load_params(write(tmp_path, edited("diffusion.lr", "2.0e-4"))).diffusion.lr == 2e-4
+    assert load_params(write(tmp_path, edited("diffusion.lr", "1.0e+4"))).diffusion.lr == 1e4
+
+
+def test_other_wrong_types(tmp_path):
+    msg = refused(load_params, write(tmp_path, edited("diffusion.lr", "fast")))
+    assert msg == f"{tmp_path / 'params.yaml'}: diffusion.lr='fast' has the wrong type; expected float"
+    msg = refused(load_params, write(tmp_path, edited("data.hf_revision", "1.0")))
+    assert msg.endswith("data.hf_revision=1.0 has the wrong type; expected str (put the value in quotes)")
+    assert "expected int" in refused(load_params, write(tmp_path, edited("diffusion.epochs", "true")))
+
+
+# --- 4. finite floats -----------------------------------------------------------------------------
+
+ALL_FLOATS = [f"{s}.{k}" for s in SECTIONS for k in float_keys(type(getattr(Params(), s)))]
+
+
+def test_the_float_list_is_what_params_yaml_holds():
+    assert {"diffusion.lr", "sample.guidance", "sample.eta", "data.hf_timeout_s"} <= set(ALL_FLOATS)
+
+
+@pytest.mark.parametrize("key", ALL_FLOATS)
+@pytest.mark.parametrize("written, shown", [(".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf")])
+def test_every_float_refuses_nan_and_inf(tmp_path, key, written, shown):
+    path = write(tmp_path, edited(key, written))
+    assert refused(load_params, path) == (f"{path}: {key}={shown} is not allowed; expected a finite number "
+                                          "(.nan, .inf and -.inf are refused)")
+
+
+def test_an_integer_too_large_for_a_float(tmp_path):
+    path = write(tmp_path, edited("sample.guidance", "1" + "0" * 400))
+    assert "sample.guidance=1000" in (msg := refused(load_params, path)) and "too large for a float" in msg
+
+
+def test_flags_cannot_set_nan_or_inf():
+    msg = refused(override, SampleConfig(), "sample", guidance=float("inf"))
+    assert msg == ("sample.guidance=inf (from a command-line flag or params.yaml) is not allowed; "
+                   "expected a finite number (.nan, .inf and -.inf are refused)")
+    assert "sample.eta=nan" in refused(override, SampleConfig(), "sample", eta=float("nan"))
+    assert "autoencoder.lr=inf" in refused(override, AutoencoderConfig(), "autoencoder", lr=float("inf"))
+    assert override(SampleConfig(), "sample", guidance=3.5, eta=None).guidance == 3.5
+
+
+def test_existing_range_checks_stay():
+    assert "sample.eta=1.5" in refused(override, SampleConfig(), "sample", eta=1.5)
+    assert "diffusion.ema_decay=1.0" in refused(override, DiffusionConfig(), "diffusion", ema_decay=1.0)
+
+
+# --- 5. the file itself ---------------------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    assert refused(load_params, path) == (f"{path}: params file not found; check the path, or run from the "
+                                          "project root where params.yaml lives")
+
+
+def test_directory(tmp_path):
+    assert refused(load_params, tmp_path) == (f"{tmp_path}: is a directory, not a params file; pass the YAML "
+                                              f"file itself (e.g. {tmp_path / 'params.yaml'})")
+
+
+def test_not_utf8(tmp_path):
+    path = write(tmp_path, BASE.encode().replace(b"mnist-ldm\n", b"mnist-ldm \xe9t\xe9\n"))
+    line = BASE.splitlines().index("  experiment: mnist-ldm") + 1
+    assert refused(load_params, path) == (f"{path}: not UTF-8 text (byte 0xe9 at line {line}); "
+                                          "save the params file as UTF-8")
+
+
+def test_utf8_with_bom_is_fine(tmp_path):
+    assert load_params(write(tmp_path, b"\xef\xbb\xbf" + BASE.encode())) == load_params(REPO / "params.yaml")
+
+
+def test_control_character(tmp_path):
+    path = write(tmp_path, BASE.replace("  seed: 0\n", "  seed: 0\x00\n", 1))
+    line = BASE.splitlines().index("  seed: 0") + 1
+    assert refused(load_params, path) == (f"{path}: not a text file: character 0x00 at line {line} "
+                                          "is not allowed in YAML")
+
+
+def test_unreadable(tmp_path, monkeypatch):
+    path = write(tmp_path, BASE)
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: fake the refusal the kernel would give
+        def deny(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        monkeypatch.setattr(Path, "read_bytes", deny)
+    try:
+        assert refused(load_params, path) == (f"{path}: params file is not readable (permission denied); "
+                                              f"make it readable (chmod u+r {path}) or pass another file")
+    finally:
+        path.chmod(0o644)
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    path = write(tmp_path, "diffusion:\n  lr: [0.1, 0.2\n  epochs: 3\n")
+    assert refused(load_params, path).startswith(f"{path}: not valid YAML at line ")
+    path = write(tmp_path, BASE + "---\ndata: {}\n")
+    assert refused(load_params, path) == (f"{path}: not valid YAML at line {len(BASE.splitlines()) + 1}: expected a "
+                                          "single document in the stream, but found another document")
+
+
+# --- 7. --set section.key=value -------------------------------------------------------------------
+
+BASE_PARAMS = load_params(REPO / "params.yaml")
+
+
+def test_set_applies_typed_values():
+    p = apply_overrides(BASE_PARAMS, ["diffusion.lr=0.0005", "sample.digit=null", "diffusion.conditional=true"])
+    assert (p.diffusion.lr, p.sample.digit, p.diffusion.conditional) == (0.0005, None, True)
+    assert apply_overrides(p, ["sample.digit=7", "tracking.experiment=other run"]).sample.digit == 7
+    assert BASE_PARAMS.diffusion.lr == 0.0002 and apply_overrides(BASE_PARAMS, []) == BASE_PARAMS
+    assert isinstance(apply_overrides(BASE_PARAMS, ["diffusion.lr=1"]).diffusion.lr, float)
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("difusion.lr=0.1", "--set difusion.lr=0.1: unknown section 'difusion'; valid sections: "
+                        "data, autoencoder, diffusion, sample, evaluator, evaluate, tracking"),
+    ("diffusion.learning_rate=0.1", "--set diffusion.learning_rate=0.1: unknown key 'diffusion.learning_rate'; "
+                                    "valid keys in 'diffusion': hidden_dim, num_blocks, T, "),
+    ("diffusion.lr=2e-4", "--set diffusion.lr=2e-4: diffusion.lr='2e-4' is text in YAML; write 2.0e-4 or 0.0002"),
+    ("diffusion.lr=fast", "--set diffusion.lr=fast: diffusion.lr='fast' has the wrong type; expected float"),
+    ("sample.guidance=.inf", "--set sample.guidance=.inf: sample.guidance=inf is not allowed; expected a finite "),
+    ("sample.digit=12", "--set sample.digit=12: sample.digit=12 is not allowed; expected null or a digit 0-9"),
+    ("diffusion.epochs=3.5", "--set diffusion.epochs=3.5: diffusion.epochs=3.5 has the wrong type; expected int"),
+    ("diffusion.lr", "--set diffusion.lr: expected section.key=value, e.g. diffusion.lr=0.0005"),
+    ("lr=0.1", "--set lr=0.1: expected section.key=value"),
+    ("sample.digit=", "--set sample.digit=: no value for sample.digit; write sample.digit=VALUE (null for none)"),
+    ("sample.digit=[1", "--set sample.digit=[1: not valid YAML"),
+])
+def test_set_refusals(item, expected):
+    assert refused(apply_overrides, BASE_PARAMS, [item]).startswith(expected)
+
+
+def test_set_checks_the_result_not_each_step():
+    p = apply_overrides(BASE_PARAMS, ["diffusion.beta_start=0.05", "diffusion.beta_end=0.1"])
+    assert (p.diffusion.beta_start, p.diffusion.beta_end) == (0.05, 0.1)
+    msg = refused(apply_overrides, BASE_PARAMS, ["diffusion.beta_start=0.05"])
+    assert msg.startswith("--set diffusion.beta_start=0.05: diffusion.beta_end=0.02 is not allowed; expected a number"
+                          " in (beta_start=0.05, 1)")
+
+
+def test_set_twice_is_refused():
+    assert refused(apply_overrides, BASE_PARAMS, ["diffusion.lr=0.1", "diffusion.lr=0.2"]) == (
+        "--set diffusion.lr=0.2: diffusion.lr is already set by --set diffusion.lr=0.1; give each key once")

@@ -1,0 +1,312 @@
+"""Unit tests of `mnist_ldm.tracking`, one group per module, on a real MLflow sqlite store in a temporary folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from mnist_ldm.config import Params
+from mnist_ldm.errors import UserError
+from mnist_ldm.tracking import (StageRun, TrackingError, pipeline_key, repo_root, section_params, stage_inputs,
+                                stage_run, tracking_uri)
+from mnist_ldm.tracking.identity import _data_tags, _git_tags, _hash_path
+from mnist_ldm.tracking.store import ENV_DEFAULTS, KIND, KIND_TAG, _experiment_id
+
+PARAMS = Params()
+EXPERIMENT = PARAMS.tracking.experiment
+
+
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    """A migrated, empty MLflow sqlite store (migrating takes seconds; copying it does not)."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path: Path, empty_db: Path, monkeypatch) -> Path:
+    """A repository folder holding an empty `mlflow.db`, as the default store, with the cwd in it."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(empty_db, root / "mlflow.db")
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in ENV_DEFAULTS.items():  # stage_run sets these; undone after each test
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.chdir(root)
+    return root
+
+
+def client_of(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def runs_of(client: MlflowClient) -> list:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def stage_runs(client: MlflowClient) -> list:
+    return [r for r in runs_of(client) if r.data.tags.get("mnist_ldm.kind") == "stage"]
+
+
+def artifact_files(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    out: set[str] = set()
+    for info in client.list_artifacts(run_id, path):
+        out |= artifact_files(client, run_id, info.path) if info.is_dir else {info.path}
+    return out
+
+
+# --------------------------------------------------------------------------- store.py
+
+def test_tracking_uri_resolution(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "repo"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(root) == f"sqlite:///{root / 'mlflow.db'}"
+    cases = {
+        "  ": f"sqlite:///{root / 'mlflow.db'}",
+        "sqlite:///team.db": f"sqlite:///{root / 'team.db'}",  # relative: to the repository, not the cwd
+        "sqlite:///stores/team.db": f"sqlite:///{root / 'stores/team.db'}",
+        "sqlite:////srv/team.db": "sqlite:////srv/team.db",
+        "http://127.0.0.1:5000": "http://127.0.0.1:5000",
+        "databricks": "databricks",
+        "mlruns": str(root / "mlruns"),  # a plain relative folder: a file store in the repository
+        "/srv/mlruns": "/srv/mlruns",
+        "file:///srv/mlruns": "file:///srv/mlruns",
+    }
+    for value, expected in cases.items():
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
+        assert tracking_uri(root) == expected, value
+
+
+def test_repo_root_maps_experiment_copies_back(tmp_path: Path, monkeypatch) -> None:
+    origin = (tmp_path / "repo").resolve()
+    for copy in (origin, origin / ".dvc/tmp/exps/standalone/tmp1x2y", origin / ".dvc/tmp/exps/tmpabc",
+                 origin / ".dvc/tmp/exps/tmpabc/sub"):
+        monkeypatch.setenv("DVC_ROOT", str(copy))
+        assert repo_root() == origin, copy
+    monkeypatch.delenv("DVC_ROOT")
+    (origin / "sub").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=origin, check=True)
+    monkeypatch.chdir(origin / "sub")
+    assert repo_root() == origin  # the git top level, not the cwd
+
+
+def test_new_experiment_is_model_development_with_repo_artifacts(repo: Path, capsys) -> None:
+    client = client_of(repo)
+    exp_id = _experiment_id(client, "fresh", tracking_uri(repo), repo)
+    exp = client.get_experiment(exp_id)
+    assert exp.tags[KIND_TAG] == KIND == "custom_model_development"
+    assert exp.artifact_location == (repo / "mlartifacts").as_uri()
+    assert _experiment_id(client, "fresh", tracking_uri(repo), repo) == exp_id
+    assert capsys.readouterr().err == ""
+
+
+def test_existing_experiment_gets_the_kind_it_lacks(repo: Path) -> None:
+    client = client_of(repo)
+    location = (repo / "mlartifacts").as_uri()
+    bare = client.create_experiment("bare", artifact_location=location)
+    chosen = client.create_experiment("chosen", artifact_location=location, tags={KIND_TAG: "genai_development"})
+    for name in ("bare", "chosen"):
+        _experiment_id(client, name, tracking_uri(repo), repo)
+    assert client.get_experiment(bare).tags[KIND_TAG] == KIND
+    assert client.get_experiment(chosen).tags[KIND_TAG] == "genai_development"  # a user's choice stays
+
+
+def test_deleted_experiment_is_a_one_line_user_error(repo: Path) -> None:
+    client = client_of(repo)
+    client.delete_experiment(client.create_experiment("gone"))
+    with pytest.raises(TrackingError, match="restore it") as info:
+        _experiment_id(client, "gone", tracking_uri(repo), repo)
+    assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+def test_copied_repository_writes_artifacts_into_the_copy(repo: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    with stage_run("prepare", PARAMS, {"data.seed": 0}) as run:
+        (repo / "a.txt").write_text("old")
+        run.log_artifact(repo / "a.txt")
+    old_run = run.run_id
+    copy = tmp_path / "moved" / "repo"
+    shutil.copytree(repo, copy)
+    monkeypatch.setenv("DVC_ROOT", str(copy))
+    monkeypatch.chdir(copy)
+    capsys.readouterr()
+
+    with stage_run("train_ae", PARAMS, {"autoencoder.seed": 0}) as run:
+        (copy / "b.txt").write_text("new")
+        run.log_artifact(copy / "b.txt")
+        run.log_epoch(1, {"loss": 0.5}, {"recon": np.zeros((4, 4), np.uint8)})
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if "re-pointed" in x]
+    assert str(repo / "mlartifacts") in line and str(copy / "mlartifacts") in line and "1 experiment" in line
+
+    assert list((copy / "mlartifacts").rglob("b.txt")) and list((copy / "mlartifacts").rglob("recon*.png"))
+    assert not list((repo / "mlartifacts").rglob("b.txt")) and not list((repo / "mlartifacts").rglob("*.png"))
+    client = client_of(copy)
+    assert client.get_experiment_by_name(EXPERIMENT).artifact_location == (copy / "mlartifacts").as_uri()
+    assert client.get_run(old_run).info.artifact_uri.startswith((copy / "mlartifacts").as_uri() + "/")
+    assert "a.txt" in artifact_files(client, old_run)  # earlier artifacts are read from the copy too
+    assert client_of(repo).get_experiment_by_name(EXPERIMENT).artifact_location == (repo / "mlartifacts").as_uri()
+
+    with stage_run("train_ae", PARAMS, {"autoencoder.seed": 1}):
+        pass
+    assert "re-pointed" not in capsys.readouterr().err  # once only
+
+
+def test_a_store_named_by_the_user_is_never_rewritten(repo: Path, tmp_path: Path, empty_db: Path, monkeypatch,
+                                                        capsys) -> None:
+    team = tmp_path / "team"
+    team.mkdir()
+    shutil.copy(empty_db, team / "team.db")
+    elsewhere = (tmp_path / "old" / "mlartifacts").as_uri()
+    uri = f"sqlite:///{team / 'team.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment(EXPERIMENT, artifact_location=elsewhere)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert tracking_uri(repo) == uri
+    _experiment_id(client, EXPERIMENT, uri, repo)
+    assert client.get_experiment_by_name(EXPERIMENT).artifact_location == elsewhere
+    [line] = capsys.readouterr().err.splitlines()
+    assert str(tmp_path / "old" / "mlartifacts") in line and "outside this repository" in line
+
+
+# --------------------------------------------------------------------------- identity.py
+
+def write_pipeline(root: Path) -> None:
+    (root / "src" / "pkg").mkdir(parents=True)
+    (root / "src" / "pkg" / "a.py").write_text("A = 1\n")
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "data" / "raw" / "x.bin").write_bytes(b"\x00\x01")
+    (root / "params.yaml").write_text(yaml.safe_dump({"data": {"seed": 3, "source": "bundled"}}))
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "prepare": {"cmd": "python prep.py", "deps": ["src/pkg", "data/raw"], "params": ["data.seed"],
+                    "outs": ["data/prepared"]},
+        "train": {"cmd": "python train.py", "deps": ["src/pkg", "data/prepared"], "outs": [{"model.pt": {}}]},
+    }}))
+
+
+def test_stage_inputs_and_pipeline_key_follow_dep_files(tmp_path: Path) -> None:
+    write_pipeline(tmp_path)
+    inputs = stage_inputs(tmp_path, "prepare")
+    assert inputs["cmd"] == "python prep.py"
+    assert inputs["params"] == {"params.yaml": {"data.seed": 3}}
+    assert [d["path"] for d in inputs["deps"]] == ["src/pkg", "data/raw"]
+    assert inputs["deps"][0]["md5"].endswith(".dir")
+    assert stage_inputs(tmp_path, "nope") == {}
+    assert _hash_path(tmp_path / "absent") == "missing"
+    key = pipeline_key(tmp_path, PARAMS)
+    assert len(key) == 20 and pipeline_key(tmp_path, PARAMS) == key
+
+    (tmp_path / "src" / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "src" / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"compiled")
+    assert stage_inputs(tmp_path, "prepare") == inputs and pipeline_key(tmp_path, PARAMS) == key
+    (tmp_path / "data" / "prepared").mkdir()
+    (tmp_path / "data" / "prepared" / "train.npz").write_bytes(b"made by a stage")
+    assert pipeline_key(tmp_path, PARAMS) == key  # an output is not a source of the pipeline
+
+    (tmp_path / "src" / "pkg" / "a.py").write_text("A = 2\n")
+    changed = stage_inputs(tmp_path, "prepare")
+    assert changed["deps"][0]["md5"] != inputs["deps"][0]["md5"] and changed["deps"][1] == inputs["deps"][1]
+    assert pipeline_key(tmp_path, PARAMS) != key
+    other = dataclasses.replace(PARAMS, tracking=dataclasses.replace(PARAMS.tracking, experiment="other"))
+    assert pipeline_key(tmp_path, other) != pipeline_key(tmp_path, PARAMS)
+
+
+def test_section_params_and_tags(tmp_path: Path, monkeypatch) -> None:
+    assert section_params(PARAMS, "tracking") == {"tracking.enabled": True, "tracking.experiment": EXPERIMENT}
+    assert _data_tags(None) == {}
+    assert _data_tags({"source": "bundled", "content_hash": "abc"}) == {
+        "mnist_ldm.data_source": "bundled", "mnist_ldm.data_hash": "abc"}
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "f" * 40)
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-exp")
+    tags = _git_tags(tmp_path)
+    assert tags["mlflow.source.git.commit"] == tags["mnist_ldm.git_commit"] == "f" * 40
+    assert tags["mnist_ldm.dvc_exp_name"] == "lucky-exp"
+
+
+# --------------------------------------------------------------------------- runs.py
+
+@pytest.fixture
+def stage(repo: Path) -> StageRun:
+    """A StageRun on a bare run of the repository's store."""
+    client = client_of(repo)
+    exp_id = _experiment_id(client, EXPERIMENT, tracking_uri(repo), repo)
+    return StageRun(client, client.create_run(exp_id).info.run_id, stage="unit", uri=tracking_uri(repo))
+
+
+def test_log_epoch_logs_metrics_and_images_at_the_epoch(stage: StageRun) -> None:
+    gray, rgb = np.full((8, 8), 200, np.uint8), np.zeros((8, 8, 3), np.uint8)
+    stage.log_epoch(1, {"loss": 0.5, "acc": 0.9}, {"recon": gray, "color": rgb})
+    stage.log_epoch(2, {"loss": 0.25})
+    client = stage.client
+    assert [(m.step, m.value) for m in client.get_metric_history(stage.run_id, "loss")] == [(1, 0.5), (2, 0.25)]
+    assert [m.step for m in client.get_metric_history(stage.run_id, "acc")] == [1]
+    images = artifact_files(client, stage.run_id, "images")
+    assert any(p.startswith("images/recon+step+1+") and p.endswith(".png") for p in images), images
+    assert any(p.startswith("images/color+step+1+") for p in images), images
+    StageRun(active=False).log_epoch(1, {"loss": 1.0}, {"recon": gray})  # tracking off: nothing, no error
+
+
+def test_non_finite_metrics_are_never_sent(stage: StageRun, capsys) -> None:
+    stage.log_metrics({"nan": math.nan, "inf": math.inf, "ok": 1.0}, step=1)
+    stage.log_epoch(2, {"nan": float("nan"), "neg": -math.inf, "ok": 2.0})
+    stage.headline({"nan": math.nan, "final": 3.0})
+    assert stage.lost is None
+    assert set(stage.client.get_run(stage.run_id).data.metrics) == {"ok", "final"}
+    assert stage.headline_metrics == {"final": 3.0}
+    warnings = capsys.readouterr().err.splitlines()
+    assert sorted(w.split("metric ")[1].split(" ")[0] for w in warnings) == ["inf", "nan", "neg"]  # once per key
+
+
+def test_same_inputs_link_to_the_finished_run(repo: Path) -> None:
+    with stage_run("train_ae", PARAMS, {"autoencoder.seed": 0}) as first:
+        first.log_epoch(1, {"loss": 0.5})
+        first.headline({"test_bce": 0.1})
+    with stage_run("train_ae", PARAMS, {"autoencoder.seed": 0}) as again:
+        assert not again.active and not again.logging
+        again.log_epoch(1, {"loss": 9.0})
+    assert again.run_id == first.run_id and again.parent_id == first.parent_id
+    client = client_of(repo)
+    [child] = stage_runs(client)
+    assert child.info.status == "FINISHED" and child.data.metrics == {"loss": 0.5, "test_bce": 0.1}
+    parent = client.get_run(first.parent_id)
+    assert parent.data.tags["mnist_ldm.linked.train_ae"] == first.run_id
+    assert parent.data.metrics["train_ae.test_bce"] == 0.1 and parent.info.status == "FINISHED"
+
+    with stage_run("train_ae", PARAMS, {"autoencoder.seed": 1}) as other:
+        assert other.active
+    assert other.run_id != first.run_id and other.parent_id == first.parent_id  # same params.yaml: same parent
+
+
+def test_failure_marks_the_runs_failed_and_a_rerun_continues(repo: Path) -> None:
+    with pytest.raises(RuntimeError):
+        with stage_run("sample", PARAMS, {"sample.seed": 0}) as run:
+            raise RuntimeError("boom")
+    client = client_of(repo)
+    assert client.get_run(run.run_id).info.status == "FAILED"
+    assert client.get_run(run.parent_id).info.status == "FAILED"
+    with stage_run("sample", PARAMS, {"sample.seed": 0}) as again:
+        assert again.active
+    assert again.run_id == run.run_id and client.get_run(run.run_id).info.status == "FINISHED"
+    with pytest.raises(KeyboardInterrupt):
+        with stage_run("evaluate", PARAMS, {}) as killed:
+            raise KeyboardInterrupt
+    assert client.get_run(killed.run_id).info.status == "KILLED"
+
+
+def test_tracking_off_logs_nothing(repo: Path) -> None:
+    off = dataclasses.replace(PARAMS, tracking=dataclasses.replace(PARAMS.tracking, enabled=False))
+    with stage_run("prepare", off, {}) as run:
+        assert not run.logging
+        run.log_epoch(1, {"loss": 1.0})
+    assert runs_of(client_of(repo)) == []

@@ -1,5 +1,6 @@
-"""IDX parsing, source selection and `prepare` in mnist_ldm.data, on real files written here: small
-IDX files with correct headers, each kind of broken file, and the real t10k files where present."""
+"""IDX parsing and source selection (mnist_ldm.mnist_sources), the prepared-data folder (mnist_ldm.data)
+and the `prepare` stage (mnist_ldm.stages.prepare), on real files written here: small IDX files with
+correct headers, each kind of broken file, and the real t10k files where present."""
 
 from __future__ import annotations
 
@@ -8,23 +9,23 @@ import hashlib
 import json
 import struct
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mnist_ldm.config import DataConfig
-from mnist_ldm.data import (
-    DataError,
+from mnist_ldm.config import DataConfig, Params, TrackingConfig
+from mnist_ldm.data import DataError, Split, content_hash, limit, load_meta, load_split, write_prepared
+from mnist_ldm.mnist_sources import (
     IDX_FILES,
-    content_hash,
     find_idx_files,
     load_idx,
     load_mnist,
-    prepare,
     read_idx_images,
     read_idx_labels,
 )
+from mnist_ldm.stages import prepare as prepare_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,6 +248,11 @@ def test_bundled_split_is_seeded_and_disjoint():
 
 # --------------------------------------------------------------------------- prepare
 
+def prepare(cfg: DataConfig, out_dir: Path) -> dict:
+    """The `prepare` stage itself (load_mnist + limit + write_prepared in an atomic folder), MLflow off."""
+    return prepare_stage.run(Params(data=cfg, tracking=TrackingConfig(enabled=False)), Namespace(out=out_dir))
+
+
 def _read_npz(path: Path):
     with np.load(path) as f:
         return f["images"], f["labels"]
@@ -313,3 +319,79 @@ def test_prepare_bad_files_write_nothing(tmp_path):
     with pytest.raises(DataError):
         prepare(DataConfig(source="idx", idx_dir=str(tmp_path / "raw")), tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no temporary folder left behind either
+
+
+def test_failed_prepare_keeps_the_previous_folder(tmp_path):
+    arrays = write_idx_dir(tmp_path / "raw", gz=True)
+    cfg = DataConfig(source="idx", idx_dir=str(tmp_path / "raw"))
+    out = tmp_path / "prepared"
+    meta = prepare(cfg, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _corrupt(tmp_path / "raw", "label_count_mismatch")
+    with pytest.raises(DataError, match="must match"):
+        prepare(cfg, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old folder, whole and unchanged
+    assert load_meta(out) == meta
+    np.testing.assert_array_equal(load_split(out, "train").images, arrays["train"][0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "raw"]
+
+
+def test_prepare_replaces_the_whole_folder(tmp_path):
+    write_idx_dir(tmp_path / "raw", gz=False, n_train=40, n_test=20)
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older run")
+    prepare(DataConfig(source="idx", idx_dir=str(tmp_path / "raw"), limit_train=30), out)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz"]
+    assert len(load_split(out, "train").labels) == 30 and len(load_split(out, "test").labels) == 20
+
+
+# --------------------------------------------------------------------------- the prepared folder
+
+def test_limit_keeps_the_first_n_and_zero_keeps_all():
+    images, labels = synthetic(12, 4)
+    split = Split(images, labels)
+    assert limit(split, 0) is split
+    five = limit(split, 5)
+    np.testing.assert_array_equal(five.images, images[:5])
+    np.testing.assert_array_equal(five.labels, labels[:5])
+    assert len(limit(split, 100).labels) == 12  # more than there are: all of them
+
+
+def test_write_prepared_round_trips_through_load_split_and_load_meta(tmp_path):
+    (tr_i, tr_l), (te_i, te_l) = synthetic(30, 1), synthetic(10, 2)
+    meta = write_prepared(tmp_path, Split(tr_i, tr_l), Split(te_i, te_l), "idx", "test data")
+    assert meta == load_meta(tmp_path)
+    assert meta["source"] == "idx" and meta["description"] == "test data"
+    assert meta["counts"] == {"train": 30, "test": 10}
+    assert meta["content_hash"] == content_hash(tr_i, tr_l, te_i, te_l)
+    for split, (im, lab) in (("train", (tr_i, tr_l)), ("test", (te_i, te_l))):
+        got = load_split(tmp_path, split)
+        np.testing.assert_array_equal(got.images, im)
+        np.testing.assert_array_equal(got.labels, lab)
+
+
+@pytest.mark.parametrize("n_train, n_test", [(0, 5), (5, 0)])
+def test_write_prepared_refuses_an_empty_split(tmp_path, n_train, n_test):
+    (tr_i, tr_l), (te_i, te_l) = synthetic(n_train, 1), synthetic(n_test, 2)
+    with pytest.raises(DataError, match="no images to write") as info:
+        write_prepared(tmp_path / "p", Split(tr_i, tr_l), Split(te_i, te_l), "idx", "empty")
+    assert f"({n_train} train / {n_test} test)" in str(info.value) and "limit_train" in str(info.value)
+    assert not (tmp_path / "p").exists()
+
+
+def test_load_split_and_meta_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="prepared data not found; run the 'prepare' stage"):
+        load_split(tmp_path, "train")
+    (tmp_path / "train.npz").write_bytes(b"not an npz")
+    with pytest.raises(DataError, match=r"train\.npz: not a readable prepared-data file"):
+        load_split(tmp_path, "train")
+    np.savez(tmp_path / "test.npz", images=np.zeros((3, 28, 28), np.float32), labels=np.zeros(3, np.uint8))
+    with pytest.raises(DataError, match="expected uint8 images"):
+        load_split(tmp_path, "test")
+    with pytest.raises(DataError, match=r"meta\.json: missing or not JSON"):
+        load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"meta\.json: missing or not JSON"):
+        load_meta(tmp_path)

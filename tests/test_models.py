@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from mnist_ldm.autoencoder import AutoencoderSpec, ConvAutoencoder
-from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser, count_parameters, timestep_embedding
+from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser, timestep_embedding
+from mnist_ldm.training.loop import count_parameters
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,5 +1,6 @@
 """Smoke test of the DVC pipeline on a fresh shrunk copy: `dvc repro` builds everything, a second
-run executes nothing, and a change to one stage's param re-runs exactly that stage and what follows it."""
+run executes nothing, and a change to one stage's param re-runs exactly that stage and what follows it
+(plus `check_params`, which re-checks params.yaml and writes the same bytes, so it triggers nothing)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import numpy as np
 from conftest import BIN, run, write_params
 from conftest import test_env as _test_env  # aliased: pytest would collect a `test_*` name
 
-STAGES = ["prepare", "train_ae", "encode", "train_diffusion", "sample", "train_evaluator", "evaluate"]
+STAGES = ["check_params", "prepare", "train_ae", "encode", "train_diffusion", "sample", "train_evaluator", "evaluate"]
 OUTPUTS = ["models/autoencoder.pt", "models/diffusion.pt", "models/evaluator.pt", "outputs/samples.npz",
-           "plots/sample/grid.png", "metrics/eval.json", "data/prepared/meta.json", "dvc.lock"]
+           "plots/sample/grid.png", "metrics/eval.json", "data/prepared/meta.json", "data/params_ok.json", "dvc.lock"]
 
 
 def stages_run(output: str) -> list[str]:
@@ -31,7 +32,7 @@ def test_repro_builds_then_skips_then_reruns_only_downstream_of_a_param(repo_cop
     first = run([dvc, "repro"], repo_copy, env=env)
     ran = stages_run(first.stdout)
     assert sorted(ran) == sorted(STAGES) and len(ran) == len(STAGES), ran
-    assert ran[0] == "prepare" and ran[-1] == "evaluate"
+    assert ran[0] == "check_params" and ran[1] == "prepare" and ran[-1] == "evaluate"
     assert ran.index("train_ae") < ran.index("encode") < ran.index("train_diffusion") < ran.index("sample")
     for rel in OUTPUTS:
         assert (repo_copy / rel).is_file(), rel
@@ -52,10 +53,13 @@ def test_repro_builds_then_skips_then_reruns_only_downstream_of_a_param(repo_cop
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout, stage
 
     before = {s: (repo_copy / p).read_bytes() for s, p in
-              (("ae", "models/autoencoder.pt"), ("diffusion", "models/diffusion.pt"), ("prepared", "data/prepared/train.npz"))}
+              (("ae", "models/autoencoder.pt"), ("diffusion", "models/diffusion.pt"),
+               ("prepared", "data/prepared/train.npz"), ("params_ok", "data/params_ok.json"))}
     write_params(repo_copy, {"diffusion": {"lr": 0.0005}})
     third = run([dvc, "repro"], repo_copy, env=env)
-    assert stages_run(third.stdout) == ["train_diffusion", "sample", "evaluate"], third.stdout
+    # check_params re-runs (params.yaml is its dep) but writes the same bytes: nothing re-runs because of it
+    assert stages_run(third.stdout) == ["check_params", "train_diffusion", "sample", "evaluate"], third.stdout
+    assert (repo_copy / "data/params_ok.json").read_bytes() == before["params_ok"]
     for stage in ("prepare", "train_ae", "encode", "train_evaluator"):
         assert f"Stage '{stage}' didn't change, skipping" in third.stdout, stage
     assert (repo_copy / "models/autoencoder.pt").read_bytes() == before["ae"]

@@ -29,6 +29,13 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"params: {key}={value!r} is not allowed; expected {allowed}")
 
 
+def _at_least_one(section: Any, s: str, *keys: str) -> None:
+    """Each of `keys` (integer fields of `section`) must be >= 1."""
+    for key in keys:
+        value = getattr(section, key)
+        _require(value >= 1, f"{s}.{key}", value, "an integer >= 1")
+
+
 def float_keys(cls: type) -> list[str]:
     """The fields of a section dataclass declared `float` (the ones that must be finite)."""
     hints = typing.get_type_hints(cls)
@@ -84,11 +91,9 @@ class AutoencoderConfig(_Section):
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
 
     def rules(self, s: str) -> None:
-        _require(self.latent_dim >= 1, f"{s}.latent_dim", self.latent_dim, "an integer >= 1")
-        _require(self.epochs >= 1, f"{s}.epochs", self.epochs, "an integer >= 1")
-        _require(self.batch_size >= 1, f"{s}.batch_size", self.batch_size, "an integer >= 1")
+        _at_least_one(self, s, "latent_dim", "epochs", "batch_size")
         _require(self.lr > 0, f"{s}.lr", self.lr, "a number > 0")
-        _require(self.checkpoint_every >= 1, f"{s}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        _at_least_one(self, s, "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -112,21 +117,19 @@ class DiffusionConfig(_Section):
     checkpoint_every: int = 500
 
     def rules(self, s: str) -> None:
-        _require(self.hidden_dim >= 1, f"{s}.hidden_dim", self.hidden_dim, "an integer >= 1")
-        _require(self.num_blocks >= 1, f"{s}.num_blocks", self.num_blocks, "an integer >= 1")
+        _at_least_one(self, s, "hidden_dim", "num_blocks")
         _require(self.T >= 2, f"{s}.T", self.T, "an integer >= 2")
         _require(0 < self.beta_start < 1, f"{s}.beta_start", self.beta_start, "a number in (0, 1)")
         _require(self.beta_start < self.beta_end < 1, f"{s}.beta_end", self.beta_end,
                  f"a number in (beta_start={self.beta_start}, 1)")
-        _require(self.epochs >= 1, f"{s}.epochs", self.epochs, "an integer >= 1")
-        _require(self.batch_size >= 1, f"{s}.batch_size", self.batch_size, "an integer >= 1")
+        _at_least_one(self, s, "epochs", "batch_size")
         _require(self.lr > 0, f"{s}.lr", self.lr, "a number > 0")
         _require(self.only_digit is None or 0 <= self.only_digit <= 9, f"{s}.only_digit", self.only_digit,
                  "null or an integer digit 0-9")
         _require(0 <= self.cond_drop_prob < 1, f"{s}.cond_drop_prob", self.cond_drop_prob, "a number in [0, 1)")
         _require(0 <= self.ema_decay < 1, f"{s}.ema_decay", self.ema_decay, "a number in [0, 1)")
         _require(self.ema_warmup_steps >= 0, f"{s}.ema_warmup_steps", self.ema_warmup_steps, "an integer >= 0")
-        _require(self.checkpoint_every >= 1, f"{s}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        _at_least_one(self, s, "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -144,13 +147,13 @@ class SampleConfig(_Section):
 
     def rules(self, s: str) -> None:
         _require(self.num_images >= 0, f"{s}.num_images", self.num_images, "an integer >= 0 (0 = test set size)")
-        _require(self.grid_size >= 1, f"{s}.grid_size", self.grid_size, "an integer >= 1")
+        _at_least_one(self, s, "grid_size")
         _require(self.sampler in SAMPLERS, f"{s}.sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
-        _require(self.steps >= 1, f"{s}.steps", self.steps, "an integer >= 1")
+        _at_least_one(self, s, "steps")
         _require(0 <= self.eta <= 1, f"{s}.eta", self.eta, "a number in [0, 1]")
         _require(self.guidance >= 0, f"{s}.guidance", self.guidance, "a number >= 0")
         _require(self.digit is None or 0 <= self.digit <= 9, f"{s}.digit", self.digit, "null or a digit 0-9")
-        _require(self.batch_size >= 1, f"{s}.batch_size", self.batch_size, "an integer >= 1")
+        _at_least_one(self, s, "batch_size")
 
 
 @dataclass(frozen=True)
@@ -162,10 +165,9 @@ class EvaluatorConfig(_Section):
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
 
     def rules(self, s: str) -> None:
-        _require(self.epochs >= 1, f"{s}.epochs", self.epochs, "an integer >= 1")
-        _require(self.batch_size >= 1, f"{s}.batch_size", self.batch_size, "an integer >= 1")
+        _at_least_one(self, s, "epochs", "batch_size")
         _require(self.lr > 0, f"{s}.lr", self.lr, "a number > 0")
-        _require(self.checkpoint_every >= 1, f"{s}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        _at_least_one(self, s, "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ class EvaluateConfig(_Section):
 
     def rules(self, s: str) -> None:
         _require(self.n >= 10, f"{s}.n", self.n, "an integer >= 10")
-        _require(self.k >= 1, f"{s}.k", self.k, "an integer >= 1")
+        _at_least_one(self, s, "k")
 
 
 @dataclass(frozen=True)

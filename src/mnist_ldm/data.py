@@ -57,15 +57,21 @@ def write_prepared(out_dir: Path, train: Split, test: Split, source: str, descri
     return meta
 
 
-def load_split(prepared_dir: Path, split: str) -> Split:
-    path = Path(prepared_dir) / f"{split}.npz"
+def read_npz(path: Path, keys: tuple[str, ...], what: str, stage: str) -> tuple[np.ndarray, ...]:
+    """The arrays `keys` of an .npz that stage `stage` writes; a missing or unreadable file is one line."""
     if not path.is_file():
-        raise DataError(f"{path}: prepared data not found; run the 'prepare' stage first (dvc repro prepare)")
+        raise DataError(f"{path}: {what} not found; run the '{stage}' stage first (dvc repro {stage})")
     try:
         with np.load(path) as f:
-            images, labels = f["images"], f["labels"]
+            return tuple(f[k] for k in keys)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same one-line error
-        raise DataError(f"{path}: not a readable prepared-data file ({type(e).__name__})") from None
+        raise DataError(f"{path}: not a readable {what} ({type(e).__name__}); re-run the '{stage}' stage "
+                        f"(dvc repro -f {stage})") from None
+
+
+def load_split(prepared_dir: Path, split: str) -> Split:
+    path = Path(prepared_dir) / f"{split}.npz"
+    images, labels = read_npz(path, ("images", "labels"), "prepared-data file", "prepare")
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels) != len(images):
         raise DataError(f"{path}: expected uint8 images (N, 28, 28) and N labels, got {images.dtype} {images.shape}")
     return Split(images, labels)

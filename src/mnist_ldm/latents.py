@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import read_npz
 from .errors import UserError
 
 
@@ -74,14 +75,7 @@ def latent_stats(z: np.ndarray) -> dict:
 
 def load_latents(latent_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     path = Path(latent_dir) / f"{split}.npz"
-    if not path.is_file():
-        raise UserError(f"{path}: latent cache not found; run the 'encode' stage first (dvc repro encode)")
-    try:
-        with np.load(path) as f:
-            z, labels = f["z"], f["labels"]
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one line
-        raise UserError(f"{path}: not a readable latent file ({type(e).__name__}); "
-                        f"re-run the 'encode' stage (dvc repro -f encode)") from None
+    z, labels = read_npz(path, ("z", "labels"), "latent file", "encode")
     if z.ndim != 2 or len(z) != len(labels) or not np.issubdtype(z.dtype, np.floating):
         raise UserError(f"{path}: expected float latents (N, D) and N labels, got {z.dtype} {z.shape}")
     if not np.isfinite(z).all():

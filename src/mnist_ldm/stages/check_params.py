@@ -10,17 +10,16 @@ with a bad value it fails, and `dvc repro` stops before touching anything downst
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..atomic import write_json
 from ..config import Params
-from .common import check_writable, run_stage
+from .common import add_paths, check_writable, run_stage
 
 HELP = "check every param in the params file (the pipeline's first stage)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, required=True, help="marker file written when every param is valid")
+    add_paths(p, out="marker file written when every param is valid")
 
 
 def run(params: Params, args: argparse.Namespace) -> None:

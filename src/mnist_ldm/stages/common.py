@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..atomic import write_json
 from ..config import Params
 from ..params_file import apply_overrides, load_params
 from ..errors import UserError
@@ -46,6 +47,24 @@ def add_common(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     p.add_argument("--params", type=Path, default=default(Path("params.yaml")), help="params file (default: params.yaml)")
     p.add_argument("--set", action="append", default=default([]), metavar="SECTION.KEY=VALUE",
                    help="override one param for this command (repeatable), e.g. --set diffusion.lr=0.0005")
+
+
+def add_paths(p: argparse.ArgumentParser, **flags: str) -> None:
+    """Required path arguments, named as keywords: `add_paths(p, ae_ckpt="...")` adds `--ae-ckpt` (dvc.yaml
+    passes every path; no path has a default that could drift from it)."""
+    for name, text in flags.items():
+        p.add_argument("--" + name.replace("_", "-"), type=Path, required=True, help=text)
+
+
+def publish(run, final: dict, metrics_path: Path, artifacts: Sequence[Path], resume: Optional[Path] = None,
+            metrics_file: Optional[dict] = None) -> None:
+    """A finished stage: drop its resume state, write its metrics file, log its headline and artifacts."""
+    if resume is not None:
+        resume.unlink(missing_ok=True)
+    write_json(metrics_path, final if metrics_file is None else metrics_file)
+    run.headline(final)
+    for path in artifacts:
+        run.log_artifact(path)
 
 
 def load(args: argparse.Namespace) -> Params:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .. import tracking
 from ..atomic import atomic_dir, write_json, write_npz
@@ -11,15 +10,14 @@ from ..autoencoder import encode_images, load_autoencoder
 from ..config import Params
 from ..data import load_meta, load_split
 from ..latents import file_md5, latent_stats
-from .common import check_writable, run_stage
+from .common import add_paths, check_writable, run_stage
 
 HELP = "encode the prepared data into cached latents"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
-    p.add_argument("--ae-ckpt", type=Path, required=True, help="autoencoder checkpoint")
-    p.add_argument("--out", type=Path, required=True, help="latent cache folder (data/latents)")
+    add_paths(p, data="prepared data folder", ae_ckpt="autoencoder checkpoint",
+              out="latent cache folder (data/latents)")
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:

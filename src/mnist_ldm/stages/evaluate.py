@@ -17,19 +17,16 @@ from ..config import Params, override
 from ..data import load_split
 from ..latents import check_producer, load_latents
 from ..scoring import load_samples, score
-from .common import check_writable, run_stage
+from .common import add_paths, check_writable, run_stage
 
 HELP = "score an .npz of images: FCD with floors, precision/recall, balance"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=Path, required=True, help=".npz with 'images' (N, 28, 28) uint8")
-    p.add_argument("--evaluator", type=Path, required=True, help="evaluator checkpoint")
-    p.add_argument("--data", type=Path, required=True, help="prepared data folder (the reference images)")
-    p.add_argument("--ae-ckpt", type=Path, required=True, help="autoencoder checkpoint (for the floors)")
-    p.add_argument("--latents", type=Path, required=True, help="latent cache of that autoencoder (for the floors)")
-    p.add_argument("--output", type=Path, required=True, help="metrics JSON to write")
-    p.add_argument("--plots", type=Path, required=True, help="folder for the PNG charts")
+    add_paths(p, samples=".npz with 'images' (N, 28, 28) uint8", evaluator="evaluator checkpoint",
+              data="prepared data folder (the reference images)", ae_ckpt="autoencoder checkpoint (for the floors)",
+              latents="latent cache of that autoencoder (for the floors)", output="metrics JSON to write",
+              plots="folder for the PNG charts")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (scoring outside the pipeline)")
 
 

@@ -14,14 +14,13 @@ from ..atomic import write_npz
 from ..config import SAMPLERS, Params, override
 from ..errors import UserError
 from ..pipeline import LatentDiffusionPipeline
-from .common import check_writable, digit, finite_float, positive_int, run_stage, seed
+from .common import add_paths, check_writable, digit, finite_float, positive_int, run_stage, seed
 
 HELP = "generate digits from a trained pair of checkpoints"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", type=Path, required=True, help="diffusion checkpoint")
-    p.add_argument("--ae-ckpt", type=Path, required=True, help="autoencoder checkpoint")
+    add_paths(p, ckpt="diffusion checkpoint", ae_ckpt="autoencoder checkpoint")
     p.add_argument("--output", type=Path, default=Path("generated_digits.png"), help=".png grid or .npz arrays")
     p.add_argument("--num-images", type=positive_int,
                    help="sample.num_images (when that is 0, 'as many as the test set', sample.grid_size)")

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .. import tracking
 from ..atomic import atomic_dir
 from ..config import Params
 from ..data import limit, write_prepared
 from ..mnist_sources import load_mnist
-from .common import check_writable, run_stage
+from .common import add_paths, check_writable, run_stage
 
 HELP = "load MNIST and write the prepared data folder"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, required=True, help="prepared data folder (data/prepared)")
+    add_paths(p, out="prepared data folder (data/prepared)")
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:

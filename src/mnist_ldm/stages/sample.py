@@ -7,28 +7,24 @@ import argparse
 import dataclasses
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
 from .. import plots, tracking
-from ..atomic import atomic_dir, write_json, write_npz
+from ..atomic import atomic_dir, write_npz
 from ..config import Params
 from ..latents import check_producer, load_latents
 from ..pipeline import LatentDiffusionPipeline
-from .common import check_writable, run_stage
+from .common import add_paths, check_writable, publish, run_stage
 
 HELP = "the pipeline's sampling stage"
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", type=Path, required=True, help="diffusion checkpoint")
-    p.add_argument("--ae-ckpt", type=Path, required=True, help="autoencoder checkpoint")
-    p.add_argument("--latents", type=Path, required=True, help="latent cache (reference size, digits to interpolate)")
-    p.add_argument("--out", type=Path, required=True, help=".npz of the samples to write")
-    p.add_argument("--plots", type=Path, required=True, help="folder for the PNG pictures")
-    p.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    add_paths(p, ckpt="diffusion checkpoint", ae_ckpt="autoencoder checkpoint",
+              latents="latent cache (reference size, digits to interpolate)", out=".npz of the samples to write",
+              plots="folder for the PNG pictures", metrics="metrics JSON to write")
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
@@ -60,11 +56,9 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                                {"images": out.images, "labels": out.labels}))
         summary = {"num_images": int(len(out.images)), "sampler": cfg.sampler, "network_evals": int(n_evals),
                    "seconds": round(seconds, 2), "images_per_second": round(len(out.images) / seconds, 1)}
-        write_json(args.metrics, summary)
-        run.headline({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         run.log_image("samples", plots.grid_array(out.images[:64], 8), 0)
-        for p in sorted(args.plots.glob("*.png")) + [args.metrics]:
-            run.log_artifact(p)
+        publish(run, {k: v for k, v in summary.items() if isinstance(v, (int, float))}, args.metrics,
+                sorted(args.plots.glob("*.png")) + [args.metrics], metrics_file=summary)
     print(f"sample: {len(out.images)} images with {cfg.sampler} ({n_evals} network evaluations) in {seconds:.1f} s "
           f"-> {args.out}")
     return summary

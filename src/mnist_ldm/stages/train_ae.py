@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 from .. import plots, tracking
-from ..atomic import atomic_dir, write_json
+from ..atomic import atomic_dir
 from ..autoencoder import reconstruction_metrics, reconstructions
 from ..checkpoint import save_checkpoint
 from ..config import Params, override
 from ..data import load_meta, load_split
 from ..training.autoencoder import train_autoencoder
 from ..training.loop import count_parameters, resume_path_for
-from .common import check_writable, positive_float, positive_int, run_stage
+from .common import add_paths, publish, check_writable, positive_float, positive_int, run_stage
 
 HELP = "train the convolutional autoencoder"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint to write")
-    p.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
-    p.add_argument("--plots", type=Path, required=True, help="folder for the PNG pictures")
+    add_paths(p, data="prepared data folder", out="checkpoint to write", metrics="metrics JSON to write",
+              plots="folder for the PNG pictures")
     p.add_argument("--epochs", type=positive_int, help="autoencoder.epochs")
     p.add_argument("--batch-size", type=positive_int, help="autoencoder.batch_size")
     p.add_argument("--lr", type=positive_float, help="autoencoder.lr")
@@ -56,12 +53,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "history": history,
             "metrics": final,
         })
-        resume_path_for(args.out).unlink(missing_ok=True)
-        write_json(args.metrics, final)
-        run.headline(final)
-        for p in (args.plots / "reconstructions.png", args.plots / "loss.png", args.metrics,
-                  args.data / "meta.json", args.out):
-            run.log_artifact(p)
+        publish(run, final, args.metrics, [args.plots / "reconstructions.png", args.plots / "loss.png", args.metrics,
+                                           args.data / "meta.json", args.out], resume=resume_path_for(args.out))
     print(f"train_ae: test BCE {final['test_bce']:.4f}, MSE {final['test_mse']:.5f}, "
           f"{final['params']:,} parameters -> {args.out}")
     return final

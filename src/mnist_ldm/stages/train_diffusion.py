@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 import torch
 
 from .. import plots, tracking
-from ..atomic import atomic_dir, write_json
+from ..atomic import atomic_dir
 from ..autoencoder import load_autoencoder
 from ..checkpoint import save_checkpoint
 from ..config import Params, override
@@ -19,7 +18,7 @@ from ..latents import LatentScaler, check_producer, file_md5, load_latents
 from ..pipeline import LatentDiffusionPipeline
 from ..training.denoiser import select_digit, train_denoiser
 from ..training.loop import count_parameters, resume_path_for
-from .common import check_writable, digit, positive_float, positive_int, run_stage
+from .common import add_paths, publish, check_writable, digit, positive_float, positive_int, run_stage
 
 HELP = "train the latent denoiser"
 PREVIEW_GUIDANCE = 2.0  # guidance of the per-epoch MLflow preview grid (conditional models only)
@@ -27,12 +26,9 @@ PREVIEW_STEPS = 50  # DDIM steps of that preview: cheap enough to run every epoc
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ae-ckpt", type=Path, required=True, help="autoencoder checkpoint (sets the latent size)")
-    p.add_argument("--latents", type=Path, required=True, help="latent cache written by 'encode'")
-    p.add_argument("--data", type=Path, required=True, help="prepared data folder (for meta.json)")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint to write")
-    p.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
-    p.add_argument("--plots", type=Path, required=True, help="folder for the PNG pictures")
+    add_paths(p, ae_ckpt="autoencoder checkpoint (sets the latent size)",
+              latents="latent cache written by 'encode'", data="prepared data folder (for meta.json)",
+              out="checkpoint to write", metrics="metrics JSON to write", plots="folder for the PNG pictures")
     p.add_argument("--epochs", type=positive_int, help="diffusion.epochs")
     p.add_argument("--batch-size", type=positive_int, help="diffusion.batch_size")
     p.add_argument("--lr", type=positive_float, help="diffusion.lr")
@@ -102,11 +98,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "history": history,
             "metrics": final,
         })
-        resume_path_for(args.out).unlink(missing_ok=True)
-        write_json(args.metrics, final)
-        run.headline(final)
-        for p in (args.plots / "loss.png", args.metrics, args.out):
-            run.log_artifact(p)
+        publish(run, final, args.metrics, [args.plots / "loss.png", args.metrics, args.out],
+                resume=resume_path_for(args.out))
     print(f"train_diffusion: {final['params']:,}-parameter denoiser, held-out loss {final['test_loss']:.4f} "
           f"(EMA {final['test_loss_ema']:.4f}) -> {args.out}")
     return final

@@ -5,25 +5,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-from pathlib import Path
 
 from .. import tracking
-from ..atomic import write_json
 from ..checkpoint import save_checkpoint
 from ..classifier import FEATURE_DIM
 from ..config import Params
 from ..data import load_meta, load_split
 from ..training.classifier import train_classifier
 from ..training.loop import count_parameters, resume_path_for
-from .common import check_writable, run_stage
+from .common import add_paths, check_writable, publish, run_stage
 
 HELP = "train the CNN that scores samples"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, required=True, help="prepared data folder")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint to write")
-    p.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    add_paths(p, data="prepared data folder", out="checkpoint to write", metrics="metrics JSON to write")
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
@@ -42,11 +38,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "train_config": dataclasses.asdict(cfg), "weights_sha256": weights_hash,
             "trained_on": {k: meta[k] for k in ("source", "content_hash", "counts")}, "metrics": final,
         })
-        resume_path_for(args.out).unlink(missing_ok=True)
-        write_json(args.metrics, {**final, "weights_sha256": weights_hash[:16]})
-        run.headline(final)
-        for p in (args.metrics, args.out):
-            run.log_artifact(p)
+        publish(run, final, args.metrics, [args.metrics, args.out], resume=resume_path_for(args.out),
+                metrics_file={**final, "weights_sha256": weights_hash[:16]})
     print(f"train_evaluator: test accuracy {final['test_accuracy']:.4f} (weights {weights_hash[:12]}) -> {args.out}")
     return final
 

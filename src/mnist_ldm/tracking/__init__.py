@@ -20,7 +20,8 @@
 """
 
 from .identity import pipeline_key, section_params, stage_inputs
-from .runs import StageRun, stage_run
+from .logger import StageRun
+from .runs import stage_run
 from .store import TrackingError, repo_root, tracking_uri
 
 __all__ = ["StageRun", "TrackingError", "pipeline_key", "repo_root", "section_params", "stage_inputs",

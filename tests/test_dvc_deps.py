@@ -1,0 +1,70 @@
+"""dvc.yaml lists exactly the code each stage runs, and the layers stay apart.
+
+A stage's code deps are its entry in stages/ plus the import closure of that entry (see
+tests/code_deps.py), so editing a module re-runs exactly the stages that import it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from code_deps import REPO, SRC, closure
+
+PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+CODE_PREFIXES = ("stages/", "src/")
+
+
+@pytest.mark.parametrize("stage", sorted(PIPELINE))
+def test_code_deps_are_the_import_closure(stage: str):
+    listed = {d for d in PIPELINE[stage].get("deps", []) if d.startswith(CODE_PREFIXES)}
+    wanted = closure(REPO / "stages" / f"{stage}.py")
+    missing, extra = sorted(wanted - listed), sorted(listed - wanted)
+    hints = [f"add '      - {p}' to stages.{stage}.deps in dvc.yaml" for p in missing]
+    hints += [f"remove '      - {p}' from stages.{stage}.deps in dvc.yaml (the stage does not import it)" for p in extra]
+    assert not hints, "\n".join(hints)
+
+
+def test_every_stage_has_an_entry_and_checks_params_first():
+    entries = {p.stem for p in (REPO / "stages").glob("*.py")}
+    assert entries == set(PIPELINE)
+    for name, stage in PIPELINE.items():
+        if name != "check_params":
+            assert "data/params_ok.json" in stage["deps"], f"{name} must depend on check_params' output"
+
+
+def test_every_output_is_cached():
+    """DVC skips its run-cache for a stage with any `cache: false` output."""
+    for name, stage in PIPELINE.items():
+        for out in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            assert isinstance(out, str) or out[next(iter(out))].get("cache", True), f"{name}: {out}"
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+    return names
+
+
+def test_library_knows_nothing_of_mlflow_dvc_or_stages():
+    pkg = SRC / "mnist_ldm"
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg)
+        if rel.parts[0] in ("stages", "tracking") or rel.name == "cli.py":
+            continue
+        bad = {n for n in _imports(path) if n.split(".")[0] in ("mlflow", "dvc")
+               or n.lstrip(".").split(".")[0] in ("stages", "tracking", "cli")
+               or n.startswith(("mnist_ldm.stages", "mnist_ldm.tracking", "mnist_ldm.cli"))}
+        assert not bad, f"{rel} imports {sorted(bad)}; the library must not know about stages or MLflow"
+
+
+def test_no_source_module_is_long():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 300}
+    assert not long, f"modules over 300 lines: {long}"

@@ -15,36 +15,35 @@ plots, and logs them to MLflow (experiment `<tracking.experiment>-benchmarks`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mnist_ldm import metrics, plots
 from mnist_ldm.atomic import write_json
-from mnist_ldm.config import load_params
+from mnist_ldm.classifier import features_and_probs, load_classifier
 from mnist_ldm.data import load_split
-from mnist_ldm.evaluator import features_and_probs, load_evaluator
-from mnist_ldm.sampling import decode_latents, generate_latents, load_diffusion
-from mnist_ldm.train_ae import load_autoencoder
+from mnist_ldm.params_file import load_params
+from mnist_ldm.pipeline import LatentDiffusionPipeline
+from mnist_ldm.stages import train_diffusion
 
 SAMPLERS = [("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100)]
 RAW_WEIGHTS = [("ddpm", 1000), ("ddim", 50)]
 GUIDANCE = [0.0, 1.0, 2.0, 4.0]
 
 
-def run_config(ckpt, ae, evaluator, f_test, n, sampler, steps, use_ema, seed, labels=None, guidance=1.0):
-    model, s, meta = load_diffusion(ckpt, use_ema=use_ema)
+def run_config(ckpt, ae_ckpt, evaluator, f_test, n, sampler, steps, use_ema, seed, labels=None, guidance=1.0):
+    pipe = LatentDiffusionPipeline.from_checkpoints(ckpt, ae_ckpt, use_ema=use_ema)
     t0 = time.perf_counter()
-    z = generate_latents(model, s, n, sampler, steps, 1.0 if sampler == "ddpm" else 0.0, seed, labels, guidance)
-    images = decode_latents(ae, z, meta["latent_stats"])
+    z, _ = pipe.sample_latents(n, sampler=sampler, steps=steps, eta=1.0 if sampler == "ddpm" else 0.0,
+                               guidance=guidance, labels=labels, seed=seed)
+    images = pipe.decode(z)
     seconds = time.perf_counter() - t0
     f_gen, p_gen = features_and_probs(evaluator, images)
-    row = {"sampler": sampler, "steps": steps, "network_evals": s.T if sampler == "ddpm" else steps,
+    row = {"sampler": sampler, "steps": steps, "network_evals": pipe.network_evals(sampler, steps),
            "weights": "ema" if use_ema else "raw", "n": n, "seconds": round(seconds, 2),
            "fcd": metrics.frechet_classifier_distance(f_gen, f_test)}
     if labels is not None:
@@ -53,13 +52,14 @@ def run_config(ckpt, ae, evaluator, f_test, n, sampler, steps, use_ema, seed, la
     return row
 
 
-def train_conditional(params, out: Path) -> Path:
-    from mnist_ldm import train_diffusion
-
-    cfg = dataclasses.replace(params.diffusion, conditional=True)
-    p = dataclasses.replace(params, diffusion=cfg, tracking=dataclasses.replace(params.tracking, enabled=False))
-    train_diffusion.main(p, Path("models/autoencoder.pt"), out, out.with_suffix(".json"), out.parent / "conditional_plots",
-                         Path("data/latents"), Path("data/prepared"))
+def train_conditional(out: Path) -> Path:
+    """A class-conditional model from the pipeline's own stage code, with tracking off."""
+    code = train_diffusion.main(["--set", "diffusion.conditional=true", "--set", "tracking.enabled=false",
+                                 "--ae-ckpt", "models/autoencoder.pt", "--latents", "data/latents",
+                                 "--data", "data/prepared", "--out", str(out), "--metrics", str(out.with_suffix(".json")),
+                                 "--plots", str(out.parent / "conditional_plots")])
+    if code:
+        raise SystemExit(code)
     return out
 
 
@@ -141,8 +141,8 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params("params.yaml")
     torch.manual_seed(0)
-    ae, _ = load_autoencoder("models/autoencoder.pt")
-    evaluator, _ = load_evaluator("models/evaluator.pt")
+    ae = Path("models/autoencoder.pt")
+    evaluator, _ = load_classifier("models/evaluator.pt")
     test = load_split(Path("data/prepared"), "test")
     n = args.n or len(test.images)
     f_test, _ = features_and_probs(evaluator, test.images[:n])
@@ -152,7 +152,7 @@ def main() -> None:
     rows += [run_config(args.ckpt, ae, evaluator, f_test, n, s, k, False, seed=1) for s, k in RAW_WEIGHTS]
     cond_rows = []
     if not args.skip_conditional:
-        cond = args.cond_ckpt or train_conditional(params, args.out / "diffusion_conditional.pt")
+        cond = args.cond_ckpt or train_conditional(args.out / "diffusion_conditional.pt")
         labels = torch.arange(n) % 10
         cond_rows = [run_config(cond, ae, evaluator, f_test, n, "ddim", 50, True, 2, labels, w) for w in GUIDANCE]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -73,8 +73,33 @@ def closure(entry: Path) -> set[str]:
     return {str(p.relative_to(REPO)) for p in seen}
 
 
-if __name__ == "__main__":  # print each stage's code deps, ready for dvc.yaml
-    for entry in sorted((REPO / "stages").glob("*.py")):
-        print(entry.stem)
-        for p in sorted(closure(entry)):
-            print(f"      - {p}")
+def sync_dvc_yaml(path: Path = REPO / "dvc.yaml") -> list[str]:
+    """Rewrite each stage's code deps in dvc.yaml as its closure (entry first), keeping every other line."""
+    lines, out, stage, changed = path.read_text().splitlines(), [], None, []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
+            stage = line.strip()[:-1]
+        if line.strip() == "deps:" and stage and (REPO / "stages" / f"{stage}.py").is_file():
+            out.append(line)
+            i += 1
+            block = []
+            while i < len(lines) and lines[i].startswith("      - "):
+                block.append(lines[i][len("      - "):])
+                i += 1
+            entry = f"stages/{stage}.py"
+            code = [entry] + sorted(closure(REPO / entry) - {entry})
+            rest = [d for d in block if not d.startswith(("stages/", "src/"))]
+            if code + rest != block:
+                changed.append(stage)
+            out += [f"      - {d}" for d in code + rest]
+            continue
+        out.append(line)
+        i += 1
+    path.write_text("\n".join(out) + "\n")
+    return changed
+
+
+if __name__ == "__main__":  # `python tests/code_deps.py`: bring dvc.yaml's code deps up to date
+    print("updated:", ", ".join(sync_dvc_yaml()) or "nothing")

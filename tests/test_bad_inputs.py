@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import shutil
 import struct
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +21,7 @@ from conftest import BIN, cli, make_repo_copy, merge, run
 
 # Everything a stage may write; an error must leave all of it as it was.
 WATCHED_DIRS = ("models", "data/prepared", "data/latents", "outputs", "metrics", "plots")
-WATCHED_FILES = ("params.yaml", "dvc.lock")
+WATCHED_FILES = ("params.yaml", "dvc.lock", "data/params_ok.json")
 
 
 def md5(path: Path) -> str:
@@ -48,8 +50,13 @@ def repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def keep_params(repo: Path):
-    """Cases use --params files elsewhere; params.yaml is restored even if a case edits it by mistake."""
+def keep_params(request):
+    """Cases use --params files elsewhere; params.yaml is restored even if a case edits it by mistake.
+    (Tests that do not use the trained `repo` do not build it.)"""
+    if "repo" not in request.fixturenames:
+        yield
+        return
+    repo = request.getfixturevalue("repo")
     text = (repo / "params.yaml").read_text()
     yield
     (repo / "params.yaml").write_text(text)
@@ -120,14 +127,70 @@ def infer(ckpt: str = "models/diffusion.pt", ae: str = "models/autoencoder.pt", 
             "--output", output, *extra]
 
 
-TRAIN_DIFFUSION = ["train-diffusion", "--latents", "data/latents", "--data", "data/prepared", "--out",
-                   "models/diffusion.pt", "--metrics", "metrics/diffusion.json", "--plots", "plots/diffusion"]
-EVALUATE = ["evaluate", "--output", "metrics/eval.json", "--plots", "plots/evaluate", "--no-tracking"]
+# Every path each command requires, as dvc.yaml passes them: a case changes only the one it is about.
+STAGE_PATHS = {
+    "prepare": {"out": "data/prepared"},
+    "train-ae": {"data": "data/prepared", "out": "models/autoencoder.pt", "metrics": "metrics/autoencoder.json",
+                 "plots": "plots/autoencoder"},
+    "encode": {"data": "data/prepared", "ae_ckpt": "models/autoencoder.pt", "out": "data/latents"},
+    "train-diffusion": {"ae_ckpt": "models/autoencoder.pt", "latents": "data/latents", "data": "data/prepared",
+                        "out": "models/diffusion.pt", "metrics": "metrics/diffusion.json",
+                        "plots": "plots/diffusion"},
+    "sample": {"ckpt": "models/diffusion.pt", "ae_ckpt": "models/autoencoder.pt", "latents": "data/latents",
+               "out": "outputs/samples.npz", "plots": "plots/sample", "metrics": "metrics/sample.json"},
+    "train-evaluator": {"data": "data/prepared", "out": "models/evaluator.pt", "metrics": "metrics/evaluator.json"},
+    "evaluate": {"samples": "outputs/samples.npz", "evaluator": "models/evaluator.pt", "data": "data/prepared",
+                 "ae_ckpt": "models/autoencoder.pt", "latents": "data/latents", "output": "metrics/eval.json",
+                 "plots": "plots/evaluate"},
+}
+
+
+def stage(command: str, *extra: str, **paths: str | Path) -> list[str]:
+    """`command` with all its required paths (the repository's own unless given, e.g. ae_ckpt=...), then `extra`."""
+    flags = {**STAGE_PATHS[command], **{k: str(v) for k, v in paths.items()}}
+    return [command, *(x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), v)), *extra]
+
+
+TRAIN_DIFFUSION = stage("train-diffusion")
+EVALUATE = stage("evaluate", "--no-tracking")
 
 
 def write(path: Path, data: bytes) -> str:
     path.write_bytes(data)
     return str(path)
+
+
+def params_text(repo: Path, changes: dict | None = None, drop: str | None = None) -> str:
+    """The repository's params as YAML text, with `changes` merged in and section `drop` left out."""
+    raw = merge(yaml.safe_load((repo / "params.yaml").read_text()), changes or {})
+    raw.pop(drop, None)
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def nan_weights(ckpt: dict, key: str = "state_dict", value: float = float("nan")) -> tuple[dict, str]:
+    """`ckpt` with one element of its first float tensor under `key` set to `value`; and that tensor's name."""
+    name = next(n for n, t in ckpt[key].items() if t.is_floating_point())
+    ckpt[key] = {n: t.clone() for n, t in ckpt[key].items()}
+    ckpt[key][name].view(-1)[0] = value
+    return ckpt, name
+
+
+def latents_copy(repo: Path, tmp: Path, **stats_changes) -> Path:
+    """A copy of data/latents, with `stats_changes` applied to its stats.json."""
+    d = tmp / "latents"
+    shutil.copytree(repo / "data/latents", d)
+    if stats_changes:
+        stats = json.loads((d / "stats.json").read_text())
+        (d / "stats.json").write_text(json.dumps({**stats, **stats_changes}))
+    return d
+
+
+def zero_image_prepared(repo: Path, tmp: Path) -> Path:
+    """A prepared-data folder whose train.npz holds no images at all (test.npz and meta.json are real)."""
+    d = tmp / "prepared"
+    shutil.copytree(repo / "data/prepared", d)
+    np.savez_compressed(d / "train.npz", images=np.zeros((0, 28, 28), np.uint8), labels=np.zeros((0,), np.uint8))
+    return d
 
 
 # --------------------------------------------------------------------------- the cases
@@ -143,10 +206,15 @@ def _params(changes: dict, culprits: list[str], cmd: list[str] | None = None) ->
     return build
 
 
-def _params_text(text: str, cmd: list[str]) -> Case:
+def _params_text(text: str | Callable[[Path], str | bytes], cmd: list[str], culprits: tuple[str, ...] = (),
+                 params_after: bool = False) -> Case:
+    """A params file holding `text` (or what `text(repo)` returns); the error names the file and `culprits`.
+    With `params_after`, `--params` comes after the subcommand (both places are accepted)."""
     def build(repo, tmp):
-        path = write(tmp / "params.yaml", text.encode())
-        return ["--params", path, *cmd], [path]
+        data = text(repo) if callable(text) else text
+        path = write(tmp / "params.yaml", data.encode() if isinstance(data, str) else data)
+        argv = [*cmd, "--params", path] if params_after else ["--params", path, *cmd]
+        return argv, [path, *culprits]
     return build
 
 
@@ -195,8 +263,7 @@ def _encode_corrupt_test_split(repo, tmp):
     shutil.copy(repo / "data/prepared/train.npz", prep / "train.npz")
     shutil.copy(repo / "data/prepared/meta.json", prep / "meta.json")
     (prep / "test.npz").write_bytes(b"PK\x03\x04 not really a zip archive")
-    return ["encode", "--data", str(prep), "--ae-ckpt", "models/autoencoder.pt", "--out", "data/latents"], \
-        [str(prep / "test.npz")]
+    return stage("encode", data=prep), [str(prep / "test.npz")]
 
 
 def _truncated_ckpt(repo, tmp):
@@ -228,7 +295,7 @@ def _evaluator_as_ae(repo, tmp):
 
 
 def _diffusion_as_evaluator(repo, tmp):
-    return [*EVALUATE, "--evaluator", "models/diffusion.pt"], ["models/diffusion.pt"]
+    return stage("evaluate", "--no-tracking", evaluator="models/diffusion.pt"), ["models/diffusion.pt"]
 
 
 def _plain_dict_ckpt(repo, tmp):
@@ -253,39 +320,153 @@ def _weights_do_not_fit(repo, tmp):
     return infer(str(path)), [str(path)]
 
 
-def _ae_latent_mismatch_train(repo, tmp):
+def _nan_diffusion(key: str, *extra: str, value: float = float("nan")) -> Case:
+    """Non-finite weights in the diffusion checkpoint's `key` (infer reads the EMA weights unless --raw-weights)."""
+    def build(repo, tmp):
+        ckpt, name = nan_weights(real_ckpt(repo, "diffusion.pt"), key, value)
+        path = tmp / "diffusion_nan.pt"
+        torch.save(ckpt, path)
+        return infer(str(path), "models/autoencoder.pt", *extra), [str(path), f"'{name}'", "NaN or infinite"]
+    return build
+
+
+def _nan_autoencoder(command: str, value: float = float("nan")) -> Case:
+    def build(repo, tmp):
+        ckpt, name = nan_weights(real_ckpt(repo, "autoencoder.pt"), "state_dict", value)
+        path = tmp / "autoencoder_nan.pt"
+        torch.save(ckpt, path)
+        argv = infer("models/diffusion.pt", str(path)) if command == "infer" else stage(command, ae_ckpt=path)
+        return argv, [str(path), f"'{name}'", "NaN or infinite"]
+    return build
+
+
+def _ae_8d_train(repo, tmp):
+    """An 8-d autoencoder with the 16-d latent cache: the cache was encoded by another autoencoder."""
     ae = autoencoder_ckpt(tmp, 8)
-    return [*TRAIN_DIFFUSION, "--ae-ckpt", str(ae)], [str(ae), "diffusion.latent_dim"]
+    return stage("train-diffusion", ae_ckpt=ae), [str(ae), "data/latents/stats.json", "another autoencoder"]
 
 
 def _ae_latent_mismatch_infer(repo, tmp):
     ae = autoencoder_ckpt(tmp, 8)
-    return infer("models/diffusion.pt", str(ae)), [str(ae)]
+    return infer("models/diffusion.pt", str(ae)), ["models/diffusion.pt", str(ae), "8-d", "16-d"]
+
+
+def _other_ae_infer(repo, tmp):
+    """Same latent size, other weights: only the md5 the diffusion checkpoint records tells them apart."""
+    ae = autoencoder_ckpt(tmp, 16)
+    return infer("models/diffusion.pt", str(ae)), ["models/diffusion.pt", str(ae), "another autoencoder"]
+
+
+def _other_ae_sample(repo, tmp):
+    """As above through the `sample` stage, with a latent cache that does belong to that autoencoder."""
+    ae = autoencoder_ckpt(tmp, 16)
+    latents = latents_copy(repo, tmp, ae_checkpoint_md5=md5(ae))
+    return stage("sample", ae_ckpt=ae, latents=latents), ["models/diffusion.pt", str(ae), "another autoencoder"]
+
+
+def _latents_of_other_ae(command: str) -> Case:
+    """data/latents was encoded by the repository's autoencoder, and another one (same size) is given."""
+    def build(repo, tmp):
+        ae = autoencoder_ckpt(tmp, 16)
+        argv = stage(command, *(["--no-tracking"] if command == "evaluate" else []), ae_ckpt=ae)
+        return argv, ["data/latents/stats.json", str(ae), "another autoencoder"]
+    return build
+
+
+def _latents_no_producer(repo, tmp):
+    """A cache from before producers were recorded: its autoencoder cannot be checked, so it is refused."""
+    latents = latents_copy(repo, tmp, ae_checkpoint_md5=None)
+    return stage("train-diffusion", latents=latents), [str(latents / "stats.json"), "models/autoencoder.pt"]
+
+
+def _garbage_latents(repo, tmp):
+    latents = latents_copy(repo, tmp)
+    (latents / "train.npz").write_bytes(np.random.default_rng(1).bytes(5000))
+    return stage("train-diffusion", latents=latents), [str(latents / "train.npz"), "not a readable latent file"]
+
+
+def _zero_train_images(command: str) -> Case:
+    """A prepared folder whose train.npz holds 0 images (not data.limit_train=0, which means all of them)."""
+    def build(repo, tmp):
+        prep = zero_image_prepared(repo, tmp)
+        # outputs outside the repository: should the check ever be lost, shared outputs stay as they are
+        outs = {k: "OUT/x_latents" if command == "encode" else f"OUT/x{Path(v).suffix}"
+                for k, v in STAGE_PATHS[command].items() if k in ("out", "metrics", "output")}
+        if "plots" in STAGE_PATHS[command]:
+            outs["plots"] = "OUT/plots"
+        return stage(command, data=prep, **outs), [str(prep / "train.npz"), "no images"]
+    return build
 
 
 def _samples_wrong_shape(repo, tmp):
     path = tmp / "samples.npz"
     np.savez(path, images=np.zeros((20, 32, 32), np.uint8))
-    return [*EVALUATE, "--samples", str(path)], [str(path), "(20, 32, 32)"]
+    return stage("evaluate", "--no-tracking", samples=path), [str(path), "(20, 32, 32)"]
 
 
 def _samples_no_images(repo, tmp):
     path = tmp / "samples.npz"
     np.savez(path, pictures=np.zeros((20, 28, 28), np.uint8))
-    return [*EVALUATE, "--samples", str(path)], [str(path), "images"]
+    return stage("evaluate", "--no-tracking", samples=path), [str(path), "images"]
 
 
 def _samples_missing(repo, tmp):
-    return [*EVALUATE, "--samples", str(tmp / "none.npz")], [str(tmp / "none.npz")]
+    return stage("evaluate", "--no-tracking", samples=tmp / "none.npz"), [str(tmp / "none.npz")]
 
 
 def _latents_missing(repo, tmp):
-    return [*TRAIN_DIFFUSION[:1], "--latents", str(tmp / "latents"), *TRAIN_DIFFUSION[3:]], \
-        [str(tmp / "latents")]
+    return stage("train-diffusion", latents=tmp / "latents"), [str(tmp / "latents")]
+
+
+def _under_a_file(build: Callable[[str], list[str]], name: str) -> Case:
+    """An output path whose parent is an existing file (OUT/somefile.txt/...)."""
+    def case(repo, tmp):
+        (tmp / "somefile.txt").write_text("not a folder\n")
+        target = tmp / "somefile.txt" / name
+        return build(str(target)), [str(target), "a parent of it is a file"]
+    return case
+
+
+def _output_is_a_folder(repo, tmp):
+    (tmp / "dir.npz").mkdir()
+    return infer(output=str(tmp / "dir.npz")), [str(tmp / "dir.npz"), "is a folder"]
 
 
 def _fixed(argv: list[str], culprits: list[str]) -> Case:
     return lambda repo, tmp: (argv, culprits)
+
+
+def _dup_key(repo: Path) -> str:
+    return params_text(repo).replace("\ndiffusion:\n", "\ndiffusion:\n  lr: 0.0005\n", 1)
+
+
+def _written(repo: Path, section: str, key: str, written: str) -> str:
+    """The repository's params with `section.key` spelled exactly `written` (unquoted) in the YAML text."""
+    text = params_text(repo, {section: {key: "@@"}})
+    assert text.count(f"  {key}: '@@'\n") == 1, text
+    return text.replace("'@@'", written)
+
+
+def _float_as_text(section: str, key: str, written: str) -> Callable[[Path], str]:
+    return lambda repo: _written(repo, section, key, written)
+
+
+def _not_utf8(repo: Path) -> bytes:
+    return params_text(repo).encode().replace(b"experiment: mnist-ldm", b"experiment: mnist-ldm \xe9t\xe9", 1)
+
+
+def _params_dir(repo, tmp):
+    return ["--params", str(tmp), *infer()], [str(tmp), "is a directory"]
+
+
+def _section_not_mapping(repo: Path) -> str:
+    text = params_text(repo, {"diffusion": "@@"})
+    assert text.count("\ndiffusion: '@@'\n") == 1, text
+    return text.replace("'@@'", "5")
+
+
+ABSURD = "99999999999999999999999"
+FAST = {}  # case -> seconds it must fail within (checks done before any expensive work)
 
 
 CASES: dict[str, Case] = {
@@ -298,16 +479,32 @@ CASES: dict[str, Case] = {
     "T-is-1": _params({"diffusion": {"T": 1}}, ["diffusion.T"]),
     "beta-end-below-start": _params({"diffusion": {"beta_start": 0.02, "beta_end": 0.01}}, ["diffusion.beta_end"]),
     "only-digit-12": _params({"diffusion": {"only_digit": 12}}, ["diffusion.only_digit", "12"]),
-    "latent-dim-mismatch": _params({"autoencoder": {"latent_dim": 8}},
-                                   ["diffusion.latent_dim", "autoencoder.latent_dim"]),
+    "diffusion-latent-dim-gone": _params({"diffusion": {"latent_dim": 16}}, ["diffusion.latent_dim", "unknown key"]),
     "sampler-euler": _params({"sample": {"sampler": "euler"}}, ["sample.sampler", "euler", "ddpm", "ddim"],
                              infer()),
     "source-s3": _params({"data": {"source": "s3"}}, ["data.source", "s3", "auto", "idx", "huggingface", "bundled"],
-                         ["prepare", "--out", "data/prepared"]),
-    "negative-limit": _params({"data": {"limit_train": -5}}, ["data.limit_train"], ["prepare", "--out", "data/prepared"]),
-    "section-not-mapping": _params_text("diffusion: 5\n", TRAIN_DIFFUSION),
+                         stage("prepare")),
+    "negative-limit": _params({"data": {"limit_train": -5}}, ["data.limit_train"], stage("prepare")),
+    "section-not-mapping": _params_text(_section_not_mapping, TRAIN_DIFFUSION, ("'diffusion'", "mapping")),
     "invalid-yaml": _params_text("diffusion:\n  lr: [0.1, 0.2\n  epochs: 3\n", TRAIN_DIFFUSION),
     "params-missing": _fixed(["--params", "nope.yaml", *TRAIN_DIFFUSION], ["nope.yaml"]),
+    "params-duplicate-key": _params_text(_dup_key, TRAIN_DIFFUSION, ("duplicate key 'diffusion.lr'",)),
+    "params-empty": _params_text("", TRAIN_DIFFUSION, ("the file is empty",)),
+    "params-empty-after-command": _params_text("", infer(), ("the file is empty",), params_after=True),
+    "params-missing-section": _params_text(lambda repo: params_text(repo, drop="evaluate"), TRAIN_DIFFUSION,
+                                           ("missing section evaluate",)),
+    "params-lr-2e-4-is-text": _params_text(_float_as_text("diffusion", "lr", "2e-4"), TRAIN_DIFFUSION,
+                                           ("diffusion.lr='2e-4' is text in YAML", "2.0e-4")),
+    "params-lr-nan": _params_text(_float_as_text("diffusion", "lr", ".nan"), TRAIN_DIFFUSION,
+                                  ("diffusion.lr=nan", "finite")),
+    "params-guidance-inf": _params_text(_float_as_text("sample", "guidance", ".inf"), infer(),
+                                        ("sample.guidance=inf", "finite")),
+    "params-seed-1e30": _params_text(lambda repo: params_text(repo, {"sample": {"seed": 10 ** 30}}), infer(),
+                                     (f"sample.seed={10 ** 30}", "2^63")),
+    "params-is-a-directory": _params_dir,
+    "params-not-utf8": _params_text(_not_utf8, TRAIN_DIFFUSION, ("not UTF-8", "0xe9")),
+    "set-lr-nan": _fixed(["--set", "diffusion.lr=.nan", *TRAIN_DIFFUSION], ["--set diffusion.lr=.nan", "finite"]),
+    "set-unknown-key": _fixed([*infer(), "--set", "sample.latent_dim=8"], ["--set sample.latent_dim=8", "unknown key"]),
     # data files
     "idx-bad-magic": _bad_magic,
     "idx-truncated": _truncated_idx,
@@ -317,7 +514,16 @@ CASES: dict[str, Case] = {
     "idx-count-mismatch": _idx_count_mismatch,
     "idx-not-28x28": _idx_not_28x28,
     "prepared-split-corrupt": _encode_corrupt_test_split,
+    "zero-train-images-train-ae": _zero_train_images("train-ae"),
+    "zero-train-images-encode": _zero_train_images("encode"),
+    "zero-train-images-train-evaluator": _zero_train_images("train-evaluator"),
+    "zero-train-images-evaluate": _zero_train_images("evaluate"),
     "latents-missing": _latents_missing,
+    "latents-garbage": _garbage_latents,
+    "latents-of-other-ae-train-diffusion": _latents_of_other_ae("train-diffusion"),
+    "latents-of-other-ae-sample": _latents_of_other_ae("sample"),
+    "latents-of-other-ae-evaluate": _latents_of_other_ae("evaluate"),
+    "latents-no-producer": _latents_no_producer,
     # checkpoints
     "ckpt-truncated": _truncated_ckpt,
     "ckpt-empty": _empty_ckpt,
@@ -329,10 +535,25 @@ CASES: dict[str, Case] = {
     "ckpt-plain-dict": _plain_dict_ckpt,
     "ckpt-future-version": _future_format_version,
     "ckpt-weights-do-not-fit": _weights_do_not_fit,
-    "ae-latent-dim-train": _ae_latent_mismatch_train,
+    "ckpt-diffusion-nan-ema": _nan_diffusion("ema_state_dict"),
+    "ckpt-diffusion-nan-raw": _nan_diffusion("state_dict", "--raw-weights"),
+    "ckpt-diffusion-inf-ema": _nan_diffusion("ema_state_dict", value=float("inf")),
+    "ckpt-autoencoder-nan-infer": _nan_autoencoder("infer"),
+    "ckpt-autoencoder-nan-encode": _nan_autoencoder("encode"),
+    "ckpt-autoencoder-inf-train-diffusion": _nan_autoencoder("train-diffusion", float("-inf")),
+    "ae-8d-train": _ae_8d_train,
     "ae-latent-dim-infer": _ae_latent_mismatch_infer,
+    "ae-other-weights-infer": _other_ae_infer,
+    "ae-other-weights-sample": _other_ae_sample,
     # flags
+    "latent-dim-flag": _fixed([*TRAIN_DIFFUSION, "--latent-dim", "8"], ["--latent-dim 8", "models/autoencoder.pt"]),
     "output-jpg": _fixed(infer(output="OUT/x.jpg"), ["--output", ".jpg"]),
+    "output-under-a-file": _under_a_file(lambda p: infer("models/diffusion.pt", "models/autoencoder.pt",
+                                                         "--num-images", "500000", "--sampler", "ddpm",
+                                                         output=p), "x.npz"),
+    "sample-plots-under-a-file": _under_a_file(lambda p: stage("sample", plots=p), "plots"),
+    "train-diffusion-metrics-under-a-file": _under_a_file(lambda p: stage("train-diffusion", metrics=p), "x.json"),
+    "output-is-a-folder": _output_is_a_folder,
     "digit-12": _fixed(infer("models/diffusion.pt", "models/autoencoder.pt", "--digit", "12"), ["--digit", "12"]),
     "num-images-0": _fixed(infer("models/diffusion.pt", "models/autoencoder.pt", "--num-images", "0"),
                            ["--num-images"]),
@@ -342,12 +563,22 @@ CASES: dict[str, Case] = {
                             ["--steps", "5000"]),
     "sampler-flag-euler": _fixed(infer("models/diffusion.pt", "models/autoencoder.pt", "--sampler", "euler"),
                                  ["--sampler", "euler"]),
+    "guidance-flag-inf": _fixed(infer("models/diffusion.pt", "models/autoencoder.pt", "--guidance", "inf"),
+                                ["--guidance", "inf", "finite"]),
+    "eta-flag-1.5": _fixed(infer("models/diffusion.pt", "models/autoencoder.pt", "--eta", "1.5"),
+                           ["sample.eta=1.5", "command-line flag", "[0, 1]"]),
+    "seed-flag-absurd": _fixed(infer("models/diffusion.pt", "models/autoencoder.pt", "--seed", ABSURD),
+                               ["--seed", ABSURD]),
+    "lr-flag-nan": _fixed([*TRAIN_DIFFUSION, "--lr", "nan"], ["--lr", "nan"]),
     "epochs-0": _fixed([*TRAIN_DIFFUSION, "--epochs", "0"], ["--epochs"]),
     "samples-wrong-shape": _samples_wrong_shape,
     "samples-no-images": _samples_no_images,
     "samples-missing": _samples_missing,
+    "missing-required-path": _fixed(["infer", "--ckpt", "models/diffusion.pt"], ["--ae-ckpt", "required"]),
     "unknown-command": _fixed(["fly"], ["fly"]),
 }
+FAST.update({"output-under-a-file": 20.0, "sample-plots-under-a-file": 20.0,
+             "train-diffusion-metrics-under-a-file": 20.0})
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -356,7 +587,9 @@ def test_bad_input_is_one_line_error_and_changes_nothing(name: str, repo: Path, 
     argv = [a.replace("OUT", str(tmp_path)) for a in argv]
     before = snapshot(repo)
 
+    t0 = time.monotonic()
     proc = cli(*argv, cwd=repo, check=False)
+    seconds = time.monotonic() - t0
 
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     context = f"mnist-ldm {' '.join(argv)}\n--- stderr (tail)\n" + "\n".join(lines[-15:])
@@ -368,4 +601,31 @@ def test_bad_input_is_one_line_error_and_changes_nothing(name: str, repo: Path, 
         assert culprit in lines[-1], f"{culprit!r} not named\n{context}"
     assert snapshot(repo) == before, f"outputs changed\n{context}"
     assert not list(tmp_path.glob("x.*")), "an output file was written despite the error"
+    if name in FAST:  # refused before loading models or sampling, not after
+        assert seconds < FAST[name], f"took {seconds:.1f} s to fail\n{context}"
+
+
+def test_metrics_json_never_holds_nan(tmp_path: Path):
+    """write_json turns non-finite floats into null and records them under "absent"; strict JSON readers
+    (DVC, MLflow, json.loads with parse_constant raising) accept the file."""
+    from mnist_ldm.atomic import write_json
+
+    def no_constants(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    path = tmp_path / "m.json"
+    write_json(path, {"fcd": {"generated": float("nan"), "floor": 1.5}, "loss": float("inf"),
+                      "curve": [0.5, float("-inf")], "ok": np.float32(2.0), "bad32": np.float32("nan"),
+                      "per_class": np.array([1.0, np.nan])})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text, text
+    data = json.loads(text, parse_constant=no_constants)
+    assert data["fcd"] == {"generated": None, "floor": 1.5}
+    assert data["loss"] is None and data["curve"] == [0.5, None] and data["bad32"] is None
+    assert data["ok"] == 2.0 and data["per_class"] == [1.0, None]
+    assert set(data["absent"]) == {"fcd.generated", "loss", "curve[1]", "bad32", "per_class[1]"}, data["absent"]
+    assert all("not finite" in why for why in data["absent"].values())
+
+    write_json(path, {"fcd": 1.0})  # all finite: no "absent" entry at all
+    assert json.loads(path.read_text(), parse_constant=no_constants) == {"fcd": 1.0}
 

@@ -3,16 +3,20 @@ seed's training flags, and one-line errors for checkpoints that cannot be used."
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import cli, make_repo_copy
 from conftest import test_env as _test_env  # aliased: pytest would collect a `test_*` name
+from mnist_ldm.autoencoder import AutoencoderSpec, ConvAutoencoder
+from mnist_ldm.checkpoint import save_checkpoint
 from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -97,6 +101,36 @@ def test_infer_samplers(trained_repo, tmp_path, flags):
     assert images.shape == (5, 28, 28) and images.dtype == np.uint8
 
 
+def test_infer_defaults_come_from_the_sample_params(trained_repo, tmp_path):
+    """No flag: params.yaml's `sample` section (shrunk: num_images 0 -> grid_size 16, ddim, 5 steps, seed 0).
+    `--sampler ddim` alone keeps sample.steps; `--params` and `--set` work before or after the command."""
+    pair = ["--ckpt", "models/diffusion.pt", "--ae-ckpt", "models/autoencoder.pt"]
+    proc = cli("infer", *pair, "--output", str(tmp_path / "a.npz"), cwd=trained_repo, env=env())
+    assert f"infer: 16 images (ddim, seed 0) -> {tmp_path / 'a.npz'}" in proc.stdout
+    a = load_images(tmp_path / "a.npz")
+    assert a.shape == (16, 28, 28)
+    infer(trained_repo, tmp_path / "b.npz", "--sampler", "ddim", "--steps", "5", "--seed", "0", num_images=16)
+    np.testing.assert_array_equal(load_images(tmp_path / "b.npz"), a)
+    infer(trained_repo, tmp_path / "c.npz", "--sampler", "ddim", num_images=16)  # steps stay sample.steps
+    np.testing.assert_array_equal(load_images(tmp_path / "c.npz"), a)
+    infer(trained_repo, tmp_path / "d.npz", "--sampler", "ddim", "--steps", "2", num_images=16)
+    assert not np.array_equal(load_images(tmp_path / "d.npz"), a)
+
+    params = yaml.safe_load((trained_repo / "params.yaml").read_text())
+    params["sample"].update(num_images=3, seed=7)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for where in ("before", "after"):
+        flag = ["--params", str(tmp_path / "params.yaml")]
+        argv = [*flag, "infer", *pair] if where == "before" else ["infer", *pair, *flag]
+        out = tmp_path / f"p_{where}.npz"
+        proc = cli(*argv, "--output", str(out), cwd=trained_repo, env=env())
+        assert f"infer: 3 images (ddim, seed 7) -> {out}" in proc.stdout, where
+        assert load_images(out).shape == (3, 28, 28)
+    proc = cli("--set", "sample.num_images=2", "infer", *pair, "--set", "sample.seed=4", "--output",
+               str(tmp_path / "s.npz"), cwd=trained_repo, env=env())
+    assert f"infer: 2 images (ddim, seed 4) -> {tmp_path / 's.npz'}" in proc.stdout
+
+
 # --------------------------------------------------------------------------- the seed's training flags
 
 def test_train_commands_accept_the_seed_flags(trained_repo, tmp_path):
@@ -106,16 +140,29 @@ def test_train_commands_accept_the_seed_flags(trained_repo, tmp_path):
     store = tmp_path / "mlflow.db"
     e = env(MLFLOW_TRACKING_URI=f"sqlite:///{store}")
 
-    proc = cli("train-ae", "--epochs", "1", "--generate-images", "--out", str(out / "ae.pt"),
-               "--metrics", str(out / "ae.json"), "--plots", str(out / "ae_plots"), cwd=repo, env=e)
+    proc = cli("train-ae", "--data", "data/prepared", "--epochs", "1", "--generate-images", "--out",
+               str(out / "ae.pt"), "--metrics", str(out / "ae.json"), "--plots", str(out / "ae_plots"), cwd=repo,
+               env=e)
     assert "train_ae:" in proc.stdout
     assert (out / "ae.pt").is_file() and (out / "ae.json").is_file()
     assert {"reconstructions.png", "loss.png"} <= {p.name for p in (out / "ae_plots").iterdir()}
 
-    proc = cli("train-diffusion", "--ae-ckpt", str(out / "ae.pt"), "--epochs", "1", "--T", "50",
-               "--batch-size", "64", "--lr", "2e-4", "--only-digit", "5", "--latent-dim", "16",
-               "--hidden-dim", "32", "--out", str(out / "d.pt"), "--metrics", str(out / "d.json"),
-               "--plots", str(out / "d_plots"), cwd=repo, env=e)
+    # the diffusion model trains on the latents of this autoencoder, encoded outside the repository
+    proc = cli("encode", "--data", "data/prepared", "--ae-ckpt", str(out / "ae.pt"), "--out", str(out / "latents"),
+               cwd=repo, env=e)
+    assert "encode:" in proc.stdout and (out / "latents" / "stats.json").is_file()
+
+    flags = ["train-diffusion", "--ae-ckpt", str(out / "ae.pt"), "--latents", str(out / "latents"), "--data",
+             "data/prepared", "--epochs", "1", "--T", "50", "--batch-size", "64", "--lr", "2e-4", "--only-digit",
+             "5", "--hidden-dim", "32", "--out", str(out / "d.pt"), "--metrics", str(out / "d.json"),
+             "--plots", str(out / "d_plots")]
+    # --latent-dim is checked against the autoencoder, which sets the latent size
+    proc = cli(*flags, "--latent-dim", "8", cwd=repo, env=e, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --latent-dim 8 does not match the 16-d latents of the autoencoder in {out / 'ae.pt'}, which sets "
+        "the latent size"], proc.stderr[-2000:]
+    assert not (out / "d.pt").exists()
+    proc = cli(*flags, "--latent-dim", "16", cwd=repo, env=e)
     assert "train_diffusion:" in proc.stdout
     assert (out / "d_plots" / "loss.png").is_file()
 
@@ -127,10 +174,12 @@ def test_train_commands_accept_the_seed_flags(trained_repo, tmp_path):
     assert ckpt["trained_on"]["latents"] == int((labels == 5).sum())
     assert 0 < ckpt["trained_on"]["latents"] < len(labels)
     cfg = ckpt["train_config"]
-    assert (cfg["epochs"], cfg["T"], cfg["batch_size"], cfg["lr"], cfg["only_digit"], cfg["latent_dim"],
-            cfg["hidden_dim"]) == (1, 50, 64, 2e-4, 5, 16, 32)
+    assert (cfg["epochs"], cfg["T"], cfg["batch_size"], cfg["lr"], cfg["only_digit"],
+            cfg["hidden_dim"]) == (1, 50, 64, 2e-4, 5, 32)
+    assert "latent_dim" not in cfg  # the latent size is the autoencoder's, not a diffusion param
+    assert ckpt["model_config"]["latent_dim"] == 16 and ckpt["trained_on"]["autoencoder_config"]["latent_dim"] == 16
     assert ckpt["schedule"]["T"] == 50 and ckpt["model_config"]["hidden_dim"] == 32
-    assert ckpt["trained_on"]["autoencoder_md5"]
+    assert ckpt["trained_on"]["autoencoder_md5"] == hashlib.md5((out / "ae.pt").read_bytes()).hexdigest()
     ae_ckpt = torch.load(out / "ae.pt", weights_only=True)
     assert ae_ckpt["train_config"]["epochs"] == 1
 
@@ -173,21 +222,35 @@ def make_real_8d_model(trained_repo: Path, path: Path) -> str:
     return str(path)
 
 
+def make_other_autoencoder(path: Path) -> str:
+    """A well-formed autoencoder of the same latent size (16-d) with other (untrained) weights."""
+    torch.manual_seed(1)
+    model = ConvAutoencoder(AutoencoderSpec(latent_dim=16))
+    save_checkpoint(path, "mnist-ldm/autoencoder", {"model_config": model.spec.to_dict(),
+                                                    "state_dict": model.state_dict()})
+    return str(path)
+
+
+PAIR = ["was trained on the latents of another autoencoder", "pass the autoencoder it was trained with"]
+
+
 @pytest.mark.parametrize("case, words", [
     ("truncated", ["not a readable diffusion checkpoint", "truncated or corrupt"]),
     ("ae_as_ckpt", ["this is an autoencoder checkpoint", "latent-diffusion checkpoint", "was expected"]),
     ("config_latent_8", ["weights do not fit the model config"]),
-    ("model_latent_8", ["autoencoder latent dim 16 does not match", "8-d latents"]),
+    ("model_latent_8", [*PAIR, "8-d", "16-d"]),
+    ("other_autoencoder", [*PAIR, "16-d"]),
     ("missing", ["diffusion checkpoint not found"]),
 ])
 def test_infer_unusable_checkpoint_is_one_error_line(trained_repo, tmp_path, case, words):
-    ae = "models/autoencoder.pt"
-    ckpt = {
-        "truncated": lambda: make_truncated(trained_repo, tmp_path / "truncated.pt"),
-        "ae_as_ckpt": lambda: ae,
-        "config_latent_8": lambda: make_config_says_8(trained_repo, tmp_path / "config8.pt"),
-        "model_latent_8": lambda: make_real_8d_model(trained_repo, tmp_path / "model8.pt"),
-        "missing": lambda: str(tmp_path / "nope.pt"),
+    real_ae = "models/autoencoder.pt"
+    ckpt, ae = {
+        "truncated": lambda: (make_truncated(trained_repo, tmp_path / "truncated.pt"), real_ae),
+        "ae_as_ckpt": lambda: (real_ae, real_ae),
+        "config_latent_8": lambda: (make_config_says_8(trained_repo, tmp_path / "config8.pt"), real_ae),
+        "model_latent_8": lambda: (make_real_8d_model(trained_repo, tmp_path / "model8.pt"), real_ae),
+        "other_autoencoder": lambda: ("models/diffusion.pt", make_other_autoencoder(tmp_path / "other_ae.pt")),
+        "missing": lambda: (str(tmp_path / "nope.pt"), real_ae),
     }[case]()
     out = tmp_path / "never.npz"
     proc = infer(trained_repo, out, check=False, ckpt=ckpt, ae_ckpt=ae)
@@ -197,8 +260,13 @@ def test_infer_unusable_checkpoint_is_one_error_line(trained_repo, tmp_path, cas
     line = lines[0]
     assert line.startswith("error: ")
     assert ckpt in line  # the diffusion checkpoint it refers to
-    if case == "model_latent_8":
-        assert line.startswith(f"error: {ae}: ")  # the pair: both files are named
+    if case in ("model_latent_8", "other_autoencoder"):
+        # the pair does not fit: one line naming both files, the diffusion checkpoint first
+        assert line.startswith(f"error: {ckpt} was trained on") and ae in line, line
+        if case == "other_autoencoder":  # same size, other weights: told apart by the recorded md5
+            md5 = hashlib.md5(Path(ae).read_bytes()).hexdigest()
+            recorded = _diffusion_ckpt(trained_repo)["trained_on"]["autoencoder_md5"]
+            assert f"md5 {md5[:12]}" in line and f"md5 {recorded[:12]}" in line, line
     else:
         assert line.startswith(f"error: {ckpt}: ")
     for w in words:

@@ -382,7 +382,7 @@ def test_write_prepared_refuses_an_empty_split(tmp_path, n_train, n_test):
 
 
 def test_load_split_and_meta_errors_name_the_file(tmp_path):
-    with pytest.raises(DataError, match="prepared data not found; run the 'prepare' stage"):
+    with pytest.raises(DataError, match=r"train\.npz: .*not found; run the 'prepare' stage"):
         load_split(tmp_path, "train")
     (tmp_path / "train.npz").write_bytes(b"not an npz")
     with pytest.raises(DataError, match=r"train\.npz: not a readable prepared-data file"):

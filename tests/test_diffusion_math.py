@@ -386,6 +386,33 @@ def test_sample_loop_rejects_unknown_sampler(sched):
         next(sample_loop(_oracle(sched, 1.0), sched, torch.zeros(2, 2), "euler"))
 
 
+@pytest.mark.parametrize("eta", [-0.1, 1.0 + 1e-9, 1.5, float("nan"), float("inf")])
+def test_ddim_eta_outside_unit_interval_raises(sched, eta):
+    # Above 1, sigma_t^2 exceeds 1 - abar_{t_prev} and the direction term sqrt(1 - abar_prev - sigma^2)
+    # has no real value; below 0 sigma would be negative. Both are refused before any step is taken.
+    with pytest.raises(ValueError, match=r"DDIM eta must be in \[0, 1\]") as info:
+        ddim_sigma(sched, 500, 480, eta)
+    assert str(eta) in str(info.value)
+    with pytest.raises(ValueError, match=r"DDIM eta must be in \[0, 1\]"):
+        ddim_step(sched, torch.zeros(2, 2), torch.zeros(2, 2), 500, 480, eta, torch.zeros(2, 2))
+    calls = []
+
+    def eps_fn(x, t):
+        calls.append(t)
+        return torch.zeros_like(x)
+
+    with pytest.raises(ValueError, match=r"DDIM eta must be in \[0, 1\]"):
+        next(sample_loop(eps_fn, sched, torch.zeros(2, 2), "ddim", 10, eta))
+    assert calls == []  # refused up front, not after a network evaluation
+
+
+def test_ddim_eta_bounds_are_allowed(sched):
+    assert ddim_sigma(sched, 500, 480, 0.0) == 0.0
+    assert 0.0 < ddim_sigma(sched, 500, 480, 1.0) < math.sqrt(1 - sched.alphas_cumprod[480].item())
+    for eta in (0.0, 1.0):
+        assert len(list(sample_loop(_oracle(sched, 1.0), sched, torch.zeros(2, 2), "ddim", 4, eta))) == 4
+
+
 # --------------------------------------------------------------------------- classifier-free guidance
 
 @pytest.fixture(scope="module")

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mnist_ldm import metrics
-from mnist_ldm.autoencoder import AutoencoderSpec, ConvAutoencoder
+from mnist_ldm.autoencoder import AutoencoderSpec, ConvAutoencoder, encode_images, reconstruction_metrics
+from mnist_ldm.classifier import DigitClassifier, accuracy, features_and_probs
 from mnist_ldm.config import DataConfig
-from mnist_ldm.data import load_bundled
-from mnist_ldm.evaluate import score
-from mnist_ldm.evaluator import DigitClassifier, features_and_probs
-from mnist_ldm.train_ae import as_batch
+from mnist_ldm.errors import UserError
+from mnist_ldm.images import as_batch, to_uint8
+from mnist_ldm.mnist_sources import load_bundled
+from mnist_ldm.scoring import load_samples, score
+from mnist_ldm.training.loop import run_training
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fit(model, loss, n, epochs, tmp_path, lr=1e-3):
-    from mnist_ldm.trainer import run_training
-
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     run_training(model=model, optimizer=opt, loss_fn=loss, n_items=n, batch_size=64, epochs=epochs, seed=0,
@@ -44,8 +48,31 @@ def real(tmp_path_factory):
 
 def test_evaluator_is_accurate_enough_for_these_checks(real):
     data, clf, _ = real
-    _, p = features_and_probs(clf, data.test.images)
+    f, p = features_and_probs(clf, data.test.images)
     assert (p.argmax(1) == data.test.labels).mean() > 0.92
+    assert accuracy(clf, data.test.images, data.test.labels) == (p.argmax(1) == data.test.labels).mean()
+    assert f.shape == (len(data.test.images), 128) and f.dtype == np.float64 and p.dtype == np.float64
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
+    # batching does not change the features
+    f_small, _ = features_and_probs(clf, data.test.images[:50], batch_size=7)
+    np.testing.assert_allclose(f_small, f[:50], rtol=1e-5, atol=1e-6)
+
+
+def test_autoencoder_helpers_agree_with_the_model(real):
+    data, _, ae = real
+    images = data.test.images[:300]
+    with torch.no_grad():
+        direct = ae.encode(as_batch(images)).numpy()
+        logits = ae(as_batch(images))
+    z = encode_images(ae, images, batch_size=128)
+    assert z.shape == (300, 16) and z.dtype == np.float32
+    np.testing.assert_allclose(z, direct, rtol=1e-5, atol=1e-5)
+    x = as_batch(images)
+    rec = reconstruction_metrics(ae, images, batch_size=128)
+    assert rec["test_bce"] == pytest.approx(F.binary_cross_entropy_with_logits(logits, x).item(), rel=1e-5)
+    assert rec["test_mse"] == pytest.approx(F.mse_loss(torch.sigmoid(logits), x).item(), rel=1e-5)
+    assert rec["test_mse"] < 0.6 * (x**2).mean().item()  # a trained autoencoder beats an all-black image (~0.1)
+    np.testing.assert_array_equal(to_uint8(as_batch(images)), images)  # the two conversions are inverses
 
 
 def test_two_halves_of_real_data_score_near_the_floor(real):
@@ -80,8 +107,7 @@ def test_one_class_removed_shows_in_class_balance(real):
 def test_score_orders_the_floors(real):
     """The full scoring used by the stage: real < reconstruction < Gaussian baseline < N(0, I)."""
     data, clf, ae = real
-    with torch.no_grad():
-        z_train = ae.encode(as_batch(data.train.images)).numpy()
+    z_train = encode_images(ae, data.train.images)
     # The "generated" set here is real held-out digits, so it must land near the real floor.
     result = score(data.test.images[500:], None, clf, data.train.images, data.test.images[:500], ae, z_train,
                    n=500, k=5, seed=0)
@@ -91,3 +117,42 @@ def test_score_orders_the_floors(real):
     assert fcd["generated"] < fcd["single_gaussian"]
     assert result["class_balance"]["classes_present"] == 10
     assert 0.7 < result["memorization"]["ratio"] < 1.4
+    assert result["n"] == 500 and "absent" not in result
+    assert result["fcd_ratio_to_single_gaussian"] == pytest.approx(fcd["generated"] / fcd["single_gaussian"])
+    assert sum(result["class_counts"].values()) == 500
+
+
+def test_score_without_autoencoder_marks_the_floors_absent(real):
+    data, clf, _ = real
+    labels = data.test.labels[500:]
+    result = score(data.test.images[500:], labels, clf, data.train.images, data.test.images[:500], None, None,
+                   n=300, k=5, seed=0)
+    assert set(result["fcd"]) == {"generated", "train_vs_test"} and result["n"] == 300
+    assert set(result["absent"]) == {"fcd.ae_reconstruction", "fcd.single_gaussian", "fcd.standard_normal"}
+    assert "fcd_ratio_to_single_gaussian" not in result
+    assert result["label_accuracy"] > 0.9  # real digits with their true labels
+    with pytest.raises(UserError, match="need at least 7"):
+        score(data.test.images[:6], None, clf, data.train.images, data.test.images, None, None, n=100, k=5, seed=0)
+
+
+def test_load_samples_accepts_uint8_and_unit_floats(tmp_path, real):
+    data, _, _ = real
+    ims, labels = data.test.images[:5], data.test.labels[:5]
+    np.savez(tmp_path / "u8.npz", images=ims, labels=labels)
+    got, got_labels = load_samples(tmp_path / "u8.npz")
+    np.testing.assert_array_equal(got, ims)
+    np.testing.assert_array_equal(got_labels, labels)
+    np.savez(tmp_path / "float.npz", images=(ims / 255.0)[:, None].astype(np.float32))  # (N, 1, 28, 28) in [0, 1]
+    got, got_labels = load_samples(tmp_path / "float.npz")
+    assert got.dtype == np.uint8 and got_labels is None
+    np.testing.assert_array_equal(got, ims)
+    np.savez(tmp_path / "wide.npz", images=ims.astype(np.float32))  # 0-255 as floats: ambiguous, refused
+    for name, words in (("missing.npz", "samples file not found"), ("wide.npz", "floats in [0, 1]")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            load_samples(tmp_path / name)
+    np.savez(tmp_path / "other.npz", x=ims)
+    with pytest.raises(UserError, match="no array 'images'"):
+        load_samples(tmp_path / "other.npz")
+    np.savez(tmp_path / "shape.npz", images=np.zeros((3, 32, 32), np.uint8))
+    with pytest.raises(UserError, match=r"expected \(N, 28, 28\)"):
+        load_samples(tmp_path / "shape.npz")

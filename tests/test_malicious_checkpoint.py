@@ -60,6 +60,10 @@ def _plain_pickle_protocol_0(path: Path, marker: Path, real: dict) -> None:
         pickle.dump(system_payload(marker), f, protocol=0)
 
 
+# `mnist-ldm train-diffusion` on the repository's own inputs; each test names its own outputs
+TRAIN_DIFFUSION = ["train-diffusion", "--ae-ckpt", "models/autoencoder.pt", "--latents", "data/latents",
+                   "--data", "data/prepared"]
+
 VARIANTS = {
     "checkpoint-dict-exec": _wrapped_in_checkpoint_dict,
     "top-level-os-system": _top_level_os_system,
@@ -137,7 +141,8 @@ def test_evaluate_refuses_malicious_evaluator_checkpoint(repo: Path, tmp_path: P
     samples = tmp_path / "samples.npz"
     cli("infer", "--ckpt", "models/diffusion.pt", "--ae-ckpt", "models/autoencoder.pt", "--num-images", "40",
         "--sampler", "ddim", "--steps", "2", "--output", str(samples), cwd=repo)
-    proc = cli("evaluate", "--samples", str(samples), "--evaluator", str(path), "--output",
+    proc = cli("evaluate", "--samples", str(samples), "--evaluator", str(path), "--data", "data/prepared",
+               "--ae-ckpt", "models/autoencoder.pt", "--latents", "data/latents", "--output",
                str(tmp_path / "eval.json"), "--plots", str(tmp_path / "plots"), "--no-tracking", cwd=repo, check=False)
     assert_refused(proc, path, marker)
     assert not (tmp_path / "eval.json").exists()
@@ -148,8 +153,8 @@ def test_malicious_resume_state_is_not_loaded(repo: Path, tmp_path: Path, real_d
     out = tmp_path / "diffusion.pt"
     resume, marker = tmp_path / "diffusion.resume.pt", tmp_path / "pwned"
     _wrapped_in_checkpoint_dict(resume, marker, real_diffusion)
-    proc = cli("train-diffusion", "--latents", "data/latents", "--out", str(out), "--metrics",
-               str(tmp_path / "diffusion.json"), "--plots", str(tmp_path / "plots"), cwd=repo)
+    proc = cli(*TRAIN_DIFFUSION, "--out", str(out), "--metrics", str(tmp_path / "diffusion.json"),
+               "--plots", str(tmp_path / "plots"), cwd=repo)
     assert not marker.exists()
     warnings = [line for line in proc.stderr.splitlines() if "ignoring unusable resume state" in line]
     assert len(warnings) == 1 and f"{resume}: refused to load" in warnings[0], proc.stderr[-2000:]
@@ -173,9 +178,8 @@ def test_resume_state_loads_with_weights_only(repo: Path, tmp_path: Path):
     params = merge(yaml.safe_load((repo / "params.yaml").read_text()),
                    {"diffusion": {"lr": 1e30, "checkpoint_every": 1}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = cli("--params", str(tmp_path / "params.yaml"), "train-diffusion", "--latents", "data/latents",
-               "--out", str(tmp_path / "diffusion.pt"), "--metrics", str(tmp_path / "m.json"),
-               "--plots", str(tmp_path / "plots"), cwd=repo, check=False)
+    proc = cli("--params", str(tmp_path / "params.yaml"), *TRAIN_DIFFUSION, "--out", str(tmp_path / "diffusion.pt"),
+               "--metrics", str(tmp_path / "m.json"), "--plots", str(tmp_path / "plots"), cwd=repo, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     state = torch.load(tmp_path / "diffusion.resume.pt", map_location="cpu", weights_only=True)
     assert state["format"] == "mnist-ldm/resume" and state["step"] == 1

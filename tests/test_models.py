@@ -160,3 +160,20 @@ def test_timestep_embedding_distinguishes_timesteps():
     d.fill_diagonal_(float("inf"))
     assert d.min() > 1e-3  # every pair of the 1000 timesteps is apart
     assert not torch.allclose(timestep_embedding(torch.tensor([3]), 32), timestep_embedding(torch.tensor([4]), 32))
+
+
+# --------------------------------------------------------------------------- specs (what checkpoints record)
+
+def test_specs_round_trip_through_their_dicts():
+    ae_spec = AutoencoderSpec(latent_dim=8, channels=(8, 16, 32))
+    d = ae_spec.to_dict()
+    assert d == {"latent_dim": 8, "channels": [8, 16, 32]}  # plain JSON-able values, a list not a tuple
+    assert AutoencoderSpec.from_dict(d) == ae_spec
+    den_spec = DenoiserSpec(latent_dim=4, hidden_dim=32, num_blocks=2, num_classes=10)
+    assert den_spec.to_dict() == {"latent_dim": 4, "hidden_dim": 32, "num_blocks": 2, "num_classes": 10}
+    assert DenoiserSpec.from_dict(den_spec.to_dict()) == den_spec
+    # a model rebuilt from the recorded spec takes the original's weights
+    m = LatentDenoiser(den_spec)
+    LatentDenoiser(DenoiserSpec.from_dict(m.spec.to_dict())).load_state_dict(m.state_dict())
+    a = ConvAutoencoder(ae_spec)
+    ConvAutoencoder(AutoencoderSpec.from_dict(a.spec.to_dict())).load_state_dict(a.state_dict())

@@ -1,6 +1,9 @@
 """DVC remotes round trip: push the pipeline's outputs, clone the git repository elsewhere, pull, and
-get byte-identical models, data and samples, with nothing left to re-run. Remotes: a local directory,
-and the S3 API of a moto server on loopback."""
+get byte-identical models, data, samples, metrics and plots, with nothing left to re-run. Remotes: a
+local directory, and the S3 API of a moto server on loopback.
+
+Every output is DVC-cached (metrics and plots included), so git carries none of them and a clone gets
+all of them from the remote."""
 
 from __future__ import annotations
 
@@ -13,14 +16,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import BIN, make_repo_copy, run
 from conftest import test_env as user_env
 
 OUTPUTS = ("models/autoencoder.pt", "models/diffusion.pt", "models/evaluator.pt", "data/prepared", "data/latents",
-           "outputs/samples.npz")
-CACHED_STAGES = ("prepare", "train_ae", "encode", "train_diffusion", "sample", "train_evaluator")
-STAGES = (*CACHED_STAGES, "evaluate")
+           "data/params_ok.json", "outputs/samples.npz", "metrics", "plots")
+STAGES = ("check_params", "prepare", "train_ae", "encode", "train_diffusion", "sample", "train_evaluator", "evaluate")
 
 
 def md5s(repo: Path) -> dict[str, str]:
@@ -28,7 +31,7 @@ def md5s(repo: Path) -> dict[str, str]:
     for rel in OUTPUTS:
         p = repo / rel
         for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
-            if f.is_file():
+            if f.is_file() and f.name != ".gitignore":  # DVC's, kept in git
                 out[str(f.relative_to(repo))] = hashlib.md5(f.read_bytes()).hexdigest()
     return out
 
@@ -47,11 +50,21 @@ def objects(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
+def locked_outs(repo: Path) -> dict[str, str]:
+    """Every output that dvc.lock records: path -> md5 (a directory's ends in `.dir`)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {o["path"]: o["md5"] for stage in lock.values() for o in stage.get("outs", [])}
+
+
 def assert_pushed(pushed: set[str], repo: Path, hashes: dict[str, str]) -> None:
-    """Every output file's content and the listing of both directories are in the remote, and nothing
-    the local cache does not hold (the run cache, e.g. of metrics files, is not pushed by default)."""
+    """Every output file's content and the listing of every directory output (data/prepared, data/latents,
+    plots/*) are in the remote, and nothing the local cache does not hold (the run cache is not pushed
+    by default)."""
+    outs = locked_outs(repo)
+    assert set(outs) >= {"data/prepared", "data/latents", "metrics/eval.json", "plots/evaluate", "data/params_ok.json"}
     assert {f"{h[:2]}/{h[2:]}" for h in hashes.values()} <= pushed
-    assert len([o for o in pushed if o.endswith(".dir")]) == 2  # data/prepared, data/latents
+    assert {f"{h[:2]}/{h[2:]}" for h in outs.values()} <= pushed
+    assert {o for o in pushed if o.endswith(".dir")} == {f"{h[:2]}/{h[2:]}" for h in outs.values() if h.endswith(".dir")}
     assert pushed <= objects(repo / ".dvc/cache")
 
 
@@ -63,7 +76,14 @@ def pipeline(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "pipeline outputs")
     assert all((repo / rel).exists() for rel in OUTPUTS)
-    return repo, md5s(repo)
+    hashes = md5s(repo)
+    # the files under OUTPUTS are exactly the DVC outputs' files: none is missed, none is extra
+    outs = locked_outs(repo)
+    untracked = [f for f in hashes if not any(f == o or f.startswith(o + "/") for o in outs)]
+    assert not untracked, (untracked, sorted(outs))
+    missed = [o for o in outs if not any(f == o or f.startswith(o + "/") for f in hashes)]
+    assert not missed, (missed, sorted(hashes))
+    return repo, hashes
 
 
 def working_copy(pipeline: tuple[Path, dict], dest: Path) -> Path:
@@ -118,7 +138,7 @@ def test_repro_pull_fetches_instead_of_running(pipeline, tmp_path: Path):
     out = dvc(dst, "repro", "--pull").stdout
     seconds = time.monotonic() - t0
     assert "Running stage" not in out, out
-    for stage in CACHED_STAGES:
+    for stage in STAGES:  # every stage's outputs come from the remote, metrics and plots included
         assert f"Pulling data for stage: '{stage}'" in out, out
     assert md5s(dst) == pipeline[1]
     assert_up_to_date(dst)

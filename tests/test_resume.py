@@ -27,9 +27,10 @@ from conftest import test_env as user_env
 PARAMS = {
     "data": {"limit_train": 2000, "limit_test": 200},
     "diffusion": {"epochs": 3, "batch_size": 64, "hidden_dim": 64, "checkpoint_every": 5, "generate_images": False},
+    "evaluator": {"epochs": 2, "batch_size": 64, "checkpoint_every": 3},
     "tracking": {"enabled": False},
 }
-STEPS_PER_EPOCH = 32  # ceil(2000 / 64), for both the autoencoder and the denoiser
+STEPS_PER_EPOCH = 32  # ceil(2000 / 64), for the autoencoder, the denoiser and the evaluator
 
 
 def md5(path: Path) -> str:
@@ -158,6 +159,33 @@ def test_killed_autoencoder_training_resumes_bit_identically(repo: Path, tmp_pat
     assert got["history"] == want["history"]
 
 
+def test_killed_evaluator_training_resumes_bit_identically(repo: Path, tmp_path: Path):
+    """train_evaluator resumes too: killed in its second epoch, it ends with the weights of an uninterrupted run."""
+    def argv_to(folder: Path) -> list[str]:
+        argv = stage_argv(repo, "train_evaluator")
+        for flag, value in (("--out", folder / "evaluator.pt"), ("--metrics", folder / "evaluator.json")):
+            argv[argv.index(flag) + 1] = str(value)
+        return argv
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(argv_to(whole), repo)
+    assert not (whole / "evaluator.resume.pt").exists()
+
+    resume = cut / "evaluator.resume.pt"
+    cut.mkdir()
+    step = kill_after_checkpoint(argv_to(cut), repo, resume, STEPS_PER_EPOCH + 1, tmp_path / "killed.log")
+    assert STEPS_PER_EPOCH < step < 2 * STEPS_PER_EPOCH, step
+    assert not (cut / "evaluator.pt").exists() and not (cut / "evaluator.json").exists()
+
+    proc = run(argv_to(cut), repo)
+    assert f"resuming from {resume} at step {step}" in proc.stderr
+    assert not resume.exists()
+    got, want = load(cut / "evaluator.pt"), load(whole / "evaluator.pt")
+    assert_same_tensors(got["state_dict"], want["state_dict"], "state_dict")
+    assert got["weights_sha256"] == want["weights_sha256"]
+    assert json.loads((cut / "evaluator.json").read_text()) == json.loads((whole / "evaluator.json").read_text())
+
+
 def diverging_params(repo: Path, tmp_path: Path, checkpoint_every: int) -> Path:
     raw = merge(yaml.safe_load((repo / "params.yaml").read_text()),
                 {"diffusion": {"lr": 1e30, "checkpoint_every": checkpoint_every}})
@@ -167,9 +195,9 @@ def diverging_params(repo: Path, tmp_path: Path, checkpoint_every: int) -> Path:
 
 
 def train_diverging(repo: Path, tmp_path: Path, params: Path) -> subprocess.CompletedProcess:
-    return cli("--params", str(params), "train-diffusion", "--latents", "data/latents", "--out",
-               str(tmp_path / "diffusion.pt"), "--metrics", str(tmp_path / "diffusion.json"),
-               "--plots", str(tmp_path / "plots"), cwd=repo, check=False)
+    return cli("--params", str(params), "train-diffusion", "--ae-ckpt", "models/autoencoder.pt",
+               "--latents", "data/latents", "--data", "data/prepared", "--out", str(tmp_path / "diffusion.pt"),
+               "--metrics", str(tmp_path / "diffusion.json"), "--plots", str(tmp_path / "plots"), cwd=repo, check=False)
 
 
 def last_line(proc: subprocess.CompletedProcess) -> str:

@@ -1,16 +1,35 @@
-"""Samplers on a trained toy model: DDIM inversion round trip, determinism, EMA."""
+"""Samplers on a trained toy model: DDIM inversion round trip (LatentDiffusionPipeline.invert),
+determinism, the pipeline's sampling API, the latent scaler, EMA."""
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
+import pytest
 import torch
 
+from mnist_ldm.autoencoder import AutoencoderSpec, ConvAutoencoder
 from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
 from mnist_ldm.diffusion import NoiseSchedule, sample_loop
-from mnist_ldm.sample import ddim_invert
-from mnist_ldm.train_diffusion import diffusion_loss
-from mnist_ldm.trainer import EMA
+from mnist_ldm.errors import UserError
+from mnist_ldm.latents import LatentScaler
+from mnist_ldm.pipeline import LatentDiffusionPipeline, Samples
+from mnist_ldm.training.denoiser import diffusion_loss
+from mnist_ldm.training.loop import EMA
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _pipeline(model: LatentDenoiser, s: NoiseSchedule, scaler: LatentScaler | None = None) -> LatentDiffusionPipeline:
+    """The toy denoiser in a pipeline, with an untrained autoencoder of the same latent size."""
+    torch.manual_seed(0)
+    d = model.spec.latent_dim
+    ae = ConvAutoencoder(AutoencoderSpec(latent_dim=d, channels=(4, 4, 4)))
+    return LatentDiffusionPipeline(ae, model, s, scaler or LatentScaler((0.0,) * d, (1.0,) * d))
+
+
+@functools.lru_cache(maxsize=None)  # trained once per size; the tests only run it (eval mode, no grad)
 def _toy_model(steps: int = 600) -> tuple[LatentDenoiser, NoiseSchedule, torch.Tensor]:
     """A small denoiser trained on a 2-D mixture of two Gaussians."""
     torch.manual_seed(0)
@@ -33,7 +52,7 @@ def test_ddim_inversion_round_trip_on_trained_toy_model():
     model, s, data = _toy_model()
     x0 = data[:64]
     with torch.no_grad():
-        noise = ddim_invert(model, s, x0, steps=100)
+        noise = _pipeline(model, s).invert(x0, steps=100)
         for _, x, _ in sample_loop(lambda xt, t: model(xt, t), s, noise, "ddim", 100, eta=0.0):
             pass
     err = (x - x0).norm(dim=1).mean() / x0.norm(dim=1).mean()
@@ -77,5 +96,177 @@ def test_ema_tracks_a_smoothed_copy_of_the_weights():
     ema.update(model)
     # One update moves the average 10 % of the way: e = 0.9 e + 0.1 w.
     assert torch.allclose(ema.model.weight, start + 0.1, atol=1e-6)
+    assert ema.current_decay() == 0.9 and ema.updates == 1  # no warm-up: the full decay from the start
     warm = EMA(model, decay=0.999, warmup_steps=100)
-    assert warm.current_decay() == 0.1  # (1 + 0) / (10 + 0): early averages follow the weights closely
+    assert warm.current_decay() == 0.0  # horizon 1 at the first update: the average is a copy of the weights
+
+
+def _horizon(decay: float, warmup: int, u: int) -> float:
+    """The documented warm-up: 1 / (1 - d) grows linearly from 1 at update 0 to 1 / (1 - decay) at warmup."""
+    return 1.0 + (1.0 / (1.0 - decay) - 1.0) * min(u, warmup) / warmup
+
+
+@pytest.mark.parametrize("decay, warmup", [(0.999, 100), (0.9999, 500), (0.9, 7), (0.5, 1), (0.0, 10)])
+def test_ema_warmup_decay_follows_the_closed_form(decay, warmup):
+    ema = EMA(torch.nn.Linear(2, 2), decay=decay, warmup_steps=warmup)
+    ds = []
+    for u in range(warmup + 5):
+        ema.updates = u
+        ds.append(ema.current_decay())
+        assert ds[-1] == pytest.approx(1.0 - 1.0 / _horizon(decay, warmup, u), rel=1e-12, abs=1e-15), u
+    assert ds[0] == 0.0
+    assert all(d == decay for d in ds[warmup:])  # from warmup_steps on: exactly `decay`
+    assert all(a <= b for a, b in zip(ds, ds[1:])) and all(0.0 <= d <= decay for d in ds)
+
+
+@pytest.mark.parametrize("decay, warmup", [(0.999, 100), (0.9999, 500), (0.9, 7)])
+def test_ema_warmup_is_continuous_at_warmup_steps(decay, warmup):
+    """The horizon 1/(1-d) takes equal steps all the way up to warmup_steps and none after: no jump there."""
+    ema = EMA(torch.nn.Linear(2, 2), decay=decay, warmup_steps=warmup)
+    horizons = []
+    for u in range(warmup + 3):
+        ema.updates = u
+        horizons.append(1.0 / (1.0 - ema.current_decay()))
+    step = (1.0 / (1.0 - decay) - 1.0) / warmup
+    increments = np.diff(horizons)
+    np.testing.assert_allclose(increments[:warmup], step, rtol=1e-9)  # the last ramp step lands on decay
+    np.testing.assert_allclose(increments[warmup:], 0.0, atol=1e-9 * horizons[-1])
+    assert horizons[warmup] == pytest.approx(1.0 / (1.0 - decay), rel=1e-12)
+    # the decay just before warm-up ends is one ramp step short of `decay`, not a different curve
+    ema.updates = warmup - 1
+    assert 1.0 / (1.0 - ema.current_decay()) == pytest.approx(1.0 / (1.0 - decay) - step, rel=1e-9)
+
+
+def test_ema_updates_follow_the_recursion_with_the_warmup_decay():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ema = EMA(model, decay=0.99, warmup_steps=10)
+    expected = {k: v.detach().double().clone() for k, v in model.named_parameters()}
+    gen = torch.Generator().manual_seed(1)
+    for u in range(15):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        d = 1.0 - 1.0 / _horizon(0.99, 10, u)
+        for k, p in model.named_parameters():
+            expected[k] = d * expected[k] + (1.0 - d) * p.detach().double()
+        ema.update(model)
+        if u == 0:  # decay 0 at the first update: the average is exactly the current weights
+            for k, p in model.named_parameters():
+                assert torch.equal(dict(ema.model.named_parameters())[k], p)
+    assert ema.updates == 15
+    for k, p in ema.model.named_parameters():
+        torch.testing.assert_close(p.double(), expected[k], rtol=1e-5, atol=1e-5)
+        assert not p.requires_grad
+
+
+# --------------------------------------------------------------------------- the pipeline's sampling API
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    model, s, data = _toy_model()
+    return _pipeline(model, s), data
+
+
+def test_sample_latents_is_seeded_batched_and_returns_a_trajectory(toy_pipe):
+    pipe, _ = toy_pipe
+    z, traj = pipe.sample_latents(10, sampler="ddim", steps=10, eta=1.0, seed=3, progress=False)
+    assert z.shape == (10, 2) and traj == []
+    z2, _ = pipe.sample_latents(10, sampler="ddim", steps=10, eta=1.0, seed=3, progress=False)
+    assert torch.equal(z, z2)
+    assert not torch.equal(z, pipe.sample_latents(10, sampler="ddim", steps=10, eta=1.0, seed=4, progress=False)[0])
+    # batches: n latents whatever the batch size, a partial last batch included
+    zb, _ = pipe.sample_latents(10, sampler="ddim", steps=10, eta=1.0, seed=3, batch_size=4, progress=False)
+    assert zb.shape == (10, 2) and torch.isfinite(zb).all()
+    # the trajectory: predicted x_0 of the first batch every k evaluations, then the final latents
+    z, traj = pipe.sample_latents(8, sampler="ddim", steps=10, eta=0.0, seed=0, batch_size=4, progress=False,
+                                  trajectory_every=5)
+    assert len(traj) == 10 // 5 + 1
+    assert all(x.shape == (4, 2) for x in traj)
+    assert torch.equal(traj[-1], z[:4])
+    with pytest.raises(UserError, match="unconditional"):
+        pipe.sample_latents(2, labels=torch.tensor([1, 2]), progress=False)
+
+
+def test_sample_returns_decoded_images_and_trajectory(toy_pipe):
+    pipe, _ = toy_pipe
+    out = pipe.sample(12, sampler="ddim", steps=10, eta=0.0, seed=0, progress=False, trajectory_points=5)
+    assert isinstance(out, Samples)
+    assert out.images.shape == (12, 28, 28) and out.images.dtype == np.uint8
+    assert out.labels is None  # an unconditional model
+    assert len(out.trajectory) == 5 + 1 and all(t.shape == (10, 28, 28) for t in out.trajectory)
+    np.testing.assert_array_equal(out.trajectory[-1], out.images[:10])
+    z, _ = pipe.sample_latents(12, sampler="ddim", steps=10, eta=0.0, seed=0, progress=False)
+    np.testing.assert_array_equal(out.images, pipe.decode(z))
+    assert pipe.sample(3, sampler="ddpm", seed=0, progress=False).trajectory is None
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"sampler": "euler"}, "--sampler/sample.sampler='euler'"),
+    ({"sampler": "ddim", "steps": 101}, "--steps/sample.steps=101"),
+    ({"sampler": "ddim", "steps": 0}, "--steps/sample.steps=0"),
+    ({"sampler": "ddim", "eta": 1.5}, "--eta/sample.eta=1.5"),
+    ({"sampler": "ddim", "eta": -0.5}, "--eta/sample.eta=-0.5"),
+    ({"guidance": -1.0}, "--guidance/sample.guidance=-1.0"),
+    ({"guidance": float("nan")}, "--guidance/sample.guidance=nan"),
+    ({"digit": 3}, "needs a class-conditional model"),
+])
+def test_sample_refuses_requests_the_model_cannot_serve(toy_pipe, kw, words):
+    pipe, _ = toy_pipe
+    with pytest.raises(UserError) as info:
+        pipe.sample(2, progress=False, **kw)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_pipeline_refuses_mismatched_latent_sizes(toy_pipe):
+    pipe, _ = toy_pipe
+    with pytest.raises(UserError, match="latent sizes differ"):
+        LatentDiffusionPipeline(ConvAutoencoder(AutoencoderSpec(latent_dim=3, channels=(4, 4, 4))), pipe.denoiser,
+                                pipe.schedule, pipe.scaler)
+    with pytest.raises(UserError, match="latent sizes differ"):
+        LatentDiffusionPipeline(pipe.autoencoder, pipe.denoiser, pipe.schedule, LatentScaler((0.0,) * 3, (1.0,) * 3))
+
+
+def test_interpolation_endpoints_reproduce_the_two_latents(toy_pipe):
+    pipe, data = toy_pipe
+    # Look at the latents that `interpolate` decodes (this toy's untrained decoder would blur them all alike).
+    probe = LatentDiffusionPipeline(pipe.autoencoder, pipe.denoiser, pipe.schedule, pipe.scaler)
+    probe.decode = lambda z: z.numpy()
+    z_a, z_b = data[:32], data[32:64]
+    grid = probe.interpolate(z_a, z_b, points=5, steps=100)
+    assert grid.shape == (32 * 5, 2)
+    rows = torch.from_numpy(grid).reshape(32, 5, 2)  # row-major: pair i, point j
+    # column 0 is z_a inverted and sampled back, the last column z_b: exactly the inversion round trip ...
+    for col, z in ((0, z_a), (4, z_b)):
+        with torch.no_grad():
+            for _, x, _ in sample_loop(lambda xt, t: pipe.denoiser(xt, t), pipe.schedule, pipe.invert(z, 100),
+                                       "ddim", 100, eta=0.0):
+                pass
+        torch.testing.assert_close(rows[:, col], x, rtol=0, atol=1e-4)
+        # ... which lands back on the latent for typical points (a few on a mode's edge may cross over)
+        err = (rows[:, col] - z).norm(dim=1) / z.norm(dim=1)
+        assert err.median() < 0.05, (col, err)
+    # the points between are samples of the model too (near a mode of the mixture), not straight-line blends
+    assert ((rows[..., 0].abs() - 1.5).abs() < 0.75).float().mean() > 0.8
+    # and the real pipeline decodes them: (pairs * points, 28, 28) uint8
+    images = pipe.interpolate(z_a[:1], z_b[:1], points=3, steps=10)
+    assert images.shape == (3, 28, 28) and images.dtype == np.uint8
+
+
+def test_latent_scaler_standardizes_and_round_trips():
+    rng = np.random.default_rng(0)
+    z = (rng.normal(size=(500, 4)) * [4.0, 9.0, 0.5, 1.0] + [1.0, -2.0, 0.0, 30.0]).astype(np.float32)
+    scaler = LatentScaler.fit(z)
+    assert scaler.dim == 4
+    np.testing.assert_allclose(scaler.mean, z.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(scaler.std, z.astype(np.float64).std(0), rtol=1e-12)
+    zs = scaler.standardize(z)
+    assert zs.dtype == torch.float32 and zs.shape == (500, 4)
+    np.testing.assert_allclose(zs.double().mean(0).numpy(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(zs.double().std(0, unbiased=False).numpy(), 1.0, rtol=1e-5)
+    torch.testing.assert_close(scaler.unstandardize(zs), torch.from_numpy(z), rtol=1e-5, atol=1e-4)
+    assert LatentScaler.from_dict(scaler.to_dict()) == scaler
+    for bad in ({"mean": [0.0]}, {"mean": [0.0, 1.0], "std": [1.0]}, {"mean": [0.0], "std": [0.0]},
+                {"mean": [float("nan")], "std": [1.0]}, {"mean": ["a"], "std": [1.0]}):
+        with pytest.raises(UserError, match="^where: "):
+            LatentScaler.from_dict(bad, "where")

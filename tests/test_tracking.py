@@ -23,10 +23,12 @@ import yaml
 import conftest
 from conftest import BIN, cli, make_repo_copy, run
 
-from mnist_ldm.config import load_params
+from mnist_ldm.params_file import load_params
 
 EXPERIMENT = "mnist-ldm"
+# the stages that log a run; `check_params` only reads params.yaml and logs nothing
 STAGES = {"prepare", "train_ae", "encode", "train_diffusion", "sample", "train_evaluator", "evaluate"}
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3's UI: the training-runs view
 
 
 # --------------------------------------------------------------------------- helpers
@@ -141,13 +143,13 @@ def tracked_repo(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A server, and (in a background thread, so that it overlaps the sqlite tests) the pipeline up to the
-    autoencoder logged to it with `dvc repro train_ae`."""
+    latent cache logged to it with `dvc repro encode`."""
     srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     repo = make_repo_copy(tmp_path_factory.mktemp("served") / "repo")
 
     def pipeline() -> Path:
         srv.wait_healthy()
-        dvc("repro", "train_ae", repo=repo, env=conftest.test_env(MLFLOW_TRACKING_URI=srv.uri))
+        dvc("repro", "encode", repo=repo, env=conftest.test_env(MLFLOW_TRACKING_URI=srv.uri))
         return repo
 
     pool = ThreadPoolExecutor(max_workers=1)
@@ -196,6 +198,7 @@ def test_default_store_holds_one_parent_with_a_child_per_stage(tracked_repo):
     client = client_for(sqlite_uri(repo))
     exp = client.get_experiment_by_name(load_params(repo / "params.yaml").tracking.experiment)
     assert exp.artifact_location == (repo / "mlartifacts").as_uri()
+    assert exp.tags.get(EXPERIMENT_KIND[0]) == EXPERIMENT_KIND[1], exp.tags
     assert not (repo / "mlruns").exists()
     runs = all_runs(client)
 
@@ -297,16 +300,21 @@ def test_temp_experiment_logs_to_the_origin_store(tracked_repo):
     client = client_for(sqlite_uri(repo))
     before = all_runs(client)
 
-    # up to train_diffusion only (sample and evaluate would log the same way, in more time)
-    dvc("exp", "run", "--temp", "-S", "diffusion.lr=0.0003", "train_diffusion", repo=repo)
+    # up to train_diffusion only (sample and evaluate would log the same way, in more time); without the
+    # per-epoch preview grids (diffusion.generate_images only changes what MLflow gets)
+    dvc("exp", "run", "--temp", "-S", "diffusion.lr=0.0003", "-S", "diffusion.generate_images=false",
+        "train_diffusion", repo=repo)
     runs = all_runs(client)
     new = {k: r for k, r in runs.items() if k not in before}
     [parent] = parents(new)
     kids = children(runs, parent.info.run_id)
     assert set(kids) == {"train_diffusion"} and len(new) == 2
     assert kids["train_diffusion"].data.params["diffusion.lr"] == "0.0003"
+    assert kids["train_diffusion"].data.params["diffusion.generate_images"] == "False"
     assert kids["train_diffusion"].info.status == parent.info.status == "FINISHED"
     assert client.get_metric_history(kids["train_diffusion"].info.run_id, "train_loss")
+    arts = artifact_paths(client, kids["train_diffusion"].info.run_id)
+    assert {"loss.png", "diffusion.pt"} <= arts and not any(a.startswith("images/") for a in arts), arts
     assert parent.data.tags["mnist_ldm.dvc_exp_name"] == parent.info.run_name
     assert "train_ae" not in kids
     assert not list((repo / ".dvc").rglob("mlflow.db"))
@@ -315,8 +323,8 @@ def test_temp_experiment_logs_to_the_origin_store(tracked_repo):
 def test_unreachable_server_fails_before_training(tracked_repo, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
-    proc = cli("train-ae", "--out", str(tmp_path / "ae.pt"), "--metrics", str(tmp_path / "ae.json"),
-               "--plots", str(tmp_path / "plots"), cwd=tracked_repo, check=False,
+    proc = cli("train-ae", "--data", "data/prepared", "--out", str(tmp_path / "ae.pt"),
+               "--metrics", str(tmp_path / "ae.json"), "--plots", str(tmp_path / "plots"), cwd=tracked_repo, check=False,
                env=conftest.test_env(MLFLOW_TRACKING_URI=uri))
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0
@@ -327,18 +335,42 @@ def test_unreachable_server_fails_before_training(tracked_repo, tmp_path):
     assert elapsed < 20, elapsed
 
 
-def test_failed_stage_marks_its_run_failed(tracked_repo, tmp_path):
+def test_bad_input_fails_before_a_run_is_opened(tracked_repo, tmp_path):
+    """Inputs are read before the stage's run is opened: a missing checkpoint logs nothing."""
     client = client_for(sqlite_uri(tracked_repo))
     before = all_runs(client)
-    proc = cli("sample", "--ckpt", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "s.npz"),
-               "--plots", str(tmp_path / "plots"), "--metrics", str(tmp_path / "s.json"),
-               cwd=tracked_repo, check=False)
-    assert proc.returncode != 0 and "missing.pt" in proc.stderr
-    new = [r for k, r in all_runs(client).items() if k not in before]
-    [child] = [r for r in new if r.data.tags.get("mnist_ldm.stage") == "sample"]
+    proc = cli("sample", "--ckpt", str(tmp_path / "missing.pt"), "--ae-ckpt", "models/autoencoder.pt",
+               "--latents", "data/latents", "--out", str(tmp_path / "s.npz"), "--plots", str(tmp_path / "plots"),
+               "--metrics", str(tmp_path / "s.json"), cwd=tracked_repo, check=False)
+    assert proc.returncode == 2
+    lines = stderr_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error:") and "missing.pt" in lines[0], proc.stderr
+    assert all_runs(client).keys() == before.keys()
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_failed_stage_marks_its_run_failed(tracked_repo, tmp_path):
+    """A stage that fails while its run is open (training diverges at lr 1e30) marks the run FAILED, and the
+    parent that this command opened for its own params too; the pipeline's runs are left as they were."""
+    client = client_for(sqlite_uri(tracked_repo))
+    before = all_runs(client)
+    proc = cli("train-diffusion", "--set", "diffusion.lr=1.0e+30", "--set", "diffusion.generate_images=false",
+               "--ae-ckpt", "models/autoencoder.pt", "--latents", "data/latents", "--data", "data/prepared",
+               "--out", str(tmp_path / "d.pt"), "--metrics", str(tmp_path / "d.json"),
+               "--plots", str(tmp_path / "plots"), cwd=tracked_repo, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert stderr_lines(proc.stderr)[-1].startswith("error: train_diffusion: loss became"), proc.stderr[-3000:]
+    after = all_runs(client)
+    new = {k: r for k, r in after.items() if k not in before}
+    [child] = [r for r in new.values() if r.data.tags.get("mnist_ldm.stage") == "train_diffusion"]
     assert child.info.status == "FAILED"
-    # the parent of this pipeline state ran under DVC and finished; a failed ad-hoc command leaves it so
-    assert client.get_run(child.data.tags["mlflow.parentRunId"]).info.status == "FINISHED"
+    assert child.data.params["diffusion.lr"] == "1e+30"
+    parent = after[child.data.tags["mlflow.parentRunId"]]
+    assert parent.info.run_id in new and parent.data.tags["mnist_ldm.kind"] == "pipeline"
+    assert parent.info.status == "FAILED" and parent.data.params["diffusion.lr"] == "1e+30"
+    assert len(new) == 2
+    assert {k: r.info.status for k, r in after.items() if k in before} == {k: r.info.status for k, r in before.items()}
+    assert not (tmp_path / "d.pt").exists()
 
 
 # --------------------------------------------------------------------------- a tracking server
@@ -346,13 +378,14 @@ def test_failed_stage_marks_its_run_failed(tracked_repo, tmp_path):
 def test_tracking_server_gets_the_same_run_structure(server, server_repo):
     assert not (server_repo / "mlflow.db").exists()
     client = client_for(server.uri)
+    assert client.get_experiment_by_name(EXPERIMENT).tags.get(EXPERIMENT_KIND[0]) == EXPERIMENT_KIND[1]
     runs = all_runs(client)
     [parent] = parents(runs)
     assert parent.info.status == "FINISHED"
     assert parent.data.params == flat_params(server_repo)
     assert "autoencoder.test_bce" in parent.data.metrics
     kids = children(runs, parent.info.run_id)
-    assert set(kids) == {"prepare", "train_ae"}
+    assert set(kids) == {"prepare", "train_ae", "encode"}
     assert all(r.info.status == "FINISHED" for r in kids.values())
     ae = kids["train_ae"]
     assert ae.data.params["autoencoder.epochs"] == "1" and ae.data.params["autoencoder.batch_size"] == "64"
@@ -371,7 +404,8 @@ def test_server_lost_mid_training_warns_and_finishes(server, server_repo, tmp_pa
     before = all_runs(client).keys()
     out = tmp_path / "diffusion.pt"
     proc = subprocess.Popen(
-        [str(BIN / "mnist-ldm"), "train-diffusion", "--epochs", "60",
+        [str(BIN / "mnist-ldm"), "train-diffusion", "--epochs", "60", "--ae-ckpt", "models/autoencoder.pt",
+         "--latents", "data/latents", "--data", "data/prepared",
          "--out", str(out), "--metrics", str(tmp_path / "diffusion.json"), "--plots", str(tmp_path / "plots")],
         cwd=server_repo, env=conftest.test_env(MLFLOW_TRACKING_URI=server.uri), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)

@@ -17,6 +17,16 @@ from typing import Any, Iterator
 import numpy as np
 
 
+def _naming_target(e: OSError, tmp: Path, path: Path) -> OSError:
+    """`e` naming `path`, the output the user asked for, where it named nothing (a write through a file
+    object, e.g. a full disk) or the temporary file or folder standing in for it."""
+    name = None if e.filename is None else os.fsdecode(e.filename)
+    if name is not None and name != str(tmp) and not name.startswith(str(tmp) + os.sep):
+        return e
+    where = str(path) if name is None else str(path) + name[len(str(tmp)):]
+    return OSError(e.errno, e.strerror or str(e), where)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
@@ -26,6 +36,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        named = _naming_target(e, tmp, path)
+        if named is e:
+            raise
+        raise named from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -50,6 +65,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             path.unlink()
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        named = _naming_target(e, tmp, path)
+        if named is e:
+            raise
+        raise named from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -61,11 +81,13 @@ def finite_json(obj: Any, where: str = "") -> Any:
     absent: dict[str, str] = {}
 
     def walk(node: Any, key: str) -> Any:
+        if isinstance(node, (np.generic, np.ndarray)):  # numpy scalars and arrays: plain Python for json
+            node = node.tolist()
         if isinstance(node, dict):
             return {k: walk(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
         if isinstance(node, (list, tuple)):
             return [walk(v, f"{key}[{i}]") for i, v in enumerate(node)]
-        if isinstance(node, (float, np.floating)) and not math.isfinite(float(node)):
+        if isinstance(node, float) and not math.isfinite(node):
             absent[key] = f"not finite ({float(node)})"
             return None
         return node

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import load_model_checkpoint
+from .device import model_device
 from .images import as_batch
 
 
@@ -93,7 +94,8 @@ def load_autoencoder(path: str | Path) -> tuple[ConvAutoencoder, dict]:
 def encode_images(model: ConvAutoencoder, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
     """uint8 (N, 28, 28) -> raw latents (N, latent_dim) float32."""
     model.eval()
-    out = [model.encode(as_batch(images[i:i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
+    dev = model_device(model)
+    out = [model.encode(as_batch(images[i:i + batch_size], dev)).cpu().numpy() for i in range(0, len(images), batch_size)]
     return np.concatenate(out).astype(np.float32)
 
 
@@ -103,7 +105,7 @@ def reconstruction_metrics(model: ConvAutoencoder, images: np.ndarray, batch_siz
     model.eval()
     bce = mse = 0.0
     for i in range(0, len(images), batch_size):
-        x = as_batch(images[i:i + batch_size])
+        x = as_batch(images[i:i + batch_size], model_device(model))
         logits = model(x)
         bce += F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item()
         mse += F.mse_loss(torch.sigmoid(logits), x, reduction="sum").item()
@@ -115,5 +117,5 @@ def reconstruction_metrics(model: ConvAutoencoder, images: np.ndarray, batch_siz
 def reconstructions(model: ConvAutoencoder, images: np.ndarray) -> torch.Tensor:
     """Rows of originals above their reconstructions: (2N, 1, 28, 28)."""
     model.eval()
-    x = as_batch(images)
-    return torch.cat([x, model.decode(model.encode(x))])
+    x = as_batch(images, model_device(model))
+    return torch.cat([x, model.decode(model.encode(x))]).cpu()

@@ -31,9 +31,20 @@ class CheckpointError(UserError):
 
 def save_checkpoint(path: str | Path, kind: str, payload: dict[str, Any]) -> None:
     assert kind in KINDS, kind
+    payload = _to_cpu({"format": kind, "format_version": FORMAT_VERSION, **payload})  # loads on any device
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object: the archive is not named after the (pid-stamped) temp file
-            torch.save({"format": kind, "format_version": FORMAT_VERSION, **payload}, f)
+            torch.save(payload, f)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import load_model_checkpoint
+from .device import model_device
 from .images import as_batch
 
 FEATURE_DIM = 128
@@ -38,10 +39,11 @@ def features_and_probs(model: DigitClassifier, images: np.ndarray, batch_size: i
     """uint8 (N, 28, 28) -> penultimate features (N, 128) float64 and softmax (N, 10) float64."""
     model.eval()
     feats, probs = [], []
+    dev = model_device(model)
     for i in range(0, len(images), batch_size):
-        f = model.features(as_batch(images[i:i + batch_size]))
-        feats.append(f.double())
-        probs.append(F.softmax(model.head(f), dim=-1).double())
+        f = model.features(as_batch(images[i:i + batch_size], dev))
+        feats.append(f.double().cpu())
+        probs.append(F.softmax(model.head(f), dim=-1).double().cpu())
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 

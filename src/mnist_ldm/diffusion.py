@@ -6,7 +6,7 @@ Coefficients are computed in float64 and cast to the sample dtype when used. Tim
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -56,6 +56,10 @@ class NoiseSchedule:
             posterior_mean_coef1=betas * ac_prev.sqrt() / (1.0 - ac),
             posterior_mean_coef2=(1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
         )
+
+    def to(self, device: torch.device | str) -> "NoiseSchedule":
+        """The same schedule with its coefficients on `device` (no per-step copies while sampling)."""
+        return NoiseSchedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     @classmethod
     def linear(cls, T: int, beta_start: float, beta_end: float) -> "NoiseSchedule":
@@ -147,7 +151,7 @@ def sample_loop(eps_fn: EpsFn, s: NoiseSchedule, x_T: torch.Tensor, sampler: str
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         eps = eps_fn(x, tt)
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         if sampler == "ddpm":
             x_next = ddpm_step(s, eps, x, t, noise)
         else:

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 
-def as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1]."""
-    return torch.as_tensor(images).float().div(255.0).unsqueeze(1)
+def as_batch(images: np.ndarray | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1], on `device` (default: where `images` are)."""
+    return torch.as_tensor(images).to(device).float().div(255.0).unsqueeze(1)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -19,6 +19,7 @@ import torch
 
 from .autoencoder import ConvAutoencoder, encode_images, load_autoencoder
 from .checkpoint import load_model_checkpoint
+from .device import CPU, Runtime
 from .denoiser import DenoiserSpec, LatentDenoiser
 from .diffusion import NoiseSchedule, ddim_invert_step, ddim_timesteps, guided_eps, sample_loop
 from .errors import UserError
@@ -58,15 +59,28 @@ class LatentDiffusionPipeline:
             raise UserError(f"latent sizes differ: {dims}")
         self.autoencoder, self.denoiser, self.schedule, self.scaler = autoencoder.eval(), denoiser.eval(), schedule, scaler
         self.checkpoint: dict = {}
+        self.rt: Runtime = CPU
+
+    def to(self, rt: Runtime) -> "LatentDiffusionPipeline":
+        """Run on `rt`'s device and precision (the one call that places the whole pipeline)."""
+        self.autoencoder.to(rt.device)
+        self.denoiser.to(rt.device)
+        self.schedule = self.schedule.to(rt.device)
+        self.rt = rt
+        return self
 
     @classmethod
     def from_checkpoints(cls, diffusion_ckpt: str | Path, ae_ckpt: str | Path, use_ema: bool = True):
         """Load both checkpoints, refusing a diffusion model trained in another autoencoder's latent space."""
         denoiser, schedule, meta = load_denoiser(diffusion_ckpt, use_ema)
         ae, _ = load_autoencoder(ae_ckpt)
-        recorded = meta.get("trained_on", {}).get("autoencoder_md5")
+        trained_on = meta.get("trained_on")
+        recorded = trained_on.get("autoencoder_md5") if isinstance(trained_on, dict) else None
+        if not recorded:
+            raise UserError(f"{diffusion_ckpt}: records no autoencoder md5 (trained_on.autoencoder_md5), so its "
+                            f"pairing with {ae_ckpt} cannot be checked; retrain it (dvc repro train_diffusion)")
         actual = file_md5(ae_ckpt)
-        if ae.spec.latent_dim != denoiser.spec.latent_dim or (recorded and recorded != actual):
+        if ae.spec.latent_dim != denoiser.spec.latent_dim or recorded != actual:
             raise UserError(f"{diffusion_ckpt} was trained on the latents of another autoencoder "
                             f"(md5 {str(recorded)[:12]}, {denoiser.spec.latent_dim}-d) than {ae_ckpt} "
                             f"(md5 {actual[:12]}, {ae.spec.latent_dim}-d); pass the autoencoder it was trained "
@@ -94,7 +108,7 @@ class LatentDiffusionPipeline:
         if sampler not in SAMPLERS:
             raise UserError(f"--sampler/sample.sampler={sampler!r} is not a sampler; valid: {', '.join(SAMPLERS)}")
         if sampler == "ddim" and steps is not None and not 1 <= steps <= T:
-            raise UserError(f"--steps/sample.steps={steps} is more than the T={T} diffusion steps of this model; "
+            raise UserError(f"--steps/sample.steps={steps} does not fit the T={T} diffusion steps of this model; "
                             f"use 1 to {T}")
         if not (math.isfinite(eta) and 0 <= eta <= 1):
             raise UserError(f"--eta/sample.eta={eta} is not allowed; expected a number in [0, 1]")
@@ -120,14 +134,21 @@ class LatentDiffusionPipeline:
         if labels is not None and not self.num_classes:
             raise UserError("a digit was requested, but this diffusion model is unconditional "
                             "(train with diffusion.conditional=true, or use diffusion.only_digit)")
-        gen = torch.Generator().manual_seed(seed)
+        rt = self.rt
+        gen = rt.generator(seed)
         model, s, n_evals = self.denoiser, self.schedule, self.network_evals(sampler, steps)
+        labels = labels.to(rt.device) if labels is not None else None
         out, traj = [], []
+
+        def eps(xt, t, y):
+            with rt.autocast():
+                return guided_eps(model, xt, t, y, guidance).float()
+
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
-            x = torch.randn((b, self.latent_dim), generator=gen)
+            x = torch.randn((b, self.latent_dim), generator=gen, device=rt.device)
             y = labels[start:start + b] if labels is not None else None
-            loop = sample_loop(lambda xt, t: guided_eps(model, xt, t, y, guidance), s, x, sampler, n_evals, eta, gen)
+            loop = sample_loop(lambda xt, t, y=y: eps(xt, t, y), s, x, sampler, n_evals, eta, gen)
             for i, (_, x, x0) in enumerate(progress_bar(loop, total=n_evals, desc=f"sample {sampler}", unit="step",
                                                         leave=False, disable=not progress)):
                 if trajectory_every and start == 0 and i % trajectory_every == 0:
@@ -156,20 +177,21 @@ class LatentDiffusionPipeline:
     @torch.no_grad()
     def decode(self, z_std: torch.Tensor, batch_size: int = 5000) -> np.ndarray:
         """Standardized latents (N, D) -> uint8 images (N, 28, 28)."""
-        ims = [self.autoencoder.decode(self.scaler.unstandardize(z_std[i:i + batch_size]))
+        dev = self.rt.device
+        ims = [self.autoencoder.decode(self.scaler.unstandardize(z_std[i:i + batch_size].to(dev))).cpu()
                for i in range(0, len(z_std), batch_size)]
         return to_uint8(torch.cat(ims))
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 images (N, 28, 28) -> standardized latents (N, D)."""
-        return self.scaler.standardize(encode_images(self.autoencoder, images))
+        """uint8 images (N, 28, 28) -> standardized latents (N, D), on the pipeline's device."""
+        return self.scaler.standardize(encode_images(self.autoencoder, images)).to(self.rt.device)
 
     @torch.no_grad()
     def invert(self, z_std: torch.Tensor, steps: int = 50) -> torch.Tensor:
         """Deterministic DDIM run from clean latents to noise (unconditional branch)."""
-        x, prev = z_std, -1
+        x, prev = z_std.to(self.rt.device), -1
         for t in ddim_timesteps(self.schedule.T, steps)[::-1]:  # ascending
-            eps = self.denoiser(x, torch.full((len(x),), t, dtype=torch.long))
+            eps = self.denoiser(x, torch.full((len(x),), t, dtype=torch.long, device=x.device))
             x, prev = ddim_invert_step(self.schedule, eps, x, prev, t), t
         return x
 

@@ -18,6 +18,7 @@ import torch
 from . import metrics
 from .autoencoder import encode_images
 from .classifier import features_and_probs
+from .device import model_device
 from .errors import UserError
 from .images import to_uint8
 
@@ -56,7 +57,7 @@ def floor_images(ae, z_train: np.ndarray, test_images: np.ndarray, n: int, seed:
     normal = rng.standard_normal((n, z_train.shape[1])).astype(np.float32)
     with torch.no_grad():
         def dec(z):
-            return to_uint8(ae.decode(torch.from_numpy(z)))
+            return to_uint8(ae.decode(torch.from_numpy(z).to(model_device(ae))))
         recon = dec(encode_images(ae, test_images[:n]))
         return {"ae_reconstruction": recon, "single_gaussian": dec(gauss), "standard_normal": dec(normal)}
 

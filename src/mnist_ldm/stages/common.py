@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from ..atomic import write_json
 from ..config import Params
 from ..params_file import apply_overrides, load_params
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..device import Runtime
+
+
+NPROC_ENV = "MNIST_LDM_NPROC"
+TRAINING_STAGES = ("train_ae", "train_diffusion", "train_evaluator")
 
 
 def checked(cast, ok, expected: str):
@@ -45,8 +53,16 @@ def add_common(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     """`--params FILE` and `--set section.key=value` (repeatable); `suppress` for a subcommand's copy."""
     default = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     p.add_argument("--params", type=Path, default=default(Path("params.yaml")), help="params file (default: params.yaml)")
-    p.add_argument("--set", action="append", default=default([]), metavar="SECTION.KEY=VALUE",
+    # the subcommand's copy appends to its own list: argparse would otherwise replace the items given
+    # before the subcommand with those given after it
+    p.add_argument("--set", action="append", dest="set_after" if suppress else "set", default=default([]),
+                   metavar="SECTION.KEY=VALUE",
                    help="override one param for this command (repeatable), e.g. --set diffusion.lr=0.0005")
+    p.add_argument("--device", default=default(None), metavar="DEVICE",
+                   help="auto, cpu, cuda, cuda:N or mps (default: $MNIST_LDM_DEVICE, else auto: CUDA, else MPS, "
+                        "else CPU); not a param, so choosing one never makes outputs look stale")
+    p.add_argument("--precision", default=default(None), choices=("fp32", "bf16"),
+                   help="fp32, or bf16 autocast on CUDA (default: $MNIST_LDM_PRECISION, else fp32)")
 
 
 def add_paths(p: argparse.ArgumentParser, **flags: str) -> None:
@@ -68,7 +84,55 @@ def publish(run, final: dict, metrics_path: Path, artifacts: Sequence[Path], res
 
 
 def load(args: argparse.Namespace) -> Params:
-    return apply_overrides(load_params(args.params), list(args.set or []))
+    items = [*(getattr(args, "set", None) or []), *(getattr(args, "set_after", None) or [])]
+    return apply_overrides(load_params(args.params), items)
+
+
+def runtime_for(args: argparse.Namespace) -> "Runtime":
+    """Device, precision and (under torchrun) the process group, from the flags and the environment."""
+    from ..device import runtime  # imported here: stages that never touch torch (check_params) start fast
+
+    return runtime(getattr(args, "device", None), getattr(args, "precision", None))
+
+
+def weights_digest(model) -> str:
+    """A short hash of a model's weights (processes of a torchrun job print it to show they agree)."""
+    h = hashlib.sha256()
+    for t in model.state_dict().values():
+        h.update(t.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def writes_outputs(rt: "Runtime", name: str, model) -> bool:
+    """Whether this process writes the stage's outputs (rank 0 only); every rank of a torchrun job
+    prints the hash of its final weights, which must agree."""
+    if rt.dist.world > 1:
+        print(f"{name}: rank {rt.dist.rank}/{rt.dist.world} final weights {weights_digest(model)}", file=sys.stderr)
+    return rt.dist.main
+
+
+def maybe_torchrun(name: str, argv: Sequence[str]) -> None:
+    """`MNIST_LDM_NPROC=N` (N > 1) runs a training stage under `torchrun --nproc_per_node N`: the switch
+    for DVC stage commands, read here and not a param, so it never makes outputs look stale."""
+    nproc = os.environ.get(NPROC_ENV, "").strip()
+    if name not in TRAINING_STAGES or not nproc or "WORLD_SIZE" in os.environ:
+        return
+    if not nproc.isdigit() or int(nproc) < 1:
+        raise UserError(f"{NPROC_ENV}={nproc!r} is not allowed; expected a number of processes >= 1")
+    if int(nproc) > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc,
+               sys.argv[0], *argv]
+        print(f"{name}: {NPROC_ENV}={nproc}: {' '.join(cmd[1:])}", file=sys.stderr)
+        sys.stdout.flush()
+        os.execv(sys.executable, cmd)
+
+
+def with_images(split, data_dir: Path, name: str):
+    """`split` (a prepared `data.Split`), refused with one line naming its file when it holds no images."""
+    if len(split.images) == 0:
+        raise UserError(f"{Path(data_dir) / f'{name}.npz'}: holds no images; re-run 'prepare' "
+                        f"(dvc repro -f prepare; data.limit_train / data.limit_test = 0 keeps every image)")
+    return split
 
 
 def check_writable(files: Sequence[Path] = (), folders: Sequence[Path] = ()) -> None:
@@ -85,6 +149,8 @@ def check_writable(files: Sequence[Path] = (), folders: Sequence[Path] = ()) -> 
         if path.exists() and path.is_dir() != want_dir:
             raise UserError(f"{path}: is {'a folder' if path.is_dir() else 'a file'}; "
                             f"expected {'a folder' if want_dir else 'a file'} path here")
+        if not os.access(parent, os.W_OK) and os.statvfs(parent).f_flag & os.ST_RDONLY:
+            raise UserError(f"{path}: {os.strerror(errno.EROFS)}; {HINTS[errno.EROFS]}")  # not a permission
         if not os.access(parent, os.W_OK):
             raise UserError(f"{parent}: no permission to write {path.name} here; fix the folder's permissions")
 
@@ -130,8 +196,18 @@ def guarded(fn: Callable[[], object]) -> int:
 def run_stage(name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
               run: Callable[[Params, argparse.Namespace], object], argv: Optional[Sequence[str]] = None) -> int:
     """`python stages/<name>.py ...`: parse this stage's flags and run it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    code = guarded(lambda: maybe_torchrun(name, argv))
+    if code:
+        return code
     p = Parser(prog=f"mnist-ldm {name}")
     add_common(p)
     add_arguments(p)
     args = p.parse_args(argv)
-    return guarded(lambda: run(load(args), args))
+    try:
+        return guarded(lambda: run(load(args), args))
+    finally:
+        if "torch.distributed" in sys.modules:
+            from ..device import shutdown_distributed
+
+            shutdown_distributed()

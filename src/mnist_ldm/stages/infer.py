@@ -14,7 +14,7 @@ from ..atomic import write_npz
 from ..config import SAMPLERS, Params, override
 from ..errors import UserError
 from ..pipeline import LatentDiffusionPipeline
-from .common import add_paths, check_writable, digit, finite_float, positive_int, run_stage, seed
+from .common import add_paths, runtime_for, check_writable, digit, finite_float, positive_int, run_stage, seed
 
 HELP = "generate digits from a trained pair of checkpoints"
 
@@ -43,7 +43,11 @@ def run(params: Params, args: argparse.Namespace) -> Path:
         raise UserError(f"--output {args.output}: unsupported file type '{args.output.suffix}'; "
                         f"use .png (a grid) or .npz (arrays)")
     check_writable(files=[args.output])
-    pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema)
+    pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema).to(runtime_for(args))
+    try:  # steps beyond T, a digit for an unconditional model: say which checkpoint cannot do it
+        pipe.check_request(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, cfg.digit)
+    except UserError as e:
+        raise UserError(f"{args.ckpt}: {e}") from None
     out = pipe.sample(n, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance, digit=cfg.digit,
                       seed=cfg.seed, batch_size=cfg.batch_size)
     if suffix == ".npz":

@@ -13,9 +13,10 @@ import numpy as np
 from .. import plots, tracking
 from ..atomic import atomic_dir, write_npz
 from ..config import Params
+from ..errors import UserError
 from ..latents import check_producer, load_latents
 from ..pipeline import LatentDiffusionPipeline
-from .common import add_paths, check_writable, publish, run_stage
+from .common import add_paths, runtime_for, check_writable, publish, run_stage
 
 HELP = "the pipeline's sampling stage"
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
@@ -34,8 +35,11 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     z_test, _ = load_latents(args.latents, "test")  # the reference set's size, and digits to interpolate
     if cfg.num_images == 0:  # as many as the test set, the reference that `evaluate` compares with
         cfg = dataclasses.replace(cfg, num_images=len(z_test))
-    pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema)
-    pipe.check_request(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, cfg.digit)
+    pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema).to(runtime_for(args))
+    try:  # steps beyond T, a digit for an unconditional model: say which checkpoint cannot do it
+        pipe.check_request(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, cfg.digit)
+    except UserError as e:
+        raise UserError(f"{args.ckpt}: {e}") from None
     with tracking.stage_run("sample", params, tracking.section_params(dataclasses.replace(params, sample=cfg),
                                                                       "sample")) as run:
         t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from ..config import Params, override
 from ..data import load_meta, load_split
 from ..training.autoencoder import train_autoencoder
 from ..training.loop import count_parameters, resume_path_for
-from .common import add_paths, publish, check_writable, positive_float, positive_int, run_stage
+from .common import add_paths, runtime_for, writes_outputs, check_writable, positive_float, positive_int, publish, run_stage, with_images
 
 HELP = "train the convolutional autoencoder"
 
@@ -34,12 +34,15 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                    latent_dim=args.latent_dim, generate_images=args.generate_images)
     params = dataclasses.replace(params, autoencoder=cfg)
     check_writable(files=[args.out, args.metrics], folders=[args.plots])
+    rt = runtime_for(args)
     meta = load_meta(args.data)
-    train, test = load_split(args.data, "train"), load_split(args.data, "test")
+    train, test = (with_images(load_split(args.data, s), args.data, s) for s in ("train", "test"))
     with tracking.stage_run("train_ae", params, tracking.section_params(params, "autoencoder"), meta) as run:
         run.log_dataset(meta, "mnist-train", "training", args.data)
         model, history = train_autoencoder(cfg, train, test, resume_path_for(args.out), meta["content_hash"],
-                                           on_epoch=run.log_epoch, previews=cfg.generate_images and run.logging)
+                                           on_epoch=run.log_epoch, previews=cfg.generate_images and run.logging, rt=rt)
+        if not writes_outputs(rt, "train_ae", model):
+            return {}
         final = {**reconstruction_metrics(model, test.images), "params": count_parameters(model)}
         with atomic_dir(args.plots) as tmp:
             plots.save_grid(reconstructions(model, test.images[:32]), tmp / "reconstructions.png", nrow=32)

@@ -18,7 +18,7 @@ from ..latents import LatentScaler, check_producer, file_md5, load_latents
 from ..pipeline import LatentDiffusionPipeline
 from ..training.denoiser import select_digit, train_denoiser
 from ..training.loop import count_parameters, resume_path_for
-from .common import add_paths, publish, check_writable, digit, positive_float, positive_int, run_stage
+from .common import add_paths, runtime_for, writes_outputs, publish, check_writable, digit, positive_float, positive_int, run_stage
 
 HELP = "train the latent denoiser"
 PREVIEW_GUIDANCE = 2.0  # guidance of the per-epoch MLflow preview grid (conditional models only)
@@ -49,6 +49,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                    generate_images=args.generate_images)
     params = dataclasses.replace(params, diffusion=cfg)
     check_writable(files=[args.out, args.metrics], folders=[args.plots])
+    rt = runtime_for(args)
     ae, _ = load_autoencoder(args.ae_ckpt)
     if args.latent_dim is not None and args.latent_dim != ae.spec.latent_dim:
         raise UserError(f"--latent-dim {args.latent_dim} does not match the {ae.spec.latent_dim}-d latents of the "
@@ -66,7 +67,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         run.log_dataset(meta, "mnist-train-latents", "training", args.latents)
 
         def preview(model, s, epoch):
-            pipe = LatentDiffusionPipeline(ae, model, s, scaler)
+            pipe = LatentDiffusionPipeline(ae, model, s, scaler).to(rt)
             labels = pipe.labels_for(64, None)
             z, _ = pipe.sample_latents(64, sampler="ddim", steps=min(PREVIEW_STEPS, s.T), eta=0.0, labels=labels,
                                        guidance=PREVIEW_GUIDANCE, seed=epoch, progress=False)
@@ -75,7 +76,9 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         model, ema, optimizer, s, history = train_denoiser(
             cfg, scaler.standardize(z_tr), torch.from_numpy(y_tr).long(), scaler.standardize(z_te),
             torch.from_numpy(y_te).long(), resume_path_for(args.out), f"{meta['content_hash']}:{ae_md5}",
-            on_epoch=run.log_epoch, preview=preview if cfg.generate_images and run.logging else None)
+            on_epoch=run.log_epoch, preview=preview if cfg.generate_images and run.logging else None, rt=rt)
+        if not writes_outputs(rt, "train_diffusion", model):
+            return {}
         final = {"train_loss": history[-1]["train_loss"], "test_loss": history[-1]["test_loss"],
                  "test_loss_ema": history[-1]["test_loss_ema"], "params": count_parameters(model),
                  "train_latents": int(len(z_tr))}

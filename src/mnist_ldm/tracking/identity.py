@@ -60,10 +60,19 @@ def stage_inputs(workdir: Path, stage: str) -> dict:
 
 
 def pipeline_key(workdir: Path, params: Params) -> str:
-    """Hash of all params and of every dep that no stage produces (code, raw data)."""
+    """Hash of all params and of every dep that no stage produces (code, raw data).
+
+    A dep inside a stage's output folder (`data/prepared/meta.json` in `data/prepared`) is produced too:
+    `prepare` would otherwise hash it as missing and the later stages as present, two pipeline states.
+    """
     stages = _load_dvc_yaml(workdir).get("stages", {})
-    outs = {str(o if isinstance(o, str) else next(iter(o))) for s in stages.values() for o in s.get("outs", [])}
-    sources = sorted({d for s in stages.values() for d in s.get("deps", []) if d not in outs})
+    outs = {str(o if isinstance(o, str) else next(iter(o))).rstrip("/") for s in stages.values()
+            for kind in ("outs", "metrics", "plots") for o in s.get(kind, [])}
+
+    def produced(dep: str) -> bool:
+        return any(dep == o or dep.startswith(o + "/") for o in outs)
+
+    sources = sorted({d for s in stages.values() for d in s.get("deps", []) if not produced(d)})
     payload = {"params": params.flat(), "sources": {d: _hash_path(workdir / d) for d in sources}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

@@ -13,6 +13,7 @@ from .. import plots
 from ..autoencoder import AutoencoderSpec, ConvAutoencoder, reconstruction_metrics, reconstructions
 from ..config import AutoencoderConfig
 from ..data import Split
+from ..device import CPU, Runtime
 from ..images import as_batch
 from .loop import adam, fingerprint, run_training
 
@@ -20,17 +21,18 @@ EpochCallback = Callable[[int, dict, dict], None]  # (epoch, metrics, {name: gri
 
 
 def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_path: Path, data_hash: str,
-                      on_epoch: Optional[EpochCallback] = None, previews: bool = False):
+                      on_epoch: Optional[EpochCallback] = None, previews: bool = False, rt: Runtime = CPU):
     """The trained model and its per-epoch history; `on_epoch` gets each epoch's figures (and a
     reconstruction grid when `previews`)."""
     torch.manual_seed(cfg.seed)
-    model = ConvAutoencoder(AutoencoderSpec(latent_dim=cfg.latent_dim))
+    model = ConvAutoencoder(AutoencoderSpec(latent_dim=cfg.latent_dim)).to(rt.device)
+    net = rt.wrap(model)
     optimizer = adam(model, cfg.lr)
-    images = torch.from_numpy(train.images)
+    images = torch.from_numpy(train.images).to(rt.device)  # all of MNIST fits on any device: no per-batch copies
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x = as_batch(images[idx])
-        return F.binary_cross_entropy_with_logits(model(x), x)
+        x = as_batch(images[rt.dist.shard(idx)])
+        return F.binary_cross_entropy_with_logits(net(x), x)
 
     def on_epoch_end(epoch: int, train_loss: float) -> dict:
         metrics = reconstruction_metrics(model, test.images)
@@ -43,7 +45,7 @@ def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_
     history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(images),
                            batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
                            checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, desc="train_ae",
-                           run_fingerprint=fingerprint("autoencoder", _training_fields(cfg), data_hash))
+                           run_fingerprint=fingerprint("autoencoder", _training_fields(cfg), data_hash), rt=rt)
     return model, history
 
 

@@ -12,20 +12,24 @@ import torch.nn.functional as F
 from ..classifier import DigitClassifier, accuracy
 from ..config import EvaluatorConfig
 from ..data import Split
+from ..device import CPU, Runtime
 from ..images import as_batch
 from .loop import adam, fingerprint, run_training
 
 
 def train_classifier(cfg: EvaluatorConfig, train: Split, test: Split, resume_path: Path, data_hash: str,
-                     on_epoch: Optional[Callable[[int, dict, dict], None]] = None):
+                     on_epoch: Optional[Callable[[int, dict, dict], None]] = None, rt: Runtime = CPU):
     """The trained classifier and its per-epoch history (train loss, test accuracy)."""
     torch.manual_seed(cfg.seed)
-    model = DigitClassifier()
+    model = DigitClassifier().to(rt.device)
+    net = rt.wrap(model)
     optimizer = adam(model, cfg.lr)
-    images, labels = torch.from_numpy(train.images), torch.from_numpy(train.labels).long()
+    images = torch.from_numpy(train.images).to(rt.device)
+    labels = torch.from_numpy(train.labels).long().to(rt.device)
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return F.cross_entropy(model(as_batch(images[idx])), labels[idx])
+        mine = rt.dist.shard(idx)
+        return F.cross_entropy(net(as_batch(images[mine])), labels[mine])
 
     def on_epoch_end(epoch: int, train_loss: float) -> dict:
         acc = accuracy(model, test.images, test.labels)
@@ -36,5 +40,5 @@ def train_classifier(cfg: EvaluatorConfig, train: Split, test: Split, resume_pat
     history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(images),
                            batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
                            checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, desc="train_evaluator",
-                           run_fingerprint=fingerprint("evaluator", dataclasses.asdict(cfg), data_hash))
+                           run_fingerprint=fingerprint("evaluator", dataclasses.asdict(cfg), data_hash), rt=rt)
     return model, history

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DiffusionConfig
+from ..device import CPU, Runtime
 from ..denoiser import DenoiserSpec, LatentDenoiser
 from ..diffusion import NoiseSchedule, q_sample
 from .loop import EMA, adam, fingerprint, run_training
@@ -27,15 +28,20 @@ def select_digit(z: np.ndarray, labels: np.ndarray, only_digit: Optional[int]):
     return z[keep], labels[keep]
 
 
-def diffusion_loss(model: LatentDenoiser, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor],
-                   gen: torch.Generator, cond_drop_prob: float) -> torch.Tensor:
-    """L_simple of Ho et al.: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t) ||^2."""
-    B = z0.shape[0]
-    t = torch.randint(0, s.T, (B,), generator=gen)
-    noise = torch.randn(z0.shape, generator=gen)
+def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor],
+                   gen: torch.Generator, cond_drop_prob: float, null_label: int = -1,
+                   shard: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:
+    """L_simple of Ho et al.: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t) ||^2.
+
+    t, the noise and the label drops are drawn for the whole batch `z0`, then `shard` keeps this
+    process's rows, so every process of a torchrun job draws the same numbers."""
+    B, dev = z0.shape[0], z0.device
+    t = torch.randint(0, s.T, (B,), generator=gen, device=dev)
+    noise = torch.randn(z0.shape, generator=gen, device=dev)
     if y is not None:  # classifier-free guidance training: drop labels to the null token
-        drop = torch.rand(B, generator=gen) < cond_drop_prob
-        y = torch.where(drop, torch.full_like(y, model.null_label), y)
+        drop = torch.rand(B, generator=gen, device=dev) < cond_drop_prob
+        y = shard(torch.where(drop, torch.full_like(y, null_label), y))
+    z0, t, noise = shard(z0), shard(t), shard(noise)
     return F.mse_loss(model(q_sample(s, z0, t, noise), t, y), noise)
 
 
@@ -43,25 +49,29 @@ def diffusion_loss(model: LatentDenoiser, s: NoiseSchedule, z0: torch.Tensor, y:
 def held_out_loss(model: LatentDenoiser, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor]) -> float:
     """The same loss on held-out latents with fixed t and noise, so epochs are comparable."""
     model.eval()
-    gen = torch.Generator().manual_seed(1234)
-    return diffusion_loss(model, s, z0, y, gen, 0.0).item()
+    gen = torch.Generator(device=z0.device).manual_seed(1234)
+    return diffusion_loss(model, s, z0, y, gen, 0.0, model.null_label).item()
 
 
 def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.Tensor, z_test: torch.Tensor,
                    y_test: torch.Tensor, resume_path: Path, data_hash: str,
-                   on_epoch: Optional[Callable[[int, dict, dict], None]] = None, preview: Optional[PreviewFn] = None):
+                   on_epoch: Optional[Callable[[int, dict, dict], None]] = None, preview: Optional[PreviewFn] = None,
+                   rt: Runtime = CPU):
     """Model, EMA, optimizer, schedule and per-epoch history; `on_epoch` gets each epoch's figures
     and, when `preview` is given, a sample grid from the EMA weights."""
     torch.manual_seed(cfg.seed)
     spec = DenoiserSpec(z_train.shape[1], cfg.hidden_dim, cfg.num_blocks, num_classes=10 if cfg.conditional else 0)
-    model = LatentDenoiser(spec)
+    model = LatentDenoiser(spec).to(rt.device)
+    net = rt.wrap(model)
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_steps)
     optimizer = adam(model, cfg.lr)
-    s = NoiseSchedule.linear(cfg.T, cfg.beta_start, cfg.beta_end)
+    s = NoiseSchedule.linear(cfg.T, cfg.beta_start, cfg.beta_end).to(rt.device)
     cond = cfg.conditional
+    z_train, y_train, z_test, y_test = (t.to(rt.device) for t in (z_train, y_train, z_test, y_test))
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return diffusion_loss(model, s, z_train[idx], y_train[idx] if cond else None, gen, cfg.cond_drop_prob)
+        return diffusion_loss(net, s, z_train[idx], y_train[idx] if cond else None, gen, cfg.cond_drop_prob,
+                              model.null_label, rt.dist.shard)
 
     def on_epoch_end(epoch: int, train_loss: float) -> dict:
         metrics = {"test_loss": held_out_loss(model, s, z_test, y_test if cond else None),
@@ -76,5 +86,5 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
     history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(z_train),
                            batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
                            checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, ema=ema,
-                           desc="train_diffusion", run_fingerprint=fingerprint("diffusion", fields, data_hash))
+                           desc="train_diffusion", run_fingerprint=fingerprint("diffusion", fields, data_hash), rt=rt)
     return model, ema, optimizer, s, history

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..device import CPU, Runtime
 from ..errors import UserError
 from ..progress import progress
 
@@ -81,35 +82,50 @@ class LoopState:
     history: list = field(default_factory=list)  # one dict of metrics per finished epoch
 
 
-LossFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (batch indices, generator) -> scalar loss
+# (global batch indices on the device, generator) -> mean loss over this rank's shard of the batch
+LossFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 EpochEndFn = Callable[[int, float], dict]  # (epoch, mean train loss) -> metrics dict for the history
 
 
 def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, n_items: int,
                  batch_size: int, epochs: int, seed: int, resume_path: Path, checkpoint_every: int,
                  run_fingerprint: str, on_epoch_end: EpochEndFn, ema: Optional[EMA] = None,
-                 desc: str = "train") -> list[dict]:
-    """Train and return the per-epoch history. Leaves no resume state behind when it finishes."""
+                 desc: str = "train", rt: Runtime = CPU) -> list[dict]:
+    """Train and return the per-epoch history. Leaves no resume state behind when it finishes.
+
+    Under torchrun every rank walks the same seeded order and draws the same random numbers; `loss_fn`
+    takes its rank's shard of each global batch of `batch_size`, and DDP averages the gradients, so the
+    params mean the same at any number of processes. Only rank 0 writes the resume state.
+    """
     if n_items == 0:
         raise UserError(f"{desc}: no training items (check the data and params such as diffusion.only_digit)")
+    if rt.dist.world > batch_size:
+        raise UserError(f"{desc}: batch_size {batch_size} is smaller than the {rt.dist.world} processes; "
+                        f"the global batch is split between them")
     steps_per_epoch = math.ceil(n_items / batch_size)
     total = steps_per_epoch * epochs
-    gen = torch.Generator().manual_seed(seed)
+    gen = rt.generator(seed)
     state = LoopState()
     _maybe_resume(resume_path, run_fingerprint, model, optimizer, ema, gen, state, desc)
+    check_every = 1 if rt.device.type == "cpu" else 50  # reading the loss is a host sync on an accelerator
+    # the epoch's loss so far, summed over this rank's items (a resumed partial sum, global, lives on rank 0)
+    loss_sum = torch.tensor(state.epoch_loss_sum if rt.dist.main else 0.0, dtype=torch.float64, device=rt.device)
 
-    bar = progress(total=total, initial=state.step, desc=desc, unit="step")
+    bar = progress(total=total, initial=state.step, desc=desc, unit="step", disable=not rt.dist.main)
     order_epoch, order = -1, None
     try:  # close the bar before any error is printed, so the error stays the last line
         while state.step < total:
             epoch, i = divmod(state.step, steps_per_epoch)
-            if epoch != order_epoch:  # this epoch's data order, from (seed, epoch) alone
+            if epoch != order_epoch:  # this epoch's data order, from (seed, epoch) alone, the same on any device
                 order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+                order = order.to(rt.device)
                 order_epoch = epoch
             idx = order[i * batch_size:(i + 1) * batch_size]
             model.train()
-            loss = loss_fn(idx, gen)
-            if not torch.isfinite(loss):
+            with rt.autocast():
+                loss = loss_fn(idx, gen)
+            last_step = i + 1 == steps_per_epoch
+            if (state.step % check_every == 0 or last_step) and not torch.isfinite(loss):
                 last = f"{resume_path} (left as it was)" if resume_path.exists() else "none written yet"
                 raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {state.step + 1} (epoch {epoch + 1}); "
                                        f"training stopped; last good checkpoint: {last}")
@@ -119,16 +135,19 @@ def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
             if ema is not None:
                 ema.update(model)
             state.step += 1
-            state.epoch_loss_sum += loss.item() * len(idx)
+            loss_sum += loss.detach().double() * len(rt.dist.shard(idx))
             bar.update(1)
-            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.4f}", refresh=False)
-            if i + 1 == steps_per_epoch:
-                metrics = {"epoch": epoch + 1, "train_loss": state.epoch_loss_sum / n_items}
+            if state.step % check_every == 0:
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.4f}", refresh=False)
+            if last_step:
+                metrics = {"epoch": epoch + 1, "train_loss": rt.all_sum(loss_sum).item() / n_items}
                 metrics.update(on_epoch_end(epoch + 1, metrics["train_loss"]))
                 state.history.append(metrics)
-                state.epoch_loss_sum = 0.0
+                loss_sum.zero_()
             if state.step % checkpoint_every == 0 and state.step < total:
-                _save_resume(resume_path, run_fingerprint, model, optimizer, ema, gen, state)
+                state.epoch_loss_sum = rt.all_sum(loss_sum.clone()).item()  # every rank takes part
+                if rt.dist.main:
+                    _save_resume(resume_path, run_fingerprint, model, optimizer, ema, gen, state)
     finally:
         bar.close()
     return state.history
@@ -141,6 +160,7 @@ def _save_resume(path: Path, fp: str, model, optimizer, ema, gen, state: LoopSta
         "optimizer": optimizer.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "generator": gen.get_state(),
+        "generator_device": gen.device.type,
         "torch_rng": torch.get_rng_state(),
         "step": state.step,
         "epoch_loss_sum": state.epoch_loss_sum,
@@ -155,6 +175,10 @@ def _maybe_resume(path: Path, fp: str, model, optimizer, ema, gen, state: LoopSt
         ckpt = load_checkpoint(path, "mnist-ldm/resume", "resume state")
     except CheckpointError as e:
         print(f"warning: {desc}: ignoring unusable resume state: {e}", file=sys.stderr)
+        return
+    if ckpt.get("generator_device", "cpu") != gen.device.type:
+        print(f"{desc}: {path} was saved on {ckpt.get('generator_device', 'cpu')}, this run uses {gen.device.type}; "
+              f"starting from scratch", file=sys.stderr)
         return
     if ckpt["fingerprint"] != fp:
         print(f"{desc}: {path} was saved for other params or data; starting from scratch", file=sys.stderr)

@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test bench install clean-outputs
+.PHONY: run test bench gpu-check install clean-outputs
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,3 +25,6 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/quality_vs_steps.py
+
+gpu-check:  # on a machine with CUDA: the full-MNIST pipeline and the speed figures (needs only PyTorch)
+	python3 benchmarks/gpu_check.py

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -35,19 +36,26 @@ RAW_WEIGHTS = [("ddpm", 1000), ("ddim", 50)]
 GUIDANCE = [0.0, 1.0, 2.0, 4.0]
 
 
-def run_config(ckpt, ae_ckpt, evaluator, f_test, n, sampler, steps, use_ema, seed, labels=None, guidance=1.0):
+def run_config(ckpt, ae_ckpt, evaluator, f_test, n, sampler, steps, use_ema, seeds, labels=None, guidance=1.0):
+    """One sampler setting, sampled once per seed: the FCD's mean and sample std over the seeds."""
     pipe = LatentDiffusionPipeline.from_checkpoints(ckpt, ae_ckpt, use_ema=use_ema)
-    t0 = time.perf_counter()
-    z, _ = pipe.sample_latents(n, sampler=sampler, steps=steps, eta=1.0 if sampler == "ddpm" else 0.0,
-                               guidance=guidance, labels=labels, seed=seed)
-    images = pipe.decode(z)
-    seconds = time.perf_counter() - t0
-    f_gen, p_gen = features_and_probs(evaluator, images)
+    fcds, accs, seconds = [], [], []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        z, _ = pipe.sample_latents(n, sampler=sampler, steps=steps, eta=1.0 if sampler == "ddpm" else 0.0,
+                                   guidance=guidance, labels=labels, seed=seed)
+        images = pipe.decode(z)
+        seconds.append(time.perf_counter() - t0)
+        f_gen, p_gen = features_and_probs(evaluator, images)
+        fcds.append(metrics.frechet_classifier_distance(f_gen, f_test))
+        if labels is not None:
+            accs.append(float((p_gen.argmax(1) == labels.numpy()).mean()))
     row = {"sampler": sampler, "steps": steps, "network_evals": pipe.network_evals(sampler, steps),
-           "weights": "ema" if use_ema else "raw", "n": n, "seconds": round(seconds, 2),
-           "fcd": metrics.frechet_classifier_distance(f_gen, f_test)}
+           "weights": "ema" if use_ema else "raw", "n": n, "seeds": list(seeds),
+           "seconds": round(statistics.median(seconds), 2), "fcd": statistics.mean(fcds),
+           "fcd_sd": statistics.stdev(fcds) if len(fcds) > 1 else 0.0, "fcd_each": fcds}
     if labels is not None:
-        row.update(guidance=guidance, digit_accuracy=float((p_gen.argmax(1) == labels.numpy()).mean()))
+        row.update(guidance=guidance, digit_accuracy=statistics.mean(accs))
     print(json.dumps(row))
     return row
 
@@ -69,8 +77,8 @@ def charts(rows, cond_rows, out_dir: Path):
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for sampler in ("ddim", "ddpm"):
         pts = [r for r in ema if r["sampler"] == sampler]
-        ax.plot([r["network_evals"] for r in pts], [r["fcd"] for r in pts], "o-" if sampler == "ddim" else "s",
-                ms=6, label=f"{sampler.upper()} (EMA)")
+        ax.errorbar([r["network_evals"] for r in pts], [r["fcd"] for r in pts], yerr=[r["fcd_sd"] for r in pts],
+                    fmt="o-" if sampler == "ddim" else "s", ms=6, capsize=3, label=f"{sampler.upper()} (EMA, ± sd)")
         for r in pts:
             ax.annotate(f"{r['seconds']:.0f}s", (r["network_evals"], r["fcd"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
@@ -97,17 +105,18 @@ def charts(rows, cond_rows, out_dir: Path):
 
 def markdown(rows, cond_rows, n, host) -> str:
     base = next(r for r in rows if r["sampler"] == "ddpm" and r["weights"] == "ema")
-    lines = [f"n = {n} generated vs {n} test images; {host}; {time.strftime('%Y-%m-%d')}", "",
+    lines = [f"n = {n} generated vs {n} test images; FCD mean ± sample std over sampling seeds "
+             f"{base['seeds']} (wall time: median); {host}; {time.strftime('%Y-%m-%d')}", "",
              "| sampler | weights | network evals | wall time (s) | speed-up | FCD | FCD / FCD(DDPM-1000) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['sampler'].upper()}-{r['network_evals']} | {r['weights']} | {r['network_evals']} | "
-                     f"{r['seconds']:.1f} | {base['seconds'] / r['seconds']:.1f}x | {r['fcd']:.3f} | "
+                     f"{r['seconds']:.1f} | {base['seconds'] / r['seconds']:.1f}x | {r['fcd']:.3f} ± {r['fcd_sd']:.3f} | "
                      f"{r['fcd'] / base['fcd']:.3f} |")
     if cond_rows:
         lines += ["", "| guidance w | accuracy on requested digit | FCD |", "|---:|---:|---:|"]
         for r in cond_rows:
-            lines.append(f"| {r['guidance']:g} | {100 * r['digit_accuracy']:.2f}% | {r['fcd']:.3f} |")
+            lines.append(f"| {r['guidance']:g} | {100 * r['digit_accuracy']:.2f}% | {r['fcd']:.3f} ± {r['fcd_sd']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +147,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=0, help="images per set (default: test-set size)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--skip-conditional", action="store_true")
+    ap.add_argument("--seeds", type=int, default=3, help="sampling seeds per setting (mean ± std; default 3)")
     args = ap.parse_args()
     params = load_params("params.yaml")
     torch.manual_seed(0)
@@ -148,13 +158,14 @@ def main() -> None:
     f_test, _ = features_and_probs(evaluator, test.images[:n])
     host = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
-    rows = [run_config(args.ckpt, ae, evaluator, f_test, n, s, k, True, seed=1) for s, k in SAMPLERS]
-    rows += [run_config(args.ckpt, ae, evaluator, f_test, n, s, k, False, seed=1) for s, k in RAW_WEIGHTS]
+    seeds = range(1, args.seeds + 1)
+    rows = [run_config(args.ckpt, ae, evaluator, f_test, n, s, k, True, seeds) for s, k in SAMPLERS]
+    rows += [run_config(args.ckpt, ae, evaluator, f_test, n, s, k, False, seeds) for s, k in RAW_WEIGHTS]
     cond_rows = []
     if not args.skip_conditional:
         cond = args.cond_ckpt or train_conditional(args.out / "diffusion_conditional.pt")
         labels = torch.arange(n) % 10
-        cond_rows = [run_config(cond, ae, evaluator, f_test, n, "ddim", 50, True, 2, labels, w) for w in GUIDANCE]
+        cond_rows = [run_config(cond, ae, evaluator, f_test, n, "ddim", 50, True, seeds, labels, w) for w in GUIDANCE]
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"n": n, "host": host, "date": time.strftime("%Y-%m-%d"), "samplers": rows, "guidance": cond_rows}
     write_json(args.out / "quality_vs_steps.json", result)

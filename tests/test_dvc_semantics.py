@@ -21,16 +21,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, make_repo_copy, run, write_params
+from code_deps import closure
+from conftest import BIN, REPO, make_repo_copy, run, write_params
+from conftest import test_env as user_env
+from test_pipeline import STAGES, downstream, extra_stages, pipeline
 
-STAGES = ["check_params", "prepare", "train_ae", "encode", "train_diffusion", "sample", "train_evaluator", "evaluate"]
 OUTPUT_DIRS = ("models", "data/prepared", "data/latents", "outputs", "metrics", "plots")
-CACHED = "Stage '{}' is cached - skipping run, checking out outputs"
 SKIPPED = "Stage '{}' didn't change, skipping"
 
 
 def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run([str(BIN / "dvc"), *args], repo, check=check)
+    """DVC in `repo`, whose stages import the copy's own `src` (not the editable install's), so that the
+    code DVC hashes is the code that runs, and runs minutes apart run the same code."""
+    return run([str(BIN / "dvc"), *args], repo, check=check, env=user_env(PYTHONPATH=str(repo / "src")))
 
 
 def git(repo: Path, *args: str) -> str:
@@ -69,7 +72,7 @@ def built(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """Run A: a shrunk `dvc repro` (MLflow off: it only adds time here), committed; and its outputs' md5s."""
     repo = make_repo_copy(tmp_path_factory.mktemp("semantics") / "repo", {"tracking": {"enabled": False}})
     first = dvc(repo, "repro")
-    assert sorted(stages_run(first.stdout)) == sorted(STAGES), first.stdout
+    assert sorted(stages_run(first.stdout)) == sorted(pipeline(repo)), first.stdout
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "run A")
     files = snapshot(repo)
@@ -93,7 +96,7 @@ def back_to_a(repo: Path, files: dict[str, str], restored: set[str]) -> None:
     out = dvc(repo, "repro").stdout
     assert stages_run(out) == [], out
     assert set(stages_cached(out)) == restored, out
-    for stage in set(STAGES) - restored:
+    for stage in set(pipeline(repo)) - restored:
         assert SKIPPED.format(stage) in out, (stage, out)
     assert snapshot(repo) == files
     assert status(repo) == {}
@@ -138,21 +141,24 @@ def test_going_back_to_earlier_params_runs_nothing(built, repo):
     """A (the fixture's run), B (another diffusion.lr), A again: every stage of the third comes from the
     run-cache, byte-identical to A. `check_params` too: it depends on params.yaml's bytes, which are A's."""
     files = built[1]
+    changed = {"check_params"} | downstream(pipeline(repo), {"train_diffusion"})
+    assert changed - extra_stages(repo) == {"check_params", "train_diffusion", "sample", "evaluate"}
     b = dvc(repo, "exp", "run", "-S", "diffusion.lr=0.0005")
-    assert stages_run(b.stdout) == ["check_params", "train_diffusion", "sample", "evaluate"], b.stdout
+    ran = stages_run(b.stdout)
+    assert sorted(ran) == sorted(changed) and ran[:2] == ["check_params", "train_diffusion"], b.stdout
     b_files = snapshot(repo)
     assert b_files["models/diffusion.pt"] != files["models/diffusion.pt"]
     assert b_files["models/autoencoder.pt"] == files["models/autoencoder.pt"]
     assert b_files["data/prepared/train.npz"] == files["data/prepared/train.npz"]
 
-    back_to_a(repo, files, {"check_params", "train_diffusion", "sample", "evaluate"})
+    back_to_a(repo, files, changed)
 
     # and B again, through `dvc exp run`: the run-cache serves experiments too
     again = dvc(repo, "exp", "run", "-S", "diffusion.lr=0.0005")
     assert stages_run(again.stdout) == [], again.stdout
-    assert set(stages_cached(again.stdout)) == {"check_params", "train_diffusion", "sample", "evaluate"}, again.stdout
+    assert set(stages_cached(again.stdout)) == changed, again.stdout
     assert snapshot(repo) == b_files
-    back_to_a(repo, files, {"check_params", "train_diffusion", "sample", "evaluate"})
+    back_to_a(repo, files, changed)
 
 
 # --------------------------------------------------------------------------- code changes
@@ -168,12 +174,20 @@ def changed_stages(repo: Path, rel: str) -> dict:
         path.write_bytes(original)
 
 
+def importers(repo: Path, rel: str) -> set[str]:
+    """The stages whose entry `stages/<name>.py` runs `rel`, from the source's imports (tests/code_deps.py)."""
+    return {stage for stage in pipeline(repo) if rel in closure(REPO / "stages" / f"{stage}.py")}
+
+
 def test_a_code_change_marks_exactly_the_stages_that_import_it(built, repo):
     metrics = changed_stages(repo, "src/mnist_ldm/metrics.py")
+    assert importers(repo, "src/mnist_ldm/metrics.py") == {"evaluate"}
     assert metrics == {"evaluate": [{"changed deps": {"src/mnist_ldm/metrics.py": "modified"}}]}, metrics
 
     denoiser = changed_stages(repo, "src/mnist_ldm/denoiser.py")
-    assert denoiser.keys() == {"train_diffusion", "sample"}, denoiser
+    assert denoiser.keys() == importers(repo, "src/mnist_ldm/denoiser.py"), denoiser
+    # by name: the two that build or run the denoiser; a stage added later (packaging it) may import it too
+    assert denoiser.keys() & set(STAGES) == {"train_diffusion", "sample"}, denoiser
     for stage in denoiser:
         assert denoiser[stage] == [{"changed deps": {"src/mnist_ldm/denoiser.py": "modified"}}], denoiser
     # evaluate does not import the denoiser: it follows only through sample's output, if that changes
@@ -196,7 +210,7 @@ def test_a_code_change_reruns_only_its_stage_and_undoing_it_is_served_by_the_run
     try:
         out = dvc(repo, "repro").stdout
         assert stages_run(out) == ["evaluate"], out
-        for stage in set(STAGES) - {"evaluate"}:
+        for stage in set(pipeline(repo)) - {"evaluate"}:
             assert SKIPPED.format(stage) in out, (stage, out)
     finally:
         path.write_bytes(original)

@@ -1,4 +1,5 @@
-"""`mnist-ldm`: one subcommand per pipeline stage, plus `infer` (the seed's infer.py).
+"""`mnist-ldm`: one subcommand per pipeline stage, plus `infer` (the seed's infer.py) and `promote` (the
+Model Registry's alias `champion`).
 
 Each subcommand is a module in `mnist_ldm.stages`; `stages/<name>.py` at the top of the repository
 runs the same module for DVC. Paths are required arguments (dvc.yaml holds them); params come from
@@ -25,6 +26,8 @@ COMMANDS = {
     "infer": "infer",
     "train-evaluator": "train_evaluator",
     "evaluate": "evaluate",
+    "package-model": "package_model",
+    "promote": "promote",
 }
 
 

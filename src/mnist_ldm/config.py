@@ -185,9 +185,13 @@ class EvaluateConfig(_Section):
 class TrackingConfig(_Section):
     enabled: bool = True
     experiment: str = "mnist-ldm"
+    registered_model: str = "mnist-ldm"  # the Model Registry name that `package_model` adds a version to
 
     def rules(self, s: str) -> None:
         _require(bool(self.experiment.strip()), f"{s}.experiment", self.experiment, "a non-empty name")
+        _require(bool(self.registered_model.strip()) and "/" not in self.registered_model and
+                 self.registered_model == self.registered_model.strip(), f"{s}.registered_model",
+                 self.registered_model, "a non-empty name without '/' or surrounding spaces")
 
 
 @dataclass(frozen=True)

@@ -99,8 +99,11 @@ def check_producer(latent_dir: str | Path, ae_ckpt: str | Path) -> dict:
     """The cache's stats, after checking it was encoded by the autoencoder in `ae_ckpt`."""
     stats = load_stats(latent_dir)
     recorded, actual = stats.get("ae_checkpoint_md5"), file_md5(ae_ckpt)
+    if not recorded:
+        raise UserError(f"{Path(latent_dir) / 'stats.json'}: records no autoencoder md5 (ae_checkpoint_md5), so "
+                        f"it cannot be checked against {ae_ckpt}; re-run 'encode' (dvc repro -f encode)")
     if recorded != actual:
         raise UserError(f"{Path(latent_dir) / 'stats.json'}: these latents were encoded by another autoencoder "
-                        f"(md5 {str(recorded)[:12]}) than {ae_ckpt} (md5 {actual[:12]}); re-run 'encode' "
+                        f"(md5 {recorded[:12]}) than {ae_ckpt} (md5 {actual[:12]}); re-run 'encode' "
                         f"(dvc repro encode)")
     return stats

@@ -1,0 +1,179 @@
+"""The trained generator as an MLflow pyfunc model (what the `package_model` stage saves as `models/generator`).
+
+    model = mlflow.pyfunc.load_model("models:/mnist-ldm@champion")
+    out = model.predict({"n": 8, "seed": 0})                       # one row per image
+    images = np.stack(out["image"]).reshape(-1, 28, 28)            # (8, 28, 28) uint8
+
+Input: one request per call, as a one-row DataFrame, a dict or (over REST) `{"dataframe_records":
+[{"n": 8, "seed": 0}]}`. `n` is required (1 to `max_images`, stored with the model); `digit`, `sampler`,
+`steps`, `eta`, `guidance` and `seed` are optional, and default to the `sample` params the model was
+packaged with (`model_config`). Output: a DataFrame with one row per image, `label` (the requested
+digit of a class-conditional model, else None) and `image` (784 uint8, a 28x28 image row by row).
+
+A bad request raises `MlflowException` with error code INVALID_PARAMETER_VALUE and a one-line message
+naming the field, which `mlflow models serve` answers with HTTP 400. The weights are the two
+checkpoint files, stored as model artifacts and read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+
+from .device import runtime
+from .errors import UserError
+from .pipeline import LatentDiffusionPipeline
+
+MAX_IMAGES = 1000  # per request
+# The model is saved "from code" (no pickle): MLflow runs this file, with the packaged `mnist_ldm` on sys.path.
+MODEL_CODE = '''"""mnist-ldm generator: the model-from-code entry that MLflow runs to load the model."""
+from mlflow.models import set_model
+
+from mnist_ldm.serving import MnistGenerator
+
+set_model(MnistGenerator())
+'''
+# request field -> (type, what it must be)
+FIELDS = {"n": (int, "an integer"), "digit": (int, "an integer digit"), "sampler": (str, "a sampler name"),
+          "steps": (int, "an integer"), "eta": (float, "a number"), "guidance": (float, "a number"),
+          "seed": (int, "an integer")}
+DEFAULT_KEYS = ("digit", "sampler", "steps", "eta", "guidance", "seed", "use_ema", "batch_size")
+
+
+def bad_request(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _scalar(v: Any) -> Any:
+    """A plain Python value (numpy scalars and one-element lists unwrapped)."""
+    if isinstance(v, (list, tuple, np.ndarray)) and len(v) == 1:
+        v = v[0]
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _show(v: Any, limit: int = 60) -> str:
+    """`repr(v)` on one line, shortened."""
+    text = " ".join(repr(v).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _typed(name: str, v: Any) -> Any:
+    kind, expected = FIELDS[name]
+    ok = (isinstance(v, str) if kind is str else
+          isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+          and (kind is float or float(v).is_integer()))
+    if not ok:
+        raise bad_request(f"{name}={_show(v)} is not allowed; expected {expected}")
+    return kind(v)
+
+
+def request_fields(model_input: Any) -> dict[str, Any]:
+    """The given fields of one request (a one-row DataFrame, a dict, or a one-element list of dicts),
+    type-checked; a missing or null optional field is left out."""
+    if isinstance(model_input, pd.DataFrame):
+        if len(model_input) != 1:
+            raise bad_request(f"the request has {len(model_input)} rows; send one row (n asks for many images)")
+        row = model_input.iloc[0].to_dict()
+    elif isinstance(model_input, list) and len(model_input) == 1 and isinstance(model_input[0], dict):
+        row = model_input[0]
+    elif isinstance(model_input, dict):
+        row = model_input
+    else:
+        raise bad_request(f"the request is a {type(model_input).__name__}; send one record with the field n")
+    unknown = sorted(str(k) for k in row if k not in FIELDS)
+    if unknown:
+        raise bad_request(f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(FIELDS)}")
+    fields = {k: _scalar(v) for k, v in row.items()}
+    return {k: _typed(k, v) for k, v in fields.items() if not _missing(v)}
+
+
+def resolve_request(model_input: Any, defaults: dict[str, Any], max_images: int) -> dict[str, Any]:
+    """The request with the packaged defaults filled in; n and seed range-checked (the pipeline checks the rest)."""
+    given = request_fields(model_input)
+    if "n" not in given:
+        raise bad_request("n is missing; give the number of images to generate (1 to %d)" % max_images)
+    if not 1 <= given["n"] <= max_images:
+        raise bad_request(f"n={given['n']} is not allowed; expected 1 to {max_images} images per request")
+    if "seed" in given and not 0 <= given["seed"] < 2**63:
+        raise bad_request(f"seed={given['seed']} is not allowed; expected an integer in [0, 2^63)")
+    return {**{k: defaults.get(k) for k in ("digit", "sampler", "steps", "eta", "guidance", "seed")}, **given}
+
+
+def _field_message(e: UserError) -> str:
+    """The pipeline's message with its `--flag/sample.key=` prefixes read as request fields (`key=`)."""
+    return re.sub(r"--[\w-]+/sample\.(\w+)=", r"\1=", str(e)).splitlines()[0]
+
+
+class MnistGenerator(PythonModel):
+    """Loads both checkpoints through `LatentDiffusionPipeline.from_checkpoints` (`torch.load(weights_only=True)`)."""
+
+    def load_context(self, context) -> None:
+        cfg = context.model_config or {}
+        self.defaults = dict(cfg.get("defaults") or {})
+        self.max_images = int(cfg.get("max_images", MAX_IMAGES))
+        self.pipe = LatentDiffusionPipeline.from_checkpoints(
+            context.artifacts["diffusion"], context.artifacts["autoencoder"],
+            use_ema=bool(self.defaults.get("use_ema", True))).to(runtime())
+
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        req = resolve_request(model_input, self.defaults, self.max_images)
+        try:
+            self.pipe.check_request(req["sampler"], req["steps"], req["eta"], req["guidance"], req["digit"])
+        except UserError as e:
+            raise bad_request(_field_message(e)) from None
+        out = self.pipe.sample(req["n"], sampler=req["sampler"], steps=req["steps"], eta=req["eta"],
+                               guidance=req["guidance"], digit=req["digit"], seed=req["seed"],
+                               batch_size=int(self.defaults.get("batch_size") or 2500), progress=False)
+        labels = [None] * len(out.images) if out.labels is None else [int(v) for v in out.labels]
+        return pd.DataFrame({"label": pd.Series(labels, dtype=object),
+                             "image": list(out.images.reshape(len(out.images), -1))})
+
+
+def signature():
+    """Input columns of any type (this module checks them, so that a wrong type gets a one-line message naming
+    the field, as any other bad request; `REQUEST` in the model's metadata says what each must be); output:
+    one row per image."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, Array, ColSpec, Schema
+
+    inputs = Schema([ColSpec(AnyType(), name, required=name == "n") for name in FIELDS])
+    outputs = Schema([ColSpec("long", "label", required=False), ColSpec(Array("long"), "image")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+REQUEST = {"n": f"integer 1 to {MAX_IMAGES}, required", "digit": "integer 0-9, class-conditional models only",
+           "sampler": "ddpm or ddim", "steps": "integer 1 to T (ddim only)", "eta": "number in [0, 1] (ddim only)",
+           "guidance": "number >= 0 (class-conditional models)", "seed": "integer in [0, 2^63)"}
+
+
+def save_generator(path, diffusion_ckpt, ae_ckpt, defaults: dict[str, Any], package_dir, pip_requirements: list[str],
+                   metadata: dict[str, Any]) -> None:
+    """Save the pair of checkpoints as an MLflow pyfunc model in the (empty or missing) folder `path`;
+    `package_dir` is a copy of the `mnist_ldm` modules that this module needs (the model's `code_paths`)."""
+    import tempfile
+
+    import mlflow.pyfunc
+
+    cfg = {"defaults": {k: defaults[k] for k in DEFAULT_KEYS}, "max_images": MAX_IMAGES}
+    with tempfile.TemporaryDirectory() as tmp:
+        entry = Path(tmp) / "generator.py"
+        entry.write_text(MODEL_CODE)
+        mlflow.pyfunc.save_model(
+            path, python_model=str(entry),
+            artifacts={"diffusion": str(diffusion_ckpt), "autoencoder": str(ae_ckpt)},
+            code_paths=[str(package_dir)], pip_requirements=pip_requirements, signature=signature(),
+            input_example=pd.DataFrame([{"n": 4, "seed": 0}]), model_config=cfg,
+            metadata={**metadata, "request": REQUEST, "response": "one row per image: label (requested digit or "
+                      "null), image (784 uint8, 28x28 row by row)"})

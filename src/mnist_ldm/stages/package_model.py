@@ -1,0 +1,123 @@
+"""Stage `package_model`: the trained pair of checkpoints as an MLflow pyfunc model (`models/generator`, the
+DVC artifact `mnist-ldm-generator`) and, with tracking on, a new version of `tracking.registered_model`.
+
+The model folder holds both checkpoints as artifacts, the `sample` params as the request defaults, a
+signature and an input example, pinned pip requirements, and (as `code_paths`) the package modules that
+`mnist_ldm.serving` imports, so it loads where this package is not installed. `mnist-ldm promote`, never
+this stage, moves the alias `champion`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import re
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from .. import tracking
+from ..tracking import registry
+from ..atomic import atomic_dir
+from ..config import Params
+from ..errors import UserError
+from ..pipeline import LatentDiffusionPipeline
+from .common import add_paths, check_writable, run_stage
+
+HELP = "package the checkpoints as an MLflow model (models/generator) and register a version"
+SERVING_MODULE = "mnist_ldm.serving"
+REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "tqdm")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_paths(p, ckpt="diffusion checkpoint", ae_ckpt="autoencoder checkpoint",
+              eval="metrics JSON of `evaluate` (its headline numbers tag the registered version)",
+              out="folder of the MLflow model to write")
+
+
+def code_closure(module: str = SERVING_MODULE) -> list[Path]:
+    """The files of this package that `module` imports, directly or not (package `__init__`s included)."""
+    root = Path(__file__).resolve().parents[1]  # .../mnist_ldm
+    pkg = root.name
+
+    def file_of(name: str) -> Path | None:
+        base = root.joinpath(*name.split(".")[1:])
+        return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for mod in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+            f = file_of(mod)
+            if f is None or f in seen:
+                continue
+            seen.add(f)
+            here = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
+            for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
+                if isinstance(node, ast.Import):
+                    todo += [a.name for a in node.names if a.name.split(".")[0] == pkg]
+                elif isinstance(node, ast.ImportFrom):
+                    base = ".".join(here[:len(here) - node.level + 1] + [node.module or ""] if node.level
+                                    else [node.module or ""]).strip(".")
+                    if base.split(".")[0] == pkg:
+                        todo += [base] + [f"{base}.{a.name}" for a in node.names]
+    return sorted(seen)
+
+
+def requirements() -> list[str]:
+    """Pinned requirements of the serving code (local version labels such as `+cu130` dropped)."""
+    return [f"{name}=={re.sub(r'[+].*$', '', metadata.version(name))}" for name in REQUIREMENTS]
+
+
+def _eval_metrics(path: Path) -> dict[str, float]:
+    try:
+        result = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run the 'evaluate' stage first (dvc repro evaluate)") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); re-run 'evaluate' (dvc repro -f evaluate)") from None
+    if not isinstance(result, dict) or not isinstance(result.get("fcd"), dict):
+        raise UserError(f"{path}: holds no 'fcd' section; re-run 'evaluate' (dvc repro -f evaluate)")
+    return registry.headline(result)
+
+
+def run(params: Params, args: argparse.Namespace) -> dict:
+    from ..serving import MAX_IMAGES, save_generator
+
+    cfg = params.sample
+    check_writable(folders=[args.out])
+    metrics = _eval_metrics(args.eval)
+    pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema)
+    try:  # the packaged defaults must be a valid request for this model
+        pipe.check_request(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, cfg.digit)
+    except UserError as e:
+        raise UserError(f"{args.ckpt}: {e}") from None
+    defaults = dataclasses.asdict(cfg)
+    stage_params = {**tracking.section_params(params, "sample"),
+                    "tracking.registered_model": params.tracking.registered_model}
+    with tracking.stage_run("package_model", params, stage_params) as run:
+        with atomic_dir(args.out) as tmp, tempfile.TemporaryDirectory() as code_dir:
+            pkg_root = Path(__file__).resolve().parents[1]
+            for f in code_closure():
+                dest = Path(code_dir) / pkg_root.name / f.relative_to(pkg_root)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, dest)
+            save_generator(tmp, args.ckpt, args.ae_ckpt, defaults, Path(code_dir) / pkg_root.name,
+                           requirements(), {"num_classes": pipe.num_classes, "T": pipe.schedule.T,
+                                            "latent_dim": pipe.latent_dim})
+        version = registry.register(run, args.out, params.tracking.registered_model, metrics)
+    summary = {"out": str(args.out), "registered_model": params.tracking.registered_model if version else None,
+               "version": version, "max_images": MAX_IMAGES}
+    where = f"; version {version} of '{params.tracking.registered_model}'" if version else ""
+    print(f"package_model: MLflow model ({'conditional' if pipe.num_classes else 'unconditional'}, defaults "
+          f"{cfg.sampler}, seed {cfg.seed}) -> {args.out}{where}")
+    return summary
+
+
+def main(argv=None) -> int:
+    return run_stage("package_model", add_arguments, run, argv)

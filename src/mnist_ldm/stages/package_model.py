@@ -13,6 +13,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -89,6 +90,7 @@ def _eval_metrics(path: Path) -> dict[str, float]:
 def run(params: Params, args: argparse.Namespace) -> dict:
     from ..serving import MAX_IMAGES, save_generator
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log
     cfg = params.sample
     check_writable(folders=[args.out])
     metrics = _eval_metrics(args.eval)

@@ -100,8 +100,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     except UserError as e:
         raise UserError(f"{args.ckpt}: {e}") from None
     defaults = dataclasses.asdict(cfg)
-    stage_params = {**tracking.section_params(params, "sample"),
-                    "tracking.registered_model": params.tracking.registered_model}
+    stage_params = {**tracking.section_params(params, "sample"), **tracking.section_params(params, "tracking")}
     with tracking.stage_run("package_model", params, stage_params) as run:
         with atomic_dir(args.out) as tmp, tempfile.TemporaryDirectory() as code_dir:
             pkg_root = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ run: install
 	dvc repro
 
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15
 
 bench: install
 	$(BIN)/python benchmarks/quality_vs_steps.py

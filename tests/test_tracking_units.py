@@ -223,7 +223,8 @@ def test_stage_inputs_and_pipeline_key_follow_dep_files(tmp_path: Path) -> None:
 
 
 def test_section_params_and_tags(tmp_path: Path, monkeypatch) -> None:
-    assert section_params(PARAMS, "tracking") == {"tracking.enabled": True, "tracking.experiment": EXPERIMENT}
+    assert section_params(PARAMS, "tracking") == {"tracking.enabled": True, "tracking.experiment": EXPERIMENT,
+                                                  "tracking.registered_model": PARAMS.tracking.registered_model}
     assert _data_tags(None) == {}
     assert _data_tags({"source": "bundled", "content_hash": "abc"}) == {
         "mnist_ldm.data_source": "bundled", "mnist_ldm.data_hash": "abc"}

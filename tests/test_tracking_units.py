@@ -311,3 +311,22 @@ def test_tracking_off_logs_nothing(repo: Path) -> None:
         assert not run.logging
         run.log_epoch(1, {"loss": 1.0})
     assert runs_of(client_of(repo)) == []
+
+
+def test_parent_gets_sizes_as_tags_and_the_headline_first(repo: Path, monkeypatch) -> None:
+    """MLflow's compare view plots the first metric a run received: a parameter count must never be it."""
+    (repo / "metrics").mkdir()
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {}, "metrics": ["metrics/autoencoder.json",
+                                                                           "metrics/eval.json"]}))
+    (repo / "metrics/autoencoder.json").write_text('{"params": 252817, "test_bce": 0.1}')
+    (repo / "metrics/eval.json").write_text('{"n": 100, "prdc": {"recall": 0.5}, "fcd": {"generated": 7.5}}')
+    monkeypatch.setenv("DVC_STAGE", "evaluate")
+    with stage_run("evaluate", PARAMS, {}) as run:
+        run.headline({"fcd": 7.5})
+    client = client_of(repo)
+    parent = client.get_run(run.parent_id)
+    assert parent.data.metrics == {"autoencoder.test_bce": 0.1, "eval.prdc.recall": 0.5, "eval.fcd.generated": 7.5}
+    assert list(parent.data.metrics)[0] == "eval.fcd.generated"  # the order MLflow keeps: first logged first
+    assert parent.data.tags["mnist_ldm.size.autoencoder.params"] == "252817"
+    assert parent.data.tags["mnist_ldm.size.eval.n"] == "100"
+    assert parent.data.params == {k: str(v) for k, v in PARAMS.flat().items()}

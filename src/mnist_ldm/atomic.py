@@ -27,6 +27,13 @@ def _naming_target(e: OSError, tmp: Path, path: Path) -> OSError:
     return OSError(e.errno, e.strerror or str(e), where)
 
 
+def _raise_naming_target(e: OSError, tmp: Path, path: Path) -> None:
+    named = _naming_target(e, tmp, path)
+    if named is e:
+        raise e
+    raise named from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
@@ -37,10 +44,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        named = _naming_target(e, tmp, path)
-        if named is e:
-            raise
-        raise named from None
+        _raise_naming_target(e, tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -66,10 +70,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
-        named = _naming_target(e, tmp, path)
-        if named is e:
-            raise
-        raise named from None
+        _raise_naming_target(e, tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

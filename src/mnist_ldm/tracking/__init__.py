@@ -9,8 +9,10 @@
 * Parent (`runs.py`): identified by a hash of every param and of the pipeline's source inputs (code,
   raw data; `identity.py`): stages of one `dvc repro` find it without talking to each other, and
   `dvc repro -f` finds the same one again. It holds every param (`section.key`) and the numbers of
-  every metrics file that dvc.yaml lists (`<file stem>.<key>`), so it also shows the stages an
-  experiment did not re-run.
+  every metrics file that dvc.yaml lists (`<file stem>.<key>`, the evaluation's headline first), so
+  it also shows the stages an experiment did not re-run. Sizes (parameter and image counts:
+  `autoencoder.params`, `eval.n`, ...) are tags `mnist_ldm.size.<file stem>.<key>` there, not metrics:
+  MLflow's compare view plots a run's first metric, and a count makes a useless axis.
 * Child: one per executed stage, tagged with the hash of the stage's inputs (deps and params as
   `dvc.lock` records them, the effective params, the command line). A re-execution with the same
   inputs links to the finished run instead of logging a twin; an interrupted one is continued.

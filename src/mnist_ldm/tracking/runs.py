@@ -141,11 +141,33 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
 
 # --------------------------------------------------------------------------- the parent's numbers
 
+# Sizes, not results (parameter counts, how many images a stage learnt from or scored): tags on the
+# parent, `mnist_ldm.size.<name>`, so that comparing runs compares results. MLflow's compare view
+# starts its parallel-coordinates plot on the first metric a run received, and lists metrics in that
+# order. (The sampler's cost figures, `sample.num_images` and the like, stay metrics.)
+SIZE_KEYS = frozenset({"params", "n", "train_latents", "train_images", "test_images"})
+SIZE_TAG = TAG + "size."
+# the numbers a comparison is about come first in each batch sent to the parent
+HEADLINE_ORDER = ("eval.fcd.generated", "eval.fcd_ratio_to_single_gaussian", "eval.fcd.", "eval.prdc.",
+                  "autoencoder.test_bce", "diffusion.test_loss", "diffusion.train_loss", "evaluator.test_accuracy")
+
+
+def _is_size(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in SIZE_KEYS
+
+
+def _headline_rank(key: str) -> int:
+    return next((i for i, p in enumerate(HEADLINE_ORDER) if key == p or (p.endswith(".") and key.startswith(p))),
+                len(HEADLINE_ORDER))
+
+
 def _sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool) -> None:
     """Put the numbers of every metrics file that dvc.yaml lists on the parent (a stage that DVC runs), or
-    else the stage's headline prefixed by its name, logging only changed values."""
+    else the stage's headline prefixed by its name, logging only changed values; sizes go as tags."""
     if not run.parent_id or run.client is None or run.lost:
         return
+    from mlflow.entities import RunTag
+
     flat: dict[str, float] = {}
     entries = _load_dvc_yaml(workdir).get("metrics", []) if from_files else []
     for entry in entries:
@@ -161,9 +183,18 @@ def _sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool) -> None
     parent = run._call("parent metrics", run.client.get_run, run.parent_id)
     if parent is None:
         return
+    sizes = {SIZE_TAG + k: _tag_value(v) for k, v in flat.items() if _is_size(k)}
+    new_tags = [RunTag(k, v) for k, v in sizes.items() if parent.data.tags.get(k) != v]
+    if new_tags:
+        run._call("parent tags", run.client.log_batch, run.parent_id, tags=new_tags)
     current = parent.data.metrics
-    changed = {k: v for k, v in flat.items() if k not in current or not _same(current[k], v)}
+    changed = {k: v for k, v in sorted(flat.items(), key=lambda kv: _headline_rank(kv[0]))
+               if not _is_size(k) and (k not in current or not _same(current[k], v))}
     run.log_metrics(changed, run_id=run.parent_id)
+
+
+def _tag_value(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, float]:

@@ -1,0 +1,250 @@
+"""The MLflow UI in a real browser: two variants of a shrunk pipeline, logged to a real `mlflow server`,
+found in the runs view and compared side by side, the way a user does it.
+
+The browser is Debian's `chromium` package driven by Playwright (never a downloaded browser build);
+without it the module is skipped. Screenshots go to a temporary folder (printed); with
+`MLFLOW_UI_SCREENSHOTS=docs` the two that the README shows are also copied there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import parse_qs, unquote
+
+import pytest
+
+import conftest
+from conftest import BIN, make_repo_copy, run
+
+CHROMIUM = shutil.which("chromium")
+if CHROMIUM is None:
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium): no browser for the MLflow UI test",
+                allow_module_level=True)
+
+from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+
+from mnist_ldm.tracking.runs import SIZE_TAG, _is_size  # noqa: E402
+
+EXPERIMENT = "mnist-ldm"
+VARIANTS = {"lr-5e-4": "0.0005", "lr-1e-3": "0.001"}  # DVC experiment name -> diffusion.lr
+FCD = "eval.fcd.generated"
+# MLflow 3.17's UI takes the experiment kind from this switch, not from the experiment's tag
+RUNS_VIEW = "?workflowType=machine_learning"
+TIMEOUT_MS = 60_000  # a page of the UI on two busy cores
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(uri: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"mlflow server exited: {log.read_text()[-2000:]}"
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"mlflow server at {uri} not healthy after {timeout} s: {log.read_text()[-2000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """A server, and two `dvc exp run -S diffusion.lr=...` of a shrunk pipeline logged to it: (uri, experiment)."""
+    root = tmp_path_factory.mktemp("mlflow-ui")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = root / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--default-artifact-root", str(root / "art"), "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+            cwd=root, env=conftest.test_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        repo = make_repo_copy(root / "repo")
+        wait_healthy(uri, proc, log)
+        env = conftest.test_env(MLFLOW_TRACKING_URI=uri)
+        for name, lr in VARIANTS.items():  # up to `evaluate`: the headline numbers, nothing downstream of them
+            run([str(BIN / "dvc"), "exp", "run", "-n", name, "-S", f"diffusion.lr={lr}", "evaluate"], repo, env=env,
+                timeout=400)
+        from mlflow import MlflowClient
+
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
+        yield uri, exp
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def parents(logged) -> dict:
+    """DVC experiment name -> its parent run, read back through the server."""
+    from mlflow import MlflowClient
+
+    uri, exp = logged
+    runs = MlflowClient(tracking_uri=uri).search_runs([exp.experiment_id], "tags.`mnist_ldm.kind` = 'pipeline'")
+    return {r.info.run_name: r for r in runs}
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("screenshots")
+    yield folder
+    print(f"\nMLflow UI screenshots: {folder}")
+    target = os.environ.get("MLFLOW_UI_SCREENSHOTS")
+    if target:
+        dest = conftest.REPO / target
+        for name in ("mlflow_runs.png", "mlflow_compare.png"):
+            if (folder / name).exists():
+                shutil.copy(folder / name, dest / name)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser) -> Page:
+    context = browser.new_context(viewport={"width": 1400, "height": 720})
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    yield pg
+    context.close()
+
+
+def close_assistant(pg: Page) -> None:
+    """The assistant panel takes a third of the width; a user closes it once."""
+    button = pg.get_by_role("button", name="Close", exact=True)
+    if button.count():
+        button.first.click()
+
+
+def toggle_columns(pg: Page, names: tuple[str, ...]) -> None:
+    """Tick (or untick) columns of the runs table in its *Columns* menu."""
+    pg.get_by_role("button", name="Columns").click()
+    search = pg.get_by_placeholder("Search columns")
+    for name in names:
+        search.fill(name)
+        node = pg.locator("[class*=tree-treenode]", has=pg.get_by_text(name, exact=True))
+        node.locator("[class*=tree-checkbox]").first.click()
+    pg.keyboard.press("Escape")
+
+
+def plot_metric(pg: Page, key: str) -> None:
+    """Make `key` the one metric axis of the compare view's parallel-coordinates plot."""
+    select = pg.get_by_text("Metrics:", exact=True).locator("xpath=following-sibling::div[1]")
+    box = select.bounding_box()
+    select.click(position={"x": box["width"] - 40, "y": box["height"] / 2})  # not on a chip's remove cross
+    pg.keyboard.type(key)
+    pg.keyboard.press("Enter")
+    pg.keyboard.press("Escape")
+    for chip in select.locator("span[class$=-select-selection-item]").filter(has_not_text=key).all():
+        chip.locator("[class*=item-remove]").click()
+    expect(select.locator("[class*=selection-item-content]")).to_have_text([key])
+
+
+def shown_number(value: float) -> str:
+    """How the MLflow UI writes a metric: rounded to 3 decimals."""
+    return f"{round(value, 3):g}"
+
+
+# --------------------------------------------------------------------------- what the parent runs carry
+
+def test_parent_runs_carry_params_and_results_not_sizes(logged, parents):
+    uri, exp = logged
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert set(parents) == set(VARIANTS), f"parent runs: {sorted(parents)}"
+    for name, lr in VARIANTS.items():
+        data = parents[name].data
+        assert data.params["diffusion.lr"] == lr and data.tags["mnist_ldm.dvc_exp_name"] == name
+        assert FCD in data.metrics and "autoencoder.test_bce" in data.metrics and "eval.prdc.recall" in data.metrics
+        assert not [k for k in data.metrics if _is_size(k)], sorted(data.metrics)
+        assert data.tags[SIZE_TAG + "autoencoder.params"] == "252817"
+
+
+# --------------------------------------------------------------------------- the browser
+
+def test_runs_view_lists_both_variants_with_their_lr_and_fcd(logged, parents, page, shots):
+    uri, exp = logged
+    page.goto(f"{uri}/#/experiments/{exp.experiment_id}{RUNS_VIEW}")
+    for name in VARIANTS:
+        expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+    assert re.search(rf"#/experiments/{exp.experiment_id}/runs\b", page.url), page.url  # not .../overview (GenAI)
+    expect(page.get_by_text("Token Usage")).to_have_count(0)
+    close_assistant(page)
+
+    # the parents carry no dataset, source or model (their stages' runs do): room for what differs
+    toggle_columns(page, ("Dataset", "Source", "Models", "diffusion.lr", FCD, "diffusion.test_loss"))
+    expect(page.get_by_role("columnheader", name=FCD).first).to_be_visible()
+
+    for name, lr in VARIANTS.items():
+        [index] = page.locator("[role=row]").evaluate_all(
+            "(rows, name) => rows.flatMap(r => r.innerText.includes(name) ? [r.getAttribute('row-index')] : [])",
+            name)
+        cells = " ".join(page.locator(f"[role=row][row-index='{index}']").all_inner_texts())
+        assert lr in cells.split() and str(parents[name].data.metrics[FCD]) in cells, (name, cells)
+    page.screenshot(path=shots / "mlflow_runs.png", clip={"x": 0, "y": 0, "width": 1400, "height": 330})
+
+
+def test_compare_view_shows_both_lr_values_and_the_fcd(logged, parents, page, shots):
+    uri, exp = logged
+    page.set_viewport_size({"width": 1400, "height": 1500})
+    page.goto(f"{uri}/#/experiments/{exp.experiment_id}{RUNS_VIEW}")
+    close_assistant(page)
+    for name in VARIANTS:  # tick both parents, press Compare
+        row = page.locator("[role=row]", has=page.get_by_role("link", name=name, exact=True))
+        row.get_by_role("checkbox", name=re.compile("row selection")).check()
+    page.get_by_role("button", name="Compare", exact=True).click()
+    expect(page.get_by_text("Comparing 2 Runs from 1 Experiment")).to_be_visible()
+    assert "#/compare-runs?runs=" in page.url, page.url
+    runs = json.loads(parse_qs(unquote(page.url).split("?", 1)[1])["runs"][0])
+    assert sorted(runs) == sorted(r.info.run_id for r in parents.values()), page.url
+    close_assistant(page)
+
+    expect(page.get_by_text("Parallel Coordinates Plot")).to_be_visible()
+    axis = page.inner_text("body").split("Metrics:", 1)[1].split("Clear All", 1)[0].strip()
+    assert axis and not _is_size(axis), f"the parallel-coordinates plot starts on a size: {axis}"
+    plot_metric(page, FCD)  # the default is the first metric the first-ticked run received
+
+    page.get_by_text("Run details", exact=True).click()  # collapsed: the params and metrics come up
+    for switch in page.get_by_role("switch").all()[:2]:  # "Show diff only" for params and metrics
+        switch.click()
+    body = page.inner_text("body")
+    params = body.split("Parameters\nShow diff only", 1)[1].split("Metrics\nShow diff only", 1)[0]
+    metrics = body.split("Metrics\nShow diff only", 1)[1].split("Artifacts", 1)[0]
+    assert "diffusion.lr" in params and all(lr in params.split() for lr in VARIANTS.values()), params
+    assert FCD in metrics, metrics
+    for run in parents.values():
+        assert shown_number(run.data.metrics[FCD]) in metrics.split(), (shown_number(run.data.metrics[FCD]), metrics)
+    left = page.get_by_text("Comparing 2 Runs from 1 Experiment").bounding_box()["x"] - 16  # past the side bar
+    bottom = page.get_by_text("Artifacts", exact=True).bounding_box()["y"] - 8  # the metrics table's end
+    page.screenshot(path=shots / "mlflow_compare.png", clip={"x": left, "y": 0, "width": 1400 - left, "height": bottom})

@@ -74,6 +74,9 @@ def load_split(prepared_dir: Path, split: str) -> Split:
     images, labels = read_npz(path, ("images", "labels"), "prepared-data file", "prepare")
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels) != len(images):
         raise DataError(f"{path}: expected uint8 images (N, 28, 28) and N labels, got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise DataError(f"{path}: holds no images; re-run 'prepare' "
+                        f"(dvc repro -f prepare; data.limit_train / data.limit_test = 0 keeps every image)")
     return Split(images, labels)
 
 

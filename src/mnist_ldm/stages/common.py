@@ -96,18 +96,18 @@ def runtime_for(args: argparse.Namespace) -> "Runtime":
 
 
 def weights_digest(model) -> str:
-    """A short hash of a model's weights (processes of a torchrun job print it to show they agree)."""
+    """The sha256 of a model's weights (checkpoints record it; torchrun ranks print it to show they agree)."""
     h = hashlib.sha256()
     for t in model.state_dict().values():
         h.update(t.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def writes_outputs(rt: "Runtime", name: str, model) -> bool:
     """Whether this process writes the stage's outputs (rank 0 only); every rank of a torchrun job
     prints the hash of its final weights, which must agree."""
     if rt.dist.world > 1:
-        print(f"{name}: rank {rt.dist.rank}/{rt.dist.world} final weights {weights_digest(model)}", file=sys.stderr)
+        print(f"{name}: rank {rt.dist.rank}/{rt.dist.world} final weights {weights_digest(model)[:16]}", file=sys.stderr)
     return rt.dist.main
 
 
@@ -125,14 +125,6 @@ def maybe_torchrun(name: str, argv: Sequence[str]) -> None:
         print(f"{name}: {NPROC_ENV}={nproc}: {' '.join(cmd[1:])}", file=sys.stderr)
         sys.stdout.flush()
         os.execv(sys.executable, cmd)
-
-
-def with_images(split, data_dir: Path, name: str):
-    """`split` (a prepared `data.Split`), refused with one line naming its file when it holds no images."""
-    if len(split.images) == 0:
-        raise UserError(f"{Path(data_dir) / f'{name}.npz'}: holds no images; re-run 'prepare' "
-                        f"(dvc repro -f prepare; data.limit_train / data.limit_test = 0 keeps every image)")
-    return split
 
 
 def check_writable(files: Sequence[Path] = (), folders: Sequence[Path] = ()) -> None:

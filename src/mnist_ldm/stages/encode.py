@@ -10,7 +10,7 @@ from ..autoencoder import encode_images, load_autoencoder
 from ..config import Params
 from ..data import load_meta, load_split
 from ..latents import file_md5, latent_stats
-from .common import add_paths, runtime_for, check_writable, run_stage, with_images
+from .common import add_paths, check_writable, run_stage, runtime_for
 
 HELP = "encode the prepared data into cached latents"
 
@@ -24,8 +24,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     check_writable(folders=[args.out])
     model = load_autoencoder(args.ae_ckpt)[0].to(runtime_for(args).device)
     meta = load_meta(args.data)
-    splits = {split: with_images(load_split(args.data, split), args.data, split)  # both usable before any write
-              for split in ("train", "test")}
+    splits = {split: load_split(args.data, split) for split in ("train", "test")}  # both usable before any write
     with tracking.stage_run("encode", params, {"encode.data": str(args.data), "encode.ae_ckpt": str(args.ae_ckpt)},
                             meta) as trun:
         latents = {split: encode_images(model, data.images) for split, data in splits.items()}

@@ -17,7 +17,7 @@ from ..config import Params, override
 from ..data import load_split
 from ..latents import check_producer, load_latents
 from ..scoring import load_samples, score
-from .common import add_paths, runtime_for, check_writable, run_stage, with_images
+from .common import add_paths, check_writable, run_stage, runtime_for
 
 HELP = "score an .npz of images: FCD with floors, precision/recall, balance"
 
@@ -51,7 +51,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     device = runtime_for(args).device
     evaluator, ev_meta = load_classifier(args.evaluator)
     evaluator.to(device)
-    train, test = (with_images(load_split(args.data, s), args.data, s) for s in ("train", "test"))
+    train, test = (load_split(args.data, s) for s in ("train", "test"))
     ae = load_autoencoder(args.ae_ckpt)[0].to(device)
     check_producer(args.latents, args.ae_ckpt)
     z_train = load_latents(args.latents, "train")[0]

@@ -14,7 +14,7 @@ from ..atomic import write_npz
 from ..config import SAMPLERS, Params, override
 from ..errors import UserError
 from ..pipeline import LatentDiffusionPipeline
-from .common import add_paths, runtime_for, check_writable, digit, finite_float, positive_int, run_stage, seed
+from .common import add_paths, check_writable, digit, finite_float, positive_int, run_stage, runtime_for, seed
 
 HELP = "generate digits from a trained pair of checkpoints"
 

@@ -16,7 +16,7 @@ from ..config import Params
 from ..errors import UserError
 from ..latents import check_producer, load_latents
 from ..pipeline import LatentDiffusionPipeline
-from .common import add_paths, runtime_for, check_writable, publish, run_stage
+from .common import add_paths, check_writable, publish, run_stage, runtime_for
 
 HELP = "the pipeline's sampling stage"
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)

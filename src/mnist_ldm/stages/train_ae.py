@@ -13,7 +13,8 @@ from ..config import Params, override
 from ..data import load_meta, load_split
 from ..training.autoencoder import train_autoencoder
 from ..training.loop import count_parameters, resume_path_for
-from .common import add_paths, runtime_for, writes_outputs, check_writable, positive_float, positive_int, publish, run_stage, with_images
+from .common import (add_paths, check_writable, positive_float, positive_int, publish, run_stage, runtime_for,
+                     writes_outputs)
 
 HELP = "train the convolutional autoencoder"
 
@@ -36,7 +37,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     check_writable(files=[args.out, args.metrics], folders=[args.plots])
     rt = runtime_for(args)
     meta = load_meta(args.data)
-    train, test = (with_images(load_split(args.data, s), args.data, s) for s in ("train", "test"))
+    train, test = (load_split(args.data, s) for s in ("train", "test"))
     with tracking.stage_run("train_ae", params, tracking.section_params(params, "autoencoder"), meta) as run:
         run.log_dataset(meta, "mnist-train", "training", args.data)
         model, history = train_autoencoder(cfg, train, test, resume_path_for(args.out), meta["content_hash"],

@@ -18,7 +18,8 @@ from ..latents import LatentScaler, check_producer, file_md5, load_latents
 from ..pipeline import LatentDiffusionPipeline
 from ..training.denoiser import select_digit, train_denoiser
 from ..training.loop import count_parameters, resume_path_for
-from .common import add_paths, runtime_for, writes_outputs, publish, check_writable, digit, positive_float, positive_int, run_stage
+from .common import (add_paths, check_writable, digit, positive_float, positive_int, publish, run_stage, runtime_for,
+                     writes_outputs)
 
 HELP = "train the latent denoiser"
 PREVIEW_GUIDANCE = 2.0  # guidance of the per-epoch MLflow preview grid (conditional models only)

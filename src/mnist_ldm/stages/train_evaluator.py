@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 
 from .. import tracking
 from ..checkpoint import save_checkpoint
@@ -13,7 +12,7 @@ from ..config import Params
 from ..data import load_meta, load_split
 from ..training.classifier import train_classifier
 from ..training.loop import count_parameters, resume_path_for
-from .common import add_paths, runtime_for, writes_outputs, check_writable, publish, run_stage, with_images
+from .common import add_paths, check_writable, publish, run_stage, runtime_for, weights_digest, writes_outputs
 
 HELP = "train the CNN that scores samples"
 
@@ -27,14 +26,14 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     check_writable(files=[args.out, args.metrics])
     rt = runtime_for(args)
     meta = load_meta(args.data)
-    train, test = (with_images(load_split(args.data, s), args.data, s) for s in ("train", "test"))
+    train, test = (load_split(args.data, s) for s in ("train", "test"))
     with tracking.stage_run("train_evaluator", params, tracking.section_params(params, "evaluator"), meta) as run:
         run.log_dataset(meta, "mnist-train", "training", args.data)
         model, history = train_classifier(cfg, train, test, resume_path_for(args.out), meta["content_hash"],
                                           on_epoch=run.log_epoch, rt=rt)
         if not writes_outputs(rt, "train_evaluator", model):
             return {}
-        weights_hash = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in model.state_dict().values())).hexdigest()
+        weights_hash = weights_digest(model)
         final = {"test_accuracy": history[-1]["test_accuracy"], "params": count_parameters(model)}
         save_checkpoint(args.out, "mnist-ldm/evaluator", {
             "state_dict": model.state_dict(), "model_config": {"feature_dim": FEATURE_DIM},

@@ -20,8 +20,11 @@ install: $(BIN)/.installed
 run: install
 	dvc repro
 
+# pytest-xdist processes, one per core; each test module stays on one worker (its fixtures are built once)
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q --durations=15
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" -q --durations=15
 
 bench: install
 	$(BIN)/python benchmarks/quality_vs_steps.py

@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on the machine's two cores: one intra-op thread each, as the
+    # pipeline processes they start get (`test_env`); set before anything imports torch
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

@@ -1,9 +1,10 @@
 """The MLflow UI in a real browser: two variants of a shrunk pipeline, logged to a real `mlflow server`,
-found in the runs view and compared side by side, the way a user does it.
+found in the runs view, compared side by side, and found in the Model Registry with the champion that
+`mnist-ldm promote` chose, the way a user does it.
 
 The browser is Debian's `chromium` package driven by Playwright (never a downloaded browser build);
 without it the module is skipped. Screenshots go to a temporary folder (printed); with
-`MLFLOW_UI_SCREENSHOTS=docs` the two that the README shows are also copied there.
+`MLFLOW_UI_SCREENSHOTS=docs` the three that the README shows are also copied there.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
-    """A server, and two `dvc exp run -S diffusion.lr=...` of a shrunk pipeline logged to it: (uri, experiment)."""
+    """A server, and two `dvc exp run -S diffusion.lr=...` of a shrunk pipeline logged to it, and
+    `mnist-ldm promote`: (uri, experiment, what promote printed)."""
     root = tmp_path_factory.mktemp("mlflow-ui")
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -88,13 +90,13 @@ def logged(tmp_path_factory):
         repo = make_repo_copy(root / "repo")
         wait_healthy(uri, proc, log)
         env = conftest.test_env(MLFLOW_TRACKING_URI=uri)
-        for name, lr in VARIANTS.items():  # up to `evaluate`: the headline numbers, nothing downstream of them
-            run([str(BIN / "dvc"), "exp", "run", "-n", name, "-S", f"diffusion.lr={lr}", "evaluate"], repo, env=env,
-                timeout=400)
+        for name, lr in VARIANTS.items():  # the whole pipeline: each registers a version of the generator
+            run([str(BIN / "dvc"), "exp", "run", "-n", name, "-S", f"diffusion.lr={lr}"], repo, env=env, timeout=400)
+        promoted = run([str(BIN / "mnist-ldm"), "promote"], repo, env=env).stdout
         from mlflow import MlflowClient
 
         exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
-        yield uri, exp
+        yield uri, exp, promoted
     finally:
         stop(proc)
 
@@ -104,7 +106,7 @@ def parents(logged) -> dict:
     """DVC experiment name -> its parent run, read back through the server."""
     from mlflow import MlflowClient
 
-    uri, exp = logged
+    uri, exp, _ = logged
     runs = MlflowClient(tracking_uri=uri).search_runs([exp.experiment_id], "tags.`mnist_ldm.kind` = 'pipeline'")
     return {r.info.run_name: r for r in runs}
 
@@ -117,7 +119,7 @@ def shots(tmp_path_factory) -> Path:
     target = os.environ.get("MLFLOW_UI_SCREENSHOTS")
     if target:
         dest = conftest.REPO / target
-        for name in ("mlflow_runs.png", "mlflow_compare.png"):
+        for name in ("mlflow_runs.png", "mlflow_compare.png", "mlflow_registry.png"):
             if (folder / name).exists():
                 shutil.copy(folder / name, dest / name)
 
@@ -180,7 +182,7 @@ def shown_number(value: float) -> str:
 # --------------------------------------------------------------------------- what the parent runs carry
 
 def test_parent_runs_carry_params_and_results_not_sizes(logged, parents):
-    uri, exp = logged
+    uri, exp, _ = logged
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     assert set(parents) == set(VARIANTS), f"parent runs: {sorted(parents)}"
     for name, lr in VARIANTS.items():
@@ -194,7 +196,7 @@ def test_parent_runs_carry_params_and_results_not_sizes(logged, parents):
 # --------------------------------------------------------------------------- the browser
 
 def test_runs_view_lists_both_variants_with_their_lr_and_fcd(logged, parents, page, shots):
-    uri, exp = logged
+    uri, exp, _ = logged
     page.goto(f"{uri}/#/experiments/{exp.experiment_id}{RUNS_VIEW}")
     for name in VARIANTS:
         expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
@@ -216,7 +218,7 @@ def test_runs_view_lists_both_variants_with_their_lr_and_fcd(logged, parents, pa
 
 
 def test_compare_view_shows_both_lr_values_and_the_fcd(logged, parents, page, shots):
-    uri, exp = logged
+    uri, exp, _ = logged
     page.set_viewport_size({"width": 1400, "height": 1500})
     page.goto(f"{uri}/#/experiments/{exp.experiment_id}{RUNS_VIEW}")
     close_assistant(page)
@@ -248,3 +250,26 @@ def test_compare_view_shows_both_lr_values_and_the_fcd(logged, parents, page, sh
     left = page.get_by_text("Comparing 2 Runs from 1 Experiment").bounding_box()["x"] - 16  # past the side bar
     bottom = page.get_by_text("Artifacts", exact=True).bounding_box()["y"] - 8  # the metrics table's end
     page.screenshot(path=shots / "mlflow_compare.png", clip={"x": left, "y": 0, "width": 1400 - left, "height": bottom})
+
+
+def test_registry_page_lists_a_version_per_variant_and_the_champion(logged, page, shots):
+    from mlflow import MlflowClient
+
+    uri, exp, promoted = logged
+    client = MlflowClient(tracking_uri=uri)
+    versions = {v.tags["dvc_experiment"]: v for v in client.search_model_versions(f"name='{EXPERIMENT}'")}
+    assert set(versions) == set(VARIANTS), sorted(versions)
+    champion = client.get_model_version_by_alias(EXPERIMENT, "champion")
+    best = min(versions.values(), key=lambda v: (float(v.tags["fcd.generated"]), -int(v.version)))
+    assert champion.version == best.version and f"version {best.version} " in promoted, promoted
+
+    page.set_viewport_size({"width": 1400, "height": 1400})  # each version lists a dozen tags
+    page.goto(f"{uri}/#/models/{EXPERIMENT}")
+    close_assistant(page)
+    for name, version in versions.items():
+        row = page.get_by_role("row").filter(has=page.get_by_role("link", name=f"Version {version.version}", exact=True))
+        expect(row).to_contain_text(re.compile(rf"dvc_experiment\s*:\s*{re.escape(name)}"))
+        expect(row).to_contain_text("fcd.generated")
+    expect(page.get_by_role("row").filter(has_text="@ champion")).to_contain_text(f"Version {champion.version}")
+    bottom = page.get_by_text("Previous", exact=True).bounding_box()["y"] - 8  # the versions table's end
+    page.screenshot(path=shots / "mlflow_registry.png", clip={"x": 0, "y": 0, "width": 1400, "height": bottom})

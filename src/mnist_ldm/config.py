@@ -82,6 +82,8 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class AutoencoderConfig(_Section):
+    """`autoencoder:`: the design's conv autoencoder (28→14→7→4 → latent_dim) and how it is trained."""
+
     latent_dim: int = 16
     epochs: int = 10
     batch_size: int = 128
@@ -98,7 +100,9 @@ class AutoencoderConfig(_Section):
 
 @dataclass(frozen=True)
 class DiffusionConfig(_Section):
-    # no latent_dim: the latent size is read from the autoencoder checkpoint
+    """`diffusion:`: the latent DDPM, an MLP denoiser of FiLM residual blocks on a linear beta schedule, and
+    its training. There is no latent_dim: the latent size is read from the autoencoder checkpoint."""
+
     hidden_dim: int = 256
     num_blocks: int = 4
     T: int = 1000

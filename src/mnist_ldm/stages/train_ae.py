@@ -38,8 +38,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     rt = runtime_for(args)
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
-    with tracking.stage_run("train_ae", params, tracking.section_params(params, "autoencoder"), meta) as run:
-        run.log_dataset(meta, "mnist-train", "training", args.data)
+    with tracking.training_run("train_ae", params, "autoencoder", meta, "mnist-train", args.data) as run:
         model, history = train_autoencoder(cfg, train, test, resume_path_for(args.out), meta["content_hash"],
                                            on_epoch=run.log_epoch, previews=cfg.generate_images and run.logging, rt=rt)
         if not writes_outputs(rt, "train_ae", model):

@@ -64,8 +64,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         raise UserError(f"{args.latents}: cached latents have dim {z_tr.shape[1]}, but the autoencoder in "
                         f"{args.ae_ckpt} makes {ae.spec.latent_dim}-d latents; re-run 'encode'")
     ae_md5 = file_md5(args.ae_ckpt)
-    with tracking.stage_run("train_diffusion", params, tracking.section_params(params, "diffusion"), meta) as run:
-        run.log_dataset(meta, "mnist-train-latents", "training", args.latents)
+    with tracking.training_run("train_diffusion", params, "diffusion", meta, "mnist-train-latents", args.latents) as run:
 
         def preview(model, s, epoch):
             pipe = LatentDiffusionPipeline(ae, model, s, scaler).to(rt)

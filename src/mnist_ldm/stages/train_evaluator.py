@@ -27,8 +27,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     rt = runtime_for(args)
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
-    with tracking.stage_run("train_evaluator", params, tracking.section_params(params, "evaluator"), meta) as run:
-        run.log_dataset(meta, "mnist-train", "training", args.data)
+    with tracking.training_run("train_evaluator", params, "evaluator", meta, "mnist-train", args.data) as run:
         model, history = train_classifier(cfg, train, test, resume_path_for(args.out), meta["content_hash"],
                                           on_epoch=run.log_epoch, rt=rt)
         if not writes_outputs(rt, "train_evaluator", model):

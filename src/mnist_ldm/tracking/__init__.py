@@ -23,8 +23,8 @@
 
 from .identity import pipeline_key, section_params, stage_inputs
 from .logger import StageRun
-from .runs import stage_run
+from .runs import stage_run, training_run
 from .store import TrackingError, repo_root, tracking_uri
 
 __all__ = ["StageRun", "TrackingError", "pipeline_key", "repo_root", "section_params", "stage_inputs",
-           "stage_run", "tracking_uri"]
+           "stage_run", "tracking_uri", "training_run"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..config import Params
-from .identity import _data_tags, _digest, _git_tags, _load_dvc_yaml, pipeline_key, stage_inputs
+from .identity import _data_tags, _digest, _git_tags, _load_dvc_yaml, pipeline_key, section_params, stage_inputs
 from .logger import StageRun, _number, _same
 from .store import (ENV_DEFAULTS, TAG, TrackingError, _check_server, _experiment_id, _first_line, _quiet_mlflow,
                     repo_root, tracking_uri)
@@ -137,6 +137,16 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
         run._call("run status", client.set_terminated, run_id, "FINISHED")
     if own_parent:
         run._call("run status", client.set_terminated, parent_id, "FINISHED")
+
+
+@contextlib.contextmanager
+def training_run(stage: str, params: Params, section: str, data_meta: dict, dataset: str,
+                 source: Path) -> Iterator[StageRun]:
+    """`stage_run` of a training stage: the params of its `section`, and what it trains on (`source`,
+    described by `data_meta`) as the MLflow dataset input `dataset`."""
+    with stage_run(stage, params, section_params(params, section), data_meta) as run:
+        run.log_dataset(data_meta, dataset, "training", source)
+        yield run
 
 
 # --------------------------------------------------------------------------- the parent's numbers

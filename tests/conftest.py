@@ -101,7 +101,26 @@ def repo_copy(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_repo(tmp_path_factory) -> Path:
-    """One shrunk `dvc repro` shared by the tests that only read its outputs (do not modify it)."""
+    """One shrunk `dvc repro` with tracking on (its own sqlite store, one registered model version),
+    shared by the tests that only read its outputs (do not modify it; `copy_trained` gives a private copy)."""
     repo = make_repo_copy(tmp_path_factory.mktemp("trained") / "repo")
     run([str(BIN / "dvc"), "repro"], repo)
     return repo
+
+
+def copy_trained(trained_repo: Path, dest: Path, params: dict | None = None) -> Path:
+    """A private copy of the trained repository with its git history, DVC cache and MLflow store (which
+    re-points its artifact locations to the copy), and its outputs committed. With `params`, those
+    values are changed first and `dvc repro` brings the outputs up to date (only the stages that read
+    them re-run)."""
+    shutil.copytree(trained_repo, dest, symlinks=True)
+    if (dest / "mlflow.db").exists():  # what the first stage run in the copy would do, done before tests read it
+        from mnist_ldm.tracking.store import _repoint
+
+        _repoint(dest / "mlflow.db", (trained_repo / "mlartifacts").as_uri(), (dest / "mlartifacts").as_uri())
+    if params:
+        write_params(dest, params)
+        run([str(BIN / "dvc"), "repro"], dest)
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "pipeline outputs"]):
+        run(cmd, dest)
+    return dest

@@ -156,3 +156,39 @@ def test_load_samples_accepts_uint8_and_unit_floats(tmp_path, real):
     np.savez(tmp_path / "shape.npz", images=np.zeros((3, 32, 32), np.uint8))
     with pytest.raises(UserError, match=r"expected \(N, 28, 28\)"):
         load_samples(tmp_path / "shape.npz")
+
+
+def test_every_floor_is_independent_of_the_reference_set_and_as_large_as_the_generated_set(real, monkeypatch):
+    """Score the same generated set against two disjoint reference sets. A floor built from the
+    reference images (say, reconstructions of test[:n]) would change with the reference; every floor
+    here must be the same set of images both times, of the generated set's size, and share no image
+    with either reference."""
+    data, clf, ae = real
+    z_train = encode_images(ae, data.train.images)
+    compared = []  # (first set, second set) of every FCD, the way score() calls it
+    real_fcd = metrics.frechet_classifier_distance
+
+    def recording(a, b):
+        compared.append((a, b))
+        return real_fcd(a, b)
+
+    monkeypatch.setattr(metrics, "frechet_classifier_distance", recording)
+    generated, references = data.test.images[600:], (data.test.images[:300], data.test.images[300:600])
+    seen = []
+    for reference in references:
+        compared.clear()
+        result = score(generated, None, clf, data.train.images, reference, ae, z_train, n=300, k=5, seed=0)
+        names = list(result["fcd"])
+        assert names[0] == "generated" and len(compared) == len(names)
+        seen.append(dict(zip(names, compared)))
+    f_refs = [features_and_probs(clf, r)[0] for r in references]
+    for name in seen[0]:
+        if name == "generated":
+            continue
+        (floor_a, ref_a), (floor_b, ref_b) = seen[0][name], seen[1][name]
+        assert np.array_equal(ref_a, f_refs[0]) and np.array_equal(ref_b, f_refs[1])
+        assert np.array_equal(floor_a, floor_b), f"floor {name} changes with the reference set: it reuses it"
+        assert len(floor_a) == len(seen[0]["generated"][0]) == 300, name
+        for f_ref in f_refs:  # no image of a floor is one of the reference images
+            dists = ((floor_a[:, None, :] - f_ref[None, :, :]) ** 2).sum(-1)
+            assert dists.min() > 1e-8, f"floor {name} contains a reference image"

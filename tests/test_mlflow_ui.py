@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, unquote
 import pytest
 
 import conftest
-from conftest import BIN, make_repo_copy, run
+from conftest import BIN, copy_trained, run
 
 CHROMIUM = shutil.which("chromium")
 if CHROMIUM is None:
@@ -74,7 +74,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory):
+def logged(trained_repo, tmp_path_factory):
     """A server, and two `dvc exp run -S diffusion.lr=...` of a shrunk pipeline logged to it, and
     `mnist-ldm promote`: (uri, experiment, what promote printed)."""
     root = tmp_path_factory.mktemp("mlflow-ui")
@@ -87,7 +87,7 @@ def logged(tmp_path_factory):
              "--default-artifact-root", str(root / "art"), "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
             cwd=root, env=conftest.test_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        repo = make_repo_copy(root / "repo")
+        repo = copy_trained(trained_repo, root / "repo")  # its own store: the server sees only the variants
         wait_healthy(uri, proc, log)
         env = conftest.test_env(MLFLOW_TRACKING_URI=uri)
         for name, lr in VARIANTS.items():  # the whole pipeline: each registers a version of the generator

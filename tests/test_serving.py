@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, cli, make_repo_copy, run
+from conftest import BIN, cli, copy_trained, run
 from conftest import test_env as shell_env
 
 NAME = "mnist-ldm"
@@ -31,13 +30,14 @@ SEED = 7
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory) -> dict:
+def registered(trained_repo, tmp_path_factory) -> dict:
     """A shrunk pipeline run with tracking on; its repo, tracking URI, registered version and `infer` images."""
-    repo = make_repo_copy(tmp_path_factory.mktemp("serving") / "repo")
-    out = run([str(BIN / "dvc"), "repro"], repo)
-    found = re.findall(rf"version (\d+) of '{NAME}'", out.stdout + out.stderr)
-    assert found, out.stdout[-3000:] + out.stderr[-3000:]
+    from mlflow import MlflowClient
+
+    repo = copy_trained(trained_repo, tmp_path_factory.mktemp("serving") / "repo")
     uri = f"sqlite:///{repo / 'mlflow.db'}"
+    found = [str(v.version) for v in MlflowClient(tracking_uri=uri).search_model_versions(f"name = '{NAME}'")]
+    assert len(found) == 1, found  # package_model registered the pipeline's one version
     # the same sampler settings as the packaged defaults (params.yaml's `sample` section)
     cli("infer", "--ckpt", "models/diffusion.pt", "--ae-ckpt", "models/autoencoder.pt", "--num-images", "8",
         "--seed", str(SEED), "--output", "infer.npz", cwd=repo)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 import conftest
-from conftest import BIN, cli, make_repo_copy, run
+from conftest import BIN, cli, copy_trained, make_repo_copy, run
 from test_pipeline import downstream, extra_stages, pipeline
 
 from mnist_ldm.params_file import load_params
@@ -130,15 +130,14 @@ class MlflowServer:
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def tracked_repo(request, tmp_path_factory) -> Path:
-    """A shrunk `dvc repro` logged to the default store, then committed (the state a user experiments from)."""
+def tracked_repo(request, trained_repo, tmp_path_factory) -> Path:
+    """A shrunk `dvc repro` logged to the default store, then committed (the state a user experiments from):
+    a private copy of the session's trained repository."""
     if any("served" in getattr(item, "fixturenames", ()) for item in request.session.items):
         request.getfixturevalue("served")  # start the server tests' pipeline first: it runs beside this one
-    repo = make_repo_copy(tmp_path_factory.mktemp("tracked") / "repo")
-    (repo.parent / "source_commit").write_text(git("rev-parse", "HEAD", repo=repo))
-    dvc("repro", repo=repo)
-    git("add", "-A", repo=repo)
-    git("commit", "-qm", "baseline outputs", repo=repo)
+    source_commit = git("rev-parse", "HEAD", repo=trained_repo)  # what the runs were logged from
+    repo = copy_trained(trained_repo, tmp_path_factory.mktemp("tracked") / "repo")
+    (repo.parent / "source_commit").write_text(source_commit)
     return repo
 
 

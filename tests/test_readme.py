@@ -1,0 +1,227 @@
+"""Every command block of the README, run in order on a shrunk copy of the trained pipeline, so a
+README command that breaks fails `make test`.
+
+Each ```bash block runs as one bash script (`set -euo pipefail`) and each ```python block as one
+Python program, in the repository, one after another: the variants and the grid search through
+`dvc queue`, the MLflow UI, promoting and loading the registered model, serving it over REST and
+the Python client, the DVC artifact, the command line, the pipeline API, and a teammate's
+push/clone/pull/infer. What this machine cannot do is in `NOT_HERE`, with the reason; what a test
+must change in a block (a free port instead of 5001, a local folder instead of an S3 bucket) is in
+`EDITS`, with the reason. Each entry must still match the README: a stale one fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BIN, REPO, run
+from conftest import test_env as user_env
+
+FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
+
+# first line of a block -> why it does not run here
+NOT_HERE = {
+    "make run": "`make test` is what CI runs (this test is part of it); `make run` is `make install` plus "
+                "`dvc repro`, which the trained_repo fixture runs",
+    "MNIST_LDM_DEVICE=cuda dvc repro": "needs a CUDA GPU; tests/test_distributed.py runs --device and torchrun on CPU",
+    "MNIST_LDM_NPROC=4 MNIST_LDM_DEVICE=cuda dvc repro": "needs 4 CUDA GPUs; tests/test_distributed.py runs 2 CPU ranks",
+    "torchrun --nnodes 2": "needs two machines",
+}
+
+# first line of a block -> (README text, what runs instead, why)
+EDITS = {
+    "export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db": [("5001", "{port_a}", "a free port")],
+    "import json, urllib.request": [("5001", "{port_a}", "the server above, on its free port")],
+    "gto register mnist-ldm-generator": [("<repo-url>", "{origin}", "the repository's git remote"),
+                                         ("5001", "{port_b}", "a free port")],
+    "mnist-ldm train-ae --data data/prepared": [
+        ("mnist-ldm infer ...", "mnist-ldm infer --ckpt models/diffusion.pt --ae-ckpt models/autoencoder.pt",
+         "the flags the first infer line spells out"),
+        ("mnist-ldm infer --ckpt models/diffusion.pt --ae-ckpt models/autoencoder.pt --digit 7 --guidance 3",
+         "! mnist-ldm infer --ckpt models/diffusion.pt --ae-ckpt models/autoencoder.pt --digit 7 --guidance 3 "
+         "2> digit.err && grep -q '^error: .*conditional' digit.err",
+         "the model trained just above is unconditional: the line must fail with one clear error"),
+        ("--set sample.eta=0 infer ...", "--set sample.eta=0 infer --ckpt models/diffusion.pt "
+         "--ae-ckpt models/autoencoder.pt", "the flags the first infer line spells out")],
+    "dvc remote add -d storage s3://my-bucket/mnist-ldm": [
+        ("s3://my-bucket/mnist-ldm", "{storage}", "a local folder: no S3 bucket here (tests/test_remotes.py "
+                                                  "round-trips the S3 API on a local moto server)"),
+        ("dvc remote modify storage endpointurl https://s3.example.com", "true", "an S3-only option")],
+    "git clone <repo-url> mnist-ldm-2": [
+        ("<repo-url>", "{origin}", "the repository's git remote"),
+        (" && make install && source .venv/bin/activate", "", "this test runs in the installed environment")],
+}
+
+SERVER = re.compile(r"^(mlflow (?:ui|server|models serve)\b.*)$", re.M)
+PREAMBLE = r"""set -euo pipefail
+serve() {  # a server line of the README: start it in the background and wait until it answers
+  local port=$1; shift
+  setsid "$@" >> "$SERVER_LOG" 2>&1 < /dev/null &
+  echo $! >> "$SERVER_PIDS"
+  for _ in $(seq 360); do
+    curl -sf "http://127.0.0.1:$port/health" > /dev/null && return 0
+    sleep 0.5
+  done
+  echo "$* did not answer on port $port" >&2; return 1
+}
+"""
+
+
+@dataclass
+class Block:
+    lang: str
+    line: int
+    text: str
+
+    @property
+    def first(self) -> str:
+        return self.text.strip().splitlines()[0].split("  #")[0].strip()
+
+
+def readme_blocks() -> list[Block]:
+    text = (REPO / "README.md").read_text()
+    return [Block(m.group(1), text[:m.start()].count("\n") + 1, m.group(2)) for m in FENCE.finditer(text)]
+
+
+def key_of(block: Block, table: dict) -> str | None:
+    return next((k for k in table if block.first.startswith(k)), None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepared(block: Block, values: dict[str, str]) -> str:
+    text = block.text
+    for old, new, why in EDITS.get(key_of(block, EDITS), []):
+        assert old in text, f"README.md:{block.line}: EDITS expects {old!r} ({why}); update the test"
+        text = text.replace(old, new.format(**values))
+    if block.lang == "bash":
+        def background(m: re.Match) -> str:
+            command = m.group(1).split("  #")[0].strip()
+            port = re.search(r"(?:-p|--port) (\d+)", command)
+            if not port:
+                command += f" -p {values['port_ui']}"
+            return f"serve {port.group(1) if port else values['port_ui']} {command}"
+        text = PREAMBLE + SERVER.sub(background, text)
+    return text
+
+
+@pytest.fixture(scope="module")
+def workspace(trained_repo: Path, tmp_path_factory):
+    """A copy of the trained shrunk repository (tracking on: its own sqlite store) with a git remote
+    `origin` and a local DVC remote, as a user's clone has; the servers the README starts are stopped
+    at the end."""
+    root = tmp_path_factory.mktemp("readme")
+    repo = root / "repo"
+    shutil.copytree(trained_repo, repo, symlinks=True)
+    origin, team = root / "origin.git", root / "dvc-remote"
+    values = {"origin": str(origin), "storage": str(root / "storage"), "port_a": str(free_port()),
+              "port_b": str(free_port()), "port_ui": str(free_port())}
+    env = user_env(SERVER_LOG=str(root / "servers.log"), SERVER_PIDS=str(root / "servers.pids"))
+    for cmd in (["git", "init", "-q", "--bare", "-b", "main", str(origin)], ["git", "remote", "add", "origin", str(origin)],
+                [str(BIN / "dvc"), "remote", "add", "-d", "team", str(team)], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "trained"], ["git", "push", "-q", "-u", "origin", "main"],
+                [str(BIN / "dvc"), "push", "-q"]):
+        run(cmd, repo, env=env)
+    try:
+        yield repo, values, env
+    finally:
+        pids = root / "servers.pids"
+        for pid in pids.read_text().split() if pids.exists() else []:
+            try:
+                os.killpg(int(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def run_block(block: Block, repo: Path, values: dict, env: dict) -> subprocess.CompletedProcess:
+    script = prepared(block, values)
+    args = ["bash", "-c", script] if block.lang == "bash" else [str(BIN / "python"), "-c", script]
+    start = time.monotonic()
+    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    print(f"README.md:{block.line} {block.first[:60]!r}: {time.monotonic() - start:.0f} s")
+    assert proc.returncode == 0, (f"README.md:{block.line} ({block.first}) exited {proc.returncode}\n--- stdout\n"
+                                  f"{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def wait_for_queue(repo: Path, env: dict) -> None:
+    """`dvc queue start` returns at once; a user waits until `dvc queue status` has nothing left to run."""
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = run([str(BIN / "dvc"), "queue", "status"], repo, env=env).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            assert "Failed" not in status, status
+            return
+        time.sleep(5)
+    raise AssertionError(f"the queue did not finish in 15 minutes:\n{status}")
+
+
+def norm(value) -> object:
+    text = str(value).strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        return {"none": "null", "~": "null"}.get(text, text)
+
+
+def flat(params: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in params.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": norm(v)})
+    return out
+
+
+def parents_like(repo: Path, params: dict[str, object]) -> int:
+    """How many MLflow parent runs hold exactly these params (every key both sides have)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mnist-ldm")
+    runs = client.search_runs([exp.experiment_id], "tags.`mnist_ldm.kind` = 'pipeline'", max_results=1000)
+    return sum(all(norm(v) == params[k] for k, v in r.data.params.items() if k in params) for r in runs)
+
+
+def test_every_exception_names_a_block_of_the_readme():
+    firsts = [b.first for b in readme_blocks()]
+    for table in (NOT_HERE, EDITS):
+        for key in table:
+            assert any(f.startswith(key) for f in firsts), f"no README block starts with {key!r}; update the test"
+
+
+def test_every_readme_block_runs(workspace):
+    repo, values, env = workspace
+    ran = []
+    for block in readme_blocks():
+        if key_of(block, NOT_HERE):
+            continue
+        base = flat(yaml.safe_load((repo / "params.yaml").read_text()))  # what a queued variant starts from
+        proc = run_block(block, repo, values, env)
+        ran.append(block.first)
+        if "dvc queue start" in block.text:  # the grid: every experiment finished, one MLflow parent run each
+            wait_for_queue(repo, env)
+            grid = re.search(r"diffusion\.lr=([\d.e,-]+)", block.text).group(1).split(",")
+            for lr in grid:
+                assert parents_like(repo, {**base, "diffusion.lr": norm(lr)}) == 1, f"diffusion.lr={lr}"
+        if "mlflow models serve -m models:/" in block.text:
+            assert '"predictions"' in proc.stdout and "HTTP 400" in proc.stdout, proc.stdout[-2000:]
+        if block.first.startswith("import json, urllib.request"):
+            assert (repo / "digits.png").stat().st_size > 0
+        if block.first.startswith("git clone <repo-url>"):
+            clone = repo / "mnist-ldm-2"
+            assert "Data and pipelines are up to date." in proc.stdout and (clone / "digits.png").exists()
+    assert len(ran) >= 10, ran

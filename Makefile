@@ -24,7 +24,7 @@ run: install
 TEST_WORKERS ?= 2
 
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" -q --durations=15
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" -q --durations=15
 
 bench: install
 	$(BIN)/python benchmarks/quality_vs_steps.py

@@ -31,6 +31,19 @@ SHRUNK = {
 }
 
 
+# The modules that drive whole pipelines, longest first: `make test` hands whole modules to two
+# pytest-xdist workers in this order (--no-loadscope-reorder), so the long ones start early and the
+# two workers finish together instead of one waiting on a long module picked up last.
+LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_mlflow_ui.py", "test_serving.py", "test_pipeline.py",
+                 "test_dvc_semantics.py", "test_remotes.py", "test_bad_inputs.py", "test_cli.py",
+                 "test_distributed.py", "test_conditional.py", "test_resume.py", "test_bad_inputs_os.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order inside a module stays
+
+
 def test_env(**extra: str) -> dict[str, str]:
     """The environment a user's shell would have after activating the venv, offline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}

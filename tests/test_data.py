@@ -212,9 +212,9 @@ def test_auto_without_files_and_offline_falls_back_to_bundled_quickly(tmp_path, 
     empty = tmp_path / "no-idx-here"
     empty.mkdir()
     t0 = time.perf_counter()
-    data = load_mnist(DataConfig(source="auto", idx_dir=str(empty), hf_timeout_s=5.0))
+    data = load_mnist(DataConfig(source="auto", idx_dir=str(empty), hf_timeout_s=60.0))
     elapsed = time.perf_counter() - t0
-    assert elapsed < 5.0, elapsed
+    assert elapsed < 30.0, f"{elapsed:.1f} s: it waited for the Hub although HF_HUB_OFFLINE=1"  # not a timing target
     assert data.source == "bundled"
     assert len(data.train.images) + len(data.test.images) == 5000
     assert len(data.test.images) == 1000  # bundled_test_fraction 0.2

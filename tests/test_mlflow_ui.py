@@ -13,11 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import parse_qs, unquote
 
@@ -44,61 +39,25 @@ TIMEOUT_MS = 60_000  # a page of the UI on two busy cores
 expect.set_options(timeout=TIMEOUT_MS)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(uri: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"mlflow server exited: {log.read_text()[-2000:]}"
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"mlflow server at {uri} not healthy after {timeout} s: {log.read_text()[-2000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-
-
 @pytest.fixture(scope="module")
 def logged(trained_repo, tmp_path_factory):
     """A server, and two `dvc exp run -S diffusion.lr=...` of a shrunk pipeline logged to it, and
     `mnist-ldm promote`: (uri, experiment, what promote printed)."""
     root = tmp_path_factory.mktemp("mlflow-ui")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = root / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--default-artifact-root", str(root / "art"), "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
-            cwd=root, env=conftest.test_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = conftest.MlflowServer(root)
     try:
         repo = copy_trained(trained_repo, root / "repo")  # its own store: the server sees only the variants
-        wait_healthy(uri, proc, log)
-        env = conftest.test_env(MLFLOW_TRACKING_URI=uri)
+        server.wait_healthy()
+        env = conftest.test_env(MLFLOW_TRACKING_URI=server.uri)
         for name, lr in VARIANTS.items():  # the whole pipeline: each registers a version of the generator
             run([str(BIN / "dvc"), "exp", "run", "-n", name, "-S", f"diffusion.lr={lr}"], repo, env=env, timeout=400)
         promoted = run([str(BIN / "mnist-ldm"), "promote"], repo, env=env).stdout
         from mlflow import MlflowClient
 
-        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
-        yield uri, exp, promoted
+        exp = MlflowClient(tracking_uri=server.uri).get_experiment_by_name(EXPERIMENT)
+        yield server.uri, exp, promoted
     finally:
-        stop(proc)
+        server.kill()
 
 
 @pytest.fixture(scope="module")

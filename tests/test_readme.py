@@ -16,17 +16,16 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import BIN, REPO, run
+from conftest import BIN, REPO, free_port, run
 from conftest import test_env as user_env
+from mnist_ldm.params_file import load_params
 
 FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
 
@@ -101,12 +100,6 @@ def key_of(block: Block, table: dict) -> str | None:
     return next((k for k in table if block.first.startswith(k)), None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepared(block: Block, values: dict[str, str]) -> str:
     text = block.text
     for old, new, why in EDITS.get(key_of(block, EDITS), []):
@@ -174,29 +167,19 @@ def wait_for_queue(repo: Path, env: dict) -> None:
     raise AssertionError(f"the queue did not finish in 15 minutes:\n{status}")
 
 
-def norm(value) -> object:
-    text = str(value).strip().lower()
-    try:
-        return float(text)
-    except ValueError:
-        return {"none": "null", "~": "null"}.get(text, text)
+def logged_params(params_file: Path) -> dict[str, str]:
+    """The params of `params_file` the way a parent run holds them (`section.key` -> str)."""
+    return {k: str(v) for k, v in load_params(params_file).flat().items()}
 
 
-def flat(params: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for k, v in params.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": norm(v)})
-    return out
-
-
-def parents_like(repo: Path, params: dict[str, object]) -> int:
+def parents_like(repo: Path, params: dict[str, str]) -> int:
     """How many MLflow parent runs hold exactly these params (every key both sides have)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mnist-ldm")
     runs = client.search_runs([exp.experiment_id], "tags.`mnist_ldm.kind` = 'pipeline'", max_results=1000)
-    return sum(all(norm(v) == params[k] for k, v in r.data.params.items() if k in params) for r in runs)
+    return sum(all(v == params[k] for k, v in r.data.params.items() if k in params) for r in runs)
 
 
 def test_every_exception_names_a_block_of_the_readme():
@@ -212,14 +195,14 @@ def test_every_readme_block_runs(workspace):
     for block in readme_blocks():
         if key_of(block, NOT_HERE):
             continue
-        base = flat(yaml.safe_load((repo / "params.yaml").read_text()))  # what a queued variant starts from
+        base = logged_params(repo / "params.yaml")  # what a queued variant starts from
         proc = run_block(block, repo, values, env)
         ran.append(block.first)
         if "dvc queue start" in block.text:  # the grid: every experiment finished, one MLflow parent run each
             wait_for_queue(repo, env)
             grid = re.search(r"diffusion\.lr=([\d.e,-]+)", block.text).group(1).split(",")
             for lr in grid:
-                assert parents_like(repo, {**base, "diffusion.lr": norm(lr)}) == 1, f"diffusion.lr={lr}"
+                assert parents_like(repo, {**base, "diffusion.lr": str(float(lr))}) == 1, f"diffusion.lr={lr}"
         if "mlflow models serve -m models:/" in block.text:
             assert '"predictions"' in proc.stdout and "HTTP 400" in proc.stdout, proc.stdout[-2000:]
         if block.first.startswith("import json, urllib.request"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import BIN, copy_trained, run
+from conftest import BIN, copy_trained, free_port, run
 from conftest import test_env as user_env
 from test_pipeline import pipeline as stages_of  # the stages of a repository's dvc.yaml
 
@@ -152,12 +151,6 @@ def test_repro_pull_fetches_instead_of_running(pipeline, tmp_path: Path):
     assert md5s(dst) == pipeline[1]
     assert_up_to_date(dst)
     assert seconds < 60, f"dvc repro --pull took {seconds:.0f} s; did it train?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

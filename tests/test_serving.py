@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, cli, copy_trained, run
+from conftest import BIN, cli, copy_trained, free_port, run
 from conftest import test_env as shell_env
 
 NAME = "mnist-ldm"
@@ -74,12 +73,6 @@ def test_a_fresh_process_loads_the_registered_version_and_matches_infer(register
     images = np.load(tmp_path / "images.npy").reshape(-1, 28, 28)
     assert images.shape == (8, 28, 28) and images.dtype == np.uint8
     assert np.array_equal(images, registered["expected"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(port: int, body: dict) -> tuple[int, dict]:

@@ -7,13 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +17,7 @@ import pytest
 import yaml
 
 import conftest
-from conftest import BIN, cli, copy_trained, make_repo_copy, run
+from conftest import BIN, cli, copy_trained, free_port, make_repo_copy, run
 from test_pipeline import downstream, extra_stages, pipeline
 
 from mnist_ldm.params_file import load_params
@@ -87,46 +83,6 @@ def stderr_lines(text: str) -> list[str]:
     return [line for line in re.split(r"[\r\n]+", text) if line.strip()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` on a free 127.0.0.1 port with its own sqlite store, in its own process group."""
-
-    def __init__(self, root: Path):
-        root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.db = root / "srv.db"
-        self.log = open(root / "server.log", "w")
-        self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.db}",
-             "--default-artifact-root", str(root / "art"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            cwd=root, env=conftest.test_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_healthy(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"mlflow server exited: {Path(self.log.name).read_text()[-2000:]}"
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError(f"mlflow server not healthy after {timeout} s")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self.log.close()
-
-
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
@@ -145,7 +101,7 @@ def tracked_repo(request, trained_repo, tmp_path_factory) -> Path:
 def served(tmp_path_factory):
     """A server, and (in a background thread, so that it overlaps the sqlite tests) the pipeline up to the
     latent cache logged to it with `dvc repro encode`."""
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    srv = conftest.MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     repo = make_repo_copy(tmp_path_factory.mktemp("served") / "repo")
 
     def pipeline() -> Path:
@@ -166,7 +122,7 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(served) -> MlflowServer:
+def server(served) -> conftest.MlflowServer:
     return served[0]
 
 

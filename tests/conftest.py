@@ -160,9 +160,21 @@ def repo_copy(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained_repo(tmp_path_factory) -> Path:
     """One shrunk `dvc repro` with tracking on (its own sqlite store, one registered model version),
-    shared by the tests that only read its outputs (do not modify it; `copy_trained` gives a private copy)."""
-    repo = make_repo_copy(tmp_path_factory.mktemp("trained") / "repo")
-    run([str(BIN / "dvc"), "repro"], repo)
+    shared by the tests that only read its outputs (do not modify it; `copy_trained` gives a private copy).
+    Under pytest-xdist the workers share one: the first to ask builds it, the others wait for it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained"
+    root.mkdir(exist_ok=True)
+    repo, done = root / "repo", root / "built"
+    with FileLock(str(root / "lock")):
+        if not done.exists():
+            shutil.rmtree(repo, ignore_errors=True)  # a build that failed on another worker
+            root.joinpath("repo").mkdir()
+            make_repo_copy(repo)
+            run([str(BIN / "dvc"), "repro"], repo)
+            done.touch()
     return repo
 
 

@@ -225,6 +225,15 @@ def test_existing_range_checks_stay():
     assert "diffusion.ema_decay=1.0" in refused(override, DiffusionConfig(), "diffusion", ema_decay=1.0)
 
 
+@pytest.mark.parametrize("cls, section", [(AutoencoderConfig, "autoencoder"), (DiffusionConfig, "diffusion")])
+def test_lr_schedule_names_the_valid_ones(cls, section):
+    assert refused(override, cls(), section, lr_schedule="linear") == (
+        f"{section}.lr_schedule='linear' (from a command-line flag or params.yaml) is not allowed; "
+        "expected one of constant, cosine")
+    assert f"{section}.warmup_steps=-1" in refused(override, cls(), section, warmup_steps=-1)
+    assert override(cls(), section, lr_schedule="cosine", warmup_steps=100).lr_schedule == "cosine"
+
+
 # --- 5. the file itself ---------------------------------------------------------------------------
 
 def test_missing_file(tmp_path):

@@ -26,7 +26,9 @@ from conftest import test_env as user_env
 
 PARAMS = {
     "data": {"limit_train": 2000, "limit_test": 200},
-    "diffusion": {"epochs": 3, "batch_size": 64, "hidden_dim": 64, "checkpoint_every": 5, "generate_images": False},
+    # a cosine schedule with warm-up: the resumed run's learning rates must follow it too
+    "diffusion": {"epochs": 3, "batch_size": 64, "hidden_dim": 64, "checkpoint_every": 5, "generate_images": False,
+                  "lr_schedule": "cosine", "warmup_steps": 10},
     "evaluator": {"epochs": 2, "batch_size": 64, "checkpoint_every": 3},
     "tracking": {"enabled": False},
 }

@@ -4,6 +4,7 @@ determinism, the pipeline's sampling API, the latent scaler, EMA."""
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -270,3 +271,18 @@ def test_latent_scaler_standardizes_and_round_trips():
                 {"mean": [float("nan")], "std": [1.0]}, {"mean": ["a"], "std": [1.0]}):
         with pytest.raises(UserError, match="^where: "):
             LatentScaler.from_dict(bad, "where")
+
+
+def test_lr_factor_warms_up_linearly_then_follows_its_closed_form():
+    from mnist_ldm.training.loop import lr_factor
+
+    total, warm = 110, 10
+    assert [lr_factor(i, total, "cosine", warm) for i in range(warm)] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert [lr_factor(i, total, "constant", warm) for i in range(warm, total)] == [1.0] * 100
+    cos = [lr_factor(i, total, "cosine", warm) for i in range(warm, total)]
+    assert cos == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 100)) for k in range(100)])
+    assert cos[0] == 1.0 and lr_factor(60, total, "cosine", warm) == pytest.approx(0.5)  # halfway
+    assert all(a > b for a, b in zip(cos, cos[1:])) and 0 < cos[-1] < 1e-3  # decays to ~0 at the last step
+    assert lr_factor(0, 5, "cosine") == 1.0 and lr_factor(0, 5, "constant") == 1.0  # no warm-up
+    with pytest.raises(ValueError, match="linear.*constant, cosine"):
+        lr_factor(0, 5, "linear")

@@ -18,6 +18,7 @@ from .errors import UserError
 
 DATA_SOURCES = ("auto", "idx", "huggingface", "bundled")
 SAMPLERS = ("ddpm", "ddim")
+LR_SCHEDULES = ("constant", "cosine")  # training/loop.py's lr_factor
 
 
 class ConfigError(UserError):
@@ -34,6 +35,12 @@ def _at_least_one(section: Any, s: str, *keys: str) -> None:
     for key in keys:
         value = getattr(section, key)
         _require(value >= 1, f"{s}.{key}", value, "an integer >= 1")
+
+
+def _schedule_rules(section: Any, s: str) -> None:
+    _require(section.lr_schedule in LR_SCHEDULES, f"{s}.lr_schedule", section.lr_schedule,
+             f"one of {', '.join(LR_SCHEDULES)}")
+    _require(section.warmup_steps >= 0, f"{s}.warmup_steps", section.warmup_steps, "an integer >= 0")
 
 
 def float_keys(cls: type) -> list[str]:
@@ -88,6 +95,8 @@ class AutoencoderConfig(_Section):
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at the last step), after warmup_steps
+    warmup_steps: int = 0  # linear learning-rate warm-up
     generate_images: bool = True  # a reconstruction grid per epoch, logged to MLflow
     seed: int = 0
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
@@ -95,6 +104,7 @@ class AutoencoderConfig(_Section):
     def rules(self, s: str) -> None:
         _at_least_one(self, s, "latent_dim", "epochs", "batch_size")
         _require(self.lr > 0, f"{s}.lr", self.lr, "a number > 0")
+        _schedule_rules(self, s)
         _at_least_one(self, s, "checkpoint_every")
 
 
@@ -111,6 +121,8 @@ class DiffusionConfig(_Section):
     epochs: int = 30
     batch_size: int = 128
     lr: float = 2e-4
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at the last step), after warmup_steps
+    warmup_steps: int = 0  # linear learning-rate warm-up
     only_digit: Optional[int] = None
     conditional: bool = False
     cond_drop_prob: float = 0.1
@@ -128,6 +140,7 @@ class DiffusionConfig(_Section):
                  f"a number in (beta_start={self.beta_start}, 1)")
         _at_least_one(self, s, "epochs", "batch_size")
         _require(self.lr > 0, f"{s}.lr", self.lr, "a number > 0")
+        _schedule_rules(self, s)
         _require(self.only_digit is None or 0 <= self.only_digit <= 9, f"{s}.only_digit", self.only_digit,
                  "null or an integer digit 0-9")
         _require(0 <= self.cond_drop_prob < 1, f"{s}.cond_drop_prob", self.cond_drop_prob, "a number in [0, 1)")

@@ -45,6 +45,7 @@ def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_
     history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(images),
                            batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
                            checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, desc="train_ae",
+                           lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
                            run_fingerprint=fingerprint("autoencoder", _training_fields(cfg), data_hash), rt=rt)
     return model, history
 

@@ -86,5 +86,6 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
     history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(z_train),
                            batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
                            checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, ema=ema,
+                           lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
                            desc="train_diffusion", run_fingerprint=fingerprint("diffusion", fields, data_hash), rt=rt)
     return model, ema, optimizer, s, history

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..config import LR_SCHEDULES
 from ..device import CPU, Runtime
 from ..errors import UserError
 from ..progress import progress
@@ -38,6 +39,20 @@ def fingerprint(*parts) -> str:
 def adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """Adam with the fused kernel: one pass over all parameters, about 20% faster steps on CPU here."""
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
+def lr_factor(step: int, total: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
+    """The multiplier of the base learning rate for optimizer step `step` (0-based) of `total`: a linear
+    warm-up over the first `warmup_steps` steps (from 1/warmup_steps to 1), then constant, or a cosine
+    decay from 1 at the end of the warm-up to 0 after the last step."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule {schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -90,6 +105,7 @@ EpochEndFn = Callable[[int, float], dict]  # (epoch, mean train loss) -> metrics
 def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, n_items: int,
                  batch_size: int, epochs: int, seed: int, resume_path: Path, checkpoint_every: int,
                  run_fingerprint: str, on_epoch_end: EpochEndFn, ema: Optional[EMA] = None,
+                 lr_schedule: str = "constant", warmup_steps: int = 0,
                  desc: str = "train", rt: Runtime = CPU) -> list[dict]:
     """Train and return the per-epoch history. Leaves no resume state behind when it finishes.
 
@@ -106,6 +122,7 @@ def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
     total = steps_per_epoch * epochs
     gen = rt.generator(seed)
     state = LoopState()
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them with the last step's
     _maybe_resume(resume_path, run_fingerprint, model, optimizer, ema, gen, state, desc)
     check_every = 1 if rt.device.type == "cpu" else 50  # reading the loss is a host sync on an accelerator
     # the epoch's loss so far, summed over this rank's items (a resumed partial sum, global, lives on rank 0)
@@ -131,6 +148,9 @@ def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
                                        f"training stopped; last good checkpoint: {last}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            factor = lr_factor(state.step, total, lr_schedule, warmup_steps)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
             optimizer.step()
             if ema is not None:
                 ema.update(model)

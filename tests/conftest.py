@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two pytest workers on the machine's two cores: one intra-op thread each, as the
+    # `make test` runs pytest workers on the machine's two cores: one intra-op thread each, as the
     # pipeline processes they start get (`test_env`); set before anything imports torch
     os.environ["OMP_NUM_THREADS"] = "1"
 
@@ -35,12 +35,14 @@ SHRUNK = {
 }
 
 
-# The modules that drive whole pipelines, longest first: `make test` hands whole modules to two
+# The modules that drive whole pipelines, longest first: `make test` hands whole modules to the
 # pytest-xdist workers in this order (--no-loadscope-reorder), so the long ones start early and the
-# two workers finish together instead of one waiting on a long module picked up last.
-LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_mlflow_ui.py", "test_serving.py", "test_pipeline.py",
-                 "test_dvc_semantics.py", "test_remotes.py", "test_bad_inputs.py", "test_cli.py",
-                 "test_distributed.py", "test_conditional.py", "test_resume.py", "test_bad_inputs_os.py")
+# workers finish together instead of one waiting on a long module picked up last. The third,
+# test_resume.py, builds its own repository: its worker does not wait for `trained_repo`, which the
+# first worker is building.
+LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_resume.py", "test_mlflow_ui.py", "test_bad_inputs.py",
+                 "test_serving.py", "test_pipeline.py", "test_dvc_semantics.py", "test_remotes.py", "test_cli.py",
+                 "test_distributed.py", "test_conditional.py", "test_bad_inputs_os.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

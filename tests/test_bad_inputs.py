@@ -8,6 +8,8 @@ import hashlib
 import json
 import shutil
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import cli, copy_trained, merge
+from conftest import REPO, cli, copy_trained, merge
 
 # Everything a stage may write; an error must leave all of it as it was.
 WATCHED_DIRS = ("models", "data/prepared", "data/latents", "outputs", "metrics", "plots")
@@ -629,3 +631,27 @@ def test_metrics_json_never_holds_nan(tmp_path: Path):
     write_json(path, {"fcd": 1.0})  # all finite: no "absent" entry at all
     assert json.loads(path.read_text(), parse_constant=no_constants) == {"fcd": 1.0}
 
+
+
+def test_a_bad_param_is_refused_before_torch_or_mlflow_load(tmp_path: Path):
+    """Every command validates params.yaml before it imports the library: a typo costs a fraction of a
+    second, not torch's start-up."""
+    bad = tmp_path / "params.yaml"
+    bad.write_text((REPO / "params.yaml").read_text().replace("lr: 0.0002", "lr: fast"))
+    script = f"""
+import shlex, sys, yaml
+from mnist_ldm.cli import COMMANDS, main
+stages = yaml.safe_load(open({str(REPO / "dvc.yaml")!r}))["stages"]
+extra = {{"infer": ["--ckpt", "a.pt", "--ae-ckpt", "b.pt"], "promote": [],
+          "evaluate": shlex.split(stages["evaluate"]["cmd"])[2:]}}
+for command, module in COMMANDS.items():
+    args = extra[command] if command in extra else shlex.split(stages[module]["cmd"])[2:]
+    code = main([command, "--params", {str(bad)!r}, *args])
+    loaded = [m for m in ("torch", "mlflow") if m in sys.modules]
+    print(command, code, loaded)
+    assert code == 2 and not loaded, (command, code, loaded)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 11 and all("diffusion.lr='fast'" in e for e in errors), proc.stderr

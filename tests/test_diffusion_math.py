@@ -21,6 +21,7 @@ from mnist_ldm.diffusion import (
     ddpm_step,
     guided_eps,
     linear_betas,
+    min_snr_weights,
     predict_x0,
     q_posterior,
     q_sample,
@@ -444,3 +445,32 @@ def test_guided_eps_unconditional_model_ignores_labels():
     x, t = torch.randn(4, 16), torch.tensor([0, 5, 50, 999])
     with torch.no_grad():
         torch.testing.assert_close(guided_eps(model, x, t, torch.arange(4), 3.0), model(x, t))
+
+
+def test_min_snr_weights_match_their_closed_form(sched, ref):
+    t = torch.arange(T)
+    snr = ref.abar / (1 - ref.abar)
+    want = np.minimum(snr, 5.0) / snr
+    got = min_snr_weights(sched, t, 5.0).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[0] < 0.01 and got[-1] == 1.0  # nearly clean steps weigh little, noisy ones fully
+    crossing = int(np.argmax(snr < 5.0))  # from here on SNR < gamma: weight exactly 1
+    assert (got[crossing:] == 1.0).all() and (got[:crossing] < 1.0).all()
+    assert (min_snr_weights(sched, t, 0.0) == 1.0).all()  # off: DDPM's L_simple
+
+
+def test_diffusion_loss_with_min_snr_is_the_weighted_mean_of_per_sample_errors(sched):
+    from mnist_ldm.training.denoiser import diffusion_loss
+
+    model = LatentDenoiser(DenoiserSpec(4, 16, 1)).eval()
+    z0 = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    plain = diffusion_loss(model, sched, z0, None, torch.Generator().manual_seed(1), 0.0)
+    weighted = diffusion_loss(model, sched, z0, None, torch.Generator().manual_seed(1), 0.0, min_snr_gamma=5.0)
+    gen = torch.Generator().manual_seed(1)  # the draws diffusion_loss makes, in its order
+    t = torch.randint(0, sched.T, (64,), generator=gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    with torch.no_grad():
+        err = (model(q_sample(sched, z0, t, noise), t, None) - noise).pow(2).mean(dim=1)
+    assert plain.item() == pytest.approx(err.mean().item(), rel=1e-5)
+    assert weighted.item() == pytest.approx((min_snr_weights(sched, t, 5.0) * err).mean().item(), rel=1e-5)
+    assert weighted.item() < plain.item()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from typing import Optional, Sequence
 
 from .stages.common import Parser, add_common, guarded, load
@@ -31,11 +32,16 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand; with `only`, the other subcommands are names without their
+    arguments, so their modules (and torch) are not imported to run one command."""
     p = Parser(prog="mnist-ldm", description="Latent diffusion on MNIST: the pipeline's stages and inference.")
     add_common(p)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command, module in COMMANDS.items():
+        if only is not None and command != only:
+            sub.add_parser(command)
+            continue
         mod = importlib.import_module(f"{__package__}.stages.{module}")
         s = sub.add_parser(command, help=mod.HELP)
         add_common(s, suppress=True)  # `mnist-ldm --params X cmd` and `mnist-ldm cmd --params X` both work
@@ -44,8 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def chosen_command(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand in `argv`: the first word that is not an option or the value of a top-level option."""
+    takes_value = {"--params", "--set", "--device", "--precision"}
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in takes_value:
+            skip = True
+        elif not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(chosen_command(argv)).parse_args(argv)
     return guarded(lambda: args._run(load(args), args))
 
 

@@ -126,6 +126,7 @@ class DiffusionConfig(_Section):
     only_digit: Optional[int] = None
     conditional: bool = False
     cond_drop_prob: float = 0.1
+    min_snr_gamma: float = 0.0  # > 0: weight each timestep's loss by min(SNR, gamma) / SNR (0 = L_simple)
     ema_decay: float = 0.999
     ema_warmup_steps: int = 500
     generate_images: bool = True  # a DDIM preview grid per epoch, logged to MLflow
@@ -144,6 +145,7 @@ class DiffusionConfig(_Section):
         _require(self.only_digit is None or 0 <= self.only_digit <= 9, f"{s}.only_digit", self.only_digit,
                  "null or an integer digit 0-9")
         _require(0 <= self.cond_drop_prob < 1, f"{s}.cond_drop_prob", self.cond_drop_prob, "a number in [0, 1)")
+        _require(self.min_snr_gamma >= 0, f"{s}.min_snr_gamma", self.min_snr_gamma, "a number >= 0 (0 = off)")
         _require(0 <= self.ema_decay < 1, f"{s}.ema_decay", self.ema_decay, "a number in [0, 1)")
         _require(self.ema_warmup_steps >= 0, f"{s}.ema_warmup_steps", self.ema_warmup_steps, "an integer >= 0")
         _at_least_one(self, s, "checkpoint_every")

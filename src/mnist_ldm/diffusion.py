@@ -76,6 +76,17 @@ def q_sample(s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.T
     return _at(s.sqrt_alphas_cumprod, t, x0) * x0 + _at(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
 
+def min_snr_weights(s: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights min(SNR_t, gamma) / SNR_t for noise prediction (Hang et al. 2023, "min-SNR-gamma"),
+    with SNR_t = abar_t / (1 - abar_t); gamma <= 0 gives 1 everywhere (DDPM's L_simple). It lowers the
+    weight of the nearly clean timesteps, whose easy targets otherwise dominate the gradient."""
+    if gamma <= 0:
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    ac = s.alphas_cumprod[t]
+    snr = ac / (1.0 - ac)
+    return (snr.clamp(max=gamma) / snr).float()
+
+
 def predict_x0(s: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """x_0 implied by x_t and predicted noise (eq. (4) solved for x_0). Not clipped: latents are unbounded."""
     return (xt - _at(s.sqrt_one_minus_alphas_cumprod, t, xt) * eps) / _at(s.sqrt_alphas_cumprod, t, xt)

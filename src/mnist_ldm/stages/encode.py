@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .. import tracking
 from ..atomic import atomic_dir, write_json, write_npz
-from ..autoencoder import encode_images, load_autoencoder
 from ..config import Params
 from ..data import load_meta, load_split
-from ..latents import file_md5, latent_stats
 from .common import add_paths, check_writable, run_stage, runtime_for
 
 HELP = "encode the prepared data into cached latents"
@@ -21,6 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
+    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
+    from .. import tracking
+    from ..autoencoder import encode_images, load_autoencoder
+    from ..latents import file_md5, latent_stats
+
     check_writable(folders=[args.out])
     model = load_autoencoder(args.ae_ckpt)[0].to(runtime_for(args).device)
     meta = load_meta(args.data)

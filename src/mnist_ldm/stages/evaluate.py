@@ -9,14 +9,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from .. import plots, tracking
 from ..atomic import atomic_dir, write_json
-from ..autoencoder import load_autoencoder
-from ..classifier import load_classifier
 from ..config import Params, override
 from ..data import load_split
-from ..latents import check_producer, load_latents
-from ..scoring import load_samples, score
 from .common import add_paths, check_writable, run_stage, runtime_for
 
 HELP = "score an .npz of images: FCD with floors, precision/recall, balance"
@@ -31,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _charts(result: dict, plots_dir: Path) -> None:
+    from .. import plots
+
     names = list(result["fcd"])
     fig = plots.bar_chart(names, [result["fcd"][k] for k in names], f"FCD vs MNIST test (n = {result['n']})",
                           "Fréchet classifier distance (log scale, lower is better)", highlight=0, log=True)
@@ -43,6 +40,13 @@ def _charts(result: dict, plots_dir: Path) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
+    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
+    from .. import tracking
+    from ..autoencoder import load_autoencoder
+    from ..classifier import load_classifier
+    from ..latents import check_producer, load_latents
+    from ..scoring import load_samples, score
+
     if args.no_tracking:
         params = dataclasses.replace(params, tracking=override(params.tracking, "tracking", enabled=False))
     cfg = params.evaluate

@@ -9,11 +9,9 @@ import argparse
 import math
 from pathlib import Path
 
-from .. import plots
 from ..atomic import write_npz
 from ..config import SAMPLERS, Params, override
 from ..errors import UserError
-from ..pipeline import LatentDiffusionPipeline
 from .common import add_paths, check_writable, digit, finite_float, positive_int, run_stage, runtime_for, seed
 
 HELP = "generate digits from a trained pair of checkpoints"
@@ -34,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> Path:
+    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
+    from .. import plots
+    from ..pipeline import LatentDiffusionPipeline
+
     cfg = override(params.sample, "sample", num_images=args.num_images, seed=args.seed, sampler=args.sampler,
                    steps=args.steps, eta=args.eta, digit=args.digit, guidance=args.guidance,
                    use_ema=False if args.raw_weights else None)

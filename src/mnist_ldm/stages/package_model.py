@@ -25,7 +25,6 @@ from ..tracking import registry
 from ..atomic import atomic_dir
 from ..config import Params
 from ..errors import UserError
-from ..pipeline import LatentDiffusionPipeline
 from .common import add_paths, check_writable, run_stage
 
 HELP = "package the checkpoints as an MLflow model (models/generator) and register a version"
@@ -88,6 +87,8 @@ def _eval_metrics(path: Path) -> dict[str, float]:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
+    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
+    from ..pipeline import LatentDiffusionPipeline
     from ..serving import MAX_IMAGES, save_generator
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log

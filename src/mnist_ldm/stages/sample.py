@@ -8,14 +8,9 @@ import dataclasses
 import math
 import time
 
-import numpy as np
-
-from .. import plots, tracking
 from ..atomic import atomic_dir, write_npz
 from ..config import Params
 from ..errors import UserError
-from ..latents import check_producer, load_latents
-from ..pipeline import LatentDiffusionPipeline
 from .common import add_paths, check_writable, publish, run_stage, runtime_for
 
 HELP = "the pipeline's sampling stage"
@@ -29,6 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
+    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
+    import numpy as np
+    from .. import plots, tracking
+    from ..latents import check_producer, load_latents
+    from ..pipeline import LatentDiffusionPipeline
+
     cfg = params.sample
     check_writable(files=[args.out, args.metrics], folders=[args.plots])
     check_producer(args.latents, args.ae_ckpt)

@@ -5,14 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .. import plots, tracking
 from ..atomic import atomic_dir
-from ..autoencoder import reconstruction_metrics, reconstructions
-from ..checkpoint import save_checkpoint
 from ..config import Params, override
 from ..data import load_meta, load_split
-from ..training.autoencoder import train_autoencoder
-from ..training.loop import count_parameters, resume_path_for
 from .common import (add_paths, check_writable, positive_float, positive_int, publish, run_stage, runtime_for,
                      writes_outputs)
 
@@ -31,6 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
+    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
+    from .. import plots, tracking
+    from ..autoencoder import reconstruction_metrics, reconstructions
+    from ..checkpoint import save_checkpoint
+    from ..training.autoencoder import train_autoencoder
+    from ..training.loop import count_parameters, resume_path_for
+
     cfg = override(params.autoencoder, "autoencoder", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    latent_dim=args.latent_dim, generate_images=args.generate_images)
     params = dataclasses.replace(params, autoencoder=cfg)

@@ -5,19 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import torch
-
-from .. import plots, tracking
 from ..atomic import atomic_dir
-from ..autoencoder import load_autoencoder
-from ..checkpoint import save_checkpoint
 from ..config import Params, override
 from ..data import load_meta
 from ..errors import UserError
-from ..latents import LatentScaler, check_producer, file_md5, load_latents
-from ..pipeline import LatentDiffusionPipeline
-from ..training.denoiser import select_digit, train_denoiser
-from ..training.loop import count_parameters, resume_path_for
 from .common import (add_paths, check_writable, digit, positive_float, positive_int, publish, run_stage, runtime_for,
                      writes_outputs)
 
@@ -45,6 +36,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
+    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
+    import torch
+    from .. import plots, tracking
+    from ..autoencoder import load_autoencoder
+    from ..checkpoint import save_checkpoint
+    from ..latents import LatentScaler, check_producer, file_md5, load_latents
+    from ..pipeline import LatentDiffusionPipeline
+    from ..training.denoiser import select_digit, train_denoiser
+    from ..training.loop import count_parameters, resume_path_for
+
     cfg = override(params.diffusion, "diffusion", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    T=args.T, only_digit=args.only_digit, hidden_dim=args.hidden_dim, conditional=args.conditional,
                    generate_images=args.generate_images)

@@ -5,13 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .. import tracking
-from ..checkpoint import save_checkpoint
-from ..classifier import FEATURE_DIM
 from ..config import Params
 from ..data import load_meta, load_split
-from ..training.classifier import train_classifier
-from ..training.loop import count_parameters, resume_path_for
 from .common import add_paths, check_writable, publish, run_stage, runtime_for, weights_digest, writes_outputs
 
 HELP = "train the CNN that scores samples"
@@ -22,6 +17,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
+    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
+    from .. import tracking
+    from ..checkpoint import save_checkpoint
+    from ..classifier import FEATURE_DIM
+    from ..training.classifier import train_classifier
+    from ..training.loop import count_parameters, resume_path_for
+
     cfg = params.evaluator
     check_writable(files=[args.out, args.metrics])
     rt = runtime_for(args)

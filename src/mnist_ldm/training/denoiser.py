@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..config import DiffusionConfig
 from ..device import CPU, Runtime
 from ..denoiser import DenoiserSpec, LatentDenoiser
-from ..diffusion import NoiseSchedule, q_sample
+from ..diffusion import NoiseSchedule, min_snr_weights, q_sample
 from .loop import EMA, adam, fingerprint, run_training
 
 # (EMA model, schedule, epoch) -> a preview grid image, made only when the stage logs it
@@ -30,8 +30,9 @@ def select_digit(z: np.ndarray, labels: np.ndarray, only_digit: Optional[int]):
 
 def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor],
                    gen: torch.Generator, cond_drop_prob: float, null_label: int = -1,
-                   shard: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:
-    """L_simple of Ho et al.: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t) ||^2.
+                   shard: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """L_simple of Ho et al.: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t) ||^2, each sample
+    weighted by min(SNR_t, gamma) / SNR_t when `min_snr_gamma` > 0.
 
     t, the noise and the label drops are drawn for the whole batch `z0`, then `shard` keeps this
     process's rows, so every process of a torchrun job draws the same numbers."""
@@ -42,7 +43,11 @@ def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, y
         drop = torch.rand(B, generator=gen, device=dev) < cond_drop_prob
         y = shard(torch.where(drop, torch.full_like(y, null_label), y))
     z0, t, noise = shard(z0), shard(t), shard(noise)
-    return F.mse_loss(model(q_sample(s, z0, t, noise), t, y), noise)
+    pred = model(q_sample(s, z0, t, noise), t, y)
+    if min_snr_gamma <= 0:
+        return F.mse_loss(pred, noise)
+    per_sample = (pred - noise).pow(2).mean(dim=1)
+    return (min_snr_weights(s, t, min_snr_gamma) * per_sample).mean()
 
 
 @torch.no_grad()
@@ -71,7 +76,7 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return diffusion_loss(net, s, z_train[idx], y_train[idx] if cond else None, gen, cfg.cond_drop_prob,
-                              model.null_label, rt.dist.shard)
+                              model.null_label, rt.dist.shard, cfg.min_snr_gamma)
 
     def on_epoch_end(epoch: int, train_loss: float) -> dict:
         metrics = {"test_loss": held_out_loss(model, s, z_test, y_test if cond else None),

@@ -31,6 +31,8 @@ FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
 
 # first line of a block -> why it does not run here
 NOT_HERE = {
+    "mkdir -p data/raw/mnist": "copies the full MNIST IDX files from ../shared, which this shrunk copy does not have "
+                               "(it uses the bundled subset); tests/test_data.py parses IDX files",
     "make run": "`make test` is what CI runs (this test is part of it); `make run` is `make install` plus "
                 "`dvc repro`, which the trained_repo fixture runs",
     "MNIST_LDM_DEVICE=cuda dvc repro": "needs a CUDA GPU; tests/test_distributed.py runs --device and torchrun on CPU",

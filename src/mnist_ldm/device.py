@@ -8,14 +8,16 @@ checkpoints hold CPU tensors and load onto any device.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
 
 import torch
 
+from .cpu_share import CpuShare
 from .errors import UserError
 
 DEVICE_ENV, PRECISION_ENV = "MNIST_LDM_DEVICE", "MNIST_LDM_PRECISION"
@@ -124,6 +126,12 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
     dist: Dist = Dist()
+    cpu: Optional[CpuShare] = field(default=None, compare=False)  # this job's share of the cores (CPU runs)
+
+    def tick(self) -> None:
+        """Called in every training and sampling step: follows the number of jobs sharing the cores."""
+        if self.cpu is not None:
+            self.cpu.update()
 
     def autocast(self):
         return autocast(self.device, self.precision)
@@ -154,7 +162,11 @@ def runtime(device: str | None = None, precision: str | None = None) -> Runtime:
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     configure(dev)
-    return Runtime(dev, prec, init_distributed(dev))
+    cpu = None
+    if dev.type == "cpu":  # registered for the life of the process; the lock goes with it
+        cpu = CpuShare().__enter__()
+        atexit.register(cpu.__exit__, None, None, None)
+    return Runtime(dev, prec, init_distributed(dev), cpu)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

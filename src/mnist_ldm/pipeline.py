@@ -151,6 +151,7 @@ class LatentDiffusionPipeline:
             loop = sample_loop(lambda xt, t, y=y: eps(xt, t, y), s, x, sampler, n_evals, eta, gen)
             for i, (_, x, x0) in enumerate(progress_bar(loop, total=n_evals, desc=f"sample {sampler}", unit="step",
                                                         leave=False, disable=not progress)):
+                rt.tick()
                 if trajectory_every and start == 0 and i % trajectory_every == 0:
                     traj.append(x0)
             out.append(x)

@@ -138,6 +138,7 @@ def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
                 order = order.to(rt.device)
                 order_epoch = epoch
             idx = order[i * batch_size:(i + 1) * batch_size]
+            rt.tick()
             model.train()
             with rt.autocast():
                 loss = loss_fn(idx, gen)

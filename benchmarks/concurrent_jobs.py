@@ -54,8 +54,9 @@ def worker(work: str, steps: int) -> None:
         @torch.no_grad()
         def step(i: int) -> None:
             nonlocal x
-            t = torch.full((len(x),), 999 - i % 1000)
-            x = ddpm_step(s, x, t, model(x, t, None), gen)
+            step_t = 999 - i % 1000
+            eps = model(x, torch.full((len(x),), step_t), None)
+            x = ddpm_step(s, eps, x, step_t, torch.randn(x.shape, generator=gen))
 
     threads = []
     start = time.perf_counter()

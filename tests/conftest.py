@@ -26,8 +26,8 @@ BIN = Path(sys.executable).parent
 # Small enough for seconds per stage, real enough to exercise every code path.
 SHRUNK = {
     "data": {"source": "bundled", "limit_train": 300, "limit_test": 100},
-    "autoencoder": {"epochs": 1, "batch_size": 64, "checkpoint_every": 2},
-    "diffusion": {"epochs": 1, "batch_size": 64, "hidden_dim": 32, "num_blocks": 1, "T": 50,
+    "autoencoder": {"epochs": 1, "batch_size": 64, "warmup_steps": 0, "checkpoint_every": 2},
+    "diffusion": {"epochs": 1, "batch_size": 64, "hidden_dim": 32, "num_blocks": 1, "T": 50, "warmup_steps": 0,
                   "ema_warmup_steps": 2, "checkpoint_every": 2},
     "sample": {"num_images": 0, "grid_size": 16, "sampler": "ddim", "steps": 5, "batch_size": 100},
     "evaluator": {"epochs": 1, "batch_size": 64},

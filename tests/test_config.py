@@ -60,6 +60,11 @@ def test_project_params_load_and_match_the_schema():
     assert all(math.isfinite(v) for v in p.flat().values() if isinstance(v, float))
 
 
+def test_the_dataclass_defaults_are_the_project_params():
+    """Code that builds a config without params.yaml (tests, notebooks) gets the same values."""
+    assert Params() == load_params(REPO / "params.yaml")
+
+
 def test_diffusion_latent_dim_is_now_an_unknown_key(tmp_path):
     path = write(tmp_path, BASE.replace("diffusion:\n", "diffusion:\n  latent_dim: 16\n"))
     msg = refused(load_params, path)
@@ -82,9 +87,9 @@ def test_config_imports_alone_without_the_loader():
 # --- 1. duplicate keys ---------------------------------------------------------------------------
 
 def test_duplicate_key_inside_a_section(tmp_path):
-    path = write(tmp_path, BASE.replace("  lr: 0.0002\n", "  lr: 0.0002\n  # a second try\n  lr: 0.0005\n"))
+    path = write(tmp_path, BASE.replace("  lr: 0.0004\n", "  lr: 0.0004\n  # a second try\n  lr: 0.0005\n"))
     lines = path.read_text().splitlines()
-    first = lines.index("  lr: 0.0002") + 1
+    first = lines.index("  lr: 0.0004") + 1
     second = lines.index("  lr: 0.0005") + 1
     msg = refused(load_params, path)
     assert msg == (f"{path}: duplicate key 'diffusion.lr' at lines {first} and {second}; "
@@ -301,7 +306,7 @@ def test_set_applies_typed_values():
     p = apply_overrides(BASE_PARAMS, ["diffusion.lr=0.0005", "sample.digit=null", "diffusion.conditional=true"])
     assert (p.diffusion.lr, p.sample.digit, p.diffusion.conditional) == (0.0005, None, True)
     assert apply_overrides(p, ["sample.digit=7", "tracking.experiment=other run"]).sample.digit == 7
-    assert BASE_PARAMS.diffusion.lr == 0.0002 and apply_overrides(BASE_PARAMS, []) == BASE_PARAMS
+    assert BASE_PARAMS.diffusion.lr == 0.0004 and apply_overrides(BASE_PARAMS, []) == BASE_PARAMS
     assert isinstance(apply_overrides(BASE_PARAMS, ["diffusion.lr=1"]).diffusion.lr, float)
 
 

@@ -94,9 +94,9 @@ class AutoencoderConfig(_Section):
     latent_dim: int = 16
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 1e-3
-    lr_schedule: str = "constant"  # constant | cosine (to 0 at the last step), after warmup_steps
-    warmup_steps: int = 0  # linear learning-rate warm-up
+    lr: float = 2e-3
+    lr_schedule: str = "cosine"  # constant | cosine (to 0 at the last step), after warmup_steps
+    warmup_steps: int = 200  # linear learning-rate warm-up
     generate_images: bool = True  # a reconstruction grid per epoch, logged to MLflow
     seed: int = 0
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
@@ -118,15 +118,15 @@ class DiffusionConfig(_Section):
     T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 2e-2
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 2e-4
-    lr_schedule: str = "constant"  # constant | cosine (to 0 at the last step), after warmup_steps
-    warmup_steps: int = 0  # linear learning-rate warm-up
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 4e-4
+    lr_schedule: str = "cosine"  # constant | cosine (to 0 at the last step), after warmup_steps
+    warmup_steps: int = 200  # linear learning-rate warm-up
     only_digit: Optional[int] = None
     conditional: bool = False
     cond_drop_prob: float = 0.1
-    min_snr_gamma: float = 0.0  # > 0: weight each timestep's loss by min(SNR, gamma) / SNR (0 = L_simple)
+    min_snr_gamma: float = 5.0  # > 0: weight each timestep's loss by min(SNR, gamma) / SNR (0 = L_simple)
     ema_decay: float = 0.999
     ema_warmup_steps: int = 500
     generate_images: bool = True  # a DDIM preview grid per epoch, logged to MLflow

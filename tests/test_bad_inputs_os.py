@@ -27,7 +27,7 @@ LEFT = "--- left in the folder:"
 SCRIPT = """set -e
 case "$1" in
   ro) mount --bind "$2" "$2"; mount -o remount,bind,ro "$2" ;;
-  full) mount -t tmpfs -o size=16k tmpfs "$2" ;;
+  full) mount -t tmpfs -o size=4k tmpfs "$2" ;;  # one page: the first file of more than 4 KB fails
 esac
 dir="$2"; shift 2
 set +e

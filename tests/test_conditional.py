@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, cli, make_repo_copy, run
+from conftest import BIN, cli, copy_trained, run, write_params
 from mnist_ldm.checkpoint import save_checkpoint
 from mnist_ldm.errors import UserError
 from mnist_ldm.latents import file_md5
@@ -14,9 +14,11 @@ from mnist_ldm.pipeline import LatentDiffusionPipeline
 
 
 @pytest.fixture(scope="module")
-def conditional_repo(tmp_path_factory):
-    repo = make_repo_copy(tmp_path_factory.mktemp("cond") / "repo",
-                          {"diffusion": {"conditional": True}, "tracking": {"enabled": False}})
+def conditional_repo(trained_repo, tmp_path_factory):
+    """The shared trained repository's copy with a class-conditional denoiser: `dvc repro sample` re-runs
+    train_diffusion and sample only (tracking off)."""
+    repo = copy_trained(trained_repo, tmp_path_factory.mktemp("cond") / "repo")
+    write_params(repo, {"diffusion": {"conditional": True}, "tracking": {"enabled": False}})
     run([str(BIN / "dvc"), "repro", "sample"], repo)
     return repo
 

@@ -9,17 +9,16 @@ import pytest
 import torch
 
 import conftest
-from conftest import BIN, make_repo_copy, run
+from conftest import BIN, copy_trained, run
 
 DIGEST = re.compile(r"(train_\w+): rank (\d)/2 final weights ([0-9a-f]{16})")
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A shrunk repository with prepared data, an autoencoder and latents (tracking to its sqlite store)."""
-    repo = make_repo_copy(tmp_path_factory.mktemp("dist") / "repo")
-    run([str(BIN / "dvc"), "repro", "encode"], repo)
-    return repo
+def repo(trained_repo, tmp_path_factory):
+    """A private copy of the shared trained repository: prepared data, an autoencoder and latents
+    (tracking to its sqlite store)."""
+    return copy_trained(trained_repo, tmp_path_factory.mktemp("dist") / "repo")
 
 
 def _stage(repo, name: str, args: list[str], **env: str):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, cli, make_repo_copy, merge, run
+from conftest import cli, copy_trained, merge, write_params
 
 
 class Payload:
@@ -75,10 +75,11 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A shrunk copy of the project with trained autoencoder, diffusion model and evaluator."""
-    repo = make_repo_copy(tmp_path_factory.mktemp("malicious") / "repo", {"tracking": {"enabled": False}})
-    run([str(BIN / "dvc"), "repro", "train_diffusion", "train_evaluator"], repo)
+def repo(trained_repo, tmp_path_factory) -> Path:
+    """A private copy of the shared trained repository (autoencoder, diffusion model, evaluator), with
+    MLflow logging off for the commands run here (DVC is not used: no repro needed)."""
+    repo = copy_trained(trained_repo, tmp_path_factory.mktemp("malicious") / "repo")
+    write_params(repo, {"tracking": {"enabled": False}})
     return repo
 
 

@@ -113,10 +113,10 @@ def real_ckpt(repo: Path, name: str) -> dict:
 
 def autoencoder_ckpt(tmp: Path, latent_dim: int) -> Path:
     """A well-formed autoencoder checkpoint of another latent size (untrained weights)."""
-    from mnist_ldm.autoencoder import AutoencoderSpec, ConvAutoencoder
+    from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
     from mnist_ldm.checkpoint import save_checkpoint
 
-    model = ConvAutoencoder(AutoencoderSpec(latent_dim=latent_dim))
+    model = Autoencoder(AutoencoderSpec(latent_dim=latent_dim))
     path = tmp / f"autoencoder_{latent_dim}d.pt"
     save_checkpoint(path, "mnist-ldm/autoencoder", {"model_config": model.spec.to_dict(),
                                                     "state_dict": model.state_dict()})

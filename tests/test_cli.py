@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import cli, make_repo_copy
 from conftest import test_env as _test_env  # aliased: pytest would collect a `test_*` name
-from mnist_ldm.autoencoder import AutoencoderSpec, ConvAutoencoder
+from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
 from mnist_ldm.checkpoint import save_checkpoint
 from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
 
@@ -225,7 +225,7 @@ def make_real_8d_model(trained_repo: Path, path: Path) -> str:
 def make_other_autoencoder(path: Path) -> str:
     """A well-formed autoencoder of the same latent size (16-d) with other (untrained) weights."""
     torch.manual_seed(1)
-    model = ConvAutoencoder(AutoencoderSpec(latent_dim=16))
+    model = Autoencoder(AutoencoderSpec(latent_dim=16))
     save_checkpoint(path, "mnist-ldm/autoencoder", {"model_config": model.spec.to_dict(),
                                                     "state_dict": model.state_dict()})
     return str(path)

@@ -239,6 +239,11 @@ def test_lr_schedule_names_the_valid_ones(cls, section):
     assert override(cls(), section, lr_schedule="cosine", warmup_steps=100).lr_schedule == "cosine"
 
 
+def test_autoencoder_kind_names_the_valid_ones():
+    assert refused(override, AutoencoderConfig(), "autoencoder", kind="vae") == (
+        "autoencoder.kind='vae' (from a command-line flag or params.yaml) is not allowed; expected one of conv, mlp")
+
+
 def test_min_snr_gamma_is_zero_or_positive():
     assert "diffusion.min_snr_gamma=-1.0" in refused(override, DiffusionConfig(), "diffusion", min_snr_gamma=-1.0)
     assert override(DiffusionConfig(), "diffusion", min_snr_gamma=5.0).min_snr_gamma == 5.0

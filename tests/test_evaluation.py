@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mnist_ldm import metrics
-from mnist_ldm.autoencoder import AutoencoderSpec, ConvAutoencoder, encode_images, reconstruction_metrics
+from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec, encode_images, reconstruction_metrics
 from mnist_ldm.classifier import DigitClassifier, accuracy, features_and_probs
 from mnist_ldm.config import DataConfig
 from mnist_ldm.errors import UserError
@@ -40,7 +40,7 @@ def real(tmp_path_factory):
     clf = DigitClassifier()
     clf_loss = lambda idx, g: F.cross_entropy(clf(as_batch(x[idx])), y[idx])  # noqa: E731
     _fit(clf, clf_loss, len(x), 5, tmp)
-    ae = ConvAutoencoder(AutoencoderSpec())
+    ae = Autoencoder(AutoencoderSpec())
     ae_loss = lambda idx, g: F.binary_cross_entropy_with_logits(ae(as_batch(x[idx])), as_batch(x[idx]))  # noqa: E731
     _fit(ae, ae_loss, len(x), 2, tmp)
     return data, clf, ae

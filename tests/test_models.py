@@ -3,11 +3,12 @@ derived here from the layer formulas rather than read back from the modules."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from mnist_ldm.autoencoder import AutoencoderSpec, ConvAutoencoder
+from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
 from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser, timestep_embedding
 from mnist_ldm.training.loop import count_parameters
 
@@ -48,9 +49,9 @@ def expected_denoiser_params(latent: int, hidden: int, blocks: int, num_classes:
 # --------------------------------------------------------------------------- autoencoder
 
 @pytest.fixture(scope="module")
-def ae() -> ConvAutoencoder:
+def ae() -> Autoencoder:
     torch.manual_seed(0)
-    return ConvAutoencoder(AutoencoderSpec()).eval()
+    return Autoencoder(AutoencoderSpec()).eval()
 
 
 def test_autoencoder_encode_decode_shapes_and_range(ae):
@@ -88,17 +89,60 @@ def test_autoencoder_spatial_sizes(ae):
 
 def test_autoencoder_parameter_count(ae):
     assert count_parameters(ae) == expected_ae_params() == 252_817
-    small = ConvAutoencoder(AutoencoderSpec(latent_dim=8, channels=(8, 16, 32)))
+    small = Autoencoder(AutoencoderSpec(latent_dim=8, channels=(8, 16, 32)))
     assert count_parameters(small) == expected_ae_params(8, 8, 16, 32)
 
 
 def test_autoencoder_other_latent_dims():
     for d in (2, 8, 32):
-        m = ConvAutoencoder(AutoencoderSpec(latent_dim=d)).eval()
+        m = Autoencoder(AutoencoderSpec(latent_dim=d)).eval()
         with torch.no_grad():
             z = m.encode(torch.rand(3, 1, 28, 28))
             assert z.shape == (3, d)
             assert m.decode(z).shape == (3, 1, 28, 28)
+
+
+def test_mlp_autoencoder_shapes_and_parameter_count():
+    m = Autoencoder(AutoencoderSpec(kind="mlp")).eval()
+    linear = lambda i, o: i * o + o  # noqa: E731
+    enc = linear(784, 512) + linear(512, 256) + linear(256, 16)
+    assert count_parameters(m) == 2 * enc + (784 - 16) == 1_075_488  # the mirror's biases: 784 out, not 16
+    with torch.no_grad():
+        z = m.encode(torch.rand(3, 1, 28, 28))
+        assert z.shape == (3, 16) and m(torch.rand(3, 1, 28, 28)).shape == (3, 1, 28, 28)
+        y = m.decode(z)
+        assert y.shape == (3, 1, 28, 28) and 0 <= y.min() and y.max() <= 1
+    assert not any(isinstance(x, (nn.Conv2d, nn.ConvTranspose2d)) for x in m.modules())
+
+
+def test_a_checkpoint_spec_without_kind_is_the_conv_autoencoder():
+    old = {"latent_dim": 16, "channels": [32, 64, 128]}  # written before the MLP kind existed
+    assert AutoencoderSpec.from_dict(old) == AutoencoderSpec()
+    mlp = AutoencoderSpec(kind="mlp", hidden=(64, 32))
+    assert AutoencoderSpec.from_dict(mlp.to_dict()) == mlp
+    with pytest.raises(ValueError, match="'vae' is not one of conv, mlp"):
+        AutoencoderSpec(kind="vae")
+
+
+def test_the_mlp_autoencoder_trains_and_round_trips_through_its_checkpoint(tmp_path, one_thread):
+    from mnist_ldm.autoencoder import load_autoencoder
+    from mnist_ldm.checkpoint import save_checkpoint
+    from mnist_ldm.config import AutoencoderConfig
+    from mnist_ldm.data import Split
+    from mnist_ldm.training.autoencoder import train_autoencoder
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((256, 28, 28)) < 0.2).astype(np.uint8) * 255
+    split = Split(images, np.zeros(256, dtype=np.uint8))
+    cfg = AutoencoderConfig(kind="mlp", epochs=2, batch_size=64, warmup_steps=0)
+    model, history = train_autoencoder(cfg, split, split, tmp_path / "ae.resume.pt", "test")
+    assert model.spec.kind == "mlp" and len(history) == 2 and history[1]["test_bce"] < history[0]["test_bce"]
+    save_checkpoint(tmp_path / "ae.pt", "mnist-ldm/autoencoder", {"model_config": model.spec.to_dict(),
+                                                                  "state_dict": model.state_dict()})
+    loaded, _ = load_autoencoder(tmp_path / "ae.pt")
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), model.eval().encode(x))
 
 
 # --------------------------------------------------------------------------- latent denoiser
@@ -167,7 +211,7 @@ def test_timestep_embedding_distinguishes_timesteps():
 def test_specs_round_trip_through_their_dicts():
     ae_spec = AutoencoderSpec(latent_dim=8, channels=(8, 16, 32))
     d = ae_spec.to_dict()
-    assert d == {"latent_dim": 8, "channels": [8, 16, 32]}  # plain JSON-able values, a list not a tuple
+    assert d == {"latent_dim": 8, "channels": [8, 16, 32], "kind": "conv", "hidden": [512, 256]}  # JSON-able lists
     assert AutoencoderSpec.from_dict(d) == ae_spec
     den_spec = DenoiserSpec(latent_dim=4, hidden_dim=32, num_blocks=2, num_classes=10)
     assert den_spec.to_dict() == {"latent_dim": 4, "hidden_dim": 32, "num_blocks": 2, "num_classes": 10}
@@ -175,5 +219,5 @@ def test_specs_round_trip_through_their_dicts():
     # a model rebuilt from the recorded spec takes the original's weights
     m = LatentDenoiser(den_spec)
     LatentDenoiser(DenoiserSpec.from_dict(m.spec.to_dict())).load_state_dict(m.state_dict())
-    a = ConvAutoencoder(ae_spec)
-    ConvAutoencoder(AutoencoderSpec.from_dict(a.spec.to_dict())).load_state_dict(a.state_dict())
+    a = Autoencoder(ae_spec)
+    Autoencoder(AutoencoderSpec.from_dict(a.spec.to_dict())).load_state_dict(a.state_dict())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_ldm.autoencoder import AutoencoderSpec, ConvAutoencoder
+from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
 from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
 from mnist_ldm.diffusion import NoiseSchedule, sample_loop
 from mnist_ldm.errors import UserError
@@ -26,7 +26,7 @@ def _pipeline(model: LatentDenoiser, s: NoiseSchedule, scaler: LatentScaler | No
     """The toy denoiser in a pipeline, with an untrained autoencoder of the same latent size."""
     torch.manual_seed(0)
     d = model.spec.latent_dim
-    ae = ConvAutoencoder(AutoencoderSpec(latent_dim=d, channels=(4, 4, 4)))
+    ae = Autoencoder(AutoencoderSpec(latent_dim=d, channels=(4, 4, 4)))
     return LatentDiffusionPipeline(ae, model, s, scaler or LatentScaler((0.0,) * d, (1.0,) * d))
 
 
@@ -222,7 +222,7 @@ def test_sample_refuses_requests_the_model_cannot_serve(toy_pipe, kw, words):
 def test_pipeline_refuses_mismatched_latent_sizes(toy_pipe):
     pipe, _ = toy_pipe
     with pytest.raises(UserError, match="latent sizes differ"):
-        LatentDiffusionPipeline(ConvAutoencoder(AutoencoderSpec(latent_dim=3, channels=(4, 4, 4))), pipe.denoiser,
+        LatentDiffusionPipeline(Autoencoder(AutoencoderSpec(latent_dim=3, channels=(4, 4, 4))), pipe.denoiser,
                                 pipe.schedule, pipe.scaler)
     with pytest.raises(UserError, match="latent sizes differ"):
         LatentDiffusionPipeline(pipe.autoencoder, pipe.denoiser, pipe.schedule, LatentScaler((0.0,) * 3, (1.0,) * 3))

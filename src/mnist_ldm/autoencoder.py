@@ -1,4 +1,6 @@
-"""The seed's convolutional autoencoder: (1, 28, 28) -> 28->14->7->4 -> 16-d latent, and its mirror."""
+"""The autoencoders: the design's convolutional one, (1, 28, 28) -> 28->14->7->4 -> 16-d latent, and its
+mirror (`kind: conv`, the default), and the design's sibling MLP autoencoder with the same latent
+(`kind: mlp`: 784 -> 512 -> 256 -> latent and back)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import load_model_checkpoint
+from .config import AUTOENCODER_KINDS as KINDS
 from .device import model_device
 from .images import as_batch
 
@@ -18,16 +21,24 @@ from .images import as_batch
 @dataclass(frozen=True)
 class AutoencoderSpec:
     latent_dim: int = 16
-    channels: tuple[int, int, int] = (32, 64, 128)
+    channels: tuple[int, int, int] = (32, 64, 128)  # kind conv: the three stride-2 convolutions
+    kind: str = "conv"
+    hidden: tuple[int, int] = (512, 256)  # kind mlp: the two hidden layers
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"autoencoder kind {self.kind!r} is not one of {', '.join(KINDS)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["channels"] = list(self.channels)
+        d["channels"], d["hidden"] = list(self.channels), list(self.hidden)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderSpec":
-        return cls(latent_dim=int(d["latent_dim"]), channels=tuple(d["channels"]))
+        """Checkpoints written before the MLP kind existed hold a conv autoencoder without `kind`."""
+        return cls(latent_dim=int(d["latent_dim"]), channels=tuple(d["channels"]), kind=d.get("kind", "conv"),
+                   hidden=tuple(d.get("hidden", (512, 256))))
 
 
 class ConvEncoder(nn.Module):
@@ -63,12 +74,36 @@ class ConvDecoder(nn.Module):
         return self.net(self.fc(z).view(-1, self.c3, 4, 4))
 
 
-class ConvAutoencoder(nn.Module):
+class MLPEncoder(nn.Module):
+    def __init__(self, spec: AutoencoderSpec):
+        super().__init__()
+        h1, h2 = spec.hidden
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, h1), nn.SiLU(), nn.Linear(h1, h2), nn.SiLU(),
+                                 nn.Linear(h2, spec.latent_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) in [0, 1] -> (B, latent)
+        return self.net(x)
+
+
+class MLPDecoder(nn.Module):
+    def __init__(self, spec: AutoencoderSpec):
+        super().__init__()
+        h1, h2 = spec.hidden
+        self.net = nn.Sequential(nn.Linear(spec.latent_dim, h2), nn.SiLU(), nn.Linear(h2, h1), nn.SiLU(),
+                                 nn.Linear(h1, 28 * 28))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, latent) -> logits (B, 1, 28, 28)
+        return self.net(z).view(-1, 1, 28, 28)
+
+
+class Autoencoder(nn.Module):
+    """Encoder and decoder of `spec.kind`; the rest of the pipeline sees only encode/decode."""
+
     def __init__(self, spec: AutoencoderSpec):
         super().__init__()
         self.spec = spec
-        self.encoder = ConvEncoder(spec)
-        self.decoder = ConvDecoder(spec)
+        self.encoder = (ConvEncoder if spec.kind == "conv" else MLPEncoder)(spec)
+        self.decoder = (ConvDecoder if spec.kind == "conv" else MLPDecoder)(spec)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -84,14 +119,14 @@ class ConvAutoencoder(nn.Module):
         return self.decode_logits(self.encode(x))
 
 
-def load_autoencoder(path: str | Path) -> tuple[ConvAutoencoder, dict]:
+def load_autoencoder(path: str | Path) -> tuple[Autoencoder, dict]:
     """The autoencoder in `path` (eval mode, on the CPU) and the checkpoint's other fields."""
     return load_model_checkpoint(path, "mnist-ldm/autoencoder", "autoencoder checkpoint",
-                                 lambda cfg: ConvAutoencoder(AutoencoderSpec.from_dict(cfg)))
+                                 lambda cfg: Autoencoder(AutoencoderSpec.from_dict(cfg)))
 
 
 @torch.no_grad()
-def encode_images(model: ConvAutoencoder, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
+def encode_images(model: Autoencoder, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
     """uint8 (N, 28, 28) -> raw latents (N, latent_dim) float32."""
     model.eval()
     dev = model_device(model)
@@ -100,7 +135,7 @@ def encode_images(model: ConvAutoencoder, images: np.ndarray, batch_size: int = 
 
 
 @torch.no_grad()
-def reconstruction_metrics(model: ConvAutoencoder, images: np.ndarray, batch_size: int = 1000) -> dict:
+def reconstruction_metrics(model: Autoencoder, images: np.ndarray, batch_size: int = 1000) -> dict:
     """Per-pixel BCE and MSE of the reconstructions of `images`."""
     model.eval()
     bce = mse = 0.0
@@ -114,7 +149,7 @@ def reconstruction_metrics(model: ConvAutoencoder, images: np.ndarray, batch_siz
 
 
 @torch.no_grad()
-def reconstructions(model: ConvAutoencoder, images: np.ndarray) -> torch.Tensor:
+def reconstructions(model: Autoencoder, images: np.ndarray) -> torch.Tensor:
     """Rows of originals above their reconstructions: (2N, 1, 28, 28)."""
     model.eval()
     x = as_batch(images, model_device(model))

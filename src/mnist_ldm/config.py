@@ -18,6 +18,7 @@ from .errors import UserError
 
 DATA_SOURCES = ("auto", "idx", "huggingface", "bundled")
 SAMPLERS = ("ddpm", "ddim")
+AUTOENCODER_KINDS = ("conv", "mlp")
 LR_SCHEDULES = ("constant", "cosine")  # training/loop.py's lr_factor
 
 
@@ -89,8 +90,10 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class AutoencoderConfig(_Section):
-    """`autoencoder:`: the design's conv autoencoder (28→14→7→4 → latent_dim) and how it is trained."""
+    """`autoencoder:`: the design's conv autoencoder (28→14→7→4 → latent_dim), or its MLP sibling, and how
+    it is trained."""
 
+    kind: str = "conv"  # conv (the design's) | mlp (784 -> 512 -> 256 -> latent_dim)
     latent_dim: int = 16
     epochs: int = 10
     batch_size: int = 128
@@ -102,6 +105,7 @@ class AutoencoderConfig(_Section):
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
 
     def rules(self, s: str) -> None:
+        _require(self.kind in AUTOENCODER_KINDS, f"{s}.kind", self.kind, f"one of {', '.join(AUTOENCODER_KINDS)}")
         _at_least_one(self, s, "latent_dim", "epochs", "batch_size")
         _require(self.lr > 0, f"{s}.lr", self.lr, "a number > 0")
         _schedule_rules(self, s)

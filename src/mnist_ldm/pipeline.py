@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .autoencoder import ConvAutoencoder, encode_images, load_autoencoder
+from .autoencoder import Autoencoder, encode_images, load_autoencoder
 from .checkpoint import load_model_checkpoint
 from .device import CPU, Runtime
 from .denoiser import DenoiserSpec, LatentDenoiser
@@ -51,7 +51,7 @@ def load_denoiser(path: str | Path, use_ema: bool = True) -> tuple[LatentDenoise
 
 
 class LatentDiffusionPipeline:
-    def __init__(self, autoencoder: ConvAutoencoder, denoiser: LatentDenoiser, schedule: NoiseSchedule,
+    def __init__(self, autoencoder: Autoencoder, denoiser: LatentDenoiser, schedule: NoiseSchedule,
                  scaler: LatentScaler):
         dims = {"autoencoder": autoencoder.spec.latent_dim, "denoiser": denoiser.spec.latent_dim,
                 "latent statistics": scaler.dim}

@@ -1,4 +1,4 @@
-"""Training the convolutional autoencoder with BCE on every training digit."""
+"""Training the autoencoder (conv or MLP) with BCE on every training digit."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import plots
-from ..autoencoder import AutoencoderSpec, ConvAutoencoder, reconstruction_metrics, reconstructions
+from ..autoencoder import Autoencoder, AutoencoderSpec, reconstruction_metrics, reconstructions
 from ..config import AutoencoderConfig
 from ..data import Split
 from ..device import CPU, Runtime
@@ -25,7 +25,7 @@ def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_
     """The trained model and its per-epoch history; `on_epoch` gets each epoch's figures (and a
     reconstruction grid when `previews`)."""
     torch.manual_seed(cfg.seed)
-    model = ConvAutoencoder(AutoencoderSpec(latent_dim=cfg.latent_dim)).to(rt.device)
+    model = Autoencoder(AutoencoderSpec(latent_dim=cfg.latent_dim, kind=cfg.kind)).to(rt.device)
     net = rt.wrap(model)
     optimizer = adam(model, cfg.lr)
     images = torch.from_numpy(train.images).to(rt.device)  # all of MNIST fits on any device: no per-batch copies

@@ -20,13 +20,16 @@ install: $(BIN)/.installed
 run: install
 	dvc repro
 
-# pytest-xdist processes, one per core; each test module stays on one worker (its fixtures are built once)
-TEST_WORKERS ?= 2
+# pytest-xdist processes: three on two cores (the tests wait on servers and subprocesses a fifth of the
+# time); each test module stays on one worker (its fixtures are built once)
+TEST_WORKERS ?= 3
 
 test: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" -q --durations=15
 
 bench: install
+	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/concurrent_jobs.py
 	$(BIN)/python benchmarks/quality_vs_steps.py
 
 gpu-check:  # on a machine with CUDA: the full-MNIST pipeline and the speed figures (needs only PyTorch)

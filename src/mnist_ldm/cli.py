@@ -52,7 +52,9 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
 
 def chosen_command(argv: Sequence[str]) -> Optional[str]:
     """The subcommand in `argv`: the first word that is not an option or the value of a top-level option."""
-    takes_value = {"--params", "--set", "--device", "--precision"}
+    top = Parser(add_help=False)
+    add_common(top)  # the top-level options that take a value, read from the parser that defines them
+    takes_value = {o for a in top._actions if a.nargs != 0 for o in a.option_strings}
     skip = False
     for word in argv:
         if skip:

@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test bench gpu-check install clean-outputs
+.PHONY: run test bench quality gpu-check install clean-outputs
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,15 @@ TEST_WORKERS ?= 3
 test: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" -q --durations=15
 
+# speed against this machine's own limit, and two jobs sharing its cores (about 6 minutes on 2 cores)
 bench: install
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/concurrent_jobs.py
+
+# quality studies on full MNIST, after `make run` (each writes benchmarks/results/; about 1.5 hours in all)
+quality: install
 	$(BIN)/python benchmarks/quality_vs_steps.py
+	$(BIN)/python benchmarks/design_table.py
 
 gpu-check:  # on a machine with CUDA: the full-MNIST pipeline and the speed figures (needs only PyTorch)
 	python3 benchmarks/gpu_check.py

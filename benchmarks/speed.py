@@ -1,9 +1,11 @@
 """How close the code runs to this machine's own limit: the fp32 matmul rate, measured first in the same
 run, against the training and sampling throughput of the pipeline's networks, each also as the
 fraction of that rate its matrix multiplies reach (multiply-adds of Linear and convolution layers
-counted with forward hooks at the real shapes; a training step counted as 3 forward passes).
+counted with forward hooks at the real shapes; a training step counted as 3 forward passes); the
+pixel-space U-Net beside the latent MLP; and a profile of one latent DDPM sampling step at batch 2,500
+that says where the time beyond the matrix multiplies goes.
 
-    python benchmarks/speed.py        # prints a table, writes benchmarks/results/speed.json (about 1 minute)
+    python benchmarks/speed.py        # prints tables, writes benchmarks/results/speed.json (about 2 minutes)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
-from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
+from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser, build_denoiser
 from mnist_ldm.diffusion import NoiseSchedule, ddim_step, ddim_timesteps, ddpm_step
 from mnist_ldm.training.denoiser import diffusion_loss
 from mnist_ldm.training.loop import adam
@@ -69,10 +71,11 @@ def forward_flops(model: nn.Module, *inputs) -> float:
     return total
 
 
-def denoiser_training(model: LatentDenoiser, batch: int) -> tuple[float, float]:
+def denoiser_training(model: nn.Module, batch: int, seconds: float = SECONDS) -> tuple[float, float]:
     """(samples/s, FLOPs per sample) of full training steps: loss, backward, fused Adam."""
     s, gen, opt = NoiseSchedule.linear(1000, 1e-4, 0.02), torch.Generator().manual_seed(0), adam(model, 2e-4)
-    z = torch.randn(60_000, 16)
+    d = model.spec.latent_dim
+    z = torch.randn(60_000 if d < 100 else 2_000, d)
 
     def step():
         loss = diffusion_loss(model, s, z[torch.randint(0, len(z), (batch,), generator=gen)], None, gen, 0.0)
@@ -80,15 +83,16 @@ def denoiser_training(model: LatentDenoiser, batch: int) -> tuple[float, float]:
         loss.backward()
         opt.step()
 
-    flops = 3 * forward_flops(model, torch.randn(batch, 16), torch.randint(0, 1000, (batch,))) / batch
-    return timed(step) * batch, flops
+    flops = 3 * forward_flops(model, torch.randn(batch, d), torch.randint(0, 1000, (batch,))) / batch
+    return timed(step, seconds) * batch, flops
 
 
-def denoiser_sampling(model: LatentDenoiser, sampler: str, batch: int) -> tuple[float, float]:
+def denoiser_sampling(model: nn.Module, sampler: str, batch: int, seconds: float = SECONDS) -> tuple[float, float]:
     """(latents x steps per second, FLOPs per latent-step) of the sampling loop at `batch` latents."""
     s, gen = NoiseSchedule.linear(1000, 1e-4, 0.02), torch.Generator().manual_seed(0)
     ts = list(range(999, -1, -1)) if sampler == "ddpm" else ddim_timesteps(1000, 50)
-    state = {"x": torch.randn(batch, 16), "i": 0}
+    d = model.spec.latent_dim
+    state = {"x": torch.randn(batch, d), "i": 0}
     model.eval()
 
     @torch.no_grad()
@@ -103,8 +107,24 @@ def denoiser_sampling(model: LatentDenoiser, sampler: str, batch: int) -> tuple[
             x = ddim_step(s, eps, x, t, t_prev, 0.0, None)
         state["x"], state["i"] = x, i + 1
 
-    flops = forward_flops(model, torch.randn(batch, 16), torch.full((batch,), 500)) / batch
-    return timed(step) * batch, flops
+    flops = forward_flops(model, torch.randn(batch, d), torch.full((batch,), 500)) / batch
+    return timed(step, seconds) * batch, flops, step
+
+
+def sampling_profile(step, steps: int = 20, top: int = 8) -> list[dict]:
+    """Self CPU time per operator over `steps` sampling steps: what the step spends beside its matmuls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    rows = [{"op": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "share": e.self_cpu_time_total / total}
+            for e in events[:top]]
+    rest = total - sum(e.self_cpu_time_total for e in events[:top])
+    return rows + [{"op": "(all other operators)", "ms_per_step": rest / 1e3 / steps, "share": rest / total}]
 
 
 def autoencoder_training(kind: str, batch: int = 128) -> tuple[float, float]:
@@ -135,18 +155,28 @@ def main() -> None:
     for batch in (128, 1024):
         add(f"denoiser training, batch {batch}", "samples/s", *denoiser_training(den, batch))
     for sampler in ("ddpm", "ddim"):
-        add(f"{sampler.upper()} sampling, batch 2500", "latents*steps/s", *denoiser_sampling(den, sampler, 2500))
+        per_s, flops, ddpm_step_fn = denoiser_sampling(den, sampler, 2500)
+        add(f"{sampler.upper()} sampling, batch 2500", "latents*steps/s", per_s, flops)
+        if sampler == "ddpm":
+            profile = sampling_profile(ddpm_step_fn)
     for kind in ("conv", "mlp"):
         add(f"autoencoder ({kind}) training, batch 128", "images/s", *autoencoder_training(kind))
+    unet = build_denoiser(DenoiserSpec(784, arch="unet"))  # pixel space, the design's ~150K U-Net
+    add("pixel U-Net training, batch 128", "images/s", *denoiser_training(unet, 128, seconds=10))
+    add("pixel U-Net DDPM sampling, batch 2500", "images*steps/s", *denoiser_sampling(unet, "ddpm", 2500, 10)[:2])
 
     print(f"fp32 matmul (2048x2048, {threads} threads): {rate:.1f} GFLOP/s — the reference limit")
     print(f"{'figure':<38} {'throughput':>24} {'GFLOP/s':>9} {'of limit':>9}")
     for r in rows:
         print(f"{r['figure']:<38} {r['per_second']:>12,.0f} {r['unit']:<11} {r['gflops']:>9.1f} "
               f"{r['fraction_of_matmul_rate']:>8.0%}")
+    print("\none latent DDPM step at batch 2,500, by operator (torch.profiler, self CPU time):")
+    for r in profile:
+        print(f"  {r['op']:<32} {r['ms_per_step']:>7.2f} ms {r['share']:>6.1%}")
     RESULTS.mkdir(exist_ok=True)
     out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-           "threads": threads, "torch": torch.__version__, "matmul_gflops": round(rate, 1), "figures": rows}
+           "threads": threads, "torch": torch.__version__, "matmul_gflops": round(rate, 1), "figures": rows,
+           "ddpm_step_profile_batch2500": profile}
     (RESULTS / "speed.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"-> {RESULTS / 'speed.json'}")
 

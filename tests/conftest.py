@@ -40,9 +40,9 @@ SHRUNK = {
 # workers finish together instead of one waiting on a long module picked up last. The third,
 # test_resume.py, builds its own repository: its worker does not wait for `trained_repo`, which the
 # first worker is building.
-LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_resume.py", "test_mlflow_ui.py", "test_bad_inputs.py",
-                 "test_serving.py", "test_pipeline.py", "test_dvc_semantics.py", "test_remotes.py", "test_cli.py",
-                 "test_distributed.py", "test_conditional.py", "test_bad_inputs_os.py")
+LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_resume.py", "test_variants.py", "test_mlflow_ui.py",
+                 "test_bad_inputs.py", "test_serving.py", "test_pipeline.py", "test_dvc_semantics.py", "test_remotes.py",
+                 "test_cli.py", "test_distributed.py", "test_conditional.py", "test_bad_inputs_os.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

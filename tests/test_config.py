@@ -241,7 +241,19 @@ def test_lr_schedule_names_the_valid_ones(cls, section):
 
 def test_autoencoder_kind_names_the_valid_ones():
     assert refused(override, AutoencoderConfig(), "autoencoder", kind="vae") == (
-        "autoencoder.kind='vae' (from a command-line flag or params.yaml) is not allowed; expected one of conv, mlp")
+        "autoencoder.kind='vae' (from a command-line flag or params.yaml) is not allowed; expected one of conv, mlp, none")
+
+
+def test_the_unet_needs_pixel_space():
+    from mnist_ldm.config import ConfigError, Params
+
+    assert "diffusion.denoiser='fancy'" in refused(override, DiffusionConfig(), "diffusion", denoiser="fancy")
+    latent_unet = Params(diffusion=DiffusionConfig(denoiser="unet"))
+    with pytest.raises(ConfigError, match=r"^params: diffusion.denoiser='unet' is not allowed with autoencoder.kind="
+                                          r"'conv'; expected autoencoder.kind=none"):
+        latent_unet.validate()
+    Params(autoencoder=AutoencoderConfig(kind="none"), diffusion=DiffusionConfig(denoiser="unet")).validate()
+    Params(autoencoder=AutoencoderConfig(kind="none")).validate()  # an MLP on the 784 pixels is allowed too
 
 
 def test_min_snr_gamma_is_zero_or_positive():
@@ -319,7 +331,7 @@ def test_set_applies_typed_values():
     ("difusion.lr=0.1", "--set difusion.lr=0.1: unknown section 'difusion'; valid sections: "
                         "data, autoencoder, diffusion, sample, evaluator, evaluate, tracking"),
     ("diffusion.learning_rate=0.1", "--set diffusion.learning_rate=0.1: unknown key 'diffusion.learning_rate'; "
-                                    "valid keys in 'diffusion': hidden_dim, num_blocks, T, "),
+                                    "valid keys in 'diffusion': denoiser, hidden_dim, num_blocks, unet_channels, T, "),
     ("diffusion.lr=2e-4", "--set diffusion.lr=2e-4: diffusion.lr='2e-4' is text in YAML; write 2.0e-4 or 0.0002"),
     ("diffusion.lr=fast", "--set diffusion.lr=fast: diffusion.lr='fast' has the wrong type; expected float"),
     ("sample.guidance=.inf", "--set sample.guidance=.inf: sample.guidance=inf is not allowed; expected a finite "),

@@ -1,11 +1,13 @@
 """The autoencoders: the design's convolutional one, (1, 28, 28) -> 28->14->7->4 -> 16-d latent, and its
-mirror (`kind: conv`, the default), and the design's sibling MLP autoencoder with the same latent
-(`kind: mlp`: 784 -> 512 -> 256 -> latent and back)."""
+mirror (`kind: conv`, the default), the design's sibling MLP autoencoder with the same latent
+(`kind: mlp`: 784 -> 512 -> 256 -> latent and back), and pixel space (`kind: none`: the "latent" is the
+784 pixels themselves, no weights, so the pixel-space DDPM goes through the same stages)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -16,6 +18,8 @@ from .checkpoint import load_model_checkpoint
 from .config import AUTOENCODER_KINDS as KINDS
 from .device import model_device
 from .images import as_batch
+
+PIXELS = 28 * 28
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,13 @@ class AutoencoderSpec:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"autoencoder kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind == "none" and self.latent_dim != PIXELS:
+            raise ValueError(f"autoencoder kind 'none' (pixel space) has {PIXELS} values, not {self.latent_dim}")
+
+    @classmethod
+    def for_kind(cls, kind: str, latent_dim: int) -> "AutoencoderSpec":
+        """`autoencoder.kind` and `latent_dim` as params.yaml gives them (pixel space ignores latent_dim)."""
+        return cls(latent_dim=PIXELS if kind == "none" else latent_dim, kind=kind)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -96,14 +107,40 @@ class MLPDecoder(nn.Module):
         return self.net(z).view(-1, 1, 28, 28)
 
 
+class PixelEncoder(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) in [0, 1] -> (B, 784), unchanged
+        return x.flatten(1)
+
+
+class PixelDecoder(nn.Module):
+    """The logits whose sigmoid is the pixel itself (clamped into (0, 1) so the logit is finite)."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.logit(z.clamp(1e-6, 1 - 1e-6)).view(-1, 1, 28, 28)
+
+
+_PARTS = {"conv": (ConvEncoder, ConvDecoder), "mlp": (MLPEncoder, MLPDecoder), "none": (None, None)}
+
+
 class Autoencoder(nn.Module):
     """Encoder and decoder of `spec.kind`; the rest of the pipeline sees only encode/decode."""
 
     def __init__(self, spec: AutoencoderSpec):
         super().__init__()
         self.spec = spec
-        self.encoder = (ConvEncoder if spec.kind == "conv" else MLPEncoder)(spec)
-        self.decoder = (ConvDecoder if spec.kind == "conv" else MLPDecoder)(spec)
+        enc, dec = _PARTS[spec.kind]
+        self.encoder = enc(spec) if enc else PixelEncoder()
+        self.decoder = dec(spec) if dec else PixelDecoder()
+
+    @property
+    def trainable(self) -> bool:
+        return self.spec.kind != "none"
+
+    @property
+    def fixed_scale(self) -> Optional[tuple[float, float]]:
+        """Pixel space uses DDPM's fixed map of [0, 1] to [-1, 1] (mean 0.5, std 0.5 for every pixel: the
+        corners of MNIST never change, so a fitted per-pixel scaler would divide by 0); latents are fitted."""
+        return (0.5, 0.5) if self.spec.kind == "none" else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -112,7 +149,9 @@ class Autoencoder(nn.Module):
         return self.decoder(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents to images in [0, 1] (the seed's sigmoid output)."""
+        """Latents to images in [0, 1] (the seed's sigmoid output; pixel space clamps)."""
+        if not self.trainable:
+            return z.clamp(0, 1).view(-1, 1, 28, 28)
         return torch.sigmoid(self.decoder(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

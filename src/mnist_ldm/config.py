@@ -18,7 +18,8 @@ from .errors import UserError
 
 DATA_SOURCES = ("auto", "idx", "huggingface", "bundled")
 SAMPLERS = ("ddpm", "ddim")
-AUTOENCODER_KINDS = ("conv", "mlp")
+AUTOENCODER_KINDS = ("conv", "mlp", "none")  # none: pixel space, the images themselves
+DENOISERS = ("mlp", "unet")
 LR_SCHEDULES = ("constant", "cosine")  # training/loop.py's lr_factor
 
 
@@ -93,7 +94,7 @@ class AutoencoderConfig(_Section):
     """`autoencoder:`: the design's conv autoencoder (28→14→7→4 → latent_dim), or its MLP sibling, and how
     it is trained."""
 
-    kind: str = "conv"  # conv (the design's) | mlp (784 -> 512 -> 256 -> latent_dim)
+    kind: str = "conv"  # conv (the design's) | mlp (784 -> 512 -> 256 -> latent_dim) | none (pixel space)
     latent_dim: int = 16
     epochs: int = 10
     batch_size: int = 128
@@ -117,8 +118,10 @@ class DiffusionConfig(_Section):
     """`diffusion:`: the latent DDPM, an MLP denoiser of FiLM residual blocks on a linear beta schedule, and
     its training. There is no latent_dim: the latent size is read from the autoencoder checkpoint."""
 
-    hidden_dim: int = 256
-    num_blocks: int = 4
+    denoiser: str = "mlp"  # mlp (the seed's FiLM MLP) | unet (pixel space: needs autoencoder.kind none)
+    hidden_dim: int = 256  # mlp only
+    num_blocks: int = 4  # mlp only
+    unet_channels: int = 16  # unet only: width of its 28x28 level (then 2x, 2x); 16 = about 150K parameters
     T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 2e-2
@@ -138,7 +141,8 @@ class DiffusionConfig(_Section):
     checkpoint_every: int = 500
 
     def rules(self, s: str) -> None:
-        _at_least_one(self, s, "hidden_dim", "num_blocks")
+        _require(self.denoiser in DENOISERS, f"{s}.denoiser", self.denoiser, f"one of {', '.join(DENOISERS)}")
+        _at_least_one(self, s, "hidden_dim", "num_blocks", "unet_channels")
         _require(self.T >= 2, f"{s}.T", self.T, "an integer >= 2")
         _require(0 < self.beta_start < 1, f"{s}.beta_start", self.beta_start, "a number in (0, 1)")
         _require(self.beta_start < self.beta_end < 1, f"{s}.beta_end", self.beta_end,
@@ -228,9 +232,13 @@ class Params:
     tracking: TrackingConfig = TrackingConfig()
 
     def validate(self) -> None:
-        """Every section's checks (there are no rules across sections)."""
+        """Every section's checks, then the one rule across sections: the U-Net works on pixels."""
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
+        if self.diffusion.denoiser == "unet" and self.autoencoder.kind != "none":
+            raise ConfigError(f"params: diffusion.denoiser='unet' is not allowed with autoencoder.kind="
+                              f"{self.autoencoder.kind!r}; expected autoencoder.kind=none (the U-Net denoises "
+                              f"28x28 pixels), or diffusion.denoiser=mlp")
 
     def flat(self) -> dict[str, Any]:
         """`{"section.key": value}` for every param, the form MLflow logs."""

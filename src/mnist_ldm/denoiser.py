@@ -1,4 +1,5 @@
-"""The seed's LatentDenoiser: an MLP of FiLM residual blocks that predicts the noise in a latent.
+"""The seed's LatentDenoiser: an MLP of FiLM residual blocks that predicts the noise in a latent
+(`diffusion.denoiser: mlp`); `build_denoiser` also makes the pixel-space U-Net of `unet.py` (`unet`).
 
 Optionally class-conditional: a label embedding is added to the time embedding; label index
 `num_classes` is the "no label" token used for classifier-free guidance.
@@ -13,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import DENOISERS
+
 
 @dataclass(frozen=True)
 class DenoiserSpec:
@@ -20,13 +23,38 @@ class DenoiserSpec:
     hidden_dim: int = 256
     num_blocks: int = 4
     num_classes: int = 0  # 0 = unconditional (the seed's model)
+    arch: str = "mlp"  # mlp (the seed's, on latents) | unet (on 28x28 pixels)
+    channels: int = 16  # unet only: the width of its first level (widths c, 2c, 2c)
+
+    def __post_init__(self):
+        if self.arch not in DENOISERS:
+            raise ValueError(f"denoiser {self.arch!r} is not one of {', '.join(DENOISERS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DenoiserSpec":
-        return cls(**{k: int(d[k]) for k in ("latent_dim", "hidden_dim", "num_blocks", "num_classes")})
+        """Checkpoints written before the U-Net existed hold an MLP without `arch`."""
+        ints = {k: int(d[k]) for k in ("latent_dim", "hidden_dim", "num_blocks", "num_classes")}
+        return cls(**ints, arch=str(d.get("arch", "mlp")), channels=int(d.get("channels", 16)))
+
+
+def build_denoiser(spec: DenoiserSpec) -> nn.Module:
+    """The network `spec.arch` names; both take (B, D) inputs, (B,) timesteps and optional (B,) labels."""
+    if spec.arch == "unet":
+        from .unet import UNetDenoiser  # unet.py imports this module's helpers
+
+        return UNetDenoiser(spec)
+    return LatentDenoiser(spec)
+
+
+def shared_step(t: torch.Tensor, y: torch.Tensor | None):
+    """One timestep (and label) for the whole batch, as in sampling: keep one copy, so the embedding is
+    computed once and its FiLM scale/shift broadcast, which skips most of the multiply-adds."""
+    if len(t) > 1 and bool((t == t[0]).all()) and (y is None or bool((y == y[0]).all())):
+        return t[:1], (y[:1] if y is not None else None)
+    return t, y
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -80,10 +108,7 @@ class LatentDenoiser(nn.Module):
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, latent), t (B,) long, y (B,) long or None -> predicted noise (B, latent)."""
-        if len(t) > 1 and bool((t == t[0]).all()) and (y is None or bool((y == y[0]).all())):
-            # One timestep (and label) for the whole batch, as in sampling: embed it once and let the
-            # FiLM scale/shift broadcast, which skips most of the network's multiply-adds.
-            t, y = t[:1], (y[:1] if y is not None else None)
+        t, y = shared_step(t, y)
         emb = self.time_mlp(timestep_embedding(t, self.spec.hidden_dim))  # (B, H) or (1, H)
         if self.label_emb is not None:
             if y is None:

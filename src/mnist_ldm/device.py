@@ -170,4 +170,6 @@ def runtime(device: str | None = None, precision: str | None = None) -> Runtime:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's weights are (the CPU for one without any, like the pixel-space autoencoder)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")

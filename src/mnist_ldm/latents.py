@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -68,9 +69,11 @@ class LatentScaler:
         return z_std * std + mean
 
 
-def latent_stats(z: np.ndarray) -> dict:
-    """What `stats.json` holds besides the producer: the scaler and the overall raw std."""
-    return {**LatentScaler.fit(z).to_dict(), "raw_std_overall": float(z.astype(np.float64).std())}
+def latent_stats(z: np.ndarray, fixed: Optional[tuple[float, float]] = None) -> dict:
+    """What `stats.json` holds besides the producer: the scaler (fitted, or `fixed` (mean, std) for every
+    dimension) and the overall raw std."""
+    scaler = LatentScaler.fit(z) if fixed is None else LatentScaler((fixed[0],) * z.shape[1], (fixed[1],) * z.shape[1])
+    return {**scaler.to_dict(), "raw_std_overall": float(z.astype(np.float64).std())}
 
 
 def load_latents(latent_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:

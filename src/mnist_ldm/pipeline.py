@@ -20,7 +20,7 @@ import torch
 from .autoencoder import Autoencoder, encode_images, load_autoencoder
 from .checkpoint import load_model_checkpoint
 from .device import CPU, Runtime
-from .denoiser import DenoiserSpec, LatentDenoiser
+from .denoiser import DenoiserSpec, build_denoiser
 from .diffusion import NoiseSchedule, ddim_invert_step, ddim_timesteps, guided_eps, sample_loop
 from .errors import UserError
 from .images import to_uint8
@@ -37,10 +37,10 @@ class Samples:
     trajectory: Optional[list[np.ndarray]] = None  # predicted x_0 of the first 10 samples, over time
 
 
-def load_denoiser(path: str | Path, use_ema: bool = True) -> tuple[LatentDenoiser, NoiseSchedule, dict]:
+def load_denoiser(path: str | Path, use_ema: bool = True) -> tuple[torch.nn.Module, NoiseSchedule, dict]:
     """The denoiser (EMA or raw weights), its noise schedule and the checkpoint's other fields."""
     model, ckpt = load_model_checkpoint(path, "mnist-ldm/diffusion", "diffusion checkpoint",
-                                        lambda cfg: LatentDenoiser(DenoiserSpec.from_dict(cfg)),
+                                        lambda cfg: build_denoiser(DenoiserSpec.from_dict(cfg)),
                                         weights="ema_state_dict" if use_ema else "state_dict")
     try:
         sch = ckpt["schedule"]
@@ -51,7 +51,7 @@ def load_denoiser(path: str | Path, use_ema: bool = True) -> tuple[LatentDenoise
 
 
 class LatentDiffusionPipeline:
-    def __init__(self, autoencoder: Autoencoder, denoiser: LatentDenoiser, schedule: NoiseSchedule,
+    def __init__(self, autoencoder: Autoencoder, denoiser: torch.nn.Module, schedule: NoiseSchedule,
                  scaler: LatentScaler):
         dims = {"autoencoder": autoencoder.spec.latent_dim, "denoiser": denoiser.spec.latent_dim,
                 "latent statistics": scaler.dim}

@@ -30,7 +30,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     with tracking.stage_run("encode", params, {"encode.data": str(args.data), "encode.ae_ckpt": str(args.ae_ckpt)},
                             meta) as trun:
         latents = {split: encode_images(model, data.images) for split, data in splits.items()}
-        stats = {**latent_stats(latents["train"]), "ae_checkpoint_md5": file_md5(args.ae_ckpt)}
+        stats = {**latent_stats(latents["train"], model.fixed_scale), "ae_checkpoint_md5": file_md5(args.ae_ckpt)}
         with atomic_dir(args.out) as tmp:  # latents and their stats are replaced together or not at all
             for split, data in splits.items():
                 write_npz(tmp / f"{split}.npz", z=latents[split], labels=data.labels)

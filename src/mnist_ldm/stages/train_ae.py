@@ -1,4 +1,4 @@
-"""Stage `train_ae`: the convolutional autoencoder, its checkpoint, metrics and pictures."""
+"""Stage `train_ae`: the autoencoder (conv, mlp, or none: pixel space), its checkpoint, metrics and pictures."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..data import load_meta, load_split
 from .common import (add_paths, check_writable, positive_float, positive_int, publish, run_stage, runtime_for,
                      writes_outputs)
 
-HELP = "train the convolutional autoencoder"
+HELP = "train the autoencoder (conv or mlp; pixel space writes a pass-through one)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,10 +46,12 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         if not writes_outputs(rt, "train_ae", model):
             return {}
         final = {**reconstruction_metrics(model, test.images), "params": count_parameters(model)}
+        pictures = ["reconstructions.png"] + (["loss.png"] if history else [])  # pixel space trains nothing
         with atomic_dir(args.plots) as tmp:
             plots.save_grid(reconstructions(model, test.images[:32]), tmp / "reconstructions.png", nrow=32)
-            plots.save_figure(plots.line_chart(history, ["train_loss", "test_bce"], "autoencoder BCE"),
-                              tmp / "loss.png")
+            if history:
+                plots.save_figure(plots.line_chart(history, ["train_loss", "test_bce"], "autoencoder BCE"),
+                                  tmp / "loss.png")
         save_checkpoint(args.out, "mnist-ldm/autoencoder", {
             "model_config": model.spec.to_dict(),
             "state_dict": model.state_dict(),
@@ -58,8 +60,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "history": history,
             "metrics": final,
         })
-        publish(run, final, args.metrics, [args.plots / "reconstructions.png", args.plots / "loss.png", args.metrics,
-                                           args.data / "meta.json", args.out], resume=resume_path_for(args.out))
+        publish(run, final, args.metrics, [*(args.plots / p for p in pictures), args.metrics, args.data / "meta.json",
+                                           args.out], resume=resume_path_for(args.out))
     print(f"train_ae: test BCE {final['test_bce']:.4f}, MSE {final['test_mse']:.5f}, "
           f"{final['params']:,} parameters -> {args.out}")
     return final

@@ -56,6 +56,9 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     if args.latent_dim is not None and args.latent_dim != ae.spec.latent_dim:
         raise UserError(f"--latent-dim {args.latent_dim} does not match the {ae.spec.latent_dim}-d latents of the "
                         f"autoencoder in {args.ae_ckpt}, which sets the latent size")
+    if cfg.denoiser == "unet" and ae.spec.kind != "none":
+        raise UserError(f"diffusion.denoiser=unet denoises 28x28 pixels, but {args.ae_ckpt} is a {ae.spec.kind} "
+                        f"autoencoder with {ae.spec.latent_dim}-d latents; use autoencoder.kind=none")
     stats = check_producer(args.latents, args.ae_ckpt)
     scaler = LatentScaler.from_dict(stats, str(args.latents / "stats.json"))
     meta = load_meta(args.data)
@@ -85,7 +88,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                  "train_latents": int(len(z_tr))}
         with atomic_dir(args.plots) as tmp:
             plots.save_figure(plots.line_chart(history, ["train_loss", "test_loss", "test_loss_ema"],
-                                               "latent diffusion loss (MSE on noise)"), tmp / "loss.png")
+                                               f"{'pixel' if ae.spec.kind == 'none' else 'latent'} diffusion loss (MSE on noise)"), tmp / "loss.png")
         save_checkpoint(args.out, "mnist-ldm/diffusion", {
             "model_config": model.spec.to_dict(),
             "state_dict": model.state_dict(),

@@ -1,4 +1,4 @@
-"""Training the autoencoder (conv or MLP) with BCE on every training digit."""
+"""Training the autoencoder (conv or MLP) with BCE on every training digit; pixel space has nothing to train."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_
     """The trained model and its per-epoch history; `on_epoch` gets each epoch's figures (and a
     reconstruction grid when `previews`)."""
     torch.manual_seed(cfg.seed)
-    model = Autoencoder(AutoencoderSpec(latent_dim=cfg.latent_dim, kind=cfg.kind)).to(rt.device)
+    model = Autoencoder(AutoencoderSpec.for_kind(cfg.kind, cfg.latent_dim)).to(rt.device)
+    if not model.trainable:  # pixel space: nothing to learn, the stage writes the pass-through checkpoint
+        return model, []
     net = rt.wrap(model)
     optimizer = adam(model, cfg.lr)
     images = torch.from_numpy(train.images).to(rt.device)  # all of MNIST fits on any device: no per-batch copies

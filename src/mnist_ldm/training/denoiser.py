@@ -12,9 +12,11 @@ import torch.nn.functional as F
 
 from ..config import DiffusionConfig
 from ..device import CPU, Runtime
-from ..denoiser import DenoiserSpec, LatentDenoiser
+from ..denoiser import DenoiserSpec, LatentDenoiser, build_denoiser
 from ..diffusion import NoiseSchedule, min_snr_weights, q_sample
 from .loop import EMA, adam, fingerprint, run_training
+
+HELD_OUT_CHUNK = 2_000_000  # values per forward pass of the held-out loss
 
 # (EMA model, schedule, epoch) -> a preview grid image, made only when the stage logs it
 PreviewFn = Callable[[LatentDenoiser, NoiseSchedule, int], np.ndarray]
@@ -52,10 +54,17 @@ def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, y
 
 @torch.no_grad()
 def held_out_loss(model: LatentDenoiser, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor]) -> float:
-    """The same loss on held-out latents with fixed t and noise, so epochs are comparable."""
+    """The same loss on held-out latents with fixed t and noise, so epochs are comparable; in chunks of
+    about 2M values (one chunk for 16-d latents, 2,551 images in pixel space)."""
     model.eval()
     gen = torch.Generator(device=z0.device).manual_seed(1234)
-    return diffusion_loss(model, s, z0, y, gen, 0.0, model.null_label).item()
+    rows = max(1, HELD_OUT_CHUNK // z0.shape[1])
+    total = 0.0
+    for i in range(0, len(z0), rows):
+        chunk = z0[i:i + rows]
+        total += diffusion_loss(model, s, chunk, y[i:i + rows] if y is not None else None, gen, 0.0,
+                                model.null_label).item() * len(chunk)
+    return total / len(z0)
 
 
 def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.Tensor, z_test: torch.Tensor,
@@ -65,8 +74,9 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
     """Model, EMA, optimizer, schedule and per-epoch history; `on_epoch` gets each epoch's figures
     and, when `preview` is given, a sample grid from the EMA weights."""
     torch.manual_seed(cfg.seed)
-    spec = DenoiserSpec(z_train.shape[1], cfg.hidden_dim, cfg.num_blocks, num_classes=10 if cfg.conditional else 0)
-    model = LatentDenoiser(spec).to(rt.device)
+    spec = DenoiserSpec(z_train.shape[1], cfg.hidden_dim, cfg.num_blocks, num_classes=10 if cfg.conditional else 0,
+                        arch=cfg.denoiser, channels=cfg.unet_channels)
+    model = build_denoiser(spec).to(rt.device)
     net = rt.wrap(model)
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_steps)
     optimizer = adam(model, cfg.lr)

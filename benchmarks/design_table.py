@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -125,8 +126,9 @@ def fcd_of(pipe, evaluator, f_test, n, seed) -> float:
 
 def train_variant(name, kind, denoiser, data, evaluator, f_test, args) -> dict:
     train, test = data.train, data.test
-    work = args.work / name.split()[0].replace(",", "") / kind
-    work.mkdir(parents=True, exist_ok=True)
+    work = args.work / kind
+    shutil.rmtree(work, ignore_errors=True)  # the training loops resume from what they find there: start afresh
+    work.mkdir(parents=True)
     ae_cfg = AutoencoderConfig(kind=kind)
     ticks = [time.perf_counter()]
     ae, ae_hist = train_autoencoder(ae_cfg, train, test, work / "ae.resume", f"bench-{kind}",

@@ -40,6 +40,9 @@ NOT_HERE = {
                                                 "runs in the variants block",
     "MNIST_LDM_NPROC=4 MNIST_LDM_DEVICE=cuda dvc repro": "needs 4 CUDA GPUs; tests/test_distributed.py runs 2 CPU ranks",
     "torchrun --nnodes 2": "needs two machines",
+    "dvc exp run -n mlp-ae -S autoencoder.kind=mlp": "tests/test_variants.py runs both lines on its own copy of the "
+                                                     "trained pipeline (here they would leave the workspace in pixel "
+                                                     "space for the blocks after it)",
 }
 
 # first line of a block -> (README text, what runs instead, why)

@@ -214,7 +214,9 @@ def markdown(result: dict) -> str:
 
     def to_target(r):  # a model that never reached it: more than all of its training
         return r["seconds_to_target"] if r["seconds_to_target"] is not None else total(r)
+    arch = {"unet": "conv U-Net", "mlp": "MLP, FiLM residual blocks"}
     lines = [("denoiser input dimension", lambda r: f"{r['input_dim']}", lambda r: r["input_dim"]),
+             ("denoiser architecture", lambda r: arch[r["diffusion.denoiser"]], None),
              ("denoiser parameters", lambda r: f"{r['denoiser_params']:,}", lambda r: r["denoiser_params"]),
              ("autoencoder parameters", lambda r: f"{r['autoencoder_params']:,}", None),
              ("training: autoencoder, s/epoch", lambda r: f"{r['ae_epoch_s']:.0f}", None),

@@ -17,9 +17,7 @@ import torch.nn.functional as F
 from .checkpoint import load_model_checkpoint
 from .config import AUTOENCODER_KINDS as KINDS
 from .device import model_device
-from .images import as_batch
-
-PIXELS = 28 * 28
+from .images import PIXELS, as_batch
 
 
 @dataclass(frozen=True)
@@ -108,6 +106,9 @@ class MLPDecoder(nn.Module):
 
 
 class PixelEncoder(nn.Module):
+    def __init__(self, spec: AutoencoderSpec):
+        super().__init__()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) in [0, 1] -> (B, 784), unchanged
         return x.flatten(1)
 
@@ -115,11 +116,14 @@ class PixelEncoder(nn.Module):
 class PixelDecoder(nn.Module):
     """The logits whose sigmoid is the pixel itself (clamped into (0, 1) so the logit is finite)."""
 
+    def __init__(self, spec: AutoencoderSpec):
+        super().__init__()
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.logit(z.clamp(1e-6, 1 - 1e-6)).view(-1, 1, 28, 28)
 
 
-_PARTS = {"conv": (ConvEncoder, ConvDecoder), "mlp": (MLPEncoder, MLPDecoder), "none": (None, None)}
+_PARTS = {"conv": (ConvEncoder, ConvDecoder), "mlp": (MLPEncoder, MLPDecoder), "none": (PixelEncoder, PixelDecoder)}
 
 
 class Autoencoder(nn.Module):
@@ -129,8 +133,7 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.spec = spec
         enc, dec = _PARTS[spec.kind]
-        self.encoder = enc(spec) if enc else PixelEncoder()
-        self.decoder = dec(spec) if dec else PixelDecoder()
+        self.encoder, self.decoder = enc(spec), dec(spec)
 
     @property
     def trainable(self) -> bool:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+SIDE = 28  # MNIST digits are SIDE x SIDE
+PIXELS = SIDE * SIDE
+
 
 def as_batch(images: np.ndarray | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [0, 1], on `device` (default: where `images` are)."""

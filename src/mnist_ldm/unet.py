@@ -14,9 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .denoiser import shared_step, timestep_embedding
-
-SIDE = 28
-PIXELS = SIDE * SIDE
+from .images import PIXELS, SIDE
 
 
 def _norm(channels: int) -> nn.GroupNorm:

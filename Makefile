@@ -8,14 +8,19 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: run test bench quality gpu-check install clean-outputs
 
-$(BIN)/.installed: requirements.lock pyproject.toml
+# PyTorch build: cuda where nvidia-smi answers, else cpu (requirements-cuda.lock / requirements-cpu.lock);
+# `make install TORCH=cuda` chooses it
+TORCH ?= $(if $(shell nvidia-smi -L 2>/dev/null),cuda,cpu)
+
+$(BIN)/.installed-$(TORCH): requirements.lock requirements-$(TORCH).lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet -r requirements.lock -r requirements-$(TORCH).lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	rm -f $(BIN)/.installed-*
 	touch $@
 
-install: $(BIN)/.installed
+install: $(BIN)/.installed-$(TORCH)
 
 run: install
 	dvc repro

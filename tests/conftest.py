@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 
 # Small enough for seconds per stage, real enough to exercise every code path.
 SHRUNK = {
-    "data": {"source": "bundled", "limit_train": 300, "limit_test": 100},
+    "data": {"limit_train": 300, "limit_test": 100},  # source auto, as a user's: no IDX files, Hub offline -> bundled
     "autoencoder": {"epochs": 1, "batch_size": 64, "warmup_steps": 0, "checkpoint_every": 2},
     "diffusion": {"epochs": 1, "batch_size": 64, "hidden_dim": 32, "num_blocks": 1, "T": 50, "warmup_steps": 0,
                   "ema_warmup_steps": 2, "checkpoint_every": 2},
@@ -40,9 +40,14 @@ SHRUNK = {
 # workers finish together instead of one waiting on a long module picked up last. The third,
 # test_resume.py, builds its own repository: its worker does not wait for `trained_repo`, which the
 # first worker is building.
-LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_resume.py", "test_variants.py", "test_mlflow_ui.py",
-                 "test_bad_inputs.py", "test_serving.py", "test_pipeline.py", "test_dvc_semantics.py", "test_remotes.py",
-                 "test_cli.py", "test_distributed.py", "test_conditional.py", "test_bad_inputs_os.py")
+#
+# pytest-xdist gives a worker another module while it has at most 2 tests pending, so the worker that
+# runs test_readme.py (2 tests, over a third of the suite's time) would take the next modules too and run
+# them after it, at the end, alone: the fourth module is a quick one of many tests, which stops that.
+LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_resume.py", "test_diffusion_math.py",
+                 "test_bad_inputs.py", "test_dvc_semantics.py", "test_cli.py", "test_variants.py", "test_mlflow_ui.py",
+                 "test_remotes.py", "test_distributed.py", "test_malicious_checkpoint.py", "test_evaluation.py",
+                 "test_conditional.py", "test_serving.py", "test_bad_inputs_os.py", "test_pipeline.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
@@ -109,6 +114,11 @@ def make_repo_copy(dest: Path, params: dict | None = None) -> Path:
     return dest
 
 
+# MLflow 3's server starts a GenAI job runner beside the tracking server by default: 7 more Python
+# processes (about 30 CPU-seconds of imports at every start on 2 cores) that nothing here uses
+SERVER_JOBS = "false"
+
+
 class MlflowServer:
     """`mlflow server` on a free 127.0.0.1 port with its own sqlite store, in its own process group."""
 
@@ -122,7 +132,8 @@ class MlflowServer:
             [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.db}",
              "--default-artifact-root", str(root / "art"), "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1"],
-            cwd=root, env=test_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=root, env=test_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION=SERVER_JOBS), stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_healthy(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -161,7 +172,8 @@ def repo_copy(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_repo(tmp_path_factory) -> Path:
-    """One shrunk `dvc repro` with tracking on (its own sqlite store, one registered model version),
+    """One shrunk `dvc repro` with tracking on (its own sqlite store, one registered model version; what it
+    printed is kept for `first_build`),
     shared by the tests that only read its outputs (do not modify it; `copy_trained` gives a private copy).
     Under pytest-xdist the workers share one: the first to ask builds it, the others wait for it."""
     from filelock import FileLock
@@ -175,9 +187,16 @@ def trained_repo(tmp_path_factory) -> Path:
             shutil.rmtree(repo, ignore_errors=True)  # a build that failed on another worker
             root.joinpath("repo").mkdir()
             make_repo_copy(repo)
-            run([str(BIN / "dvc"), "repro"], repo)
+            proc = run([str(BIN / "dvc"), "repro"], repo)
+            (root / "repro.stdout").write_text(proc.stdout)
+            (root / "repro.stderr").write_text(proc.stderr)
             done.touch()
     return repo
+
+
+def first_build(trained_repo: Path) -> tuple[str, str]:
+    """What the `dvc repro` that built `trained_repo` printed: (stdout, stderr)."""
+    return (trained_repo.parent / "repro.stdout").read_text(), (trained_repo.parent / "repro.stderr").read_text()
 
 
 def copy_trained(trained_repo: Path, dest: Path, params: dict | None = None) -> Path:

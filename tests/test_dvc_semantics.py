@@ -141,9 +141,16 @@ def test_going_back_to_earlier_params_runs_nothing(built, repo):
     files = built[1]
     changed = {"check_params"} | downstream(pipeline(repo), {"train_diffusion"})
     assert changed - extra_stages(repo) == {"check_params", "train_diffusion", "sample", "evaluate"}
+    params_ok = (repo / "data/params_ok.json").read_bytes()
     b = dvc(repo, "exp", "run", "-S", "diffusion.lr=0.0005")
     ran = stages_run(b.stdout)
     assert sorted(ran) == sorted(changed) and ran[:2] == ["check_params", "train_diffusion"], b.stdout
+    assert ran.index("train_diffusion") < ran.index("sample") < ran.index("evaluate"), b.stdout
+    for stage in set(pipeline(repo)) - changed:
+        assert SKIPPED.format(stage) in b.stdout, (stage, b.stdout)
+    # check_params re-ran (params.yaml is its dep) but wrote the same bytes: nothing re-ran because of it
+    assert (repo / "data/params_ok.json").read_bytes() == params_ok
+    assert "diffusion.lr: 0.0005" in (repo / "dvc.lock").read_text()
     b_files = snapshot(repo)
     assert b_files["models/diffusion.pt"] != files["models/diffusion.pt"]
     assert b_files["models/autoencoder.pt"] == files["models/autoencoder.pt"]

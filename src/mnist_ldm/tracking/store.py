@@ -31,8 +31,10 @@ _QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration
                   "mlflow.tracking._tracking_service.client")
 
 # (table, primary key, column) of every artifact URI that a sqlite store records
-_ARTIFACT_COLUMNS = (("experiments", "experiment_id", "artifact_location"), ("runs", "run_uuid", "artifact_uri"),
-                     ("logged_models", "model_id", "artifact_location"))
+# (table, column): every column of the sqlite store that holds an artifact URI (rows are updated by rowid)
+_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"))
 
 
 class TrackingError(UserError):
@@ -172,8 +174,8 @@ def _artifacts_follow(location: str, name: str, root: Path) -> None:
         old, new = match.group(1), (root / "mlartifacts").as_uri()
         counts = _repoint(root / "mlflow.db", old, new)
         print(f"mlflow: {root / 'mlflow.db'} kept artifacts in {_local_path(old)}, outside this repository (it "
-              f"was moved or copied); re-pointed {counts['experiments']} experiment(s) and {counts['runs']} "
-              f"run(s) to {root / 'mlartifacts'}", file=sys.stderr)
+              f"was moved or copied); re-pointed {counts['experiments']} experiment(s), {counts['runs']} run(s) "
+              f"and {counts['model_versions']} model version(s) to {root / 'mlartifacts'}", file=sys.stderr)
     elif not location.startswith("mlflow-artifacts:"):  # proxied: the tracking server, named already
         print(f"mlflow: artifacts of experiment '{name}' go to {path or location}, outside this repository",
               file=sys.stderr)
@@ -181,21 +183,21 @@ def _artifacts_follow(location: str, name: str, root: Path) -> None:
 
 def _repoint(db: Path, old: str, new: str) -> dict[str, int]:
     """Replace the prefix `old` by `new` in every artifact URI of the sqlite store `db`; rows changed per table."""
-    counts = {table: 0 for table, _, _ in _ARTIFACT_COLUMNS}
+    counts = {table: 0 for table, _ in _ARTIFACT_COLUMNS}
     try:
         con = sqlite3.connect(db, timeout=30, isolation_level=None)
         try:
             con.execute("BEGIN IMMEDIATE")
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            for table, key, column in _ARTIFACT_COLUMNS:
+            for table, column in _ARTIFACT_COLUMNS:
                 if table not in tables:
                     continue
-                rows = con.execute(f"SELECT {key}, {column} FROM {table} WHERE substr({column}, 1, ?) = ?",
+                rows = con.execute(f"SELECT rowid, {column} FROM {table} WHERE substr({column}, 1, ?) = ?",
                                    (len(old), old)).fetchall()
                 updates = [(new + value[len(old):], k) for k, value in rows
                            if value[len(old):len(old) + 1] in ("", "/")]
-                con.executemany(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", updates)
-                counts[table] = len(updates)
+                con.executemany(f"UPDATE {table} SET {column} = ? WHERE rowid = ?", updates)
+                counts[table] = max(counts[table], len(updates))  # rows of the table (two columns in one)
             con.execute("COMMIT")
         finally:
             con.close()

@@ -15,8 +15,11 @@ TORCH ?= $(if $(shell nvidia-smi -L 2>/dev/null),cuda,cpu)
 $(BIN)/.installed-$(TORCH): requirements.lock requirements-$(TORCH).lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.lock -r requirements-$(TORCH).lock
+	$(BIN)/python -m pip install --quiet --no-compile -r requirements.lock -r requirements-$(TORCH).lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	# byte-compile what pip installed, as pip would but on every core; files written for other Python
+	# versions fail to compile and are skipped, as pip skips them
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib > /dev/null || true
 	rm -f $(BIN)/.installed-*
 	touch $@
 

@@ -165,11 +165,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def repo_copy(tmp_path: Path) -> Path:
-    return make_repo_copy(tmp_path / "repo")
-
-
 @pytest.fixture(scope="session")
 def trained_repo(tmp_path_factory) -> Path:
     """One shrunk `dvc repro` with tracking on (its own sqlite store, one registered model version; what it

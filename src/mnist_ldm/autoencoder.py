@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .checkpoint import load_model_checkpoint
 from .config import AUTOENCODER_KINDS as KINDS
 from .device import model_device
-from .images import PIXELS, as_batch
+from .images import PIXELS, SIDE, as_batch
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class PixelDecoder(nn.Module):
         super().__init__()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.logit(z.clamp(1e-6, 1 - 1e-6)).view(-1, 1, 28, 28)
+        return torch.logit(z.clamp(1e-6, 1 - 1e-6)).view(-1, 1, SIDE, SIDE)
 
 
 _PARTS = {"conv": (ConvEncoder, ConvDecoder), "mlp": (MLPEncoder, MLPDecoder), "none": (PixelEncoder, PixelDecoder)}

@@ -30,7 +30,6 @@ ENV_DEFAULTS = {
 _QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration",
                   "mlflow.tracking._tracking_service.client")
 
-# (table, primary key, column) of every artifact URI that a sqlite store records
 # (table, column): every column of the sqlite store that holds an artifact URI (rows are updated by rowid)
 _ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
                      ("logged_models", "artifact_location"), ("model_versions", "source"),

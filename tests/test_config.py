@@ -256,6 +256,18 @@ def test_the_unet_needs_pixel_space():
     Params(autoencoder=AutoencoderConfig(kind="none")).validate()  # an MLP on the 784 pixels is allowed too
 
 
+def test_ddim_steps_fit_the_diffusion_steps():
+    """Caught when the params are read, not after the prior has trained: DDIM takes at most T steps."""
+    from mnist_ldm.config import ConfigError, Params
+
+    short = Params(diffusion=DiffusionConfig(T=100))
+    with pytest.raises(ConfigError, match=r"^params: sample.steps=250 is more than diffusion.T=100; expected "
+                                          r"sample.steps <= diffusion.T"):
+        short.validate()
+    Params(diffusion=DiffusionConfig(T=100), sample=SampleConfig(steps=100)).validate()
+    Params(diffusion=DiffusionConfig(T=100), sample=SampleConfig(sampler="ddpm")).validate()  # DDPM takes all T
+
+
 def test_min_snr_gamma_is_zero_or_positive():
     assert "diffusion.min_snr_gamma=-1.0" in refused(override, DiffusionConfig(), "diffusion", min_snr_gamma=-1.0)
     assert override(DiffusionConfig(), "diffusion", min_snr_gamma=5.0).min_snr_gamma == 5.0

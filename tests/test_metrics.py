@@ -334,6 +334,20 @@ def test_memorization_fresh_samples_ratio_near_one():
     assert got["median_test_to_train"] == pytest.approx(np.median(brute), rel=1e-12)
 
 
+def test_nearest_neighbour_search_in_float32_returns_the_float64_distances():
+    """The float32 search keeps candidates and decides in float64: every distance equals brute force,
+    even where the nearest rows differ from each other by far less than float32 resolves."""
+    rng = np.random.default_rng(42)
+    reference = rng.normal(size=(3000, 16)) * 10
+    queries = rng.normal(size=(400, 16)) * 10
+    near = reference[:50] + 1e-9 * rng.normal(size=(50, 16))  # near-ties: equal in float32
+    reference = np.concatenate([reference, near])
+    queries = np.concatenate([queries, reference[:50] + 1e-10])
+    got = metrics._nearest_neighbour_distances(torch.from_numpy(queries), torch.from_numpy(reference), 97).numpy()
+    brute = np.sqrt(((queries[:, None] - reference[None]) ** 2).sum(-1)).min(axis=1)
+    np.testing.assert_allclose(got, brute, rtol=1e-12, atol=0)
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 @pytest.mark.parametrize("call, match", [

@@ -145,6 +145,30 @@ def test_the_mlp_autoencoder_trains_and_round_trips_through_its_checkpoint(tmp_p
         torch.testing.assert_close(loaded.encode(x), model.eval().encode(x))
 
 
+def test_conv_autoencoder_trains_channels_last_and_returns_the_standard_layout(tmp_path, one_thread):
+    from mnist_ldm.autoencoder import load_autoencoder
+    """Training runs in the channels-last layout for speed; the returned model, and so every checkpoint
+    and later stage, has the usual contiguous weights and encodes as its reloaded checkpoint does."""
+    from mnist_ldm.checkpoint import save_checkpoint
+    from mnist_ldm.config import AutoencoderConfig
+    from mnist_ldm.data import Split
+    from mnist_ldm.training.autoencoder import train_autoencoder
+
+    rng = np.random.default_rng(1)
+    images = (rng.random((128, 28, 28)) < 0.2).astype(np.uint8) * 255
+    split = Split(images, np.zeros(128, dtype=np.uint8))
+    cfg = AutoencoderConfig(kind="conv", epochs=1, batch_size=64, warmup_steps=0)
+    model, _ = train_autoencoder(cfg, split, split, tmp_path / "ae.resume.pt", "test")
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous() for p in convs)
+    save_checkpoint(tmp_path / "ae.pt", "mnist-ldm/autoencoder", {"model_config": model.spec.to_dict(),
+                                                                  "state_dict": model.state_dict()})
+    loaded, _ = load_autoencoder(tmp_path / "ae.pt")
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), model.eval().encode(x), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- latent denoiser
 
 def test_denoiser_parameter_count_of_the_seed_config():

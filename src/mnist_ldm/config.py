@@ -96,7 +96,7 @@ class AutoencoderConfig(_Section):
 
     kind: str = "conv"  # conv (the design's) | mlp (784 -> 512 -> 256 -> latent_dim) | none (pixel space)
     latent_dim: int = 16
-    epochs: int = 6
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # constant | cosine (to 0 at the last step), after warmup_steps
@@ -125,7 +125,7 @@ class DiffusionConfig(_Section):
     T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 2e-2
-    epochs: int = 25
+    epochs: int = 40
     batch_size: int = 256
     lr: float = 4e-4
     lr_schedule: str = "cosine"  # constant | cosine (to 0 at the last step), after warmup_steps

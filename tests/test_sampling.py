@@ -138,6 +138,37 @@ def test_ema_warmup_is_continuous_at_warmup_steps(decay, warmup):
     assert 1.0 / (1.0 - ema.current_decay()) == pytest.approx(1.0 / (1.0 - decay) - step, rel=1e-9)
 
 
+@pytest.mark.parametrize("decay, warmup, cap", [(0.999, 500, 128.0), (0.999, 0, 50.0), (0.99, 10, 1000.0)])
+def test_ema_horizon_never_exceeds_its_cap(decay, warmup, cap):
+    """A short run (4,000 images: 640 steps against a 1,000-step horizon) caps the horizon; a cap above the
+    horizon changes nothing, bit for bit."""
+    ema = EMA(torch.nn.Linear(2, 2), decay=decay, warmup_steps=warmup, max_horizon=cap)
+    free = EMA(torch.nn.Linear(2, 2), decay=decay, warmup_steps=warmup)
+    for u in range(max(warmup, 1) + 5):
+        ema.updates = free.updates = u
+        horizon = 1.0 / (1.0 - ema.current_decay())
+        free_horizon = 1.0 / (1.0 - free.current_decay())
+        assert horizon <= cap * (1 + 1e-12)
+        assert horizon == pytest.approx(min(free_horizon, cap), rel=1e-9)
+        if free_horizon <= cap:
+            assert ema.current_decay() == free.current_decay()
+
+
+def test_the_prior_caps_its_ema_horizon_at_a_fraction_of_its_steps(tmp_path, one_thread):
+    from mnist_ldm.config import DiffusionConfig
+    from mnist_ldm.training.denoiser import train_denoiser
+
+    z, y = torch.randn(640, 4), torch.zeros(640, dtype=torch.long)
+    cfg = DiffusionConfig(hidden_dim=16, num_blocks=1, T=20, epochs=2, batch_size=64, warmup_steps=0,
+                          ema_decay=0.999, ema_warmup_steps=0, ema_max_fraction=0.2)
+    _, ema, *_ = train_denoiser(cfg, z, y, z[:64], y[:64], tmp_path / "r.pt", "test")
+    assert ema.current_decay() == pytest.approx(1 - 1 / (0.2 * 20))  # 20 steps: a 4-step horizon
+    full = DiffusionConfig(hidden_dim=16, num_blocks=1, T=20, epochs=2, batch_size=64, warmup_steps=0,
+                           ema_decay=0.5, ema_warmup_steps=0, ema_max_fraction=0.2)
+    _, ema, *_ = train_denoiser(full, z, y, z[:64], y[:64], tmp_path / "s.pt", "test")
+    assert ema.current_decay() == 0.5  # a 2-step horizon is under the cap: `ema_decay` as given
+
+
 def test_ema_updates_follow_the_recursion_with_the_warmup_decay():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

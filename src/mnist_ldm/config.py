@@ -136,6 +136,7 @@ class DiffusionConfig(_Section):
     min_snr_gamma: float = 5.0  # > 0: weight each timestep's loss by min(SNR, gamma) / SNR (0 = L_simple)
     ema_decay: float = 0.999
     ema_warmup_steps: int = 500
+    ema_max_fraction: float = 0.2  # the EMA averages over at most this fraction of the run's optimizer steps
     generate_images: bool = True  # a DDIM preview grid per epoch, logged to MLflow
     seed: int = 0
     checkpoint_every: int = 500
@@ -156,6 +157,7 @@ class DiffusionConfig(_Section):
         _require(self.min_snr_gamma >= 0, f"{s}.min_snr_gamma", self.min_snr_gamma, "a number >= 0 (0 = off)")
         _require(0 <= self.ema_decay < 1, f"{s}.ema_decay", self.ema_decay, "a number in [0, 1)")
         _require(self.ema_warmup_steps >= 0, f"{s}.ema_warmup_steps", self.ema_warmup_steps, "an integer >= 0")
+        _require(0 < self.ema_max_fraction <= 1, f"{s}.ema_max_fraction", self.ema_max_fraction, "a number in (0, 1]")
         _at_least_one(self, s, "checkpoint_every")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -78,7 +79,8 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
                         arch=cfg.denoiser, channels=cfg.unet_channels)
     model = build_denoiser(spec).to(rt.device)
     net = rt.wrap(model)
-    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_steps)
+    total_steps = math.ceil(len(z_train) / cfg.batch_size) * cfg.epochs
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_steps, max_horizon=cfg.ema_max_fraction * total_steps)
     optimizer = adam(model, cfg.lr)
     s = NoiseSchedule.linear(cfg.T, cfg.beta_start, cfg.beta_end).to(rt.device)
     cond = cfg.conditional

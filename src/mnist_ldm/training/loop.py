@@ -64,17 +64,22 @@ class EMA:
 
     The averaging horizon 1 / (1 - d) grows linearly from 1 (a copy of the weights) at the first
     update to 1 / (1 - decay) at `warmup_steps`, then stays: the decay rises continuously to `decay`.
+    The horizon never exceeds `max_horizon` updates, so a short run's average is not dominated by its
+    first, untrained weights.
     """
 
-    def __init__(self, model: nn.Module, decay: float, warmup_steps: int):
+    def __init__(self, model: nn.Module, decay: float, warmup_steps: int, max_horizon: float = math.inf):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup_steps, self.updates = decay, warmup_steps, 0
+        self.max_horizon = max(1.0, max_horizon)
 
     def current_decay(self) -> float:
         if not self.warmup_steps or self.updates >= self.warmup_steps:
-            return self.decay
+            if 1.0 / (1.0 - self.decay) <= self.max_horizon:
+                return self.decay
+            return 1.0 - 1.0 / self.max_horizon
         horizon = 1.0 + (1.0 / (1.0 - self.decay) - 1.0) * self.updates / self.warmup_steps
-        return 1.0 - 1.0 / horizon
+        return 1.0 - 1.0 / min(horizon, self.max_horizon)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -28,7 +28,7 @@ SHRUNK = {
     "data": {"limit_train": 300, "limit_test": 100},  # source auto, as a user's: no IDX files, Hub offline -> bundled
     "autoencoder": {"epochs": 1, "batch_size": 64, "warmup_steps": 0, "checkpoint_every": 2},
     "diffusion": {"epochs": 1, "batch_size": 64, "hidden_dim": 32, "num_blocks": 1, "T": 50, "warmup_steps": 0,
-                  "ema_warmup_steps": 2, "checkpoint_every": 2},
+                  "ema_warmup_steps": 2, "ema_max_fraction": 1.0, "checkpoint_every": 2},  # 5 steps: a 5-step EMA
     "sample": {"num_images": 0, "grid_size": 16, "sampler": "ddim", "steps": 5, "batch_size": 100},
     "evaluator": {"epochs": 1, "batch_size": 64},
     "evaluate": {"n": 100},

@@ -124,49 +124,40 @@ def test_a_checkpoint_spec_without_kind_is_the_conv_autoencoder():
         AutoencoderSpec(kind="vae")
 
 
-def test_the_mlp_autoencoder_trains_and_round_trips_through_its_checkpoint(tmp_path, one_thread):
+def _train_and_reload(tmp_path, kind: str, n: int, epochs: int, seed: int):
+    """A small autoencoder trained on random binary digits, saved as a checkpoint and loaded back."""
     from mnist_ldm.autoencoder import load_autoencoder
     from mnist_ldm.checkpoint import save_checkpoint
     from mnist_ldm.config import AutoencoderConfig
     from mnist_ldm.data import Split
     from mnist_ldm.training.autoencoder import train_autoencoder
 
-    rng = np.random.default_rng(0)
-    images = (rng.random((256, 28, 28)) < 0.2).astype(np.uint8) * 255
-    split = Split(images, np.zeros(256, dtype=np.uint8))
-    cfg = AutoencoderConfig(kind="mlp", epochs=2, batch_size=64, warmup_steps=0)
+    rng = np.random.default_rng(seed)
+    images = (rng.random((n, 28, 28)) < 0.2).astype(np.uint8) * 255
+    split = Split(images, np.zeros(n, dtype=np.uint8))
+    cfg = AutoencoderConfig(kind=kind, epochs=epochs, batch_size=64, warmup_steps=0)
     model, history = train_autoencoder(cfg, split, split, tmp_path / "ae.resume.pt", "test")
-    assert model.spec.kind == "mlp" and len(history) == 2 and history[1]["test_bce"] < history[0]["test_bce"]
     save_checkpoint(tmp_path / "ae.pt", "mnist-ldm/autoencoder", {"model_config": model.spec.to_dict(),
                                                                   "state_dict": model.state_dict()})
     loaded, _ = load_autoencoder(tmp_path / "ae.pt")
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.encode(x), model.eval().encode(x))
+        return model, history, loaded.encode(x), model.eval().encode(x)
+
+
+def test_the_mlp_autoencoder_trains_and_round_trips_through_its_checkpoint(tmp_path, one_thread):
+    model, history, reloaded, trained = _train_and_reload(tmp_path, "mlp", n=256, epochs=2, seed=0)
+    assert model.spec.kind == "mlp" and len(history) == 2 and history[1]["test_bce"] < history[0]["test_bce"]
+    torch.testing.assert_close(reloaded, trained)
 
 
 def test_conv_autoencoder_trains_channels_last_and_returns_the_standard_layout(tmp_path, one_thread):
-    from mnist_ldm.autoencoder import load_autoencoder
     """Training runs in the channels-last layout for speed; the returned model, and so every checkpoint
     and later stage, has the usual contiguous weights and encodes as its reloaded checkpoint does."""
-    from mnist_ldm.checkpoint import save_checkpoint
-    from mnist_ldm.config import AutoencoderConfig
-    from mnist_ldm.data import Split
-    from mnist_ldm.training.autoencoder import train_autoencoder
-
-    rng = np.random.default_rng(1)
-    images = (rng.random((128, 28, 28)) < 0.2).astype(np.uint8) * 255
-    split = Split(images, np.zeros(128, dtype=np.uint8))
-    cfg = AutoencoderConfig(kind="conv", epochs=1, batch_size=64, warmup_steps=0)
-    model, _ = train_autoencoder(cfg, split, split, tmp_path / "ae.resume.pt", "test")
+    model, _, reloaded, trained = _train_and_reload(tmp_path, "conv", n=128, epochs=1, seed=1)
     convs = [p for p in model.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous() for p in convs)
-    save_checkpoint(tmp_path / "ae.pt", "mnist-ldm/autoencoder", {"model_config": model.spec.to_dict(),
-                                                                  "state_dict": model.state_dict()})
-    loaded, _ = load_autoencoder(tmp_path / "ae.pt")
-    x = torch.rand(4, 1, 28, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.encode(x), model.eval().encode(x), rtol=0, atol=0)
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- latent denoiser

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -15,7 +14,7 @@ from ..config import DiffusionConfig
 from ..device import CPU, Runtime
 from ..denoiser import DenoiserSpec, LatentDenoiser, build_denoiser
 from ..diffusion import NoiseSchedule, min_snr_weights, q_sample
-from .loop import EMA, adam, fingerprint, run_training
+from .loop import EMA, adam, fingerprint, run_training, total_steps
 
 HELD_OUT_CHUNK = 2_000_000  # values per forward pass of the held-out loss
 
@@ -79,8 +78,8 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
                         arch=cfg.denoiser, channels=cfg.unet_channels)
     model = build_denoiser(spec).to(rt.device)
     net = rt.wrap(model)
-    total_steps = math.ceil(len(z_train) / cfg.batch_size) * cfg.epochs
-    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_steps, max_horizon=cfg.ema_max_fraction * total_steps)
+    steps = total_steps(len(z_train), cfg.batch_size, cfg.epochs)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_steps, max_horizon=cfg.ema_max_fraction * steps)
     optimizer = adam(model, cfg.lr)
     s = NoiseSchedule.linear(cfg.T, cfg.beta_start, cfg.beta_end).to(rt.device)
     cond = cfg.conditional

@@ -55,6 +55,11 @@ def lr_factor(step: int, total: int, schedule: str = "constant", warmup_steps: i
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
 
 
+def total_steps(n_items: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of a run: every epoch ends with a last, possibly smaller, batch."""
+    return math.ceil(n_items / batch_size) * epochs
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -123,8 +128,8 @@ def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
     if rt.dist.world > batch_size:
         raise UserError(f"{desc}: batch_size {batch_size} is smaller than the {rt.dist.world} processes; "
                         f"the global batch is split between them")
-    steps_per_epoch = math.ceil(n_items / batch_size)
-    total = steps_per_epoch * epochs
+    steps_per_epoch = total_steps(n_items, batch_size, 1)
+    total = total_steps(n_items, batch_size, epochs)
     gen = rt.generator(seed)
     state = LoopState()
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them with the last step's

@@ -160,6 +160,22 @@ def test_conv_autoencoder_trains_channels_last_and_returns_the_standard_layout(t
     torch.testing.assert_close(reloaded, trained, rtol=0, atol=0)
 
 
+def test_the_per_epoch_reconstruction_error_reads_a_fixed_subset_of_the_test_images(tmp_path, one_thread):
+    from mnist_ldm.autoencoder import reconstruction_metrics
+    from mnist_ldm.config import AutoencoderConfig
+    from mnist_ldm.data import Split
+    from mnist_ldm.training.autoencoder import EPOCH_TEST_IMAGES, train_autoencoder
+
+    rng = np.random.default_rng(2)
+    train = Split((rng.random((128, 28, 28)) < 0.2).astype(np.uint8) * 255, np.zeros(128, dtype=np.uint8))
+    n_test = EPOCH_TEST_IMAGES + 500
+    test = Split((rng.random((n_test, 28, 28)) < 0.2).astype(np.uint8) * 255, np.zeros(n_test, dtype=np.uint8))
+    cfg = AutoencoderConfig(kind="mlp", epochs=1, batch_size=64, warmup_steps=0)
+    model, history = train_autoencoder(cfg, train, test, tmp_path / "ae.resume.pt", "test")
+    assert history[-1]["test_bce"] == reconstruction_metrics(model, test.images[:EPOCH_TEST_IMAGES])["test_bce"]
+    assert history[-1]["test_bce"] != reconstruction_metrics(model, test.images)["test_bce"]
+
+
 # --------------------------------------------------------------------------- latent denoiser
 
 def test_denoiser_parameter_count_of_the_seed_config():

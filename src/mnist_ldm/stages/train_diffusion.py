@@ -43,7 +43,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from ..checkpoint import save_checkpoint
     from ..latents import LatentScaler, check_producer, file_md5, load_latents
     from ..pipeline import LatentDiffusionPipeline
-    from ..training.denoiser import select_digit, train_denoiser
+    from ..training.denoiser import held_out_loss, select_digit, train_denoiser
     from ..training.loop import count_parameters, resume_path_for
 
     cfg = override(params.diffusion, "diffusion", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -83,8 +83,11 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             on_epoch=run.log_epoch, preview=preview if cfg.generate_images and run.logging else None, rt=rt)
         if not writes_outputs(rt, "train_diffusion", model):
             return {}
-        final = {"train_loss": history[-1]["train_loss"], "test_loss": history[-1]["test_loss"],
-                 "test_loss_ema": history[-1]["test_loss_ema"], "params": count_parameters(model),
+        # the per-epoch curve used a fixed subset of the held-out latents; the final figures use all of them
+        z_held = scaler.standardize(z_te).to(rt.device)
+        y_held = torch.from_numpy(y_te).long().to(rt.device) if cfg.conditional else None
+        final = {"train_loss": history[-1]["train_loss"], "test_loss": held_out_loss(model, s, z_held, y_held),
+                 "test_loss_ema": held_out_loss(ema.model, s, z_held, y_held), "params": count_parameters(model),
                  "train_latents": int(len(z_tr))}
         with atomic_dir(args.plots) as tmp:
             plots.save_figure(plots.line_chart(history, ["train_loss", "test_loss", "test_loss_ema"],

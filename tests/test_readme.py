@@ -36,8 +36,8 @@ NOT_HERE = {
     "make run": "`make test` is what CI runs (this test is part of it); `make run` is `make install` plus "
                 "`dvc repro`, which the trained_repo fixture runs",
     "MNIST_LDM_DEVICE=cuda dvc repro": "needs a CUDA GPU; tests/test_distributed.py runs --device and torchrun on CPU",
-    "MNIST_LDM_DEVICE=cuda dvc exp run -n gpu": "needs a CUDA GPU (and hours on 2 CPU cores); the same `dvc exp run -S` "
-                                                "runs in the variants block",
+    "dvc exp run -n gpu-set": "the second set of values: about 55 minutes of training on 2 CPU cores; the same "
+                              "`dvc exp run -S` runs in the variants block",
     "MNIST_LDM_NPROC=4 MNIST_LDM_DEVICE=cuda dvc repro": "needs 4 CUDA GPUs; tests/test_distributed.py runs 2 CPU ranks",
     "torchrun --nnodes 2": "needs two machines",
     "dvc exp run -n mlp-ae -S autoencoder.kind=mlp": "tests/test_variants.py runs both lines on its own copy of the "

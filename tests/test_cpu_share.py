@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -28,7 +29,13 @@ def test_share_is_the_cores_divided_by_the_jobs_and_at_least_one():
     assert [share(16, j) for j in (1, 2, 3, 4, 32)] == [16, 8, 5, 4, 1]
 
 
-def test_a_second_job_halves_the_first_and_its_exit_gives_the_cores_back(free_env):
+def test_a_second_job_halves_the_first_and_its_exit_gives_the_cores_back(free_env, monkeypatch):
+    import mnist_ldm.cpu_share as cpu_share
+
+    # this job's clock, moved by hand: the rate limit is checked against it, not against how long the
+    # steps below happen to take on a loaded machine
+    clock = [1000.0]
+    monkeypatch.setattr(cpu_share, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     other = subprocess.Popen(  # a second job: registers, says so, holds its registration until stdin closes
         [sys.executable, "-c", "import sys\nfrom mnist_ldm.cpu_share import CpuShare\n"
          "with CpuShare(cores=4) as c:\n    print(c.threads, flush=True)\n    sys.stdin.read()"],
@@ -39,8 +46,10 @@ def test_a_second_job_halves_the_first_and_its_exit_gives_the_cores_back(free_en
             assert me.threads == 2 and torch.get_num_threads() == 2 and active_jobs(free_env) == 2
             other.stdin.close()
             assert other.wait(timeout=60) == 0
+            clock[0] += 0.99 * cpu_share.RECHECK_S
             assert me.update() == 2  # rate-limited: not re-checked within RECHECK_S
-            assert me.update(force=True) == 4 and torch.get_num_threads() == 4
+            clock[0] += 0.02 * cpu_share.RECHECK_S
+            assert me.update() == 4 and torch.get_num_threads() == 4  # re-checked once RECHECK_S has passed
         assert active_jobs(free_env) == 0 and not list(free_env.iterdir())
     finally:
         other.kill()

@@ -164,15 +164,16 @@ def test_the_per_epoch_reconstruction_error_reads_a_fixed_subset_of_the_test_ima
     from mnist_ldm.autoencoder import reconstruction_metrics
     from mnist_ldm.config import AutoencoderConfig
     from mnist_ldm.data import Split
-    from mnist_ldm.training.autoencoder import EPOCH_TEST_IMAGES, train_autoencoder
+    from mnist_ldm.training.autoencoder import train_autoencoder
+    from mnist_ldm.training.loop import EPOCH_TEST_ITEMS
 
     rng = np.random.default_rng(2)
     train = Split((rng.random((128, 28, 28)) < 0.2).astype(np.uint8) * 255, np.zeros(128, dtype=np.uint8))
-    n_test = EPOCH_TEST_IMAGES + 500
+    n_test = EPOCH_TEST_ITEMS + 500
     test = Split((rng.random((n_test, 28, 28)) < 0.2).astype(np.uint8) * 255, np.zeros(n_test, dtype=np.uint8))
     cfg = AutoencoderConfig(kind="mlp", epochs=1, batch_size=64, warmup_steps=0)
     model, history = train_autoencoder(cfg, train, test, tmp_path / "ae.resume.pt", "test")
-    assert history[-1]["test_bce"] == reconstruction_metrics(model, test.images[:EPOCH_TEST_IMAGES])["test_bce"]
+    assert history[-1]["test_bce"] == reconstruction_metrics(model, test.images[:EPOCH_TEST_ITEMS])["test_bce"]
     assert history[-1]["test_bce"] != reconstruction_metrics(model, test.images)["test_bce"]
 
 

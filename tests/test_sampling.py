@@ -171,14 +171,15 @@ def test_the_prior_caps_its_ema_horizon_at_a_fraction_of_its_steps(tmp_path, one
 
 def test_the_per_epoch_held_out_loss_reads_a_fixed_subset_of_the_test_latents(tmp_path, one_thread):
     from mnist_ldm.config import DiffusionConfig
-    from mnist_ldm.training.denoiser import EPOCH_TEST_LATENTS, held_out_loss, train_denoiser
+    from mnist_ldm.training.denoiser import held_out_loss, train_denoiser
+    from mnist_ldm.training.loop import EPOCH_TEST_ITEMS
 
     z, y = torch.randn(640, 4), torch.zeros(640, dtype=torch.long)
-    z_test = torch.randn(EPOCH_TEST_LATENTS + 500, 4)
+    z_test = torch.randn(EPOCH_TEST_ITEMS + 500, 4)
     cfg = DiffusionConfig(hidden_dim=16, num_blocks=1, T=20, epochs=1, batch_size=64, warmup_steps=0)
     model, ema, _, s, history = train_denoiser(cfg, z, y, z_test, torch.zeros(len(z_test), dtype=torch.long),
                                                tmp_path / "r.pt", "test")
-    subset = z_test[:EPOCH_TEST_LATENTS]
+    subset = z_test[:EPOCH_TEST_ITEMS]
     assert history[-1]["test_loss"] == held_out_loss(model, s, subset, None)  # the last epoch's weights are final
     assert history[-1]["test_loss_ema"] == held_out_loss(ema.model, s, subset, None)
     assert history[-1]["test_loss"] != held_out_loss(model, s, z_test, None)

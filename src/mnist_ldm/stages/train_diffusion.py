@@ -77,15 +77,16 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                                        guidance=PREVIEW_GUIDANCE, seed=epoch, progress=False)
             return plots.grid_array(pipe.decode(z), 8)
 
+        z_held, y_held = scaler.standardize(z_te), torch.from_numpy(y_te).long()
         model, ema, optimizer, s, history = train_denoiser(
-            cfg, scaler.standardize(z_tr), torch.from_numpy(y_tr).long(), scaler.standardize(z_te),
-            torch.from_numpy(y_te).long(), resume_path_for(args.out), f"{meta['content_hash']}:{ae_md5}",
+            cfg, scaler.standardize(z_tr), torch.from_numpy(y_tr).long(), z_held, y_held,
+            resume_path_for(args.out), f"{meta['content_hash']}:{ae_md5}",
             on_epoch=run.log_epoch, preview=preview if cfg.generate_images and run.logging else None, rt=rt)
         if not writes_outputs(rt, "train_diffusion", model):
             return {}
         # the per-epoch curve used a fixed subset of the held-out latents; the final figures use all of them
-        z_held = scaler.standardize(z_te).to(rt.device)
-        y_held = torch.from_numpy(y_te).long().to(rt.device) if cfg.conditional else None
+        z_held = z_held.to(rt.device)
+        y_held = y_held.to(rt.device) if cfg.conditional else None
         final = {"train_loss": history[-1]["train_loss"], "test_loss": held_out_loss(model, s, z_held, y_held),
                  "test_loss_ema": held_out_loss(ema.model, s, z_held, y_held), "params": count_parameters(model),
                  "train_latents": int(len(z_tr))}

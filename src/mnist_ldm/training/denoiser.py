@@ -14,12 +14,9 @@ from ..config import DiffusionConfig
 from ..device import CPU, Runtime
 from ..denoiser import DenoiserSpec, LatentDenoiser, build_denoiser
 from ..diffusion import NoiseSchedule, min_snr_weights, q_sample
-from .loop import EMA, adam, fingerprint, run_training, total_steps
+from .loop import EMA, EPOCH_TEST_ITEMS, adam, fingerprint, run_training, total_steps
 
 HELD_OUT_CHUNK = 2_000_000  # values per forward pass of the held-out loss
-# held-out latents behind the per-epoch curve: a fixed subset (raw and EMA weights on all 10,000 took 1 s
-# an epoch on 2 CPU cores, 4% of the stage); the final figures use the whole test split
-EPOCH_TEST_LATENTS = 2000
 
 # (EMA model, schedule, epoch) -> a preview grid image, made only when the stage logs it
 PreviewFn = Callable[[LatentDenoiser, NoiseSchedule, int], np.ndarray]
@@ -92,7 +89,7 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
         return diffusion_loss(net, s, z_train[idx], y_train[idx] if cond else None, gen, cfg.cond_drop_prob,
                               model.null_label, rt.dist.shard, cfg.min_snr_gamma)
 
-    z_epoch, y_epoch = z_test[:EPOCH_TEST_LATENTS], (y_test[:EPOCH_TEST_LATENTS] if cond else None)
+    z_epoch, y_epoch = z_test[:EPOCH_TEST_ITEMS], (y_test[:EPOCH_TEST_ITEMS] if cond else None)
 
     def on_epoch_end(epoch: int, train_loss: float) -> dict:
         metrics = {"test_loss": held_out_loss(model, s, z_epoch, y_epoch),

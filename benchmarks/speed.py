@@ -3,7 +3,8 @@ run, against the training and sampling throughput of the pipeline's networks, ea
 fraction of that rate its matrix multiplies reach (multiply-adds of Linear and convolution layers
 counted with forward hooks at the real shapes; a training step counted as 3 forward passes); the
 pixel-space U-Net beside the latent MLP; and a profile of one latent DDPM sampling step at batch 2,500
-that says where the time beyond the matrix multiplies goes.
+that says where the time beyond the matrix multiplies goes; and the training speed-up of rows that share a
+timestep (`diffusion.samples_per_timestep`).
 
     python benchmarks/speed.py        # prints tables, writes benchmarks/results/speed.json (about 2 minutes)
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
 from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser, build_denoiser
-from mnist_ldm.diffusion import NoiseSchedule, ddim_step, ddim_timesteps, ddpm_step
+from mnist_ldm.diffusion import NoiseSchedule, ddim_step, ddim_timesteps, ddpm_step, draw_timesteps
 from mnist_ldm.training.denoiser import diffusion_loss
 from mnist_ldm.training.loop import adam
 
@@ -71,19 +72,21 @@ def forward_flops(model: nn.Module, *inputs) -> float:
     return total
 
 
-def denoiser_training(model: nn.Module, batch: int, seconds: float = SECONDS) -> tuple[float, float]:
-    """(samples/s, FLOPs per sample) of full training steps: loss, backward, fused Adam."""
+def denoiser_training(model: nn.Module, batch: int, seconds: float = SECONDS, run: int = 1) -> tuple[float, float]:
+    """(samples/s, FLOPs per sample) of full training steps: loss, backward, fused Adam; `run` rows share each
+    timestep (`diffusion.samples_per_timestep`)."""
     s, gen, opt = NoiseSchedule.linear(1000, 1e-4, 0.02), torch.Generator().manual_seed(0), adam(model, 2e-4)
     d = model.spec.latent_dim
     z = torch.randn(60_000 if d < 100 else 2_000, d)
 
     def step():
-        loss = diffusion_loss(model, s, z[torch.randint(0, len(z), (batch,), generator=gen)], None, gen, 0.0)
+        loss = diffusion_loss(model, s, z[torch.randint(0, len(z), (batch,), generator=gen)], None, gen, 0.0, run=run)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    flops = 3 * forward_flops(model, torch.randn(batch, d), torch.randint(0, 1000, (batch,))) / batch
+    t = draw_timesteps(1000, batch, torch.Generator().manual_seed(0), "cpu", run)
+    flops = 3 * forward_flops(model, torch.randn(batch, d), t, None, run) / batch
     return timed(step, seconds) * batch, flops
 
 
@@ -154,6 +157,8 @@ def main() -> None:
 
     for batch in (128, 1024):
         add(f"denoiser training, batch {batch}", "samples/s", *denoiser_training(den, batch))
+    for run in (1, 8):  # the default batch, each row its own timestep against 8 rows per timestep (the default)
+        add(f"denoiser training, batch 256, {run}/timestep", "samples/s", *denoiser_training(den, 256, run=run))
     for sampler in ("ddpm", "ddim"):
         per_s, flops, ddpm_step_fn = denoiser_sampling(den, sampler, 2500)
         add(f"{sampler.upper()} sampling, batch 2500", "latents*steps/s", per_s, flops)
@@ -170,6 +175,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['figure']:<38} {r['per_second']:>12,.0f} {r['unit']:<11} {r['gflops']:>9.1f} "
               f"{r['fraction_of_matmul_rate']:>8.0%}")
+    shared = {r["figure"]: r["per_second"] for r in rows}
+    print(f"\n8 rows per timestep against 1 (diffusion.samples_per_timestep, batch 256): "
+          f"{shared['denoiser training, batch 256, 8/timestep'] / shared['denoiser training, batch 256, 1/timestep']:.2f}x "
+          f"the training samples/s")
     print("\none latent DDPM step at batch 2,500, by operator (torch.profiler, self CPU time):")
     for r in profile:
         print(f"  {r['op']:<32} {r['ms_per_step']:>7.2f} ms {r['share']:>6.1%}")

@@ -273,6 +273,11 @@ def test_min_snr_gamma_is_zero_or_positive():
     assert override(DiffusionConfig(), "diffusion", min_snr_gamma=5.0).min_snr_gamma == 5.0
 
 
+def test_samples_per_timestep_is_a_positive_integer():
+    assert "diffusion.samples_per_timestep=0" in refused(override, DiffusionConfig(), "diffusion", samples_per_timestep=0)
+    assert override(DiffusionConfig(), "diffusion", samples_per_timestep=1).samples_per_timestep == 1
+
+
 # --- 5. the file itself ---------------------------------------------------------------------------
 
 def test_missing_file(tmp_path):

@@ -19,6 +19,7 @@ from mnist_ldm.diffusion import (
     ddim_step,
     ddim_timesteps,
     ddpm_step,
+    draw_timesteps,
     guided_eps,
     linear_betas,
     min_snr_weights,
@@ -474,3 +475,42 @@ def test_diffusion_loss_with_min_snr_is_the_weighted_mean_of_per_sample_errors(s
     assert plain.item() == pytest.approx(err.mean().item(), rel=1e-5)
     assert weighted.item() == pytest.approx((min_snr_weights(sched, t, 5.0) * err).mean().item(), rel=1e-5)
     assert weighted.item() < plain.item()
+
+
+# --------------------------------------------------------------------------- training timesteps
+
+def test_timesteps_drawn_one_per_row_are_ddpms_uniform_draw():
+    got = draw_timesteps(T, 64, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(got, torch.randint(0, T, (64,), generator=torch.Generator().manual_seed(3)))
+
+
+def test_timesteps_shared_by_runs_form_an_evenly_spaced_lattice():
+    for seed in range(20):
+        t = draw_timesteps(T, 256, torch.Generator().manual_seed(seed), "cpu", run=8)
+        runs = t.view(32, 8)
+        assert (runs == runs[:, :1]).all()  # 32 runs of 8 rows, one timestep each
+        values = runs[:, 0].double()
+        gaps = torch.remainder(torch.diff(torch.cat([values, values[:1]])), T)  # cyclically, T / 32 = 31.25 apart
+        assert set(gaps.tolist()) <= {31.0, 32.0} and gaps.sum() == T
+
+
+def test_timesteps_shared_by_runs_are_uniform_on_every_row():
+    """Each row's t is uniform on 0..T-1 (mean (T-1)/2, variance (T^2-1)/12), the rows of a shorter last run too."""
+    gen, n = torch.Generator().manual_seed(0), 4000
+    draws = torch.stack([draw_timesteps(T, 20, gen, "cpu", run=8) for _ in range(n)]).double()  # runs of 8, 8, 4
+    mean, var = (T - 1) / 2, (T * T - 1) / 12
+    assert ((draws.mean(0) - mean).abs() < 4 * math.sqrt(var / n)).all()
+    assert ((draws.var(0) / var - 1).abs() < 0.1).all()
+    counts = torch.bincount(draws[:, 0].long() // 100, minlength=10).double()  # one row, 10 bins: chi-square, 9 dof
+    assert ((counts - n / 10) ** 2 / (n / 10)).sum() < 27.9  # p = 0.001
+
+
+def test_timesteps_shared_by_runs_keep_each_processes_shard_in_runs():
+    """Under torchrun a process takes rows rank, rank + world, ...: its rows come in runs, and no run spans processes."""
+    t = draw_timesteps(T, 20, torch.Generator().manual_seed(0), "cpu", run=4, world=2)
+    shards = [t[rank::2] for rank in range(2)]  # 10 rows each: runs of 4, 4, 2
+    for shard in shards:
+        assert (shard[:4] == shard[0]).all() and (shard[4:8] == shard[4]).all() and (shard[8:] == shard[8]).all()
+    values = sorted({int(v) for shard in shards for v in (shard[0], shard[4], shard[8])})
+    assert len(values) == 6  # 2 processes x 3 runs, evenly spaced
+    assert set(np.diff(values + [values[0] + T]).tolist()) <= {166, 167}

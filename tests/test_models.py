@@ -217,6 +217,44 @@ def test_denoiser_forward_shapes():
         assert not torch.allclose(model(z, t), model(z, (t + 500) % 1000))
 
 
+@pytest.mark.parametrize("batch", [256, 100, 5])  # whole runs of 8, a shorter last run, a batch shorter than one run
+def test_rows_that_share_a_timestep_give_the_per_row_outputs_and_gradients(batch):
+    from mnist_ldm.diffusion import draw_timesteps
+
+    torch.manual_seed(0)
+    model = LatentDenoiser(DenoiserSpec(16, 64, 2))
+    z = torch.randn(batch, 16)
+    t = draw_timesteps(1000, batch, torch.Generator().manual_seed(1), "cpu", run=8)
+    outs, grads = [], []
+    for run in (8, 1):
+        model.zero_grad()
+        out = model(z, t, run=run)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_runs_compute_the_time_embedding_and_film_once_per_run():
+    model = LatentDenoiser(DenoiserSpec(16, 32, 2))
+    rows = []
+    model.blocks[0].film1.film.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[:-1].numel()))
+    z, t = torch.randn(256, 16), torch.arange(32).repeat_interleave(8)
+    model(z, t, run=8)
+    model(z, t)
+    assert rows == [32, 256]
+
+
+def test_a_conditional_model_takes_the_per_row_path_with_runs():
+    torch.manual_seed(0)
+    model = LatentDenoiser(DenoiserSpec(16, 32, 2, num_classes=10)).eval()
+    z, t, y = torch.randn(64, 16), torch.arange(8).repeat_interleave(8) * 100, torch.arange(64) % 10
+    with torch.no_grad():
+        torch.testing.assert_close(model(z, t, y, run=8), model(z, t, y))
+
+
 # --------------------------------------------------------------------------- timestep embedding
 
 def test_timestep_embedding_shape_and_values():

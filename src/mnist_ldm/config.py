@@ -134,6 +134,7 @@ class DiffusionConfig(_Section):
     conditional: bool = False
     cond_drop_prob: float = 0.1
     min_snr_gamma: float = 5.0  # > 0: weight each timestep's loss by min(SNR, gamma) / SNR (0 = L_simple)
+    samples_per_timestep: int = 8  # consecutive rows of a batch that share one drawn timestep (1 = DDPM's draw)
     ema_decay: float = 0.999
     ema_warmup_steps: int = 500
     ema_max_fraction: float = 0.2  # the EMA averages over at most this fraction of the run's optimizer steps
@@ -155,6 +156,7 @@ class DiffusionConfig(_Section):
                  "null or an integer digit 0-9")
         _require(0 <= self.cond_drop_prob < 1, f"{s}.cond_drop_prob", self.cond_drop_prob, "a number in [0, 1)")
         _require(self.min_snr_gamma >= 0, f"{s}.min_snr_gamma", self.min_snr_gamma, "a number >= 0 (0 = off)")
+        _at_least_one(self, s, "samples_per_timestep")
         _require(0 <= self.ema_decay < 1, f"{s}.ema_decay", self.ema_decay, "a number in [0, 1)")
         _require(self.ema_warmup_steps >= 0, f"{s}.ema_warmup_steps", self.ema_warmup_steps, "an integer >= 0")
         _require(0 < self.ema_max_fraction <= 1, f"{s}.ema_max_fraction", self.ema_max_fraction, "a number in (0, 1]")

@@ -68,7 +68,8 @@ class UNetDenoiser(nn.Module):
     def null_label(self) -> int:
         return self.spec.num_classes
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, run: int = 1) -> torch.Tensor:
+        """`run` (rows that share a timestep) is the MLP's shortcut; the U-Net embeds every row's t."""
         t, y = shared_step(t, y)
         emb = self.time_mlp(timestep_embedding(t, self.spec.channels))
         if self.label_emb is not None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..config import DiffusionConfig
 from ..device import CPU, Runtime
 from ..denoiser import DenoiserSpec, LatentDenoiser, build_denoiser
-from ..diffusion import NoiseSchedule, min_snr_weights, q_sample
+from ..diffusion import NoiseSchedule, draw_timesteps, min_snr_weights, q_sample
 from .loop import EMA, EPOCH_TEST_ITEMS, adam, fingerprint, run_training, total_steps
 
 HELD_OUT_CHUNK = 2_000_000  # values per forward pass of the held-out loss
@@ -32,20 +32,23 @@ def select_digit(z: np.ndarray, labels: np.ndarray, only_digit: Optional[int]):
 
 def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor],
                    gen: torch.Generator, cond_drop_prob: float, null_label: int = -1,
-                   shard: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, min_snr_gamma: float = 0.0) -> torch.Tensor:
+                   shard: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, min_snr_gamma: float = 0.0,
+                   run: int = 1, world: int = 1) -> torch.Tensor:
     """L_simple of Ho et al.: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t) ||^2, each sample
     weighted by min(SNR_t, gamma) / SNR_t when `min_snr_gamma` > 0.
 
     t, the noise and the label drops are drawn for the whole batch `z0`, then `shard` keeps this
-    process's rows, so every process of a torchrun job draws the same numbers."""
+    process's rows (of `world` processes), so every process of a torchrun job draws the same numbers.
+    `run` > 1 shares each timestep among that many consecutive rows of a shard (`draw_timesteps`)."""
     B, dev = z0.shape[0], z0.device
-    t = torch.randint(0, s.T, (B,), generator=gen, device=dev)
+    t = draw_timesteps(s.T, B, gen, dev, run, world)
     noise = torch.randn(z0.shape, generator=gen, device=dev)
     if y is not None:  # classifier-free guidance training: drop labels to the null token
         drop = torch.rand(B, generator=gen, device=dev) < cond_drop_prob
         y = shard(torch.where(drop, torch.full_like(y, null_label), y))
     z0, t, noise = shard(z0), shard(t), shard(noise)
-    pred = model(q_sample(s, z0, t, noise), t, y)
+    zt = q_sample(s, z0, t, noise)
+    pred = model(zt, t, y) if run <= 1 else model(zt, t, y, run=run)
     if min_snr_gamma <= 0:
         return F.mse_loss(pred, noise)
     per_sample = (pred - noise).pow(2).mean(dim=1)
@@ -87,7 +90,8 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return diffusion_loss(net, s, z_train[idx], y_train[idx] if cond else None, gen, cfg.cond_drop_prob,
-                              model.null_label, rt.dist.shard, cfg.min_snr_gamma)
+                              model.null_label, rt.dist.shard, cfg.min_snr_gamma, cfg.samples_per_timestep,
+                              rt.dist.world)
 
     z_epoch, y_epoch = z_test[:EPOCH_TEST_ITEMS], (y_test[:EPOCH_TEST_ITEMS] if cond else None)
 

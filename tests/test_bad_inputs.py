@@ -637,7 +637,7 @@ def test_a_bad_param_is_refused_before_torch_or_mlflow_load(tmp_path: Path):
     """Every command validates params.yaml before it imports the library: a typo costs a fraction of a
     second, not torch's start-up."""
     bad = tmp_path / "params.yaml"
-    bad.write_text((REPO / "params.yaml").read_text().replace("lr: 0.0004", "lr: fast"))
+    bad.write_text((REPO / "params.yaml").read_text().replace("lr: 0.0008", "lr: fast"))
     script = f"""
 import shlex, sys, yaml
 from mnist_ldm.cli import COMMANDS, main

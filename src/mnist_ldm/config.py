@@ -127,7 +127,7 @@ class DiffusionConfig(_Section):
     beta_end: float = 2e-2
     epochs: int = 40
     batch_size: int = 256
-    lr: float = 4e-4
+    lr: float = 8e-4
     lr_schedule: str = "cosine"  # constant | cosine (to 0 at the last step), after warmup_steps
     warmup_steps: int = 200  # linear learning-rate warm-up
     only_digit: Optional[int] = None

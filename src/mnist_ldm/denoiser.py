@@ -113,7 +113,6 @@ class LatentDenoiser(nn.Module):
         `diffusion.samples_per_timestep` draws them in training: the time embedding and the FiLM scale and shift,
         about two thirds of the multiply-adds, are then computed once per run. The result is the same as with
         `run` = 1. Conditional models take the per-row path (their labels differ within a run)."""
-        B = z.shape[0]
         if run > 1 and self.label_emb is None:
             return self._forward_runs(z, t[::run], run)
         t, y = shared_step(t, y)

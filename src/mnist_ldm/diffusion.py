@@ -6,6 +6,7 @@ Coefficients are computed in float64 and cast to the sample dtype when used. Tim
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Optional
 
@@ -87,7 +88,8 @@ def draw_timesteps(T: int, batch: int, gen: torch.Generator, device, run: int = 
     if run <= 1:
         return torch.randint(0, T, (batch,), generator=gen, device=device)
     rows = torch.arange(batch, device=device)
-    runs_per_rank = -(-(-(-batch // world)) // run)  # of the largest shard
+    largest_shard = math.ceil(batch / world)
+    runs_per_rank = math.ceil(largest_shard / run)
     runs = world * runs_per_rank
     run_of_row = (rows % world) * runs_per_rank + (rows // world) // run
     u = torch.rand((), generator=gen, device=device)

@@ -20,6 +20,7 @@ from mnist_ldm.diffusion import (
     ddim_timesteps,
     ddpm_step,
     draw_timesteps,
+    local_run,
     guided_eps,
     linear_betas,
     min_snr_weights,
@@ -506,11 +507,13 @@ def test_timesteps_shared_by_runs_are_uniform_on_every_row():
 
 
 def test_timesteps_shared_by_runs_keep_each_processes_shard_in_runs():
-    """Under torchrun a process takes rows rank, rank + world, ...: its rows come in runs, and no run spans processes."""
-    t = draw_timesteps(T, 20, torch.Generator().manual_seed(0), "cpu", run=4, world=2)
-    shards = [t[rank::2] for rank in range(2)]  # 10 rows each: runs of 4, 4, 2
-    for shard in shards:
-        assert (shard[:4] == shard[0]).all() and (shard[4:8] == shard[4]).all() and (shard[8:] == shard[8]).all()
-    values = sorted({int(v) for shard in shards for v in (shard[0], shard[4], shard[8])})
-    assert len(values) == 6  # 2 processes x 3 runs, evenly spaced
-    assert set(np.diff(values + [values[0] + T]).tolist()) <= {166, 167}
+    """Under torchrun a process takes rows rank, rank + world, ...: with world dividing run, its rows come in
+    runs of run / world, so the global batch (and the training) is the same at any process count."""
+    t = draw_timesteps(T, 20, torch.Generator().manual_seed(0), "cpu", run=4)  # runs of 4, 4, 4, 4, 4
+    assert local_run(4, 2) == 2 and local_run(4, 1) == 4 and local_run(4, 3) == 1 and local_run(8, 4) == 2
+    for rank in range(2):
+        shard = t[rank::2]  # 10 rows: 5 runs of 2
+        assert (shard.view(5, 2) == shard.view(5, 2)[:, :1]).all()
+        assert torch.equal(shard[::2], t[::4])  # each local run is one of the batch's runs
+    values = sorted(t[::4].tolist())  # 5 runs, evenly spaced
+    assert set(np.diff(values + [values[0] + T]).tolist()) <= {199, 200, 201}

@@ -77,24 +77,27 @@ def q_sample(s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.T
     return _at(s.sqrt_alphas_cumprod, t, x0) * x0 + _at(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
 
-def draw_timesteps(T: int, batch: int, gen: torch.Generator, device, run: int = 1, world: int = 1) -> torch.Tensor:
+def draw_timesteps(T: int, batch: int, gen: torch.Generator, device, run: int = 1) -> torch.Tensor:
     """Training timesteps for a batch of `batch` rows, each uniform on 0..T-1.
 
-    `run` = 1: independent draws, as in DDPM. `run` > 1: each process's shard of the batch (rows rank, rank +
-    world, ...) is cut into runs of `run` consecutive rows that share one timestep, and the G runs of the whole
-    batch take the evenly spaced values floor(T * ((u + g / G) mod 1)), g = 0..G-1, for one uniform u (the
-    low-discrepancy draw of Kingma et al. 2021, per run): every row's t is still uniform, every batch spans the
-    schedule, and the denoiser computes its time embedding once per run."""
+    `run` = 1: independent draws, as in DDPM. `run` > 1: runs of `run` consecutive rows share one timestep
+    (the last run may be shorter), and the G runs take the evenly spaced values floor(T * ((u + g / G) mod 1)),
+    g = 0..G-1, for one uniform u (the low-discrepancy draw of Kingma et al. 2021, per run): every row's t
+    is still uniform, every batch spans the schedule, and the denoiser computes its time embedding once
+    per run. Under torchrun a process takes rows rank, rank + world, ...: its rows come in runs of
+    run / world when world divides run (`local_run`)."""
     if run <= 1:
         return torch.randint(0, T, (batch,), generator=gen, device=device)
-    rows = torch.arange(batch, device=device)
-    largest_shard = math.ceil(batch / world)
-    runs_per_rank = math.ceil(largest_shard / run)
-    runs = world * runs_per_rank
-    run_of_row = (rows % world) * runs_per_rank + (rows // world) // run
+    runs = math.ceil(batch / run)
     u = torch.rand((), generator=gen, device=device)
     lattice = torch.remainder(u + torch.arange(runs, device=device) / runs, 1.0)
-    return (lattice * T).long().clamp_(max=T - 1)[run_of_row]
+    return (lattice * T).long().clamp_(max=T - 1).repeat_interleave(run)[:batch]
+
+
+def local_run(run: int, world: int) -> int:
+    """Consecutive rows that share a timestep in one process's strided shard of a batch drawn with `run`:
+    run / world when world divides run, else 1 (the rows are then passed one by one, with the same result)."""
+    return run // world if run % world == 0 else 1
 
 
 def min_snr_weights(s: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:

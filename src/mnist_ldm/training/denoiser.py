@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..config import DiffusionConfig
 from ..device import CPU, Runtime
 from ..denoiser import DenoiserSpec, LatentDenoiser, build_denoiser
-from ..diffusion import NoiseSchedule, draw_timesteps, min_snr_weights, q_sample
+from ..diffusion import NoiseSchedule, draw_timesteps, local_run, min_snr_weights, q_sample
 from .loop import EMA, EPOCH_TEST_ITEMS, adam, fingerprint, run_training, total_steps
 
 HELD_OUT_CHUNK = 2_000_000  # values per forward pass of the held-out loss
@@ -38,17 +38,19 @@ def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, y
     weighted by min(SNR_t, gamma) / SNR_t when `min_snr_gamma` > 0.
 
     t, the noise and the label drops are drawn for the whole batch `z0`, then `shard` keeps this
-    process's rows (of `world` processes), so every process of a torchrun job draws the same numbers.
-    `run` > 1 shares each timestep among that many consecutive rows of a shard (`draw_timesteps`)."""
+    process's rows (of `world` processes), so every process of a torchrun job draws the same numbers and
+    the global batch is the same at any process count. `run` > 1 shares each timestep among that many
+    consecutive rows of the batch (`draw_timesteps`)."""
     B, dev = z0.shape[0], z0.device
-    t = draw_timesteps(s.T, B, gen, dev, run, world)
+    t = draw_timesteps(s.T, B, gen, dev, run)
     noise = torch.randn(z0.shape, generator=gen, device=dev)
     if y is not None:  # classifier-free guidance training: drop labels to the null token
         drop = torch.rand(B, generator=gen, device=dev) < cond_drop_prob
         y = shard(torch.where(drop, torch.full_like(y, null_label), y))
     z0, t, noise = shard(z0), shard(t), shard(noise)
     zt = q_sample(s, z0, t, noise)
-    pred = model(zt, t, y) if run <= 1 else model(zt, t, y, run=run)
+    rows_per_t = local_run(run, world)
+    pred = model(zt, t, y) if rows_per_t <= 1 else model(zt, t, y, run=rows_per_t)
     if min_snr_gamma <= 0:
         return F.mse_loss(pred, noise)
     per_sample = (pred - noise).pow(2).mean(dim=1)

@@ -34,7 +34,7 @@ import torch
 from mnist_ldm import metrics
 from mnist_ldm.atomic import write_json
 from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec, encode_images
-from mnist_ldm.classifier import features_and_probs, load_classifier
+from mnist_ldm.evaluator import features_and_probs, load_evaluator
 from mnist_ldm.config import AutoencoderConfig, DiffusionConfig
 from mnist_ldm.denoiser import DenoiserSpec, build_denoiser
 from mnist_ldm.diffusion import NoiseSchedule
@@ -282,7 +282,7 @@ def main() -> None:
         print(json.dumps(measure(*args.measure)))
         return
     data = load_idx(args.idx_dir)
-    evaluator, _ = load_classifier(args.evaluator)
+    evaluator, _ = load_evaluator(args.evaluator)
     f_test, _ = features_and_probs(evaluator, data.test.images[:args.n])
     rows = []
     for name in args.variants:

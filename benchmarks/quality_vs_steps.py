@@ -25,11 +25,11 @@ import torch
 
 from mnist_ldm import metrics, plots
 from mnist_ldm.atomic import write_json
-from mnist_ldm.classifier import features_and_probs, load_classifier
+from mnist_ldm.evaluator import features_and_probs, load_evaluator
 from mnist_ldm.data import load_split
 from mnist_ldm.params_file import load_params
 from mnist_ldm.pipeline import LatentDiffusionPipeline
-from mnist_ldm.stages import train_diffusion
+from mnist_ldm.commands import train_diffusion
 
 SAMPLERS = [("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100)]
 RAW_WEIGHTS = [("ddpm", 1000), ("ddim", 50)]
@@ -152,7 +152,7 @@ def main() -> None:
     params = load_params("params.yaml")
     torch.manual_seed(0)
     ae = Path("models/autoencoder.pt")
-    evaluator, _ = load_classifier("models/evaluator.pt")
+    evaluator, _ = load_evaluator("models/evaluator.pt")
     test = load_split(Path("data/prepared"), "test")
     n = args.n or len(test.images)
     f_test, _ = features_and_probs(evaluator, test.images[:n])

@@ -1,7 +1,7 @@
-"""DVC stage `encode` (dvc.yaml): runs `mnist_ldm.stages.encode` with the paths that dvc.yaml passes."""
+"""DVC stage `encode` (dvc.yaml): runs `mnist_ldm.commands.encode` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.stages.encode import main
+from mnist_ldm.commands.encode import main
 
 sys.exit(main(sys.argv[1:]))

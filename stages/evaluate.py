@@ -1,7 +1,7 @@
-"""DVC stage `evaluate` (dvc.yaml): runs `mnist_ldm.stages.evaluate` with the paths that dvc.yaml passes."""
+"""DVC stage `evaluate` (dvc.yaml): runs `mnist_ldm.commands.evaluate` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.stages.evaluate import main
+from mnist_ldm.commands.evaluate import main
 
 sys.exit(main(sys.argv[1:]))

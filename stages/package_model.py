@@ -1,7 +1,7 @@
-"""DVC stage `package_model` (dvc.yaml): runs `mnist_ldm.stages.package_model` with the paths that dvc.yaml passes."""
+"""DVC stage `package_model` (dvc.yaml): runs `mnist_ldm.commands.package_model` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.stages.package_model import main
+from mnist_ldm.commands.package_model import main
 
 sys.exit(main(sys.argv[1:]))

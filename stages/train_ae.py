@@ -1,7 +1,7 @@
-"""DVC stage `train_ae` (dvc.yaml): runs `mnist_ldm.stages.train_ae` with the paths that dvc.yaml passes."""
+"""DVC stage `train_ae` (dvc.yaml): runs `mnist_ldm.commands.train_ae` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.stages.train_ae import main
+from mnist_ldm.commands.train_ae import main
 
 sys.exit(main(sys.argv[1:]))

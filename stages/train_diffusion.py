@@ -1,7 +1,7 @@
-"""DVC stage `train_diffusion` (dvc.yaml): runs `mnist_ldm.stages.train_diffusion` with the paths that dvc.yaml passes."""
+"""DVC stage `train_diffusion` (dvc.yaml): runs `mnist_ldm.commands.train_diffusion` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.stages.train_diffusion import main
+from mnist_ldm.commands.train_diffusion import main
 
 sys.exit(main(sys.argv[1:]))

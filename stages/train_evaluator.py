@@ -1,7 +1,7 @@
-"""DVC stage `train_evaluator` (dvc.yaml): runs `mnist_ldm.stages.train_evaluator` with the paths that dvc.yaml passes."""
+"""DVC stage `train_evaluator` (dvc.yaml): runs `mnist_ldm.commands.train_evaluator` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.stages.train_evaluator import main
+from mnist_ldm.commands.train_evaluator import main
 
 sys.exit(main(sys.argv[1:]))

@@ -1,5 +1,5 @@
 """IDX parsing and source selection (mnist_ldm.mnist_sources), the prepared-data folder (mnist_ldm.data)
-and the `prepare` stage (mnist_ldm.stages.prepare), on real files written here: small IDX files with
+and the `prepare` stage (mnist_ldm.commands.prepare), on real files written here: small IDX files with
 correct headers, each kind of broken file, and the real t10k files where present."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from mnist_ldm.mnist_sources import (
     read_idx_images,
     read_idx_labels,
 )
-from mnist_ldm.stages import prepare as prepare_stage
+from mnist_ldm.commands import prepare as prepare_stage
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -57,14 +57,14 @@ def test_library_knows_nothing_of_mlflow_dvc_or_stages():
     pkg = SRC / "mnist_ldm"
     for path in pkg.rglob("*.py"):
         rel = path.relative_to(pkg)
-        if rel.parts[0] in ("stages", "tracking") or rel.name == "cli.py":
+        if rel.parts[0] in ("commands", "tracking") or rel.name == "cli.py":
             continue
         # serving.py is the pipeline as an MLflow pyfunc model (the `package_model` stage saves it): MLflow
         # is what it adapts to, so it alone may import mlflow; it still knows nothing of stages or tracking
         banned = ("dvc",) if rel.name == "serving.py" else ("mlflow", "dvc")
         bad = {n for n in _imports(path) if n.split(".")[0] in banned
-               or n.lstrip(".").split(".")[0] in ("stages", "tracking", "cli")
-               or n.startswith(("mnist_ldm.stages", "mnist_ldm.tracking", "mnist_ldm.cli"))}
+               or n.lstrip(".").split(".")[0] in ("commands", "tracking", "cli")
+               or n.startswith(("mnist_ldm.commands", "mnist_ldm.tracking", "mnist_ldm.cli"))}
         assert not bad, f"{rel} imports {sorted(bad)}; the library must not know about stages or MLflow"
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mnist_ldm import metrics
 from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec, encode_images, reconstruction_metrics
-from mnist_ldm.classifier import DigitClassifier, accuracy, features_and_probs
+from mnist_ldm.evaluator import EvaluatorCNN, accuracy, features_and_probs
 from mnist_ldm.config import DataConfig
 from mnist_ldm.errors import UserError
 from mnist_ldm.images import as_batch, to_uint8
@@ -37,7 +37,7 @@ def real(tmp_path_factory):
     data = load_bundled(DataConfig())
     x = torch.from_numpy(data.train.images)
     y = torch.from_numpy(data.train.labels).long()
-    clf = DigitClassifier()
+    clf = EvaluatorCNN()
     clf_loss = lambda idx, g: F.cross_entropy(clf(as_batch(x[idx])), y[idx])  # noqa: E731
     _fit(clf, clf_loss, len(x), 5, tmp)
     ae = Autoencoder(AutoencoderSpec())

@@ -1,7 +1,7 @@
 """`mnist-ldm`: one subcommand per pipeline stage, plus `infer` (the seed's infer.py) and `promote` (the
 Model Registry's alias `champion`).
 
-Each subcommand is a module in `mnist_ldm.stages`; `stages/<name>.py` at the top of the repository
+Each subcommand is a module in `mnist_ldm.commands`; `stages/<name>.py` at the top of the repository
 runs the same module for DVC. Paths are required arguments (dvc.yaml holds them); params come from
 `--params` (default params.yaml), `--set section.key=value` and the seed's flags. Errors a user can
 fix are printed as one line, `error: ...`, with exit status 2.
@@ -14,9 +14,9 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from .stages.common import Parser, add_common, guarded, load
+from .commands.common import Parser, add_common, guarded, load
 
-# subcommand -> module in mnist_ldm.stages (imported by name, so a stage's code deps stay its own)
+# subcommand -> module in mnist_ldm.commands (imported by name, so a stage's code deps stay its own)
 COMMANDS = {
     "check-params": "check_params",
     "prepare": "prepare",
@@ -42,7 +42,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         if only is not None and command != only:
             sub.add_parser(command)
             continue
-        mod = importlib.import_module(f"{__package__}.stages.{module}")
+        mod = importlib.import_module(f"{__package__}.commands.{module}")
         s = sub.add_parser(command, help=mod.HELP)
         add_common(s, suppress=True)  # `mnist-ldm --params X cmd` and `mnist-ldm cmd --params X` both work
         mod.add_arguments(s)

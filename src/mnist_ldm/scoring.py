@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .classifier import features_and_probs
+from .evaluator import features_and_probs
 from .device import model_device
 from .errors import UserError
 from .images import to_uint8

@@ -20,8 +20,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from .. import tracking
     from ..checkpoint import save_checkpoint
-    from ..classifier import FEATURE_DIM
-    from ..training.classifier import train_classifier
+    from ..evaluator import FEATURE_DIM
+    from ..training.evaluator import train_evaluator
     from ..training.loop import count_parameters, resume_path_for
 
     cfg = params.evaluator
@@ -30,7 +30,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
     with tracking.training_run("train_evaluator", params, "evaluator", meta, "mnist-train", args.data) as run:
-        model, history = train_classifier(cfg, train, test, resume_path_for(args.out), meta["content_hash"],
+        model, history = train_evaluator(cfg, train, test, resume_path_for(args.out), meta["content_hash"],
                                           on_epoch=run.log_epoch, rt=rt)
         if not writes_outputs(rt, "train_evaluator", model):
             return {}

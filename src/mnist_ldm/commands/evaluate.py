@@ -43,7 +43,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from .. import tracking
     from ..autoencoder import load_autoencoder
-    from ..classifier import load_classifier
+    from ..evaluator import load_evaluator
     from ..latents import check_producer, load_latents
     from ..scoring import load_samples, score
 
@@ -53,7 +53,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     check_writable(files=[args.output], folders=[args.plots])
     images, labels = load_samples(args.samples)
     device = runtime_for(args).device
-    evaluator, ev_meta = load_classifier(args.evaluator)
+    evaluator, ev_meta = load_evaluator(args.evaluator)
     evaluator.to(device)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
     ae = load_autoencoder(args.ae_ckpt)[0].to(device)

@@ -21,7 +21,7 @@ from .images import as_batch
 FEATURE_DIM = 128
 
 
-class DigitClassifier(nn.Module):
+class EvaluatorCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
@@ -36,7 +36,7 @@ class DigitClassifier(nn.Module):
 
 
 @torch.no_grad()
-def features_and_probs(model: DigitClassifier, images: np.ndarray, batch_size: int = 2000):
+def features_and_probs(model: EvaluatorCNN, images: np.ndarray, batch_size: int = 2000):
     """uint8 (N, 28, 28) -> penultimate features (N, 128) float64 and softmax (N, 10) float64."""
     model.eval()
     feats, probs = [], []
@@ -50,10 +50,10 @@ def features_and_probs(model: DigitClassifier, images: np.ndarray, batch_size: i
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 
-def accuracy(model: DigitClassifier, images: np.ndarray, labels: np.ndarray) -> float:
+def accuracy(model: EvaluatorCNN, images: np.ndarray, labels: np.ndarray) -> float:
     _, p = features_and_probs(model, images)
     return float((p.argmax(1) == labels).mean())
 
 
-def load_classifier(path: str | Path) -> tuple[DigitClassifier, dict]:
-    return load_model_checkpoint(path, "mnist-ldm/evaluator", "evaluator checkpoint", lambda cfg: DigitClassifier())
+def load_evaluator(path: str | Path) -> tuple[EvaluatorCNN, dict]:
+    return load_model_checkpoint(path, "mnist-ldm/evaluator", "evaluator checkpoint", lambda cfg: EvaluatorCNN())

@@ -9,7 +9,7 @@ import torch
 from conftest import BIN, cli, copy_trained, run, write_params
 from mnist_ldm.checkpoint import save_checkpoint
 from mnist_ldm.errors import UserError
-from mnist_ldm.latents import file_md5
+from mnist_ldm.hashing import file_md5
 from mnist_ldm.pipeline import LatentDiffusionPipeline
 
 

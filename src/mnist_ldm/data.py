@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 
 from .atomic import write_json, write_npz
 from .errors import UserError
+from .hashing import arrays_digest
 
 
 class DataError(UserError):
@@ -27,11 +27,7 @@ class Split:
 
 
 def content_hash(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(str(a.shape).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
+    return arrays_digest(arrays)
 
 
 def limit(split: Split, n: int) -> Split:

@@ -7,7 +7,6 @@ autoencoder it is given, so latents of another autoencoder are never mixed in si
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -19,14 +18,7 @@ import torch
 
 from .data import read_npz
 from .errors import UserError
-
-
-def file_md5(path: str | Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from .hashing import file_md5
 
 
 @dataclass(frozen=True)

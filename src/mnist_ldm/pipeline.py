@@ -24,7 +24,8 @@ from .denoiser import DenoiserSpec, build_denoiser
 from .diffusion import NoiseSchedule, ddim_invert_step, ddim_timesteps, guided_eps, sample_loop
 from .errors import UserError
 from .images import to_uint8
-from .latents import LatentScaler, file_md5
+from .hashing import file_md5
+from .latents import LatentScaler
 from .progress import progress as progress_bar
 
 SAMPLERS = ("ddpm", "ddim")

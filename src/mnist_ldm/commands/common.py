@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import math
 import os
 import sys
@@ -15,6 +14,7 @@ from ..atomic import write_json
 from ..config import Params
 from ..params_file import apply_overrides, load_params
 from ..errors import UserError
+from ..hashing import arrays_digest
 
 if TYPE_CHECKING:
     from ..device import Runtime
@@ -97,10 +97,7 @@ def runtime_for(args: argparse.Namespace) -> "Runtime":
 
 def weights_digest(model) -> str:
     """The sha256 of a model's weights (checkpoints record it; torchrun ranks print it to show they agree)."""
-    h = hashlib.sha256()
-    for t in model.state_dict().values():
-        h.update(t.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
+    return arrays_digest((t.detach().cpu().numpy() for t in model.state_dict().values()), shapes=False)
 
 
 def writes_outputs(rt: "Runtime", name: str, model) -> bool:

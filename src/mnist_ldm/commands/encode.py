@@ -21,7 +21,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from .. import tracking
     from ..autoencoder import encode_images, load_autoencoder
-    from ..latents import file_md5, latent_stats
+    from ..hashing import file_md5
+    from ..latents import latent_stats
 
     check_writable(folders=[args.out])
     model = load_autoencoder(args.ae_ckpt)[0].to(runtime_for(args).device)

@@ -41,7 +41,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from .. import plots, tracking
     from ..autoencoder import load_autoencoder
     from ..checkpoint import save_checkpoint
-    from ..latents import LatentScaler, check_producer, file_md5, load_latents
+    from ..hashing import file_md5
+    from ..latents import LatentScaler, check_producer, load_latents
     from ..pipeline import LatentDiffusionPipeline
     from ..training.denoiser import held_out_loss, select_digit, train_denoiser
     from ..training.loop import count_parameters, resume_path_for

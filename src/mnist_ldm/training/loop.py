@@ -9,8 +9,6 @@ therefore ends with exactly the weights of an uninterrupted run (on the same CPU
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..config import LR_SCHEDULES
 from ..device import CPU, Runtime
 from ..errors import UserError
+from ..hashing import json_digest
 from ..progress import progress
 
 
@@ -33,7 +32,7 @@ class TrainingDiverged(UserError):
 
 def fingerprint(*parts) -> str:
     """A short hash of everything a training run depends on; a resume state is used only if it matches."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(parts, 16)
 
 
 def adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:

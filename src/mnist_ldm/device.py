@@ -54,9 +54,26 @@ def resolve_precision(spec: str | None, device: torch.device) -> str:
     text = (spec or os.environ.get(PRECISION_ENV) or "fp32").strip().lower()
     if text not in PRECISIONS:
         raise UserError(f"--precision/{PRECISION_ENV}={text!r} is not a precision; valid: {', '.join(PRECISIONS)}")
-    if text == "bf16" and device.type != "cuda":
-        raise UserError(f"--precision bf16 needs a CUDA device (this run uses {device}); use fp32")
+    if text == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        raise UserError(f"--precision/{PRECISION_ENV}=bf16: this CPU has no native bf16 units (neither "
+                        f"{' nor '.join(BF16_CPU_FLAGS)} in /proc/cpuinfo), so bf16 would be slower than fp32; use fp32")
+    if text == "bf16" and device.type not in ("cuda", "cpu"):
+        raise UserError(f"--precision bf16 needs a CUDA device or a CPU with native bf16 (this run uses {device}); "
+                        f"use fp32")
     return text
+
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU computes bf16 matmuls in hardware (AMX or AVX-512 BF16, read from the kernel's flags)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 
 def configure(device: torch.device) -> None:
@@ -69,7 +86,7 @@ def configure(device: torch.device) -> None:
 
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """bf16 autocast on CUDA when asked for; otherwise plain fp32."""
+    """bf16 autocast (CUDA, or a CPU with native bf16) when asked for: weights stay fp32; otherwise plain fp32."""
     if precision == "bf16":
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             yield

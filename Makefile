@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test bench quality gpu-check install clean-outputs
+.PHONY: run test bench quality gpu-check install clean-outputs plots-template
 
 # PyTorch build: cuda where nvidia-smi answers, else cpu (requirements-cuda.lock / requirements-cpu.lock);
 # `make install TORCH=cuda` chooses it. pip installs without byte-compiling, and compileall then does it on
@@ -47,3 +47,7 @@ quality: install
 
 gpu-check:  # on a machine with CUDA: the full-MNIST pipeline and the speed figures (needs only PyTorch)
 	python3 benchmarks/gpu_check.py
+
+# `dvc plots show/diff` draw offline: .dvc/plots_offline.html inlines pinned Vega builds from the npm registry
+plots-template:
+	python3 tools/plots_template.py

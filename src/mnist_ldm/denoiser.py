@@ -46,6 +46,8 @@ class ResidualBlock(nn.Module):
 
 
 class LatentDenoiser(Denoiser):
+    """`num_blocks` FiLM residual blocks of width `hidden_dim` between projections from and to the latent."""
+
     def __init__(self, spec: DenoiserSpec):
         super().__init__()
         self.spec = spec

@@ -39,7 +39,7 @@ class FiLMResBlock(nn.Module):
 
 
 class UNetDenoiser(Denoiser):
-    """Predicts the noise in a (B, 784) image (standardized to [-1, 1]); same call as `LatentDenoiser`."""
+    """Predicts the noise in a (B, 784) image (standardized to [-1, 1]); the `Denoiser` call of the latent MLP."""
 
     def __init__(self, spec: DenoiserSpec):
         super().__init__()

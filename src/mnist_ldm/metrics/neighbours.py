@@ -1,4 +1,4 @@
-"""Metrics from nearest-neighbour distances in a feature space, computed in row blocks.
+"""Metrics from nearest-neighbour distances in a feature space.
 
 * PRDC: precision, recall, density and coverage of Naeem et al. 2020 ("Reliable Fidelity and Diversity
   Metrics for Generative Models"), as in their reference code (clovaai/generative-evaluation-prdc), with

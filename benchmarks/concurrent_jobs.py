@@ -43,7 +43,7 @@ def worker(work: str, steps: int) -> None:
         opt, z = adam(model, 2e-4), torch.randn(60_000, 16)
 
         def step(i: int) -> None:
-            loss = diffusion_loss(model, s, z[torch.randint(0, len(z), (256,), generator=gen)], None, gen, 0.0)
+            loss = diffusion_loss(model, s, z[torch.randint(0, len(z), (256,), generator=gen)], gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -93,7 +93,7 @@ def speed(out: Path, device: str) -> dict:
 
             def step():
                 with rt.autocast():
-                    loss = diffusion_loss(model, s, z, None, gen, 0.0)
+                    loss = diffusion_loss(model, s, z, gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

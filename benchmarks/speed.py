@@ -80,7 +80,7 @@ def denoiser_training(model: nn.Module, batch: int, seconds: float = SECONDS, ru
     z = torch.randn(60_000 if d < 100 else 2_000, d)
 
     def step():
-        loss = diffusion_loss(model, s, z[torch.randint(0, len(z), (batch,), generator=gen)], None, gen, 0.0, run=run)
+        loss = diffusion_loss(model, s, z[torch.randint(0, len(z), (batch,), generator=gen)], gen, run=run)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -466,8 +466,8 @@ def test_diffusion_loss_with_min_snr_is_the_weighted_mean_of_per_sample_errors(s
 
     model = LatentDenoiser(DenoiserSpec(4, 16, 1)).eval()
     z0 = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
-    plain = diffusion_loss(model, sched, z0, None, torch.Generator().manual_seed(1), 0.0)
-    weighted = diffusion_loss(model, sched, z0, None, torch.Generator().manual_seed(1), 0.0, min_snr_gamma=5.0)
+    plain = diffusion_loss(model, sched, z0, torch.Generator().manual_seed(1))
+    weighted = diffusion_loss(model, sched, z0, torch.Generator().manual_seed(1), min_snr_gamma=5.0)
     gen = torch.Generator().manual_seed(1)  # the draws diffusion_loss makes, in its order
     t = torch.randint(0, sched.T, (64,), generator=gen)
     noise = torch.randn(z0.shape, generator=gen)

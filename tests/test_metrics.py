@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_ldm import metrics
 from mnist_ldm.metrics import (
     accuracy_on_digit,
     class_balance,
@@ -17,6 +16,7 @@ from mnist_ldm.metrics import (
     memorization_ratio,
     prdc,
 )
+from mnist_ldm.metrics import frechet, neighbours
 
 
 # --------------------------------------------------------------------------- independent references
@@ -106,14 +106,14 @@ def test_fcd_retries_with_eps_when_sqrtm_is_not_finite(monkeypatch):
     rng = np.random.default_rng(4)
     mu1, s1 = feature_statistics(_low_rank_features(rng, 500, 16, rank=3, noise=0.0))
     mu2, s2 = feature_statistics(_low_rank_features(rng, 500, 16, rank=3, noise=0.0))
-    real_sqrtm = metrics._sqrtm
+    real_sqrtm = frechet._sqrtm
     seen = []
 
     def first_call_fails(a):
         seen.append(a.copy())
         return np.full_like(a, np.nan) if len(seen) == 1 else real_sqrtm(a)
 
-    monkeypatch.setattr(metrics, "_sqrtm", first_call_fails)
+    monkeypatch.setattr(frechet, "_sqrtm", first_call_fails)
     eps = 1e-6
     got = frechet_distance(mu1, s1, mu2, s2, eps=eps)
 
@@ -130,7 +130,7 @@ def test_fcd_retries_with_eps_when_sqrtm_is_not_finite(monkeypatch):
 
 
 def test_fcd_still_not_finite_after_eps_raises(monkeypatch):
-    monkeypatch.setattr(metrics, "_sqrtm", lambda a: np.full_like(a, np.inf))
+    monkeypatch.setattr(frechet, "_sqrtm", lambda a: np.full_like(a, np.inf))
     with pytest.raises(ValueError, match="not finite"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3))
 
@@ -343,7 +343,7 @@ def test_nearest_neighbour_search_in_float32_returns_the_float64_distances():
     near = reference[:50] + 1e-9 * rng.normal(size=(50, 16))  # near-ties: equal in float32
     reference = np.concatenate([reference, near])
     queries = np.concatenate([queries, reference[:50] + 1e-10])
-    got = metrics._nearest_neighbour_distances(torch.from_numpy(queries), torch.from_numpy(reference), 97).numpy()
+    got = neighbours._nearest_neighbour_distances(torch.from_numpy(queries), torch.from_numpy(reference), 97).numpy()
     brute = np.sqrt(((queries[:, None] - reference[None]) ** 2).sum(-1)).min(axis=1)
     np.testing.assert_allclose(got, brute, rtol=1e-12, atol=0)
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
-from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser, timestep_embedding
+from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
+from mnist_ldm.nn import timestep_embedding
 from mnist_ldm.training.loop import count_parameters
 
 
@@ -358,9 +359,9 @@ def test_unet_learns_a_pixel_distribution():
     x0 = (torch.arange(784.0).reshape(1, 784) % 28 < 14).float().mul(2).sub(1).repeat(32, 1)  # half black, half white
     opt = torch.optim.Adam(model.parameters(), 2e-3)
     gen = torch.Generator().manual_seed(0)
-    first = diffusion_loss(model, s, x0, None, gen, 0.0).item()
+    first = diffusion_loss(model, s, x0, gen).item()
     for _ in range(150):
-        loss = diffusion_loss(model, s, x0, None, gen, 0.0)
+        loss = diffusion_loss(model, s, x0, gen)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -42,7 +42,7 @@ def _toy_model(steps: int = 600) -> tuple[LatentDenoiser, NoiseSchedule, torch.T
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(steps):
         idx = torch.randint(0, len(data), (256,), generator=gen)
-        loss = diffusion_loss(model, s, data[idx], None, gen, 0.0)
+        loss = diffusion_loss(model, s, data[idx], gen)
         opt.zero_grad()
         loss.backward()
         opt.step()

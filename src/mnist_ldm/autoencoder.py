@@ -1,7 +1,8 @@
-"""The autoencoders: the design's convolutional one, (1, 28, 28) -> 28->14->7->4 -> 16-d latent, and its
-mirror (`kind: conv`, the default), the design's sibling MLP autoencoder with the same latent
-(`kind: mlp`: 784 -> 512 -> 256 -> latent and back), and pixel space (`kind: none`: the "latent" is the
-784 pixels themselves, no weights, so the pixel-space DDPM goes through the same stages)."""
+"""The autoencoders, one per `autoencoder.kind`: `conv` (the default), a convolutional encoder
+(1, 28, 28) -> 28->14->7->4 -> 16-d latent and its mirror decoder; `mlp`, an MLP with the same latent
+(784 -> 512 -> 256 -> latent and back); and `none`, pixel space: no weights, encoding flattens an image to
+its 784 pixels and decoding reshapes them, so the pixel-space DDPM goes through the same stages (what the
+stages, files and params call latents are then these 784 pixels)."""
 
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ class Autoencoder(nn.Module):
         return self.decoder(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents to images in [0, 1] (the seed's sigmoid output; pixel space clamps)."""
+        """Latents to images in [0, 1]: the sigmoid of the decoder's logits; pixel space clamps its pixels."""
         if not self.trainable:
             return z.clamp(0, 1).view(-1, 1, 28, 28)
         return torch.sigmoid(self.decoder(z))
@@ -169,7 +170,7 @@ def load_autoencoder(path: str | Path) -> tuple[Autoencoder, dict]:
 
 @torch.no_grad()
 def encode_images(model: Autoencoder, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
-    """uint8 (N, 28, 28) -> raw latents (N, latent_dim) float32."""
+    """uint8 (N, 28, 28) -> raw latents (N, latent_dim) float32 (pixel space: the 784 pixels in [0, 1])."""
     model.eval()
     dev = model_device(model)
     out = [model.encode(as_batch(images[i:i + batch_size], dev)).cpu().numpy() for i in range(0, len(images), batch_size)]

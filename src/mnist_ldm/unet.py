@@ -1,5 +1,5 @@
 """The pixel-space denoiser: a small convolutional U-Net on 28x28 images (about 150K parameters at the
-default width, as the design's comparison table says), for `autoencoder.kind: none` + `diffusion.denoiser: unet`.
+default width), for `autoencoder.kind: none` + `diffusion.denoiser: unet`.
 
 It takes and returns flat (B, 784) tensors, like the latent MLP, so the schedule, the losses, the samplers
 and the pipeline are the same code for both. Levels 28 -> 14 -> 7 with widths (c, 2c, 2c); every residual
@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .denoiser import shared_step, timestep_embedding
 from .images import PIXELS, SIDE
+from .nn import Denoiser, DenoiserSpec
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -38,10 +38,10 @@ class FiLMResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class UNetDenoiser(nn.Module):
-    """Predicts the noise in a (B, 784) image (standardized to [-1, 1]); same call as `LatentDenoiser`."""
+class UNetDenoiser(Denoiser):
+    """Predicts the noise in a (B, 784) image (standardized to [-1, 1]); the `Denoiser` call of the latent MLP."""
 
-    def __init__(self, spec):
+    def __init__(self, spec: DenoiserSpec):
         super().__init__()
         if spec.latent_dim != PIXELS:
             raise ValueError(f"the U-Net denoises {SIDE}x{SIDE} images ({PIXELS} values), not a "
@@ -64,16 +64,9 @@ class UNetDenoiser(nn.Module):
         self.out = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, 1, 3, padding=1))
         self.to(memory_format=torch.channels_last)  # oneDNN's fast layout on CPUs (1.3-1.7x here), cuDNN's with AMP
 
-    @property
-    def null_label(self) -> int:
-        return self.spec.num_classes
-
     def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, run: int = 1) -> torch.Tensor:
         """`run` (rows that share a timestep) is the MLP's shortcut; the U-Net embeds every row's t."""
-        t, y = shared_step(t, y)
-        emb = self.time_mlp(timestep_embedding(t, self.spec.channels))
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(y if y is not None else torch.full_like(t, self.null_label))
+        emb = self.embed(t, y, self.spec.channels)
         x = self.inp(z.reshape(-1, 1, SIDE, SIDE).contiguous(memory_format=torch.channels_last))
         h1 = self.down1(x, emb)
         h2 = self.down2(self.pool1(h1), emb)

@@ -1,4 +1,4 @@
-"""Training the latent denoiser: DDPM's L_simple (MSE on the noise) on standardized latents, with EMA."""
+"""Training the denoiser: DDPM's L_simple (MSE on the noise) on standardized latents (or pixels), with EMA."""
 
 from __future__ import annotations
 
@@ -11,45 +11,47 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DiffusionConfig
-from ..device import CPU, Runtime
-from ..denoiser import DenoiserSpec, LatentDenoiser, build_denoiser
+from ..denoiser import build_denoiser
+from ..device import CPU, Dist, Runtime
 from ..diffusion import NoiseSchedule, draw_timesteps, local_run, min_snr_weights, q_sample
+from ..nn import Denoiser, DenoiserSpec
 from .loop import EMA, EPOCH_TEST_ITEMS, adam, fingerprint, run_training, total_steps
 
 HELD_OUT_CHUNK = 2_000_000  # values per forward pass of the held-out loss
 
 # (EMA model, schedule, epoch) -> a preview grid image, made only when the stage logs it
-PreviewFn = Callable[[LatentDenoiser, NoiseSchedule, int], np.ndarray]
+PreviewFn = Callable[[Denoiser, NoiseSchedule, int], np.ndarray]
 
 
 def select_digit(z: np.ndarray, labels: np.ndarray, only_digit: Optional[int]):
-    """The seed's --only-digit: keep one digit's latents (the autoencoder still saw every digit)."""
+    """`diffusion.only_digit`: keep one digit's rows (the autoencoder still saw every digit)."""
     if only_digit is None:
         return z, labels
     keep = labels == only_digit
     return z[keep], labels[keep]
 
 
-def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor],
-                   gen: torch.Generator, cond_drop_prob: float, null_label: int = -1,
-                   shard: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, min_snr_gamma: float = 0.0,
-                   run: int = 1, world: int = 1) -> torch.Tensor:
-    """L_simple of Ho et al.: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t) ||^2, each sample
-    weighted by min(SNR_t, gamma) / SNR_t when `min_snr_gamma` > 0.
+def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, gen: torch.Generator, *,
+                   y: Optional[torch.Tensor] = None, cond_drop_prob: float = 0.0, null_label: int = -1,
+                   min_snr_gamma: float = 0.0, run: int = 1, dist: Dist = Dist()) -> torch.Tensor:
+    """L_simple of Ho et al.: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t) ||^2 for the batch
+    `z0` (B, D), each sample weighted by min(SNR_t, gamma) / SNR_t when `min_snr_gamma` > 0; t and the noise
+    come from `gen`. With labels `y` (B,), each is replaced by `null_label` with probability `cond_drop_prob`
+    (classifier-free guidance training).
 
-    t, the noise and the label drops are drawn for the whole batch `z0`, then `shard` keeps this
-    process's rows (of `world` processes), so every process of a torchrun job draws the same numbers and
-    the global batch is the same at any process count. `run` > 1 shares each timestep among that many
-    consecutive rows of the batch (`draw_timesteps`)."""
+    t, the noise and the label drops are drawn for the whole batch `z0`, then `dist.shard` keeps this
+    process's rows, so every process of a torchrun job draws the same numbers and the global batch is the
+    same at any process count. `run` > 1 shares each timestep among that many consecutive rows of the
+    batch (`draw_timesteps`)."""
     B, dev = z0.shape[0], z0.device
     t = draw_timesteps(s.T, B, gen, dev, run)
     noise = torch.randn(z0.shape, generator=gen, device=dev)
     if y is not None:  # classifier-free guidance training: drop labels to the null token
         drop = torch.rand(B, generator=gen, device=dev) < cond_drop_prob
-        y = shard(torch.where(drop, torch.full_like(y, null_label), y))
-    z0, t, noise = shard(z0), shard(t), shard(noise)
+        y = dist.shard(torch.where(drop, torch.full_like(y, null_label), y))
+    z0, t, noise = dist.shard(z0), dist.shard(t), dist.shard(noise)
     zt = q_sample(s, z0, t, noise)
-    rows_per_t = local_run(run, world)
+    rows_per_t = local_run(run, dist.world)
     pred = model(zt, t, y) if rows_per_t <= 1 else model(zt, t, y, run=rows_per_t)
     if min_snr_gamma <= 0:
         return F.mse_loss(pred, noise)
@@ -58,7 +60,7 @@ def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, y
 
 
 @torch.no_grad()
-def held_out_loss(model: LatentDenoiser, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor]) -> float:
+def held_out_loss(model: Denoiser, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor]) -> float:
     """The same loss on held-out latents with fixed t and noise, so epochs are comparable; in chunks of
     about 2M values (one chunk for 16-d latents, 2,551 images in pixel space)."""
     model.eval()
@@ -67,8 +69,8 @@ def held_out_loss(model: LatentDenoiser, s: NoiseSchedule, z0: torch.Tensor, y: 
     total = 0.0
     for i in range(0, len(z0), rows):
         chunk = z0[i:i + rows]
-        total += diffusion_loss(model, s, chunk, y[i:i + rows] if y is not None else None, gen, 0.0,
-                                model.null_label).item() * len(chunk)
+        total += diffusion_loss(model, s, chunk, gen, y=y[i:i + rows] if y is not None else None,
+                                null_label=model.null_label).item() * len(chunk)
     return total / len(z0)
 
 
@@ -91,9 +93,9 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
     z_train, y_train, z_test, y_test = (t.to(rt.device) for t in (z_train, y_train, z_test, y_test))
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return diffusion_loss(net, s, z_train[idx], y_train[idx] if cond else None, gen, cfg.cond_drop_prob,
-                              model.null_label, rt.dist.shard, cfg.min_snr_gamma, cfg.samples_per_timestep,
-                              rt.dist.world)
+        return diffusion_loss(net, s, z_train[idx], gen, y=y_train[idx] if cond else None,
+                              cond_drop_prob=cfg.cond_drop_prob, null_label=model.null_label,
+                              min_snr_gamma=cfg.min_snr_gamma, run=cfg.samples_per_timestep, dist=rt.dist)
 
     z_epoch, y_epoch = z_test[:EPOCH_TEST_ITEMS], (y_test[:EPOCH_TEST_ITEMS] if cond else None)
 

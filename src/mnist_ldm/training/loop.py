@@ -54,8 +54,8 @@ def lr_factor(step: int, total: int, schedule: str = "constant", warmup_steps: i
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
 
 
-# held-out items behind the per-epoch curves of the autoencoder and the prior: a fixed subset (on all 10,000 they
-# took 1.8 s and 1 s an epoch on 2 CPU cores); the stages' final figures use the whole test split
+# held-out items behind the per-epoch curves of the autoencoder and the diffusion model: a fixed subset (on all
+# 10,000 they took 1.8 s and 1 s an epoch on 2 CPU cores); the stages' final figures use the whole test split
 EPOCH_TEST_ITEMS = 2000
 
 

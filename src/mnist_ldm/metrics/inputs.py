@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 
-def _as_float64(x: Any, name: str, ndim: int | None = None) -> np.ndarray:
+def as_float64(x: Any, name: str, ndim: int | None = None) -> np.ndarray:
     """`x` (array-like or torch tensor) as a float64 numpy array of finite values, `ndim` dims if given."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -20,9 +20,9 @@ def _as_float64(x: Any, name: str, ndim: int | None = None) -> np.ndarray:
     return a
 
 
-def _features(x: Any, name: str, min_samples: int) -> np.ndarray:
+def feature_matrix(x: Any, name: str, min_samples: int) -> np.ndarray:
     """A (N, D) float64 feature matrix with N >= min_samples and D >= 1."""
-    a = _as_float64(x, name, ndim=2)  # (N, D)
+    a = as_float64(x, name, ndim=2)  # (N, D)
     if a.shape[1] < 1:
         raise ValueError(f"{name} has no feature dimensions: shape {a.shape}")
     if a.shape[0] < min_samples:
@@ -30,14 +30,14 @@ def _features(x: Any, name: str, min_samples: int) -> np.ndarray:
     return a
 
 
-def _same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+def same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dims differ: {name_a} has {a.shape[1]}, {name_b} has {b.shape[1]}")
 
 
-def _probabilities(probs: Any, num_classes: int | None = None) -> np.ndarray:
+def probabilities(probs: Any, num_classes: int | None = None) -> np.ndarray:
     """A (N, C) float64 matrix of class probabilities: non-negative rows that sum to 1 (+-1e-3)."""
-    p = _as_float64(probs, "probs", ndim=2)  # (N, C)
+    p = as_float64(probs, "probs", ndim=2)  # (N, C)
     if p.shape[0] < 1:
         raise ValueError("probs holds no samples")
     if num_classes is not None and p.shape[1] != num_classes:

@@ -30,6 +30,7 @@ from mnist_ldm.data import load_split
 from mnist_ldm.params_file import load_params
 from mnist_ldm.pipeline import LatentDiffusionPipeline
 from mnist_ldm.commands import train_diffusion
+from mnist_ldm.commands.entry import command_parser, run_command
 
 SAMPLERS = [("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100)]
 RAW_WEIGHTS = [("ddpm", 1000), ("ddim", 50)]
@@ -62,10 +63,10 @@ def run_config(ckpt, ae_ckpt, evaluator, f_test, n, sampler, steps, use_ema, see
 
 def train_conditional(out: Path) -> Path:
     """A class-conditional model from the pipeline's own stage code, with tracking off."""
-    code = train_diffusion.main(["--set", "diffusion.conditional=true", "--set", "tracking.enabled=false",
-                                 "--ae-ckpt", "models/autoencoder.pt", "--latents", "data/latents",
-                                 "--data", "data/prepared", "--out", str(out), "--metrics", str(out.with_suffix(".json")),
-                                 "--plots", str(out.parent / "conditional_plots")])
+    code = run_command(command_parser(train_diffusion), [
+        "--set", "diffusion.conditional=true", "--set", "tracking.enabled=false", "--ae-ckpt", "models/autoencoder.pt",
+        "--latents", "data/latents", "--data", "data/prepared", "--out", str(out),
+        "--metrics", str(out.with_suffix(".json")), "--plots", str(out.parent / "conditional_plots")])
     if code:
         raise SystemExit(code)
     return out

@@ -1,7 +1,8 @@
-"""DVC stage `check_params` (dvc.yaml): runs `mnist_ldm.commands.check_params` before any other stage."""
+"""DVC stage `check_params` (dvc.yaml): runs `mnist-ldm check-params` before any other stage."""
 
 import sys
 
-from mnist_ldm.commands.check_params import main
+from mnist_ldm.commands import check_params
+from mnist_ldm.commands.entry import command_parser, run_command
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(run_command(command_parser(check_params), sys.argv[1:]))

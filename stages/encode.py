@@ -1,7 +1,8 @@
-"""DVC stage `encode` (dvc.yaml): runs `mnist_ldm.commands.encode` with the paths that dvc.yaml passes."""
+"""DVC stage `encode` (dvc.yaml): runs `mnist-ldm encode` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.commands.encode import main
+from mnist_ldm.commands import encode
+from mnist_ldm.commands.entry import command_parser, run_command
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(run_command(command_parser(encode), sys.argv[1:]))

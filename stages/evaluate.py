@@ -1,7 +1,8 @@
-"""DVC stage `evaluate` (dvc.yaml): runs `mnist_ldm.commands.evaluate` with the paths that dvc.yaml passes."""
+"""DVC stage `evaluate` (dvc.yaml): runs `mnist-ldm evaluate` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.commands.evaluate import main
+from mnist_ldm.commands import evaluate
+from mnist_ldm.commands.entry import command_parser, run_command
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(run_command(command_parser(evaluate), sys.argv[1:]))

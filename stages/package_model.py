@@ -1,7 +1,8 @@
-"""DVC stage `package_model` (dvc.yaml): runs `mnist_ldm.commands.package_model` with the paths that dvc.yaml passes."""
+"""DVC stage `package_model` (dvc.yaml): runs `mnist-ldm package-model` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.commands.package_model import main
+from mnist_ldm.commands import package_model
+from mnist_ldm.commands.entry import command_parser, run_command
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(run_command(command_parser(package_model), sys.argv[1:]))

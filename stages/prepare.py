@@ -1,7 +1,8 @@
-"""DVC stage `prepare` (dvc.yaml): runs `mnist_ldm.commands.prepare` with the paths that dvc.yaml passes."""
+"""DVC stage `prepare` (dvc.yaml): runs `mnist-ldm prepare` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.commands.prepare import main
+from mnist_ldm.commands import prepare
+from mnist_ldm.commands.entry import command_parser, run_command
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(run_command(command_parser(prepare), sys.argv[1:]))

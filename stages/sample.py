@@ -1,7 +1,8 @@
-"""DVC stage `sample` (dvc.yaml): runs `mnist_ldm.commands.sample` with the paths that dvc.yaml passes."""
+"""DVC stage `sample` (dvc.yaml): runs `mnist-ldm sample` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.commands.sample import main
+from mnist_ldm.commands import sample
+from mnist_ldm.commands.entry import command_parser, run_command
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(run_command(command_parser(sample), sys.argv[1:]))

@@ -1,7 +1,8 @@
-"""DVC stage `train_ae` (dvc.yaml): runs `mnist_ldm.commands.train_ae` with the paths that dvc.yaml passes."""
+"""DVC stage `train_ae` (dvc.yaml): runs `mnist-ldm train-ae` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.commands.train_ae import main
+from mnist_ldm.commands import train_ae
+from mnist_ldm.commands.entry import command_parser, run_command
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(run_command(command_parser(train_ae), sys.argv[1:]))

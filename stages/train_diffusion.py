@@ -1,7 +1,8 @@
-"""DVC stage `train_diffusion` (dvc.yaml): runs `mnist_ldm.commands.train_diffusion` with the paths that dvc.yaml passes."""
+"""DVC stage `train_diffusion` (dvc.yaml): runs `mnist-ldm train-diffusion` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.commands.train_diffusion import main
+from mnist_ldm.commands import train_diffusion
+from mnist_ldm.commands.entry import command_parser, run_command
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(run_command(command_parser(train_diffusion), sys.argv[1:]))

@@ -1,7 +1,8 @@
-"""DVC stage `train_evaluator` (dvc.yaml): runs `mnist_ldm.commands.train_evaluator` with the paths that dvc.yaml passes."""
+"""DVC stage `train_evaluator` (dvc.yaml): runs `mnist-ldm train-evaluator` with the paths that dvc.yaml passes."""
 
 import sys
 
-from mnist_ldm.commands.train_evaluator import main
+from mnist_ldm.commands import train_evaluator
+from mnist_ldm.commands.entry import command_parser, run_command
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(run_command(command_parser(train_evaluator), sys.argv[1:]))

@@ -272,3 +272,20 @@ def test_infer_unusable_checkpoint_is_one_error_line(trained_repo, tmp_path, cas
     for w in words:
         assert w in line, (w, line)
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+# --------------------------------------------------------------------------- one entry path
+
+@pytest.mark.parametrize("extra,nproc,line", [
+    (["--epochs", "0"], "", "error: mnist-ldm train-ae: argument --epochs: expected a positive integer, got 0"),
+    ([], "two", "error: MNIST_LDM_NPROC='two' is not allowed; expected a number of processes >= 1"),
+])
+def test_cli_and_stage_script_run_a_command_the_same_way(trained_repo, extra, nproc, line):
+    """`mnist-ldm train-ae` and `python stages/train_ae.py` go through one entry: the same flags and errors,
+    and both read MNIST_LDM_NPROC (the switch that re-runs a training stage under torchrun)."""
+    from conftest import BIN, run
+
+    args = ["--data", "data/prepared", "--out", "x/ae.pt", "--metrics", "x/ae.json", "--plots", "x/ae", *extra]
+    for entry in ([str(BIN / "mnist-ldm"), "train-ae"], [str(BIN / "python"), "stages/train_ae.py"]):
+        proc = run([*entry, *args], trained_repo, check=False, env=env(MNIST_LDM_NPROC=nproc))
+        assert (proc.returncode, proc.stderr.strip()) == (2, line), entry

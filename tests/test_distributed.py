@@ -1,9 +1,14 @@
-"""Devices and torchrun: a 2-process Gloo DDP run of the training stages on the CPU, `--device` choices,
+"""Devices and torchrun: a 2-process Gloo DDP run of the training stages on the CPU, the README's
+several-machines command as two torchrun launchers meeting at a c10d rendezvous, `--device` choices,
 and checkpoints that load on any device."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +30,24 @@ def _stage(repo, name: str, args: list[str], **env: str):
     return run([str(BIN / "python"), f"stages/{name}.py", *args], repo, env=conftest.test_env(**env))
 
 
+def diffusion_args(folder: str, name: str = "diff") -> list[str]:
+    """`stages/train_diffusion.py`'s paths, writing `<folder>/<name>.pt`, `.json` and the plots folder."""
+    return ["--ae-ckpt", "models/autoencoder.pt", "--latents", "data/latents", "--data", "data/prepared",
+            "--out", f"{folder}/{name}.pt", "--metrics", f"{folder}/{name}.json", "--plots", f"{folder}/{name}"]
+
+
+@pytest.fixture(scope="module")
+def one_process_diffusion(repo) -> Path:
+    """train_diffusion as one process (`MNIST_LDM_NPROC=1`): the weights every torchrun layout must end near."""
+    _stage(repo, "train_diffusion", diffusion_args("ddp", "single-diff"), MLFLOW_TRACKING_URI="", MNIST_LDM_NPROC="1")
+    return repo / "ddp" / "single-diff.pt"
+
+
+def assert_same_weights_within_rounding(a: Path, b: Path) -> None:
+    sa, sb = (torch.load(path, weights_only=True)["state_dict"] for path in (a, b))
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
+
+
 def _mlflow_children(repo, stage: str) -> list:
     from mlflow import MlflowClient
 
@@ -35,10 +58,9 @@ def _mlflow_children(repo, stage: str) -> list:
 
 @pytest.mark.parametrize("stage,args", [
     ("train_ae", ["--data", "data/prepared", "--out", "ddp/ae.pt", "--metrics", "ddp/ae.json", "--plots", "ddp/ae"]),
-    ("train_diffusion", ["--ae-ckpt", "models/autoencoder.pt", "--latents", "data/latents", "--data",
-                         "data/prepared", "--out", "ddp/diff.pt", "--metrics", "ddp/diff.json", "--plots", "ddp/diff"]),
+    ("train_diffusion", diffusion_args("ddp")),
 ])
-def test_two_process_gloo_ddp(repo, stage, args):
+def test_two_process_gloo_ddp(repo, stage, args, request):
     before = len(_mlflow_children(repo, stage))
     proc = _stage(repo, stage, args, MNIST_LDM_NPROC="2")
     digests = {int(r): d for s, r, d in DIGEST.findall(proc.stderr) if s == stage}
@@ -50,14 +72,39 @@ def test_two_process_gloo_ddp(repo, stage, args):
     if stage != "train_diffusion":
         return
     # the same global batch at any process count: one process ends within float rounding of two
-    single = repo / "ddp" / f"single-{out.name}"
-    one = args[:args.index("--out")] + ["--out", str(single)] + [
-        a if a not in ("ddp/ae.json", "ddp/diff.json", "ddp/ae", "ddp/diff") else "ddp/single-" + a.split("/")[1]
-        for a in args[args.index("--out") + 2:]]
-    _stage(repo, stage, one, MLFLOW_TRACKING_URI="", **{"MNIST_LDM_NPROC": "1"})
-    a = torch.load(out, weights_only=True)["state_dict"]
-    b = torch.load(single, weights_only=True)["state_dict"]
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert_same_weights_within_rounding(out, request.getfixturevalue("one_process_diffusion"))
+
+
+def test_two_machines_c10d_rendezvous(repo, one_process_diffusion, tmp_path):
+    """The README's several-machines command, with two torchrun launchers on this machine standing for two
+    nodes (one Gloo process each) that meet at a c10d rendezvous on 127.0.0.1: the same weights as one
+    process, within float rounding."""
+    port, args = conftest.free_port(), diffusion_args("rdzv") + ["--set", "tracking.enabled=false"]
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]  # files, not pipes: neither launcher blocks on output
+    files = [log.open("w") for log in logs]
+    launchers = [subprocess.Popen(
+        [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"mnist-ldm-{port}",
+         "stages/train_diffusion.py", *args],
+        cwd=repo, env=conftest.test_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        for f in files]
+    try:
+        for p in launchers:
+            p.wait(timeout=300)
+    finally:
+        for p in launchers:  # a launcher left waiting for its peer, and its worker
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for f in files:
+            f.close()
+    output = "\n".join(log.read_text() for log in logs)
+    assert [p.returncode for p in launchers] == [0, 0], output[-4000:]
+    digests = {int(r): d for s, r, d in DIGEST.findall(output) if s == "train_diffusion"}
+    assert set(digests) == {0, 1} and digests[0] == digests[1], output[-3000:]
+    out = repo / "rdzv" / "diff.pt"
+    assert out.is_file() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+    assert_same_weights_within_rounding(out, one_process_diffusion)
 
 
 def test_device_cpu_and_auto_agree_on_a_cpu_only_machine(repo):

@@ -1,10 +1,14 @@
 """`mnist-ldm`: one subcommand per pipeline stage, plus `infer` (the seed's infer.py) and `promote` (the
 Model Registry's alias `champion`).
 
-Each subcommand is a module in `mnist_ldm.commands`; `stages/<name>.py` at the top of the repository
-runs the same module for DVC. Paths are required arguments (dvc.yaml holds them); params come from
-`--params` (default params.yaml), `--set section.key=value` and the seed's flags. Errors a user can
-fix are printed as one line, `error: ...`, with exit status 2.
+Each subcommand is a module in `mnist_ldm.commands`. `mnist-ldm <name>`, `python stages/<name>.py` (what
+dvc.yaml runs) and `torchrun stages/<name>.py` run it through one function,
+`mnist_ldm.commands.entry.run_command`: the same flags, the same `MNIST_LDM_NPROC` re-run under torchrun
+for the training stages, the same errors and the same process-group shutdown. Options go before or after
+the subcommand; only the chosen subcommand's module is imported (check-params never imports torch).
+Paths are required arguments (dvc.yaml holds them); params come from `--params` (default params.yaml),
+`--set section.key=value` and the seed's flags. Errors a user can fix are printed as one line,
+`error: ...`, with exit status 2.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from .commands.common import Parser, add_common, guarded, load
+from .commands.args import Parser, add_common
+from .commands.entry import add_command, run_command
 
 # subcommand -> module in mnist_ldm.commands (imported by name, so a stage's code deps stay its own)
 COMMANDS = {
@@ -45,8 +50,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         mod = importlib.import_module(f"{__package__}.commands.{module}")
         s = sub.add_parser(command, help=mod.HELP)
         add_common(s, suppress=True)  # `mnist-ldm --params X cmd` and `mnist-ldm cmd --params X` both work
-        mod.add_arguments(s)
-        s.set_defaults(_run=mod.run)
+        add_command(s, mod)
     return p
 
 
@@ -67,9 +71,9 @@ def chosen_command(argv: Sequence[str]) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`mnist-ldm [options] <command> [options]`: the exit status of `run_command`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(chosen_command(argv)).parse_args(argv)
-    return guarded(lambda: args._run(load(args), args))
+    return run_command(build_parser(chosen_command(argv)), argv)
 
 
 if __name__ == "__main__":

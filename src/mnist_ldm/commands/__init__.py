@@ -1,5 +1,9 @@
-"""One module per DVC stage (and `infer`): read params and flags, call the library, write outputs, log to MLflow.
+"""One module per DVC stage (and `infer`, `promote`): read params and flags, call the library, write outputs,
+log to MLflow. Each has `HELP`, `add_arguments(parser)` and `run(params, args)`.
 
-Each module has `add_arguments(parser)` and `run(params, args)`; `stages/<name>.py` at the top of the
-repository calls `main()` here, and `mnist-ldm <name>` reaches the same code through `mnist_ldm.cli`.
+What the commands share, by concern: `args` (argparse types, the parser, the options every command
+takes, params and runtime from the flags), `outputs` (writable-output checks, which torchrun rank writes,
+publishing a finished stage's metrics and artifacts), `os_errors` (OS errors as one line with a hint) and
+`entry` (`run_command`: the one way every command runs, whether from `stages/<name>.py`, `torchrun
+stages/<name>.py` or `mnist-ldm <name>` through `mnist_ldm.cli`).
 """

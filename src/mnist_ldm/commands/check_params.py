@@ -13,7 +13,8 @@ import argparse
 
 from ..atomic import write_json
 from ..config import Params
-from .common import add_paths, check_writable, run_stage
+from .args import add_paths
+from .outputs import check_writable
 
 HELP = "check every param in the params file (the pipeline's first stage)"
 
@@ -26,7 +27,3 @@ def run(params: Params, args: argparse.Namespace) -> None:
     check_writable(files=[args.out])
     write_json(args.out, {"params_file": str(args.params), "valid": True})  # constant while params are valid
     print(f"check_params: every param in {args.params} is valid")
-
-
-def main(argv=None) -> int:
-    return run_stage("check_params", add_arguments, run, argv)

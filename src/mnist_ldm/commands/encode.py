@@ -7,7 +7,8 @@ import argparse
 from ..atomic import atomic_dir, write_json, write_npz
 from ..config import Params
 from ..data import load_meta, load_split
-from .common import add_paths, check_writable, run_stage, runtime_for
+from .args import add_paths, runtime_for
+from .outputs import check_writable
 
 HELP = "encode the prepared data into cached latents"
 
@@ -40,7 +41,3 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         trun.log_artifact(args.out / "stats.json")
     print(f"encode: latents of std {stats['raw_std_overall']:.2f} (before standardizing) -> {args.out}")
     return stats
-
-
-def main(argv=None) -> int:
-    return run_stage("encode", add_arguments, run, argv)

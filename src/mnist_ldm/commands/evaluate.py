@@ -12,7 +12,8 @@ from pathlib import Path
 from ..atomic import atomic_dir, write_json
 from ..config import Params, override
 from ..data import load_split
-from .common import add_paths, check_writable, run_stage, runtime_for
+from .args import add_paths, runtime_for
+from .outputs import check_writable
 
 HELP = "score an .npz of images: FCD with floors, precision/recall, balance"
 
@@ -76,7 +77,3 @@ def run(params: Params, args: argparse.Namespace) -> dict:
           f"  precision {result['prdc']['precision']:.3f}  recall {result['prdc']['recall']:.3f}  "
           f"classes present {result['class_balance']['classes_present']}  -> {args.output}")
     return result
-
-
-def main(argv=None) -> int:
-    return run_stage("evaluate", add_arguments, run, argv)

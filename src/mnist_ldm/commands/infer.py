@@ -12,7 +12,8 @@ from pathlib import Path
 from ..atomic import write_npz
 from ..config import SAMPLERS, Params, override
 from ..errors import UserError
-from .common import add_paths, check_writable, digit, finite_float, positive_int, run_stage, runtime_for, seed
+from .args import add_paths, digit, finite_float, positive_int, runtime_for, seed
+from .outputs import check_writable
 
 HELP = "generate digits from a trained pair of checkpoints"
 
@@ -59,7 +60,3 @@ def run(params: Params, args: argparse.Namespace) -> Path:
         plots.save_grid(out.images, args.output, nrow=max(1, int(math.ceil(math.sqrt(n)))))
     print(f"infer: {n} images ({cfg.sampler}, seed {cfg.seed}) -> {args.output}")
     return args.output
-
-
-def main(argv=None) -> int:
-    return run_stage("infer", add_arguments, run, argv)

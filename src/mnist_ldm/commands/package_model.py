@@ -25,7 +25,8 @@ from ..tracking import registry
 from ..atomic import atomic_dir
 from ..config import Params
 from ..errors import UserError
-from .common import add_paths, check_writable, run_stage
+from .args import add_paths
+from .outputs import check_writable
 
 HELP = "package the checkpoints as an MLflow model (models/generator) and register a version"
 SERVING_MODULE = "mnist_ldm.serving"
@@ -119,7 +120,3 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     print(f"package_model: MLflow model ({'conditional' if pipe.num_classes else 'unconditional'}, defaults "
           f"{cfg.sampler}, seed {cfg.seed}) -> {args.out}{where}")
     return summary
-
-
-def main(argv=None) -> int:
-    return run_stage("package_model", add_arguments, run, argv)

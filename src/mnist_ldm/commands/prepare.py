@@ -9,7 +9,8 @@ from ..atomic import atomic_dir
 from ..config import Params
 from ..data import limit, write_prepared
 from ..mnist_sources import load_mnist
-from .common import add_paths, check_writable, run_stage
+from .args import add_paths
+from .outputs import check_writable
 
 HELP = "load MNIST and write the prepared data folder"
 
@@ -29,7 +30,3 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     print(f"prepare: {meta['counts']['train']} train / {meta['counts']['test']} test images from "
           f"{meta['source']} ({meta['description']}) -> {args.out}")
     return meta
-
-
-def main(argv=None) -> int:
-    return run_stage("prepare", add_arguments, run, argv)

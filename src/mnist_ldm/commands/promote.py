@@ -14,7 +14,7 @@ from typing import Any, Optional
 from .. import tracking
 from ..config import Params
 from ..tracking import registry
-from .common import positive_int, run_stage
+from .args import positive_int
 
 HELP = "set the registry alias 'champion' on the best version by generated FCD (or on --version N)"
 
@@ -54,7 +54,3 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     print(f"  load it with mlflow.pyfunc.load_model(\"models:/{name}@{registry.CHAMPION}\") ({uri})")
     return {"version": str(chosen.version), "previous": None if previous is None else str(previous.version),
             "moved": moved}
-
-
-def main(argv=None) -> int:
-    return run_stage("promote", add_arguments, run, argv)

@@ -11,7 +11,8 @@ import time
 from ..atomic import atomic_dir, write_npz
 from ..config import Params
 from ..errors import UserError
-from .common import add_paths, check_writable, publish, run_stage, runtime_for
+from .args import add_paths, runtime_for
+from .outputs import check_writable, publish
 
 HELP = "the pipeline's sampling stage"
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
@@ -67,7 +68,3 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     print(f"sample: {len(out.images)} images with {cfg.sampler} ({n_evals} network evaluations) in {seconds:.1f} s "
           f"-> {args.out}")
     return summary
-
-
-def main(argv=None) -> int:
-    return run_stage("sample", add_arguments, run, argv)

@@ -8,8 +8,8 @@ import dataclasses
 from ..atomic import atomic_dir
 from ..config import Params, override
 from ..data import load_meta, load_split
-from .common import (add_paths, check_writable, positive_float, positive_int, publish, run_stage, runtime_for,
-                     writes_outputs)
+from .args import add_paths, positive_float, positive_int, runtime_for
+from .outputs import check_writable, publish, writes_outputs
 
 HELP = "train the autoencoder (conv or mlp; pixel space writes a pass-through one)"
 
@@ -60,12 +60,9 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "history": history,
             "metrics": final,
         })
+        resume_path_for(args.out).unlink(missing_ok=True)  # the checkpoint is written: drop the resume state
         publish(run, final, args.metrics, [*(args.plots / p for p in pictures), args.metrics, args.data / "meta.json",
-                                           args.out], resume=resume_path_for(args.out))
+                                           args.out])
     print(f"train_ae: test BCE {final['test_bce']:.4f}, MSE {final['test_mse']:.5f}, "
           f"{final['params']:,} parameters -> {args.out}")
     return final
-
-
-def main(argv=None) -> int:
-    return run_stage("train_ae", add_arguments, run, argv)

@@ -9,8 +9,8 @@ from ..atomic import atomic_dir
 from ..config import Params, override
 from ..data import load_meta
 from ..errors import UserError
-from .common import (add_paths, check_writable, digit, positive_float, positive_int, publish, run_stage, runtime_for,
-                     writes_outputs)
+from .args import add_paths, digit, positive_float, positive_int, runtime_for
+from .outputs import check_writable, publish, writes_outputs
 
 HELP = "train the latent denoiser"
 PREVIEW_GUIDANCE = 2.0  # guidance of the per-epoch MLflow preview grid (conditional models only)
@@ -110,12 +110,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "history": history,
             "metrics": final,
         })
-        publish(run, final, args.metrics, [args.plots / "loss.png", args.metrics, args.out],
-                resume=resume_path_for(args.out))
+        resume_path_for(args.out).unlink(missing_ok=True)  # the checkpoint is written: drop the resume state
+        publish(run, final, args.metrics, [args.plots / "loss.png", args.metrics, args.out])
     print(f"train_diffusion: {final['params']:,}-parameter denoiser, held-out loss {final['test_loss']:.4f} "
           f"(EMA {final['test_loss_ema']:.4f}) -> {args.out}")
     return final
-
-
-def main(argv=None) -> int:
-    return run_stage("train_diffusion", add_arguments, run, argv)

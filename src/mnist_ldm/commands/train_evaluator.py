@@ -7,7 +7,8 @@ import dataclasses
 
 from ..config import Params
 from ..data import load_meta, load_split
-from .common import add_paths, check_writable, publish, run_stage, runtime_for, weights_digest, writes_outputs
+from .args import add_paths, runtime_for
+from .outputs import check_writable, publish, weights_digest, writes_outputs
 
 HELP = "train the CNN that scores samples"
 
@@ -41,11 +42,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "train_config": dataclasses.asdict(cfg), "weights_sha256": weights_hash,
             "trained_on": {k: meta[k] for k in ("source", "content_hash", "counts")}, "metrics": final,
         })
-        publish(run, final, args.metrics, [args.metrics, args.out], resume=resume_path_for(args.out),
+        resume_path_for(args.out).unlink(missing_ok=True)  # the checkpoint is written: drop the resume state
+        publish(run, final, args.metrics, [args.metrics, args.out],
                 metrics_file={**final, "weights_sha256": weights_hash[:16]})
     print(f"train_evaluator: test accuracy {final['test_accuracy']:.4f} (weights {weights_hash[:12]}) -> {args.out}")
     return final
-
-
-def main(argv=None) -> int:
-    return run_stage("train_evaluator", add_arguments, run, argv)

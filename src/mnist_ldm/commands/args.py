@@ -54,7 +54,8 @@ def add_common(p: argparse.ArgumentParser, suppress: bool = False) -> None:
                    help="auto, cpu, cuda, cuda:N or mps (default: $MNIST_LDM_DEVICE, else auto: CUDA, else MPS, "
                         "else CPU); not a param, so choosing one never makes outputs look stale")
     p.add_argument("--precision", default=default(None), choices=("fp32", "bf16"),
-                   help="fp32, or bf16 autocast on CUDA (default: $MNIST_LDM_PRECISION, else fp32)")
+                   help="fp32, or bf16 autocast (CUDA, or a CPU with AMX or AVX-512 BF16) with fp32 weights "
+                        "(default: $MNIST_LDM_PRECISION, else fp32)")
 
 
 def add_paths(p: argparse.ArgumentParser, **flags: str) -> None:

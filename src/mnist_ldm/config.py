@@ -4,7 +4,8 @@ Reading the file lives in `params_file` (`load_params`, `params_from_dict`, `app
 imports this module; this module imports nothing of the package but `errors` and `sampling_rules` (the
 rules that the `sample` section shares with each sampling request). Every check raises a
 `ConfigError` whose message is one line starting with `params:`; the caller swaps that prefix for where
-the value came from (the file's path, `--set ...`, a command-line flag).
+the value came from (the file's path, `--set ...`). A refused value is a `FieldError`, which keeps its key,
+value and what was expected; `override` words it for a value that may come from a command-line flag.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mnist_ldm.config import (AutoencoderConfig, ConfigError, DiffusionConfig, Params, SampleConfig, float_keys,
-                              override)
+from mnist_ldm.config import (AutoencoderConfig, ConfigError, DiffusionConfig, FieldError, Params, SampleConfig,
+                              float_keys, override)
 from mnist_ldm.errors import UserError
-from mnist_ldm.params_file import SECTIONS, apply_overrides, load_params, params_from_dict, parse_yaml
+from mnist_ldm.params_file import SECTIONS, apply_overrides, dotted_value, load_params, params_from_dict, parse_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = (REPO / "params.yaml").read_text()
@@ -223,6 +223,21 @@ def test_flags_cannot_set_nan_or_inf():
     assert "sample.eta=nan" in refused(override, SampleConfig(), "sample", eta=float("nan"))
     assert "autoencoder.lr=inf" in refused(override, AutoencoderConfig(), "autoencoder", lr=float("inf"))
     assert override(SampleConfig(), "sample", guidance=3.5, eta=None).guidance == 3.5
+
+
+def test_a_refused_param_carries_its_key_value_and_what_was_expected():
+    with pytest.raises(FieldError) as info:
+        SampleConfig(eta=1.5).validate("sample")
+    assert (info.value.key, info.value.value, info.value.expected) == ("sample.eta", 1.5, "a number in [0, 1]")
+    assert str(info.value) == "params: sample.eta=1.5 is not allowed; expected a number in [0, 1]"
+
+
+def test_dotted_value_reads_nested_dicts():
+    tree = {"sample": {"eta": 0.5, "digit": None}, "fcd": {"generated": 3.0}, "n": 7}
+    assert dotted_value(tree, "sample.eta") == 0.5 and dotted_value(tree, "fcd.generated") == 3.0
+    assert dotted_value(tree, "n") == 7 and dotted_value(tree, "sample") == {"eta": 0.5, "digit": None}
+    assert dotted_value(tree, "sample.steps") is None and dotted_value(tree, "n.x") is None
+    assert dotted_value(None, "a.b") is None
 
 
 def test_existing_range_checks_stay():

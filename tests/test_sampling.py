@@ -15,7 +15,9 @@ from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
 from mnist_ldm.diffusion import NoiseSchedule, sample_loop
 from mnist_ldm.errors import UserError
 from mnist_ldm.latents import LatentScaler
+from mnist_ldm.config import SampleConfig
 from mnist_ldm.pipeline import LatentDiffusionPipeline, Samples
+from mnist_ldm.sampling_request import RequestError, SamplingRequest
 from mnist_ldm.training.denoiser import diffusion_loss
 from mnist_ldm.training.loop import EMA
 
@@ -264,6 +266,36 @@ def test_sample_refuses_requests_the_model_cannot_serve(toy_pipe, kw, words):
     with pytest.raises(UserError) as info:
         pipe.sample(2, progress=False, **kw)
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kw, field, rest", [
+    ({"sampler": "euler"}, "sampler", "sampler='euler' is not a sampler; valid: ddpm, ddim"),
+    ({"sampler": "ddim", "steps": 11}, "steps", "steps=11 does not fit the T=10 diffusion steps of this model; "
+                                                "use 1 to 10"),
+    ({"eta": 1.5}, "eta", "eta=1.5 is not allowed; expected a number in [0, 1]"),
+    ({"guidance": float("inf")}, "guidance", "guidance=inf is not allowed; expected a finite number >= 0"),
+    ({"digit": 3}, "digit", "digit=3 needs a class-conditional model"),
+    ({"seed": -1}, "seed", "seed=-1 is not allowed; expected an integer in [0, 2^63)"),
+])
+def test_a_refused_request_names_its_field_for_the_command_line_and_for_rest(kw, field, rest):
+    """One check, one error: the CLI's message (`--eta/sample.eta=...`, after the checkpoint) and the REST
+    one (`eta=...`) come from the same exception's field, not from rewording each other."""
+    with pytest.raises(RequestError) as info:
+        SamplingRequest(**kw).checked(T=10, num_classes=0, where="models/diffusion.pt")
+    e = info.value
+    assert isinstance(e, UserError) and e.field == field and e.value == kw[field]
+    assert e.request_message.startswith(rest) and "\n" not in e.request_message
+    assert str(e) == f"models/diffusion.pt: --{field}/sample.{e.request_message}"
+
+
+def test_a_request_is_checked_against_the_model_that_serves_it():
+    req = SamplingRequest.from_config(SampleConfig(digit=7, steps=5, seed=3))
+    assert (req.sampler, req.steps, req.eta, req.guidance, req.digit, req.seed) == ("ddim", 5, 1.0, 2.0, 7, 3)
+    assert req.checked(T=5, num_classes=10) is req
+    with pytest.raises(RequestError, match=r"^--steps/sample\.steps=5 does not fit the T=4"):
+        req.checked(T=4, num_classes=10)
+    with pytest.raises(RequestError, match=r"^--digit/sample\.digit=7 is not allowed; expected 0 to 4$"):
+        req.checked(T=5, num_classes=5)
 
 
 def test_pipeline_refuses_mismatched_latent_sizes(toy_pipe):

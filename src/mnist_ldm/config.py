@@ -1,9 +1,11 @@
 """Typed, frozen configuration: one dataclass per `params.yaml` section, and their range checks.
 
 Reading the file lives in `params_file` (`load_params`, `params_from_dict`, `apply_overrides`), which
-imports this module; this module imports nothing of the package but `errors`. Every check raises a
+imports this module; this module imports nothing of the package but `errors` and `sampling_rules` (the
+rules that the `sample` section shares with each sampling request). Every check raises a
 `ConfigError` whose message is one line starting with `params:`; the caller swaps that prefix for where
-the value came from (the file's path, `--set ...`, a command-line flag).
+the value came from (the file's path, `--set ...`). A refused value is a `FieldError`, which keeps its key,
+value and what was expected; `override` words it for a value that may come from a command-line flag.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from .errors import UserError
+from .sampling_rules import (ETA_EXPECTED, GUIDANCE_EXPECTED, SAMPLERS, SEED_EXPECTED, ddim_steps_ok, eta_ok,
+                             guidance_ok, seed_ok)
 
 DATA_SOURCES = ("auto", "idx", "huggingface", "bundled")
-SAMPLERS = ("ddpm", "ddim")
 AUTOENCODER_KINDS = ("conv", "mlp", "none")  # none: pixel space, the images themselves
 DENOISERS = ("mlp", "unet")
 LR_SCHEDULES = ("constant", "cosine")  # training/loop.py's lr_factor
@@ -27,9 +30,17 @@ class ConfigError(UserError):
     pass
 
 
+class FieldError(ConfigError):
+    """A refused value of one param: its `key` (`sample.eta`), `value` and what it must be (`expected`)."""
+
+    def __init__(self, key: str, value: Any, expected: str):
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"params: {key}={value!r} is not allowed; expected {expected}")
+
+
 def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
-        raise ConfigError(f"params: {key}={value!r} is not allowed; expected {allowed}")
+        raise FieldError(key, value, allowed)
 
 
 def _at_least_one(section: Any, s: str, *keys: str) -> None:
@@ -58,10 +69,9 @@ class _Section:
         for key in float_keys(type(self)):
             value = getattr(self, key)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"params: {s}.{key}={value!r} is not allowed; expected a finite number "
-                                  "(.nan, .inf and -.inf are refused)")
+                raise FieldError(f"{s}.{key}", value, "a finite number (.nan, .inf and -.inf are refused)")
         seed = getattr(self, "seed", 0)
-        _require(isinstance(seed, int) and 0 <= seed < 2**63, f"{s}.seed", seed, "an integer in [0, 2^63)")
+        _require(seed_ok(seed), f"{s}.seed", seed, SEED_EXPECTED)
         self.rules(s)
 
     def rules(self, s: str) -> None:
@@ -181,8 +191,8 @@ class SampleConfig(_Section):
         _at_least_one(self, s, "grid_size")
         _require(self.sampler in SAMPLERS, f"{s}.sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
         _at_least_one(self, s, "steps")
-        _require(0 <= self.eta <= 1, f"{s}.eta", self.eta, "a number in [0, 1]")
-        _require(self.guidance >= 0, f"{s}.guidance", self.guidance, "a number >= 0")
+        _require(eta_ok(self.eta), f"{s}.eta", self.eta, ETA_EXPECTED)
+        _require(guidance_ok(self.guidance), f"{s}.guidance", self.guidance, GUIDANCE_EXPECTED)
         _require(self.digit is None or 0 <= self.digit <= 9, f"{s}.digit", self.digit, "null or a digit 0-9")
         _at_least_one(self, s, "batch_size")
 
@@ -240,7 +250,7 @@ class Params:
         U-Net works on pixels."""
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
-        if self.sample.sampler == "ddim" and self.sample.steps > self.diffusion.T:
+        if self.sample.sampler == "ddim" and not ddim_steps_ok(self.sample.steps, self.diffusion.T):
             raise ConfigError(f"params: sample.steps={self.sample.steps} is more than diffusion.T={self.diffusion.T}; "
                               f"expected sample.steps <= diffusion.T (DDIM takes that many of the T steps), "
                               f"or sample.sampler=ddpm")
@@ -260,7 +270,7 @@ def override(section, name: str, **changes):
     new = dataclasses.replace(section, **changes)
     try:
         new.validate(name)
-    except ConfigError as e:  # the value may come from a flag: say so (--eta sets sample.eta, and so on)
-        raise ConfigError(str(e).replace("params: ", "", 1).replace(" is not allowed", " (from a command-line "
-                          "flag or params.yaml) is not allowed", 1)) from None
+    except FieldError as e:  # the value may come from a flag: say so (--eta sets sample.eta, and so on)
+        raise ConfigError(f"{e.key}={e.value!r} (from a command-line flag or params.yaml) is not allowed; "
+                          f"expected {e.expected}") from None
     return new

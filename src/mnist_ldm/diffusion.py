@@ -1,4 +1,5 @@
-"""Gaussian diffusion math (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM"). Imports only torch.
+"""Gaussian diffusion math (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM"). Imports torch, and from
+`sampling_rules` the sampler names and the DDIM rules (steps, eta) that the params and requests share.
 
 Coefficients are computed in float64 and cast to the sample dtype when used. Timesteps are
 0-based: t = 0 .. T-1, with beta[t] the variance added at step t.
@@ -11,6 +12,8 @@ from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Optional
 
 import torch
+
+from .sampling_rules import SAMPLERS, ddim_steps_ok, eta_ok
 
 
 def linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -132,17 +135,20 @@ def ddpm_step(s: NoiseSchedule, eps: torch.Tensor, xt: torch.Tensor, t: int, noi
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
     """Descending timesteps with "trailing" spacing: always starts at T-1 (Lin et al. 2024, table 2)."""
-    if not 1 <= steps <= T:
+    if not ddim_steps_ok(steps, T):
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
     return sorted({int(round(T - i * T / steps)) - 1 for i in range(steps)}, reverse=True)
 
 
-def ddim_sigma(s: NoiseSchedule, t: int, t_prev: int, eta: float) -> float:
-    """sigma_t(eta) of DDIM eq. (16); eta = 1 with t_prev = t-1 gives the DDPM posterior variance.
-
-    eta must be in [0, 1]: above 1, sigma_t^2 exceeds 1 - abar_{t_prev} and the step has no real solution."""
-    if not 0.0 <= eta <= 1.0:
+def check_eta(eta: float) -> None:
+    """Refuse an eta outside [0, 1] (`sampling_rules.eta_ok`), where eq. (16)'s step has no real solution."""
+    if not eta_ok(eta):
         raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
+
+
+def ddim_sigma(s: NoiseSchedule, t: int, t_prev: int, eta: float) -> float:
+    """sigma_t(eta) of DDIM eq. (16); eta = 1 with t_prev = t-1 gives the DDPM posterior variance."""
+    check_eta(eta)
     ac = s.alphas_cumprod[t]
     ac_prev = s.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
     return float(eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt())
@@ -177,10 +183,10 @@ def sample_loop(eps_fn: EpsFn, s: NoiseSchedule, x_T: torch.Tensor, sampler: str
 
     `ddpm` takes all T ancestral steps; `ddim` takes `steps` steps with trailing spacing and noise eta.
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {sampler!r}; valid: ddpm, ddim")
-    if sampler == "ddim" and not 0.0 <= eta <= 1.0:
-        raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    if sampler == "ddim":
+        check_eta(eta)  # before the first network evaluation
     x = x_T
     ts = list(range(s.T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(s.T, steps or s.T)
     for i, t in enumerate(ts):

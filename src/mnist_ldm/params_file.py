@@ -214,6 +214,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(str(e).replace("params:", f"{path}:", 1)) from None
 
 
+def dotted_value(tree: Any, dotted: str) -> Any:
+    """The value at a dotted key (`sample.eta`, `fcd.generated`; any depth) of nested dicts such as a parsed
+    params.yaml or metrics JSON; None where a part is missing or its parent is not a dict."""
+    node = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def _parse_item(item: str) -> tuple[str, str, Any]:
     left, eq, text = item.partition("=")
     parts = left.strip().split(".")

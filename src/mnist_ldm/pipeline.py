@@ -9,7 +9,6 @@ works on standardized latents; the scaler maps them to the autoencoder's raw lat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,8 +26,7 @@ from .images import to_uint8
 from .hashing import file_md5
 from .latents import LatentScaler
 from .progress import progress as progress_bar
-
-SAMPLERS = ("ddpm", "ddim")
+from .sampling_request import SamplingRequest
 
 
 @dataclass(frozen=True)
@@ -60,6 +58,7 @@ class LatentDiffusionPipeline:
             raise UserError(f"latent sizes differ: {dims}")
         self.autoencoder, self.denoiser, self.schedule, self.scaler = autoencoder.eval(), denoiser.eval(), schedule, scaler
         self.checkpoint: dict = {}
+        self.source = ""  # the diffusion checkpoint's path, which a refused request names
         self.rt: Runtime = CPU
 
     def to(self, rt: Runtime) -> "LatentDiffusionPipeline":
@@ -88,7 +87,7 @@ class LatentDiffusionPipeline:
                             f"with, or retrain it (dvc repro train_diffusion)")
         pipe = cls(ae, denoiser, schedule, LatentScaler.from_dict(meta.get("latent_stats", {}),
                                                                   f"{diffusion_ckpt}: latent_stats"))
-        pipe.checkpoint = meta
+        pipe.checkpoint, pipe.source = meta, str(diffusion_ckpt)
         return pipe
 
     @property
@@ -102,24 +101,9 @@ class LatentDiffusionPipeline:
     def network_evals(self, sampler: str, steps: Optional[int]) -> int:
         return self.schedule.T if sampler == "ddpm" else int(steps or self.schedule.T)
 
-    def check_request(self, sampler: str, steps: Optional[int], eta: float, guidance: float,
-                      digit: Optional[int]) -> None:
-        """Refuse what this model cannot do, naming the flag and the param."""
-        T = self.schedule.T
-        if sampler not in SAMPLERS:
-            raise UserError(f"--sampler/sample.sampler={sampler!r} is not a sampler; valid: {', '.join(SAMPLERS)}")
-        if sampler == "ddim" and steps is not None and not 1 <= steps <= T:
-            raise UserError(f"--steps/sample.steps={steps} does not fit the T={T} diffusion steps of this model; "
-                            f"use 1 to {T}")
-        if not (math.isfinite(eta) and 0 <= eta <= 1):
-            raise UserError(f"--eta/sample.eta={eta} is not allowed; expected a number in [0, 1]")
-        if not (math.isfinite(guidance) and guidance >= 0):
-            raise UserError(f"--guidance/sample.guidance={guidance} is not allowed; expected a finite number >= 0")
-        if digit is not None and not self.num_classes:
-            raise UserError(f"--digit/sample.digit={digit} needs a class-conditional model, and this one is "
-                            f"unconditional (train with diffusion.conditional=true, or use diffusion.only_digit)")
-        if digit is not None and not 0 <= digit < self.num_classes:
-            raise UserError(f"--digit/sample.digit={digit} is not allowed; expected 0 to {self.num_classes - 1}")
+    def check(self, request: SamplingRequest) -> SamplingRequest:
+        """`request`, if this model can serve it; else a `RequestError` naming the field (and this model's file)."""
+        return request.checked(self.schedule.T, self.num_classes, self.source)
 
     def labels_for(self, n: int, digit: Optional[int]) -> Optional[torch.Tensor]:
         """The digit of each sample: `digit`, or 0-9 in turn for a conditional model; None if unconditional."""
@@ -167,12 +151,21 @@ class LatentDiffusionPipeline:
     def sample(self, n: int, *, sampler: str = "ddpm", steps: Optional[int] = None, eta: float = 1.0,
                guidance: float = 1.0, digit: Optional[int] = None, seed: int = 0, batch_size: int = 2500,
                progress: bool = True, trajectory_points: int = 0) -> Samples:
-        """n decoded digits; with `trajectory_points`, also the denoising of the first 10 at that many moments."""
-        self.check_request(sampler, steps, eta, guidance, digit)
-        every = max(1, self.network_evals(sampler, steps) // trajectory_points) if trajectory_points else 0
-        labels = self.labels_for(n, digit)
-        z, traj = self.sample_latents(n, sampler=sampler, steps=steps, eta=eta, guidance=guidance, labels=labels,
-                                      seed=seed, batch_size=batch_size, progress=progress, trajectory_every=every)
+        """`generate` for the request these arguments make, once `check` accepts it."""
+        request = self.check(SamplingRequest(sampler=sampler, steps=steps, eta=eta, guidance=guidance, digit=digit,
+                                             seed=seed))
+        return self.generate(n, request, batch_size=batch_size, progress=progress, trajectory_points=trajectory_points)
+
+    def generate(self, n: int, request: SamplingRequest, *, batch_size: int = 2500, progress: bool = True,
+                 trajectory_points: int = 0) -> Samples:
+        """n decoded digits for a request that `check` returned; with `trajectory_points`, also the denoising
+        of the first 10 at that many moments."""
+        r = request
+        every = max(1, self.network_evals(r.sampler, r.steps) // trajectory_points) if trajectory_points else 0
+        labels = self.labels_for(n, r.digit)
+        z, traj = self.sample_latents(n, sampler=r.sampler, steps=r.steps, eta=r.eta, guidance=r.guidance,
+                                      labels=labels, seed=r.seed, batch_size=batch_size, progress=progress,
+                                      trajectory_every=every)
         return Samples(self.decode(z), labels.numpy().astype(np.uint8) if labels is not None else None,
                        [self.decode(x[:10]) for x in traj] if traj else None)
 

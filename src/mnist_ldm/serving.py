@@ -17,8 +17,8 @@ checkpoint files, stored as model artifacts and read with `torch.load(weights_on
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,9 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from .device import runtime
-from .errors import UserError
 from .pipeline import LatentDiffusionPipeline
+from .sampling_request import RequestError, SamplingRequest, check_seed
+from .sampling_rules import SAMPLERS
 
 MAX_IMAGES = 1000  # per request
 # The model is saved "from code" (no pickle): MLflow runs this file, with the packaged `mnist_ldm` on sys.path.
@@ -45,6 +46,7 @@ set_model(MnistGenerator())
 FIELDS = {"n": (int, "an integer"), "digit": (int, "an integer digit"), "sampler": (str, "a sampler name"),
           "steps": (int, "an integer"), "eta": (float, "a number"), "guidance": (float, "a number"),
           "seed": (int, "an integer")}
+REQUEST_KEYS = tuple(f.name for f in dataclasses.fields(SamplingRequest))  # sampler, steps, eta, guidance, digit, seed
 DEFAULT_KEYS = ("digit", "sampler", "steps", "eta", "guidance", "seed", "use_ema", "batch_size")
 
 
@@ -100,20 +102,18 @@ def request_fields(model_input: Any) -> dict[str, Any]:
 
 
 def resolve_request(model_input: Any, defaults: dict[str, Any], max_images: int) -> dict[str, Any]:
-    """The request with the packaged defaults filled in; n and seed range-checked (the pipeline checks the rest)."""
+    """The request with the packaged defaults filled in; n and seed range-checked (`SamplingRequest` checks the
+    rest, for the model that serves it)."""
     given = request_fields(model_input)
     if "n" not in given:
         raise bad_request("n is missing; give the number of images to generate (1 to %d)" % max_images)
     if not 1 <= given["n"] <= max_images:
         raise bad_request(f"n={given['n']} is not allowed; expected 1 to {max_images} images per request")
-    if "seed" in given and not 0 <= given["seed"] < 2**63:
-        raise bad_request(f"seed={given['seed']} is not allowed; expected an integer in [0, 2^63)")
-    return {**{k: defaults.get(k) for k in ("digit", "sampler", "steps", "eta", "guidance", "seed")}, **given}
-
-
-def _field_message(e: UserError) -> str:
-    """The pipeline's message with its `--flag/sample.key=` prefixes read as request fields (`key=`)."""
-    return re.sub(r"--[\w-]+/sample\.(\w+)=", r"\1=", str(e)).splitlines()[0]
+    try:
+        check_seed(given.get("seed", 0))
+    except RequestError as e:
+        raise bad_request(e.request_message) from None
+    return {**{k: defaults.get(k) for k in REQUEST_KEYS}, **given}
 
 
 class MnistGenerator(PythonModel):
@@ -130,12 +130,11 @@ class MnistGenerator(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None):
         req = resolve_request(model_input, self.defaults, self.max_images)
         try:
-            self.pipe.check_request(req["sampler"], req["steps"], req["eta"], req["guidance"], req["digit"])
-        except UserError as e:
-            raise bad_request(_field_message(e)) from None
-        out = self.pipe.sample(req["n"], sampler=req["sampler"], steps=req["steps"], eta=req["eta"],
-                               guidance=req["guidance"], digit=req["digit"], seed=req["seed"],
-                               batch_size=int(self.defaults.get("batch_size") or 2500), progress=False)
+            request = self.pipe.check(SamplingRequest(**{k: req[k] for k in REQUEST_KEYS}))
+        except RequestError as e:  # named as the request names it: `eta=1.5 is not allowed; ...`
+            raise bad_request(e.request_message) from None
+        out = self.pipe.generate(req["n"], request, batch_size=int(self.defaults.get("batch_size") or 2500),
+                                 progress=False)
         labels = [None] * len(out.images) if out.labels is None else [int(v) for v in out.labels]
         return pd.DataFrame({"label": pd.Series(labels, dtype=object),
                              "image": list(out.images.reshape(len(out.images), -1))})
@@ -154,7 +153,8 @@ def signature():
 
 
 REQUEST = {"n": f"integer 1 to {MAX_IMAGES}, required", "digit": "integer 0-9, class-conditional models only",
-           "sampler": "ddpm or ddim", "steps": "integer 1 to T (ddim only)", "eta": "number in [0, 1] (ddim only)",
+           "sampler": " or ".join(SAMPLERS), "steps": "integer 1 to T (ddim only)",
+           "eta": "number in [0, 1] (ddim only)",
            "guidance": "number >= 0 (class-conditional models)", "seed": "integer in [0, 2^63)"}
 
 

@@ -36,6 +36,7 @@ def run(params: Params, args: argparse.Namespace) -> Path:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from .. import plots
     from ..pipeline import LatentDiffusionPipeline
+    from ..sampling_request import SamplingRequest
 
     cfg = override(params.sample, "sample", num_images=args.num_images, seed=args.seed, sampler=args.sampler,
                    steps=args.steps, eta=args.eta, digit=args.digit, guidance=args.guidance,
@@ -47,12 +48,8 @@ def run(params: Params, args: argparse.Namespace) -> Path:
                         f"use .png (a grid) or .npz (arrays)")
     check_writable(files=[args.output])
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema).to(runtime_for(args))
-    try:  # steps beyond T, a digit for an unconditional model: say which checkpoint cannot do it
-        pipe.check_request(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, cfg.digit)
-    except UserError as e:
-        raise UserError(f"{args.ckpt}: {e}") from None
-    out = pipe.sample(n, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance, digit=cfg.digit,
-                      seed=cfg.seed, batch_size=cfg.batch_size)
+    request = pipe.check(SamplingRequest.from_config(cfg))  # steps beyond T, a digit for an unconditional model
+    out = pipe.generate(n, request, batch_size=cfg.batch_size)
     if suffix == ".npz":
         write_npz(args.output, **({"images": out.images} if out.labels is None else
                                   {"images": out.images, "labels": out.labels}))

@@ -90,6 +90,7 @@ def _eval_metrics(path: Path) -> dict[str, float]:
 def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from ..pipeline import LatentDiffusionPipeline
+    from ..sampling_request import SamplingRequest
     from ..serving import MAX_IMAGES, save_generator
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log
@@ -97,10 +98,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     check_writable(folders=[args.out])
     metrics = _eval_metrics(args.eval)
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema)
-    try:  # the packaged defaults must be a valid request for this model
-        pipe.check_request(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, cfg.digit)
-    except UserError as e:
-        raise UserError(f"{args.ckpt}: {e}") from None
+    pipe.check(SamplingRequest.from_config(cfg))  # the packaged defaults must be a valid request for this model
     defaults = dataclasses.asdict(cfg)
     stage_params = {**tracking.section_params(params, "sample"), **tracking.section_params(params, "tracking")}
     with tracking.stage_run("package_model", params, stage_params) as run:

@@ -10,7 +10,6 @@ import time
 
 from ..atomic import atomic_dir, write_npz
 from ..config import Params
-from ..errors import UserError
 from .args import add_paths, runtime_for
 from .outputs import check_writable, publish
 
@@ -30,6 +29,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from .. import plots, tracking
     from ..latents import check_producer, load_latents
     from ..pipeline import LatentDiffusionPipeline
+    from ..sampling_request import SamplingRequest
 
     cfg = params.sample
     check_writable(files=[args.out, args.metrics], folders=[args.plots])
@@ -38,15 +38,11 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     if cfg.num_images == 0:  # as many as the test set, the reference that `evaluate` compares with
         cfg = dataclasses.replace(cfg, num_images=len(z_test))
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema).to(runtime_for(args))
-    try:  # steps beyond T, a digit for an unconditional model: say which checkpoint cannot do it
-        pipe.check_request(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, cfg.digit)
-    except UserError as e:
-        raise UserError(f"{args.ckpt}: {e}") from None
+    request = pipe.check(SamplingRequest.from_config(cfg))  # steps beyond T, a digit for an unconditional model
     with tracking.stage_run("sample", params, tracking.section_params(dataclasses.replace(params, sample=cfg),
                                                                       "sample")) as run:
         t0 = time.perf_counter()
-        out = pipe.sample(cfg.num_images, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance,
-                          digit=cfg.digit, seed=cfg.seed, batch_size=cfg.batch_size, trajectory_points=10)
+        out = pipe.generate(cfg.num_images, request, batch_size=cfg.batch_size, trajectory_points=10)
         seconds = time.perf_counter() - t0
         n_evals = pipe.network_evals(cfg.sampler, cfg.steps)
         with atomic_dir(args.plots) as tmp:

@@ -1,4 +1,4 @@
-"""`mnist-ldm`: one subcommand per pipeline stage, plus `infer` (the seed's infer.py) and `promote` (the
+"""`mnist-ldm`: one subcommand per pipeline stage, plus `infer` (digits from trained checkpoints) and `promote` (the
 Model Registry's alias `champion`).
 
 Each subcommand is a module in `mnist_ldm.commands`. `mnist-ldm <name>`, `python stages/<name>.py` (what
@@ -7,8 +7,8 @@ dvc.yaml runs) and `torchrun stages/<name>.py` run it through one function,
 for the training stages, the same errors and the same process-group shutdown. Options go before or after
 the subcommand; only the chosen subcommand's module is imported (check-params never imports torch).
 Paths are required arguments (dvc.yaml holds them); params come from `--params` (default params.yaml),
-`--set section.key=value` and the seed's flags. Errors a user can fix are printed as one line,
-`error: ...`, with exit status 2.
+`--set section.key=value` and the per-command flags (`--epochs`, `--lr`, `--digit`, ...). Errors a user can
+fix are printed as one line, `error: ...`, with exit status 2.
 """
 
 from __future__ import annotations

@@ -101,10 +101,10 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class AutoencoderConfig(_Section):
-    """`autoencoder:`: the design's conv autoencoder (28→14→7→4 → latent_dim), or its MLP sibling, and how
+    """`autoencoder:`: the conv autoencoder (28→14→7→4 → latent_dim), or its MLP sibling, and how
     it is trained."""
 
-    kind: str = "conv"  # conv (the design's) | mlp (784 -> 512 -> 256 -> latent_dim) | none (pixel space)
+    kind: str = "conv"  # conv | mlp (784 -> 512 -> 256 -> latent_dim) | none (pixel space)
     latent_dim: int = 16
     epochs: int = 10
     batch_size: int = 128
@@ -128,7 +128,7 @@ class DiffusionConfig(_Section):
     """`diffusion:`: the latent DDPM, an MLP denoiser of FiLM residual blocks on a linear beta schedule, and
     its training. There is no latent_dim: the latent size is read from the autoencoder checkpoint."""
 
-    denoiser: str = "mlp"  # mlp (the seed's FiLM MLP) | unet (pixel space: needs autoencoder.kind none)
+    denoiser: str = "mlp"  # mlp (FiLM residual MLP) | unet (pixel space: needs autoencoder.kind none)
     hidden_dim: int = 256  # mlp only
     num_blocks: int = 4  # mlp only
     unet_channels: int = 16  # unet only: width of its 28x28 level (then 2x, 2x); 16 = about 150K parameters

@@ -1,4 +1,4 @@
-"""`mnist-ldm infer` (the seed's infer.py): digits from a trained pair of checkpoints, as a PNG grid or arrays.
+"""`mnist-ldm infer`: digits from a trained pair of checkpoints, as a PNG grid or arrays.
 
 Every default comes from params.yaml's `sample` section; each flag overrides one value there.
 """

@@ -210,8 +210,9 @@ def test_compare_view_shows_both_lr_values_and_the_fcd(logged, parents, page, sh
     metrics = body.split("Metrics\nShow diff only", 1)[1].split("Artifacts", 1)[0]
     assert "diffusion.lr" in params and all(lr in params.split() for lr in VARIANTS.values()), params
     assert FCD in metrics, metrics
-    for run in parents.values():
-        assert shown_number(run.data.metrics[FCD]) in metrics.split(), (shown_number(run.data.metrics[FCD]), metrics)
+    for parent in parents.values():
+        shown = shown_number(parent.data.metrics[FCD])
+        assert shown in metrics.split(), (shown, metrics)
     left = page.get_by_text("Comparing 2 Runs from 1 Experiment").bounding_box()["x"] - 16  # past the side bar
     bottom = page.get_by_text("Artifacts", exact=True).bounding_box()["y"] - 8  # the metrics table's end
     page.screenshot(path=shots / "mlflow_compare.png", clip={"x": left, "y": 0, "width": 1400 - left, "height": bottom})

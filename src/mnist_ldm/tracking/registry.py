@@ -90,7 +90,7 @@ def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float
     run.call("model metrics", client.log_batch, run_id,
              metrics=[Metric(k, v, ts, 0, model_id=model.model_id) for k, v in metrics.items()])
     run.call("model files", client.log_model_artifacts, model.model_id, str(model_dir))
-    run.call("model status", client.finalize_logged_model, model.model_id, "FAILED" if run.lost else "READY")
+    run.call("model status", client.finalize_logged_model, model.model_id, "READY")
     if run.lost or run.call("registered model", ensure_registered_model, client, name) is None:
         return None
     tags = version_tags((workdir or Path.cwd()).resolve(), run_id, metrics)

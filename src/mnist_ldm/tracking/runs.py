@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 from ..config import Params
 from ..hashing import json_digest
 from .identity import data_tags, git_tags, pipeline_key, read_yaml, section_params, stage_inputs
-from .stagerun import StageRun, is_number, same
+from .stagerun import StageRun, is_number, log_params, same
 from .store import TAG, TrackingError, connect, experiment_id, first_line, repo_root, tracking_uri
 
 # Sizes, not results (parameter counts, how many images a stage learnt from or scored): tags on the
@@ -40,8 +40,6 @@ def parent_run(client: Any, exp_id: str, key: str, params: Params, tags: dict[st
                under_dvc: bool) -> tuple[str, bool]:
     """The parent run of this pipeline state (found or created), and whether this stage sets its status:
     a stage that DVC runs does; a stage run by hand leaves a parent that finished alone."""
-    from mlflow.entities import Param
-
     found = find_run(client, exp_id, {TAG + "pipeline_key": key, TAG + "kind": "pipeline"})
     if found is not None:
         own = under_dvc or found.info.status != "FINISHED"
@@ -51,9 +49,7 @@ def parent_run(client: Any, exp_id: str, key: str, params: Params, tags: dict[st
     name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{key[:6]}"
     run_id = client.create_run(exp_id, run_name=name, tags={**tags, TAG + "pipeline_key": key,
                                                              TAG + "kind": "pipeline"}).info.run_id
-    items = [Param(k, str(v)) for k, v in params.flat().items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
+    log_params(client, run_id, params.flat())
     return run_id, True
 
 
@@ -81,18 +77,15 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
             client.set_tag(parent_id, k, v)
         existing = find_run(client, exp_id, {TAG + "stage": stage, TAG + "input_hash": input_hash})
         mode = "new" if existing is None else "linked" if existing.info.status == "FINISHED" else "continued"
+        run_id = existing.info.run_id if existing else client.create_run(exp_id, run_name=stage, tags={
+            **tags, "mlflow.parentRunId": parent_id, TAG + "stage": stage, TAG + "input_hash": input_hash,
+            TAG + "kind": "stage"}).info.run_id
         if mode == "linked":
-            run_id = existing.info.run_id
             client.set_tag(run_id, TAG + "last_relinked", time.strftime("%Y-%m-%dT%H:%M:%S"))
             client.set_tag(parent_id, f"{TAG}linked.{stage}", run_id)
         elif mode == "continued":
-            run_id = existing.info.run_id
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, "mlflow.parentRunId", parent_id)
-        else:
-            run_id = client.create_run(exp_id, run_name=stage, tags={
-                **tags, "mlflow.parentRunId": parent_id, TAG + "stage": stage, TAG + "input_hash": input_hash,
-                TAG + "kind": "stage"}).info.run_id
     except TrackingError:
         raise
     except Exception as e:

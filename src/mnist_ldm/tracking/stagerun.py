@@ -24,6 +24,15 @@ def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Log `params` (values as text) to run `run_id`, 100 a batch (MLflow's limit)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
 class StageRun:
     """Logging for one stage. Every call is safe: after the first failure it warns once and stops logging.
 
@@ -71,11 +80,7 @@ class StageRun:
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.logging:
-            from mlflow.entities import Param
-
-            items = [Param(k, str(v)) for k, v in params.items()]
-            for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
-                self.call("params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+            self.call("params", log_params, self.client, self.run_id, params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None,
                     run_id: Optional[str] = None) -> None:

@@ -201,9 +201,9 @@ def copy_trained(trained_repo: Path, dest: Path, params: dict | None = None) -> 
     them re-run)."""
     shutil.copytree(trained_repo, dest, symlinks=True)
     if (dest / "mlflow.db").exists():  # what the first stage run in the copy would do, done before tests read it
-        from mnist_ldm.tracking.store import _repoint
+        from mnist_ldm.tracking.store import repoint
 
-        _repoint(dest / "mlflow.db", (trained_repo / "mlartifacts").as_uri(), (dest / "mlartifacts").as_uri())
+        repoint(dest / "mlflow.db", (trained_repo / "mlartifacts").as_uri(), (dest / "mlartifacts").as_uri())
     if params:
         write_params(dest, params)
         run([str(BIN / "dvc"), "repro"], dest)

@@ -28,7 +28,7 @@ if CHROMIUM is None:
 
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
-from mnist_ldm.tracking.runs import SIZE_TAG, _is_size  # noqa: E402
+from mnist_ldm.tracking.runs import SIZE_TAG, is_size  # noqa: E402
 
 EXPERIMENT = "mnist-ldm"
 VARIANTS = {"lr-5e-4": "0.0005", "lr-1e-3": "0.001"}  # DVC experiment name -> diffusion.lr
@@ -154,7 +154,7 @@ def test_parent_runs_carry_params_and_results_not_sizes(logged, parents):
         data = parents[name].data
         assert data.params["diffusion.lr"] == lr and data.tags["mnist_ldm.dvc_exp_name"] == name
         assert FCD in data.metrics and "autoencoder.test_bce" in data.metrics and "eval.prdc.recall" in data.metrics
-        assert not [k for k in data.metrics if _is_size(k)], sorted(data.metrics)
+        assert not [k for k in data.metrics if is_size(k)], sorted(data.metrics)
         assert data.tags[SIZE_TAG + "autoencoder.params"] == "252817"
 
 
@@ -199,7 +199,7 @@ def test_compare_view_shows_both_lr_values_and_the_fcd(logged, parents, page, sh
 
     expect(page.get_by_text("Parallel Coordinates Plot")).to_be_visible()
     axis = page.inner_text("body").split("Metrics:", 1)[1].split("Clear All", 1)[0].strip()
-    assert axis and not _is_size(axis), f"the parallel-coordinates plot starts on a size: {axis}"
+    assert axis and not is_size(axis), f"the parallel-coordinates plot starts on a size: {axis}"
     plot_metric(page, FCD)  # the default is the first metric the first-ticked run received
 
     page.get_by_text("Run details", exact=True).click()  # collapsed: the params and metrics come up
@@ -210,8 +210,9 @@ def test_compare_view_shows_both_lr_values_and_the_fcd(logged, parents, page, sh
     metrics = body.split("Metrics\nShow diff only", 1)[1].split("Artifacts", 1)[0]
     assert "diffusion.lr" in params and all(lr in params.split() for lr in VARIANTS.values()), params
     assert FCD in metrics, metrics
-    for run in parents.values():
-        assert shown_number(run.data.metrics[FCD]) in metrics.split(), (shown_number(run.data.metrics[FCD]), metrics)
+    for parent in parents.values():
+        shown = shown_number(parent.data.metrics[FCD])
+        assert shown in metrics.split(), (shown, metrics)
     left = page.get_by_text("Comparing 2 Runs from 1 Experiment").bounding_box()["x"] - 16  # past the side bar
     bottom = page.get_by_text("Artifacts", exact=True).bounding_box()["y"] - 8  # the metrics table's end
     page.screenshot(path=shots / "mlflow_compare.png", clip={"x": left, "y": 0, "width": 1400 - left, "height": bottom})

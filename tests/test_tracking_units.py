@@ -17,8 +17,8 @@ from mnist_ldm.config import Params
 from mnist_ldm.errors import UserError
 from mnist_ldm.tracking import (StageRun, TrackingError, pipeline_key, repo_root, section_params, stage_inputs,
                                 stage_run, tracking_uri)
-from mnist_ldm.tracking.identity import _data_tags, _git_tags, _hash_path
-from mnist_ldm.tracking.store import ENV_DEFAULTS, KIND, KIND_TAG, _experiment_id
+from mnist_ldm.tracking.identity import data_tags, git_tags, path_hash
+from mnist_ldm.tracking.store import ENV_DEFAULTS, KIND, KIND_TAG, experiment_id
 
 PARAMS = Params()
 EXPERIMENT = PARAMS.tracking.experiment
@@ -104,11 +104,11 @@ def test_repo_root_maps_experiment_copies_back(tmp_path: Path, monkeypatch) -> N
 
 def test_new_experiment_is_model_development_with_repo_artifacts(repo: Path, capsys) -> None:
     client = client_of(repo)
-    exp_id = _experiment_id(client, "fresh", tracking_uri(repo), repo)
+    exp_id = experiment_id(client, "fresh", tracking_uri(repo), repo)
     exp = client.get_experiment(exp_id)
     assert exp.tags[KIND_TAG] == KIND == "custom_model_development"
     assert exp.artifact_location == (repo / "mlartifacts").as_uri()
-    assert _experiment_id(client, "fresh", tracking_uri(repo), repo) == exp_id
+    assert experiment_id(client, "fresh", tracking_uri(repo), repo) == exp_id
     assert capsys.readouterr().err == ""
 
 
@@ -118,7 +118,7 @@ def test_existing_experiment_gets_the_kind_it_lacks(repo: Path) -> None:
     bare = client.create_experiment("bare", artifact_location=location)
     chosen = client.create_experiment("chosen", artifact_location=location, tags={KIND_TAG: "genai_development"})
     for name in ("bare", "chosen"):
-        _experiment_id(client, name, tracking_uri(repo), repo)
+        experiment_id(client, name, tracking_uri(repo), repo)
     assert client.get_experiment(bare).tags[KIND_TAG] == KIND
     assert client.get_experiment(chosen).tags[KIND_TAG] == "genai_development"  # a user's choice stays
 
@@ -127,7 +127,7 @@ def test_deleted_experiment_is_a_one_line_user_error(repo: Path) -> None:
     client = client_of(repo)
     client.delete_experiment(client.create_experiment("gone"))
     with pytest.raises(TrackingError, match="restore it") as info:
-        _experiment_id(client, "gone", tracking_uri(repo), repo)
+        experiment_id(client, "gone", tracking_uri(repo), repo)
     assert isinstance(info.value, UserError) and "\n" not in str(info.value)
 
 
@@ -181,7 +181,7 @@ def test_a_store_named_by_the_user_is_never_rewritten(repo: Path, tmp_path: Path
     client.create_experiment(EXPERIMENT, artifact_location=elsewhere)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert tracking_uri(repo) == uri
-    _experiment_id(client, EXPERIMENT, uri, repo)
+    experiment_id(client, EXPERIMENT, uri, repo)
     assert client.get_experiment_by_name(EXPERIMENT).artifact_location == elsewhere
     [line] = capsys.readouterr().err.splitlines()
     assert str(tmp_path / "old" / "mlartifacts") in line and "outside this repository" in line
@@ -210,7 +210,7 @@ def test_stage_inputs_and_pipeline_key_follow_dep_files(tmp_path: Path) -> None:
     assert [d["path"] for d in inputs["deps"]] == ["src/pkg", "data/raw"]
     assert inputs["deps"][0]["md5"].endswith(".dir")
     assert stage_inputs(tmp_path, "nope") == {}
-    assert _hash_path(tmp_path / "absent") == "missing"
+    assert path_hash(tmp_path / "absent") == "missing"
     key = pipeline_key(tmp_path, PARAMS)
     assert len(key) == 20 and pipeline_key(tmp_path, PARAMS) == key
 
@@ -232,23 +232,23 @@ def test_stage_inputs_and_pipeline_key_follow_dep_files(tmp_path: Path) -> None:
 def test_section_params_and_tags(tmp_path: Path, monkeypatch) -> None:
     assert section_params(PARAMS, "tracking") == {"tracking.enabled": True, "tracking.experiment": EXPERIMENT,
                                                   "tracking.registered_model": PARAMS.tracking.registered_model}
-    assert _data_tags(None) == {}
-    assert _data_tags({"source": "bundled", "content_hash": "abc"}) == {
+    assert data_tags(None) == {}
+    assert data_tags({"source": "bundled", "content_hash": "abc"}) == {
         "mnist_ldm.data_source": "bundled", "mnist_ldm.data_hash": "abc"}
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "f" * 40)
     monkeypatch.setenv("DVC_EXP_NAME", "lucky-exp")
-    tags = _git_tags(tmp_path)
+    tags = git_tags(tmp_path)
     assert tags["mlflow.source.git.commit"] == tags["mnist_ldm.git_commit"] == "f" * 40
     assert tags["mnist_ldm.dvc_exp_name"] == "lucky-exp"
 
 
-# --------------------------------------------------------------------------- runs.py
+# --------------------------------------------------------------------------- stagerun.py, runs.py
 
 @pytest.fixture
 def stage(repo: Path) -> StageRun:
     """A StageRun on a bare run of the repository's store."""
     client = client_of(repo)
-    exp_id = _experiment_id(client, EXPERIMENT, tracking_uri(repo), repo)
+    exp_id = experiment_id(client, EXPERIMENT, tracking_uri(repo), repo)
     return StageRun(client, client.create_run(exp_id).info.run_id, stage="unit", uri=tracking_uri(repo))
 
 

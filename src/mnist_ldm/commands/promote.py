@@ -28,21 +28,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _describe(version: Optional[Any], metric: str) -> str:
     if version is None:
         return "none"
-    value = registry._metric_of(version, metric)
+    value = registry.metric_of(version, metric)
     return f"version {version.version}" + (f" ({metric} {value:.4f})" if value is not None else "")
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    from mlflow import MlflowClient
-
-    from ..tracking.store import _check_server, _quiet_mlflow
+    from ..tracking.store import connect
 
     uri = tracking.tracking_uri(tracking.repo_root())
-    _check_server(uri)
-    _quiet_mlflow()
     name = params.tracking.registered_model
-    chosen, previous, moved = registry.promote(MlflowClient(tracking_uri=uri), name,
-                                               args.metric, args.version)
+    chosen, previous, moved = registry.promote(connect(uri), name, args.metric, args.version)
     how = (f"--version {args.version}" if args.version else
            f"{'highest' if registry.higher_is_better(args.metric) else 'lowest'} {args.metric}")
     if moved:

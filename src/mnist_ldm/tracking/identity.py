@@ -1,4 +1,4 @@
-"""What identifies a run: hashes of a stage's inputs and of the whole pipeline, its params, git and data tags."""
+"""What identifies a run: a stage's inputs, the key of the pipeline state, the params, git and data tags."""
 
 from __future__ import annotations
 
@@ -11,52 +11,47 @@ from typing import Any, Optional
 import yaml
 
 from ..config import Params
-from .store import TAG, _git
+from ..hashing import file_md5, json_digest
+from .store import TAG, git
 
 
-def _hash_path(path: Path) -> str:
-    """md5 of a file; of a directory, md5 of its listing with each file's md5 (`__pycache__` left out)."""
+def path_hash(path: Path) -> str:
+    """md5 of a file; of a folder, md5 of its listing with each file's md5 (`__pycache__` left out); else "missing"."""
     if path.is_file():
-        h = hashlib.md5()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return file_md5(path)
     if path.is_dir():
-        listing = [(str(p.relative_to(path)), _hash_path(p)) for p in sorted(path.rglob("*"))
+        listing = [(str(p.relative_to(path)), file_md5(p)) for p in sorted(path.rglob("*"))
                    if p.is_file() and "__pycache__" not in p.parts]
         return hashlib.md5(json.dumps(listing).encode()).hexdigest() + ".dir"
     return "missing"
 
 
-def _param_value(raw: dict, dotted: str) -> Any:
-    node: Any = raw
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def _load_dvc_yaml(root: Path) -> dict:
+def read_yaml(path: Path) -> dict:
+    """A YAML file's mapping (dvc.yaml, params.yaml); {} if it is missing or holds no mapping."""
     try:
-        data = yaml.safe_load((root / "dvc.yaml").read_text())
+        data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
+def lookup(tree: Any, dotted: str) -> Any:
+    """`tree["a"]["b"]` for "a.b"; None where a part is missing."""
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def stage_inputs(workdir: Path, stage: str) -> dict:
-    """The deps (with hashes) and params of `stage`, as dvc.lock records them."""
-    pipeline = _load_dvc_yaml(workdir).get("stages", {})
-    if stage not in pipeline:
+    """The command, deps (with their `path_hash`) and params of `stage` in dvc.yaml, in the form dvc.lock records
+    them; {} for a stage dvc.yaml does not list. (A running stage's dvc.lock entry is its previous run's.)"""
+    spec = read_yaml(workdir / "dvc.yaml").get("stages", {}).get(stage)
+    if spec is None:
         return {}
-    spec = pipeline[stage]
-    raw_params = yaml.safe_load((workdir / "params.yaml").read_text()) if (workdir / "params.yaml").is_file() else {}
+    raw = read_yaml(workdir / "params.yaml")
     keys = [k for item in spec.get("params", []) for k in ([item] if isinstance(item, str) else list(item))]
-    return {
-        "cmd": spec.get("cmd"),
-        "deps": [{"path": d, "md5": _hash_path(workdir / d)} for d in spec.get("deps", [])],
-        "params": {"params.yaml": {k: _param_value(raw_params, k) for k in keys}},
-    }
+    return {"cmd": spec.get("cmd"), "deps": [{"path": d, "md5": path_hash(workdir / d)} for d in spec.get("deps", [])],
+            "params": {"params.yaml": {k: lookup(raw, k) for k in keys}}}
 
 
 def pipeline_key(workdir: Path, params: Params) -> str:
@@ -65,20 +60,12 @@ def pipeline_key(workdir: Path, params: Params) -> str:
     A dep inside a stage's output folder (`data/prepared/meta.json` in `data/prepared`) is produced too:
     `prepare` would otherwise hash it as missing and the later stages as present, two pipeline states.
     """
-    stages = _load_dvc_yaml(workdir).get("stages", {})
+    stages = read_yaml(workdir / "dvc.yaml").get("stages", {})
     outs = {str(o if isinstance(o, str) else next(iter(o))).rstrip("/") for s in stages.values()
             for kind in ("outs", "metrics", "plots") for o in s.get(kind, [])}
-
-    def produced(dep: str) -> bool:
-        return any(dep == o or dep.startswith(o + "/") for o in outs)
-
-    sources = sorted({d for s in stages.values() for d in s.get("deps", []) if not produced(d)})
-    payload = {"params": params.flat(), "sources": {d: _hash_path(workdir / d) for d in sources}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    sources = sorted({d for s in stages.values() for d in s.get("deps", [])
+                      if not any(d == o or d.startswith(o + "/") for o in outs)})
+    return json_digest({"params": params.flat(), "sources": {d: path_hash(workdir / d) for d in sources}}, 20)
 
 
 def section_params(params: Params, section: str) -> dict[str, Any]:
@@ -86,14 +73,13 @@ def section_params(params: Params, section: str) -> dict[str, Any]:
     return {k: v for k, v in params.flat().items() if k.startswith(section + ".")}
 
 
-def _git_tags(workdir: Path) -> dict[str, str]:
+def git_tags(workdir: Path) -> dict[str, str]:
     """The commit (the experiment's baseline under `dvc exp run`), whether the tree is dirty, the DVC experiment."""
     tags = {}
-    commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git(["rev-parse", "HEAD"], workdir)
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or git(["rev-parse", "HEAD"], workdir)
     if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags[TAG + "git_commit"] = commit
-        dirty = _git(["status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"], workdir)
+        tags["mlflow.source.git.commit"] = tags[TAG + "git_commit"] = commit
+        dirty = git(["status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"], workdir)
         tags[TAG + "git_dirty"] = str(bool(dirty)).lower()
     for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         if os.environ.get(var):
@@ -101,7 +87,6 @@ def _git_tags(workdir: Path) -> dict[str, str]:
     return tags
 
 
-def _data_tags(meta: Optional[dict]) -> dict[str, str]:
-    if not meta:
-        return {}
-    return {TAG + "data_source": str(meta.get("source")), TAG + "data_hash": str(meta.get("content_hash"))}
+def data_tags(meta: Optional[dict]) -> dict[str, str]:
+    """The data's source and content hash, from `prepare`'s meta.json."""
+    return {TAG + "data_source": str(meta.get("source")), TAG + "data_hash": str(meta.get("content_hash"))} if meta else {}

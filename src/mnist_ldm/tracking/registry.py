@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .identity import _git_tags
-from .logger import StageRun
-from .store import TAG, TrackingError, _first_line
+from .identity import git_tags, lookup
+from .stagerun import StageRun, is_number
+from .store import TAG, TrackingError, first_line
 
 CHAMPION = "champion"
 ARTIFACT_NAME = "generator"
+DESCRIPTION = ("MNIST latent-diffusion generator (mnist-ldm): pyfunc model, input n/digit/sampler/steps/eta/guidance/"
+               "seed, output one row per image")
 # eval.json keys (dotted) put on each version as tags and on the logged model as metrics
 HEADLINE = ("fcd.generated", "fcd.train_vs_test", "fcd.single_gaussian", "fcd_ratio_to_single_gaussian",
             "prdc.precision", "prdc.recall", "prdc.density", "prdc.coverage", "class_balance.tv_to_uniform",
@@ -30,18 +32,12 @@ HIGHER_IS_BETTER = ("prdc.", "class_balance.classes_present", "evaluator_test_ac
 
 def headline(result: dict) -> dict[str, float]:
     """The finite numbers of `HEADLINE` found in an eval.json dict."""
-    out = {}
-    for key in HEADLINE:
-        node: Any = result
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node):
-            out[key] = float(node)
-    return out
+    found = {key: lookup(result, key) for key in HEADLINE}
+    return {k: float(v) for k, v in found.items() if is_number(v) and math.isfinite(v)}
 
 
 def version_tags(workdir: Path, run_id: Optional[str], metrics: dict[str, float]) -> dict[str, str]:
-    git = _git_tags(workdir)
+    git = git_tags(workdir)
     tags = {"dvc_experiment": os.environ.get("DVC_EXP_NAME") or "workspace",
             "git_commit": git.get(TAG + "git_commit", "unknown"), "git_dirty": git.get(TAG + "git_dirty", "unknown")}
     if os.environ.get("DVC_EXP_BASELINE_REV"):
@@ -51,11 +47,17 @@ def version_tags(workdir: Path, run_id: Optional[str], metrics: dict[str, float]
     return {**tags, **{k: repr(v) for k, v in metrics.items()}}
 
 
-def _versions_of_run(client: Any, name: str, run_id: str) -> list[Any]:
+def ensure_registered_model(client: Any, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
     try:
-        return list(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
-    except Exception:  # no such registered model yet
-        return []
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description=DESCRIPTION)
+        except MlflowException:  # created meanwhile by another process
+            client.get_registered_model(name)
+    return True
 
 
 def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float],
@@ -67,7 +69,10 @@ def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float
     if client is None or run_id is None:
         return None
     if not run.active:
-        done = _versions_of_run(client, name, run_id)
+        try:
+            done = list(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
+        except Exception:  # no such registered model yet
+            done = []
         if done:
             print(f"mlflow: {run.stage}: run {run_id} is registered already as version {done[0].version} of "
                   f"'{name}'; no new version", file=sys.stderr)
@@ -75,28 +80,24 @@ def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float
     from mlflow.entities import LoggedModelOutput, Metric
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log
-
-    info = run._call("run", client.get_run, run_id)
-    model = info and run._call("logged model", client.create_logged_model, info.info.experiment_id,
-                               name=ARTIFACT_NAME, source_run_id=run_id, tags={TAG + "stage": run.stage})
+    info = run.call("run", client.get_run, run_id)
+    model = info and run.call("logged model", client.create_logged_model, info.info.experiment_id,
+                              name=ARTIFACT_NAME, source_run_id=run_id, tags={TAG + "stage": run.stage})
     if model is None:
         return None
-    run._call("run outputs", client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step=0)])
+    run.call("run outputs", client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step=0)])
     ts = int(time.time() * 1000)
-    run._call("model metrics", client.log_batch, run_id,
-              metrics=[Metric(k, v, ts, 0, model_id=model.model_id) for k, v in metrics.items()])
-    run._call("model files", client.log_model_artifacts, model.model_id, str(model_dir))
-    if run.lost:
-        run._call("model status", client.finalize_logged_model, model.model_id, "FAILED")
-        return None
-    run._call("model status", client.finalize_logged_model, model.model_id, "READY")
-    if run._call("registered model", _ensure_registered_model, client, name) is None:
+    run.call("model metrics", client.log_batch, run_id,
+             metrics=[Metric(k, v, ts, 0, model_id=model.model_id) for k, v in metrics.items()])
+    run.call("model files", client.log_model_artifacts, model.model_id, str(model_dir))
+    run.call("model status", client.finalize_logged_model, model.model_id, "READY")
+    if run.lost or run.call("registered model", ensure_registered_model, client, name) is None:
         return None
     tags = version_tags((workdir or Path.cwd()).resolve(), run_id, metrics)
     # the source is the logged model's own location: a `models:/<model_id>` source would make MLflow look the
     # model up in the process-wide default store, not in this client's
-    mv = run._call("model version", client.create_model_version, name, model.artifact_location, run_id=run_id,
-                   tags=tags, model_id=model.model_id)
+    mv = run.call("model version", client.create_model_version, name, model.artifact_location, run_id=run_id,
+                  tags=tags, model_id=model.model_id)
     if mv is None:
         return None
     fcd = f", fcd.generated {metrics['fcd.generated']:.4f}" if "fcd.generated" in metrics else ""
@@ -105,24 +106,8 @@ def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float
     return str(mv.version)
 
 
-def _ensure_registered_model(client: Any, name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        try:
-            client.create_registered_model(name, description="MNIST latent-diffusion generator (mnist-ldm): "
-                                                             "pyfunc model, input n/digit/sampler/steps/eta/"
-                                                             "guidance/seed, output one row per image")
-        except MlflowException:  # created meanwhile by another process
-            client.get_registered_model(name)
-    return True
-
-
-# --------------------------------------------------------------------------- promote
-
-def _metric_of(version: Any, metric: str) -> Optional[float]:
+def metric_of(version: Any, metric: str) -> Optional[float]:
+    """A version's tag `metric` as a finite number, else None."""
     try:
         value = float(version.tags.get(metric, "nan"))
     except (TypeError, ValueError):
@@ -144,7 +129,7 @@ def promote(client: Any, name: str, metric: str = "fcd.generated",
     try:
         versions = list(client.search_model_versions(f"name = '{name}'", max_results=10000))
     except MlflowException as e:
-        raise TrackingError(f"model registry: cannot list versions of '{name}' ({_first_line(e)})") from None
+        raise TrackingError(f"model registry: cannot list versions of '{name}' ({first_line(e)})") from None
     if not versions:
         raise TrackingError(f"model registry: no registered model '{name}' has versions yet; run the pipeline "
                             f"with tracking.enabled=true (dvc repro) first")
@@ -154,15 +139,14 @@ def promote(client: Any, name: str, metric: str = "fcd.generated",
             have = ", ".join(sorted((str(v.version) for v in versions), key=int))
             raise TrackingError(f"--version {version}: '{name}' has no such version; it has {have}")
     else:
-        scored = [(m, v) for v in versions if (m := _metric_of(v, metric)) is not None]
+        scored = [(m, v) for v in versions if (m := metric_of(v, metric)) is not None]
         if not scored:
             latest = max(versions, key=lambda v: int(v.version))
-            numeric = sorted(k for k in latest.tags if _metric_of(latest, k) is not None)
+            numeric = sorted(k for k in latest.tags if metric_of(latest, k) is not None)
             raise TrackingError(f"--metric {metric}: no version of '{name}' has a number under this tag; "
                                 f"version {latest.version} has {', '.join(numeric) or 'none'}")
         sign = -1 if higher_is_better(metric) else 1
-        # best value first; among equal values the newest version
-        chosen = min(scored, key=lambda mv: (sign * mv[0], -int(mv[1].version)))[1]
+        chosen = min(scored, key=lambda mv: (sign * mv[0], -int(mv[1].version)))[1]  # best first; then the newest
     try:
         previous = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:

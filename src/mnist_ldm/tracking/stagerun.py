@@ -8,19 +8,29 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
-from .identity import _data_tags
-from .store import TAG, _first_line, _warn
+from .identity import data_tags
+from .store import TAG, first_line, warn
 
 if TYPE_CHECKING:
     import numpy as np
 
 
-def _same(a: float, b: float) -> bool:
+def same(a: float, b: float) -> bool:
+    """Equal, or both NaN."""
     return float(a) == float(b) or (math.isnan(float(a)) and math.isnan(float(b)))
 
 
-def _number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Log `params` (values as text) to run `run_id`, 100 a batch (MLflow's limit)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
 
 
 class StageRun:
@@ -37,46 +47,40 @@ class StageRun:
         self.active = active and client is not None and run_id is not None
         self.lost: Optional[str] = None
         self.headline_metrics: dict[str, float] = {}
-        self._last: dict[str, tuple[int, float]] = {}  # key -> (step, value) last logged to this run
-        self._not_finite: set[str] = set()  # keys already warned about
+        self.last: dict[str, tuple[int, float]] = {}  # key -> (step, value) last logged to this run
+        self.not_finite: set[str] = set()  # keys already warned about
 
     @property
     def logging(self) -> bool:
         """Whether child-run logging still happens (callers skip work, such as preview images, if not)."""
         return self.active and not self.lost
 
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)`, or None once the store failed (the first failure warns, naming `what`)."""
         if self.client is None or self.lost:
             return None
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # any transport or server error: keep training, report once
             self.lost = what
-            _warn(f"warning: mlflow: {self.stage}: logging to {self.uri} failed at {what} ({_first_line(e, 120)}); "
-                  f"the stage goes on and writes its outputs, the rest of its MLflow logging is skipped")
+            warn(f"warning: mlflow: {self.stage}: logging to {self.uri} failed at {what} ({first_line(e, 120)}); "
+                 f"the stage goes on and writes its outputs, the rest of its MLflow logging is skipped")
             return None
 
-    def _finite(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+    def finite(self, metrics: Mapping[str, Any]) -> dict[str, float]:
         """The numeric entries that MLflow may get; a NaN or infinite value is dropped, with one warning per key."""
         out = {}
-        for k, v in metrics.items():
-            if not _number(v):
-                continue
+        for k, v in ((k, v) for k, v in metrics.items() if is_number(v)):
             if math.isfinite(v):
                 out[k] = v
-            elif k not in self._not_finite:
-                self._not_finite.add(k)
-                _warn(f"warning: mlflow: {self.stage}: metric {k} is {v}; not logged")
+            elif k not in self.not_finite:
+                self.not_finite.add(k)
+                warn(f"warning: mlflow: {self.stage}: metric {k} is {v}; not logged")
         return out
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if not self.logging:
-            return
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self._call("params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+        if self.logging:
+            self.call("params", log_params, self.client, self.run_id, params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None,
                     run_id: Optional[str] = None) -> None:
@@ -86,41 +90,27 @@ class StageRun:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in self._finite(metrics).items()]
+        items = [Metric(k, float(v), ts, step or 0) for k, v in self.finite(metrics).items()]
         if run_id is None or run_id == self.run_id:
-            self._last.update({m.key: (m.step, m.value) for m in items})
+            self.last.update({m.key: (m.step, m.value) for m in items})
         for i in range(0, len(items), 500):
-            self._call("metrics", self.client.log_batch, run_id or self.run_id, metrics=items[i:i + 500])
+            self.call("metrics", self.client.log_batch, run_id or self.run_id, metrics=items[i:i + 500])
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float],
                   images: Optional[Mapping[str, np.ndarray]] = None) -> None:
         """One epoch's numbers at step `epoch`, and its pictures (uint8 HxW or HxWxC); the training loops' callback."""
-        if not self.logging:
-            return
-        self.log_metrics(metrics, step=epoch)
-        for key, image in (images or {}).items():
-            self.log_image(key, image, step=epoch)
+        if self.logging:
+            self.log_metrics(metrics, step=epoch)
+            for key, image in (images or {}).items():
+                self.log_image(key, image, step=epoch)
 
     def log_image(self, key: str, image: Any, step: int) -> None:
         if self.logging:
-            self._call(f"image {key}", self.client.log_image, self.run_id, image, key=key, step=step)
+            self.call(f"image {key}", self.client.log_image, self.run_id, image, key=key, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         if self.logging and Path(path).exists():
-            self._call(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path), artifact_path)
-
-    def log_figure(self, fig: Any, name: str) -> None:
-        if self.logging:
-            self._call(f"figure {name}", self.client.log_figure, self.run_id, fig, name)
-
-    def log_dict(self, obj: dict, name: str) -> None:
-        if self.logging:
-            self._call(f"file {name}", self.client.log_dict, self.run_id, obj, name)
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        if self.logging:
-            for k, v in tags.items():
-                self._call(f"tag {k}", self.client.set_tag, self.run_id, k, str(v))
+            self.call(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_dataset(self, meta: dict, name: str, context: str, path: Optional[str | Path] = None) -> None:
         """The data as an MLflow dataset input; its digest is the content hash of `meta.json` (MLflow keeps 36 chars)."""
@@ -134,28 +124,22 @@ class StageRun:
         ds = Dataset(name=name, digest=content_hash[:36], source_type="local", source=json.dumps(source),
                      profile=json.dumps({"counts": meta.get("counts", {})}))
         tags = [InputTag(key="mlflow.data.context", value=context), InputTag(key=TAG + "content_hash", value=content_hash)]
-        self._call("dataset input", self.client.log_inputs, self.run_id, datasets=[DatasetInput(ds, tags)])
+        self.call("dataset input", self.client.log_inputs, self.run_id, datasets=[DatasetInput(ds, tags)])
 
     def log_prepared(self, meta: dict, out_dir: Path) -> None:
         """What `prepare` made: data tags (also on the parent), the dataset, its counts and meta.json."""
-        tags = _data_tags(meta)
-        self.set_tags(tags)
-        if self.parent_id and self.client is not None:
-            for k, v in tags.items():
-                self._call(f"tag {k}", self.client.set_tag, self.parent_id, k, v)
+        for k, v in data_tags(meta).items():
+            for run_id in ([self.run_id] if self.logging else []) + ([self.parent_id] if self.parent_id else []):
+                self.call(f"tag {k}", self.client.set_tag, run_id, k, v)
         self.log_dataset(meta, "mnist-prepared", "prepared", out_dir)
-        counts = meta.get("counts", {})
-        self.headline({f"{split}_images": n for split, n in counts.items()})
+        self.headline({f"{split}_images": n for split, n in meta.get("counts", {}).items()})
         self.log_artifact(Path(out_dir) / "meta.json")
 
     def headline(self, metrics: Mapping[str, float]) -> None:
         """The stage's final figures, at the last step logged (values already logged there are not repeated).
         The parent gets them through the metrics files dvc.yaml lists; a stage run outside such a
         pipeline puts them on the parent prefixed by its name."""
-        self.headline_metrics = self._finite(metrics)
-        step = max((s for s, _ in self._last.values()), default=0)
+        self.headline_metrics = self.finite(metrics)
+        step = max((s for s, _ in self.last.values()), default=0)
         self.log_metrics({k: v for k, v in self.headline_metrics.items()
-                          if not (k in self._last and self._last[k][0] == step and _same(self._last[k][1], v))}, step)
-
-
-# --------------------------------------------------------------------------- interruption
+                          if not (k in self.last and self.last[k][0] == step and same(self.last[k][1], v))}, step)

@@ -1,4 +1,5 @@
-"""The project's one way to hash things: files (md5, as DVC records them), JSON-able values and arrays (sha256)."""
+"""The project's one way to hash things: files and folders (md5, as DVC records them), JSON-able values and arrays
+(sha256)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ def file_md5(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def path_hash(path: Path) -> str:
+    """md5 of a file; of a folder, md5 of its listing with each file's md5 (`__pycache__` left out); else "missing"."""
+    if path.is_file():
+        return file_md5(path)
+    if path.is_dir():
+        listing = [(str(p.relative_to(path)), file_md5(p)) for p in sorted(path.rglob("*"))
+                   if p.is_file() and "__pycache__" not in p.parts]
+        return hashlib.md5(json.dumps(listing).encode()).hexdigest() + ".dir"
+    return "missing"
 
 
 def json_digest(obj: Any, length: Optional[int] = None) -> str:

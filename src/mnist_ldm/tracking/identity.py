@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -11,19 +9,9 @@ from typing import Any, Optional
 import yaml
 
 from ..config import Params
-from ..hashing import file_md5, json_digest
+from ..hashing import json_digest, path_hash
+from ..params_file import dotted_value
 from .store import TAG, git
-
-
-def path_hash(path: Path) -> str:
-    """md5 of a file; of a folder, md5 of its listing with each file's md5 (`__pycache__` left out); else "missing"."""
-    if path.is_file():
-        return file_md5(path)
-    if path.is_dir():
-        listing = [(str(p.relative_to(path)), file_md5(p)) for p in sorted(path.rglob("*"))
-                   if p.is_file() and "__pycache__" not in p.parts]
-        return hashlib.md5(json.dumps(listing).encode()).hexdigest() + ".dir"
-    return "missing"
 
 
 def read_yaml(path: Path) -> dict:
@@ -35,13 +23,6 @@ def read_yaml(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def lookup(tree: Any, dotted: str) -> Any:
-    """`tree["a"]["b"]` for "a.b"; None where a part is missing."""
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
 def stage_inputs(workdir: Path, stage: str) -> dict:
     """The command, deps (with their `path_hash`) and params of `stage` in dvc.yaml, in the form dvc.lock records
     them; {} for a stage dvc.yaml does not list. (A running stage's dvc.lock entry is its previous run's.)"""
@@ -51,7 +32,7 @@ def stage_inputs(workdir: Path, stage: str) -> dict:
     raw = read_yaml(workdir / "params.yaml")
     keys = [k for item in spec.get("params", []) for k in ([item] if isinstance(item, str) else list(item))]
     return {"cmd": spec.get("cmd"), "deps": [{"path": d, "md5": path_hash(workdir / d)} for d in spec.get("deps", [])],
-            "params": {"params.yaml": {k: lookup(raw, k) for k in keys}}}
+            "params": {"params.yaml": {k: dotted_value(raw, k) for k in keys}}}
 
 
 def pipeline_key(workdir: Path, params: Params) -> str:

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .identity import git_tags, lookup
+from ..params_file import dotted_value
+from .identity import git_tags
 from .stagerun import StageRun, is_number
 from .store import TAG, TrackingError, first_line
 
@@ -32,7 +33,7 @@ HIGHER_IS_BETTER = ("prdc.", "class_balance.classes_present", "evaluator_test_ac
 
 def headline(result: dict) -> dict[str, float]:
     """The finite numbers of `HEADLINE` found in an eval.json dict."""
-    found = {key: lookup(result, key) for key in HEADLINE}
+    found = {key: dotted_value(result, key) for key in HEADLINE}
     return {k: float(v) for k, v in found.items() if is_number(v) and math.isfinite(v)}
 
 

@@ -13,6 +13,7 @@ import argparse
 
 from ..atomic import write_json
 from ..config import Params
+from ..outputs import check_paths
 from .common import add_paths, check_writable, run_stage
 
 HELP = "check every param in the params file (the pipeline's first stage)"
@@ -23,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
-    check_writable(files=[args.out])
+    check_paths("check_params", args, files=["out"], writable=check_writable)
     write_json(args.out, {"params_file": str(args.params), "valid": True})  # constant while params are valid
     print(f"check_params: every param in {args.params} is valid")
 

@@ -15,6 +15,7 @@ from ..config import Params
 from ..params_file import apply_overrides, load_params
 from ..errors import UserError
 from ..hashing import arrays_digest
+from ..outputs import interrupted_line, terminate_as_interrupt
 
 if TYPE_CHECKING:
     from ..device import Runtime
@@ -163,9 +164,10 @@ def os_error_line(e: OSError, fallback: Optional[Path] = None) -> str:
 
 
 def guarded(fn: Callable[[], object]) -> int:
-    """Run a command: user and OS errors become one `error:` line and exit 2; Ctrl-C exits 130."""
+    """Run a command: user and OS errors become one `error:` line and exit 2; Ctrl-C (or SIGTERM) exits 130."""
     try:
-        fn()
+        with terminate_as_interrupt():
+            fn()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -177,7 +179,7 @@ def guarded(fn: Callable[[], object]) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted_line(), file=sys.stderr)
         return 130
     return 0
 

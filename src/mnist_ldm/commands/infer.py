@@ -12,6 +12,7 @@ from pathlib import Path
 from ..atomic import write_npz
 from ..config import SAMPLERS, Params, override
 from ..errors import UserError
+from ..outputs import check_paths, check_sampling_memory
 from .common import add_paths, check_writable, digit, finite_float, positive_int, run_stage, runtime_for, seed
 
 HELP = "generate digits from a trained pair of checkpoints"
@@ -44,12 +45,14 @@ def run(params: Params, args: argparse.Namespace) -> Path:
     if suffix not in (".png", ".npz"):
         raise UserError(f"--output {args.output}: unsupported file type '{args.output.suffix}'; "
                         f"use .png (a grid) or .npz (arrays)")
-    check_writable(files=[args.output])
+    check_paths("infer", args, {"ckpt": "a file", "ae_ckpt": "a file"}, ["output"], writable=check_writable)
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema).to(runtime_for(args))
     try:  # steps beyond T, a digit for an unconditional model: say which checkpoint cannot do it
         pipe.check_request(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, cfg.digit)
     except UserError as e:
         raise UserError(f"{args.ckpt}: {e}") from None
+    asked = f"--num-images {n}" if args.num_images else f"sample.{'num_images' if cfg.num_images else 'grid_size'}={n}"
+    check_sampling_memory(asked, n, cfg.batch_size, pipe.latent_dim)
     out = pipe.sample(n, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance, digit=cfg.digit,
                       seed=cfg.seed, batch_size=cfg.batch_size)
     if suffix == ".npz":

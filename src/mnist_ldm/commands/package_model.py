@@ -25,6 +25,7 @@ from ..tracking import registry
 from ..atomic import atomic_dir
 from ..config import Params
 from ..errors import UserError
+from ..outputs import check_paths
 from .common import add_paths, check_writable, run_stage
 
 HELP = "package the checkpoints as an MLflow model (models/generator) and register a version"
@@ -93,7 +94,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log
     cfg = params.sample
-    check_writable(folders=[args.out])
+    check_paths("package_model", args, {"ckpt": "a file", "ae_ckpt": "a file", "eval": "a file"}, folders=["out"],
+                writable=check_writable)
     metrics = _eval_metrics(args.eval)
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema)
     try:  # the packaged defaults must be a valid request for this model

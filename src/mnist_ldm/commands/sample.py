@@ -11,6 +11,7 @@ import time
 from ..atomic import atomic_dir, write_npz
 from ..config import Params
 from ..errors import UserError
+from ..outputs import check_paths, check_sampling_memory
 from .common import add_paths, check_writable, publish, run_stage, runtime_for
 
 HELP = "the pipeline's sampling stage"
@@ -31,7 +32,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from ..pipeline import LatentDiffusionPipeline
 
     cfg = params.sample
-    check_writable(files=[args.out, args.metrics], folders=[args.plots])
+    check_paths("sample", args, {"ckpt": "a file", "ae_ckpt": "a file", "latents": "a folder"}, ["out", "metrics"],
+                ["plots"], writable=check_writable)
     check_producer(args.latents, args.ae_ckpt)
     z_test, _ = load_latents(args.latents, "test")  # the reference set's size, and digits to interpolate
     if cfg.num_images == 0:  # as many as the test set, the reference that `evaluate` compares with
@@ -41,6 +43,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         pipe.check_request(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance, cfg.digit)
     except UserError as e:
         raise UserError(f"{args.ckpt}: {e}") from None
+    check_sampling_memory(f"sample.num_images={cfg.num_images}", cfg.num_images, cfg.batch_size, pipe.latent_dim)
     with tracking.stage_run("sample", params, tracking.section_params(dataclasses.replace(params, sample=cfg),
                                                                       "sample")) as run:
         t0 = time.perf_counter()

@@ -8,6 +8,7 @@ import dataclasses
 from ..atomic import atomic_dir
 from ..config import Params, override
 from ..data import load_meta, load_split
+from ..outputs import check_paths
 from .common import (add_paths, check_writable, positive_float, positive_int, publish, run_stage, runtime_for,
                      writes_outputs)
 
@@ -36,7 +37,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     cfg = override(params.autoencoder, "autoencoder", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    latent_dim=args.latent_dim, generate_images=args.generate_images)
     params = dataclasses.replace(params, autoencoder=cfg)
-    check_writable(files=[args.out, args.metrics], folders=[args.plots])
+    check_paths("train_ae", args, {"data": "a folder"}, ["out", "metrics"], ["plots"], writable=check_writable)
     rt = runtime_for(args)
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))

@@ -9,6 +9,7 @@ from ..atomic import atomic_dir
 from ..config import Params, override
 from ..data import load_meta
 from ..errors import UserError
+from ..outputs import check_paths
 from .common import (add_paths, check_writable, digit, positive_float, positive_int, publish, run_stage, runtime_for,
                      writes_outputs)
 
@@ -51,7 +52,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                    T=args.T, only_digit=args.only_digit, hidden_dim=args.hidden_dim, conditional=args.conditional,
                    generate_images=args.generate_images)
     params = dataclasses.replace(params, diffusion=cfg)
-    check_writable(files=[args.out, args.metrics], folders=[args.plots])
+    check_paths("train_diffusion", args, {"ae_ckpt": "a file", "latents": "a folder", "data": "a folder"},
+                ["out", "metrics"], ["plots"], writable=check_writable)
     rt = runtime_for(args)
     ae, _ = load_autoencoder(args.ae_ckpt)
     if args.latent_dim is not None and args.latent_dim != ae.spec.latent_dim:

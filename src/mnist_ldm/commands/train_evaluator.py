@@ -7,6 +7,7 @@ import dataclasses
 
 from ..config import Params
 from ..data import load_meta, load_split
+from ..outputs import check_paths
 from .common import add_paths, check_writable, publish, run_stage, runtime_for, weights_digest, writes_outputs
 
 HELP = "train the CNN that scores samples"
@@ -25,7 +26,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from ..training.loop import count_parameters, resume_path_for
 
     cfg = params.evaluator
-    check_writable(files=[args.out, args.metrics])
+    check_paths("train_evaluator", args, {"data": "a folder"}, ["out", "metrics"], writable=check_writable)
     rt = runtime_for(args)
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))

@@ -871,3 +871,24 @@ def test_interrupted_dvc_stage_says_how_to_bring_back_its_outputs(trained_repo: 
     subprocess.run(["git", "checkout", "params.yaml"], cwd=repo, check=True)
     run([str(BIN / "dvc"), "checkout", "sample"], repo)
     assert {rel: md5(repo / rel) for rel in outs} == before
+
+
+def test_sigterm_ends_a_command_like_ctrl_c(repo: Path, tmp_path: Path):
+    """SIGTERM (e.g. `kill`, `dvc queue kill`) mid-sampling: exit 130, the interrupt line last, no traceback,
+    no output; with DVC_STAGE set, as DVC sets it for a stage's command, the line names the stage."""
+    from conftest import BIN, test_env
+
+    out = tmp_path / "x.npz"
+    argv = [str(BIN / "mnist-ldm"), *infer(output=str(out))]
+    argv[argv.index("--num-images") + 1], argv[argv.index("--sampler") + 1] = "300000", "ddpm"
+    proc = subprocess.Popen(argv, cwd=repo, env=test_env(DVC_STAGE="sample"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # into the sampling
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    lines = [line.split("\r")[-1].strip() for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert lines[-1] == ("interrupted: DVC removed the previous outputs of stage 'sample' before running it; "
+                         "`dvc checkout sample` brings them back from the cache"), err[-2000:]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []

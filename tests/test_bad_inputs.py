@@ -6,7 +6,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, cli, copy_trained, merge
+from conftest import REPO, cli, copy_trained, merge, run
 
 # Everything a stage may write; an error must leave all of it as it was.
 WATCHED_DIRS = ("models", "data/prepared", "data/latents", "outputs", "metrics", "plots")
@@ -583,11 +585,128 @@ FAST.update({"output-under-a-file": 20.0, "sample-plots-under-a-file": 20.0,
              "train-diffusion-metrics-under-a-file": 20.0})
 
 
+# --------------------------------------------------------------------------- paths a command does not own
+# Output folders holding a user's files, outputs that are inputs, devices, symlink loops and absurd sizes.
+# Besides the repository, every file the case put in its tmp dir (a user's folder) must be left as it was.
+
+def user_folder(tmp: Path) -> Path:
+    """A user's folder: a file and a subfolder of photos, neither written by any stage."""
+    d = tmp / "v"
+    (d / "photos").mkdir(parents=True)
+    (d / "thesis.txt").write_text("four years of work\n")
+    (d / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 a photo")
+    return d
+
+
+def _user_folder_as(command: str, flag: str, *extra: str) -> Case:
+    def build(repo, tmp):
+        d = user_folder(tmp)
+        outs = {k: f"OUT/x{Path(v).suffix}" for k, v in STAGE_PATHS.get(command, {}).items()
+                if k in ("out", "metrics", "output")}
+        if command == "package-model":
+            argv = ["package-model", "--ckpt", "models/diffusion.pt", "--ae-ckpt", "models/autoencoder.pt", "--eval",
+                    "metrics/eval.json", "--out", str(d)]
+        else:
+            argv = stage(command, *extra, **{**outs, flag: d})
+        return argv, [f"--{flag} {d}", "photos, thesis.txt", "does not write"]
+    return build
+
+
+def _loop(tmp: Path, name: str) -> Path:
+    (tmp / f"{name}.b").symlink_to(tmp / f"{name}.a")
+    (tmp / f"{name}.a").symlink_to(tmp / f"{name}.b")
+    return tmp / f"{name}.a"
+
+
+def _ckpt_symlink_loop(repo, tmp):
+    loop = _loop(tmp, "ckpt")
+    return infer(str(loop)), [f"--ckpt {loop}", "symlink loop"]
+
+
+def _ckpt_dangling(repo, tmp):
+    (tmp / "gone.pt").symlink_to(tmp / "moved" / "diffusion.pt")
+    return infer(str(tmp / "gone.pt")), [f"--ckpt {tmp / 'gone.pt'}", "does not exist"]
+
+
+def _output_symlink_loop(repo, tmp):
+    loop = _loop(tmp, "eval")
+    return stage("evaluate", "--no-tracking", output=loop, plots="OUT/plots"), [f"--output {loop}", "symlink loop"]
+
+
+def _output_into_dvc_cache(repo, tmp):
+    cached = next(p for p in sorted((repo / ".dvc/cache").rglob("*")) if p.is_file())
+    (tmp / "eval.json").symlink_to(cached)
+    return stage("evaluate", "--no-tracking", output=tmp / "eval.json", plots="OUT/plots"), \
+        [f"--output {tmp / 'eval.json'}", "DVC's cache", "dvc unprotect"]
+
+
+def _prepare_here_params_elsewhere(repo, tmp):
+    return ["--params", params_file(repo, tmp, {}), *stage("prepare", out=".")], ["--out .", "the current folder"]
+
+
+HOSTILE: dict[str, Case] = {
+    "evaluate-plots-user-folder": _user_folder_as("evaluate", "plots", "--no-tracking"),
+    "sample-plots-user-folder": _user_folder_as("sample", "plots"),
+    "train-ae-plots-user-folder": _user_folder_as("train-ae", "plots"),
+    "encode-out-user-folder": _user_folder_as("encode", "out"),
+    "prepare-out-user-folder": _user_folder_as("prepare", "out"),
+    "package-model-out-user-folder": _user_folder_as("package-model", "out"),
+    "evaluate-plots-other-stage": _fixed(stage("evaluate", "--no-tracking", output="OUT/x.json",
+                                               plots="plots/sample"), ["--plots plots/sample", "grid.png"]),
+    "evaluate-output-is-samples": _fixed(stage("evaluate", "--no-tracking", output="outputs/samples.npz",
+                                               plots="OUT/plots"),
+                                         ["--output outputs/samples.npz", "is also --samples", "an input"]),
+    "evaluate-output-is-params": _fixed(stage("evaluate", "--no-tracking", output="params.yaml", plots="OUT/plots"),
+                                        ["--output params.yaml", "is also --params"]),
+    "evaluate-plots-is-latents": _fixed(stage("evaluate", "--no-tracking", output="OUT/x.json", plots="data/latents"),
+                                        ["--plots data/latents", "is also --latents"]),
+    "encode-out-inside-data": _fixed(stage("encode", out="data/prepared/latents"),
+                                     ["--out data/prepared/latents", "is inside --data data/prepared"]),
+    "encode-out-holds-data": _fixed(stage("encode", out="data"), ["--out data", "holds --data data/prepared"]),
+    "train-ae-metrics-inside-plots": _fixed(stage("train-ae", out="OUT/x.pt", metrics="OUT/p/x.json", plots="OUT/p"),
+                                            ["--metrics", "is inside --plots", "another output"]),
+    "train-evaluator-out-is-metrics": _fixed(stage("train-evaluator", out="OUT/x.json", metrics="OUT/x.json"),
+                                             ["--out", "is also --metrics"]),
+    "evaluate-plots-dot": _fixed(stage("evaluate", "--no-tracking", output="OUT/x.json", plots="."), ["--plots ."]),
+    "evaluate-plots-root": _fixed(stage("evaluate", "--no-tracking", output="OUT/x.json", plots="/"), ["--plots /"]),
+    "prepare-out-dot": _fixed(stage("prepare", out="."), ["--out .", "holds --params params.yaml"]),
+    "prepare-out-dot-params-elsewhere": _prepare_here_params_elsewhere,
+    "evaluate-output-dev-null": _fixed(stage("evaluate", "--no-tracking", output="/dev/null", plots="OUT/plots"),
+                                       ["--output /dev/null", "character device"]),
+    "evaluate-output-symlink-loop": _output_symlink_loop,
+    "evaluate-output-into-dvc-cache": _output_into_dvc_cache,
+    "ckpt-is-a-folder": _fixed(infer("models"), ["--ckpt models", "is a folder, not a file"]),
+    "ckpt-dev-null": _fixed(infer("/dev/null"), ["--ckpt /dev/null", "character device"]),
+    "ckpt-symlink-loop": _ckpt_symlink_loop,
+    "ckpt-dangling-symlink": _ckpt_dangling,
+    "ae-ckpt-is-root": _fixed(infer("models/diffusion.pt", "/"), ["--ae-ckpt /", "is a folder"]),
+    "data-dev-null": _fixed(stage("train-evaluator", data="/dev/null", out="OUT/x.pt", metrics="OUT/x.json"),
+                            ["--data /dev/null", "character device, not a folder"]),
+    "latents-is-a-file": _fixed(stage("train-diffusion", latents="models/diffusion.pt"),
+                                ["--latents models/diffusion.pt", "is a file, not a folder"]),
+    "samples-is-a-folder": _fixed(stage("evaluate", "--no-tracking", samples=".", output="OUT/x.json",
+                                        plots="OUT/plots"), ["--samples .", "is a folder"]),
+    "num-images-1e8": _fixed(infer("models/diffusion.pt", "models/autoencoder.pt", "--num-images", "100000000"),
+                             ["--num-images 100000000", "of memory", "is available"]),
+    "sample-batch-1e9": _fixed(["--set", "sample.num_images=1000000000", "--set", "sample.batch_size=1000000000",
+                                *stage("sample", out="OUT/x.npz", plots="OUT/plots", metrics="OUT/x.json")],
+                               ["sample.num_images=1000000000", "of memory"]),
+}
+FAST.update({name: 20.0 for name in HOSTILE})
+CASES.update(HOSTILE)
+
+
+def tmp_tree(tmp: Path) -> dict[str, str]:
+    """Every file and symlink under `tmp`: its md5, or where the link points."""
+    return {str(p.relative_to(tmp)): (f"-> {os.readlink(p)}" if p.is_symlink() else md5(p))
+            for p in sorted(tmp.rglob("*")) if p.is_symlink() or p.is_file()}
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_line_error_and_changes_nothing(name: str, repo: Path, tmp_path: Path):
     argv, culprits = CASES[name](repo, tmp_path)
     argv = [a.replace("OUT", str(tmp_path)) for a in argv]
-    before = snapshot(repo)
+    before, users = snapshot(repo), tmp_tree(tmp_path)
 
     t0 = time.monotonic()
     proc = cli(*argv, cwd=repo, check=False)
@@ -602,6 +721,7 @@ def test_bad_input_is_one_line_error_and_changes_nothing(name: str, repo: Path, 
     for culprit in culprits:
         assert culprit in lines[-1], f"{culprit!r} not named\n{context}"
     assert snapshot(repo) == before, f"outputs changed\n{context}"
+    assert tmp_tree(tmp_path) == users, f"files in the case's folder changed\n{context}"
     assert not list(tmp_path.glob("x.*")), "an output file was written despite the error"
     if name in FAST:  # refused before loading models or sampling, not after
         assert seconds < FAST[name], f"took {seconds:.1f} s to fail\n{context}"
@@ -655,3 +775,120 @@ for command, module in COMMANDS.items():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 11 and all("diffusion.lr='fast'" in e for e in errors), proc.stderr
+
+
+# --------------------------------------------------------------------------- outputs it owns, written through links
+
+def test_a_symlinked_output_is_written_through_to_its_target(repo: Path, tmp_path: Path):
+    """`--output link.npz` pointing at real/x.npz: the link stays a link, the file it points to gets the new
+    samples (written beside it and renamed into place: no temporary file is left in either folder)."""
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "x.npz"
+    target.write_bytes(b"an older output")
+    link = tmp_path / "link.npz"
+    link.symlink_to(target)
+    cli(*infer(output=str(link)), cwd=repo)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    with np.load(target) as f:
+        assert f["images"].shape == (4, 28, 28)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.npz", "real"]
+    assert [p.name for p in (tmp_path / "real").iterdir()] == ["x.npz"]
+
+
+def test_atomic_folder_and_file_write_through_symlinks(tmp_path: Path):
+    from mnist_ldm.atomic import atomic_dir, write_json
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "fcd.png").write_bytes(b"old")
+    (tmp_path / "plots").symlink_to(tmp_path / "real")
+    with atomic_dir(tmp_path / "plots") as tmp:
+        (tmp / "fcd.png").write_bytes(b"new")
+    assert (tmp_path / "plots").is_symlink() and (tmp_path / "real" / "fcd.png").read_bytes() == b"new"
+    (tmp_path / "m.json").symlink_to(tmp_path / "real" / "m.json")  # dangling: the target is created
+    write_json(tmp_path / "m.json", {"a": 1})
+    assert (tmp_path / "m.json").is_symlink() and json.loads((tmp_path / "real" / "m.json").read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "plots", "real"]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["fcd.png", "m.json"]
+
+
+def test_a_folder_of_the_stages_own_names_is_accepted_and_replaced(tmp_path: Path):
+    """What an earlier run (or `dvc checkout`) left, only names the stage writes, is replaced as a whole;
+    one name more and it is refused."""
+    from argparse import Namespace
+
+    from mnist_ldm.errors import UserError
+    from mnist_ldm.paths import check_paths
+
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "loss.png").write_bytes(b"old")
+    (plots / "reconstructions.png").write_bytes(b"old")
+    args = Namespace(data=tmp_path / "prepared", out=tmp_path / "ae.pt", metrics=tmp_path / "m.json", plots=plots)
+    check_paths("train_ae", args, {"data": "a folder"}, ["out", "metrics"], ["plots"])
+    (plots / ".DS_Store").write_bytes(b"")
+    with pytest.raises(UserError, match=r"--plots .*: holds \.DS_Store, which train_ae does not write"):
+        check_paths("train_ae", args, {"data": "a folder"}, ["out", "metrics"], ["plots"])
+
+
+def test_interrupt_outside_dvc_says_only_interrupted(monkeypatch):
+    from mnist_ldm.commands.entry import interrupted_line
+
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    assert interrupted_line() == "interrupted"
+
+
+def test_interrupted_dvc_stage_says_how_to_bring_back_its_outputs(trained_repo: Path, tmp_path: Path):
+    """Ctrl-C during `dvc repro` of `sample`: DVC deleted the stage's outputs before running it; the stage's
+    last line says so and names `dvc checkout sample`, which brings them back byte for byte."""
+    from conftest import BIN, test_env, write_params
+
+    repo = copy_trained(trained_repo, tmp_path / "repo")
+    outs = ("outputs/samples.npz", "plots/sample/grid.png", "metrics/sample.json")
+    before = {rel: md5(repo / rel) for rel in outs}
+    # a minute of sampling (about 3 GB of memory), MLflow off
+    write_params(repo, {"sample": {"num_images": 300000, "sampler": "ddpm"}, "tracking": {"enabled": False}})
+    log = tmp_path / "repro.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(BIN / "dvc"), "repro", "sample"], cwd=repo, env=test_env(), stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (repo / "outputs/samples.npz").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not (repo / "outputs/samples.npz").exists(), log.read_text()[-2000:]
+        time.sleep(8)  # past the stage's start-up, into its sampling
+        assert proc.poll() is None, log.read_text()[-2000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    line = "interrupted: DVC removed the previous outputs of stage 'sample' before running it; " \
+           "`dvc checkout sample` brings them back from the cache"
+    assert line in text.splitlines(), text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=repo, check=True)
+    run([str(BIN / "dvc"), "checkout", "sample"], repo)
+    assert {rel: md5(repo / rel) for rel in outs} == before
+
+
+def test_sigterm_ends_a_command_like_ctrl_c(repo: Path, tmp_path: Path):
+    """SIGTERM (e.g. `kill`, `dvc queue kill`) mid-sampling: exit 130, the interrupt line last, no traceback,
+    no output; with DVC_STAGE set, as DVC sets it for a stage's command, the line names the stage."""
+    from conftest import BIN, test_env
+
+    out = tmp_path / "x.npz"
+    argv = [str(BIN / "mnist-ldm"), *infer(output=str(out))]
+    argv[argv.index("--num-images") + 1], argv[argv.index("--sampler") + 1] = "300000", "ddpm"
+    proc = subprocess.Popen(argv, cwd=repo, env=test_env(DVC_STAGE="sample"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # into the sampling
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    lines = [line.split("\r")[-1].strip() for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert lines[-1] == ("interrupted: DVC removed the previous outputs of stage 'sample' before running it; "
+                         "`dvc checkout sample` brings them back from the cache"), err[-2000:]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []

@@ -177,3 +177,16 @@ def test_encode_on_full_disk(repo: Path, tmp_path: Path):
                            "models/autoencoder.pt", "--out", str(full / "latents"))
     assert_one_error(proc, f"{full / 'latents' / 'train.npz'}: {FULL}")
     assert left == [], left
+
+
+def test_infer_through_a_symlink_into_read_only_folder_fails_before_sampling(repo: Path, ro: Path, tmp_path: Path):
+    """`--output link.npz` whose target is in a read-only folder: refused before sampling, naming the target
+    (where the file would be written); the link and the folder stay as they were."""
+    link = tmp_path / "link.npz"
+    link.symlink_to(ro / "old.npz")
+    before = tree(ro)
+    t0 = time.monotonic()
+    proc, _ = mnist_ldm(repo, "ro", ro, *INFER, "--num-images", "500000", "--sampler", "ddpm", "--output", str(link))
+    assert time.monotonic() - t0 < 20, "refused only after sampling"
+    assert_one_error(proc, f"{ro / 'old.npz'}: {READ_ONLY}")
+    assert tree(ro) == before and link.is_symlink() and link.readlink() == ro / "old.npz"

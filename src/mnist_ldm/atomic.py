@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .errors import UserError
+
 
 def _naming_target(e: OSError, tmp: Path, path: Path) -> OSError:
     """`e` naming `path`, the output the user asked for, where it named nothing (a write through a file
@@ -34,10 +36,24 @@ def _raise_naming_target(e: OSError, tmp: Path, path: Path) -> None:
     raise named from None
 
 
+def write_target(path: str | Path) -> Path:
+    """The path an output is written to: a symlink's target (the link stays, its target gets the new
+    contents, replaced atomically in the target's folder), an absolute path for `.` or `..`."""
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.name in ("", ".", ".."):
+        path = Path(os.path.abspath(path))
+    if not path.name:
+        raise UserError(f"{path}: is the root folder; give a path of its own")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
-    path = Path(path)
+    """Yield a temporary path next to `path` (a symlink: its target); on success it replaces `path`, on
+    error it is removed."""
+    path = write_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
@@ -52,9 +68,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty folder beside `path`; on success it replaces `path` as a whole, on error it is
-    removed and `path` keeps its previous contents."""
-    path = Path(path)
+    """Yield an empty folder beside `path` (a symlink: its target); on success it replaces `path` as a
+    whole, on error it is removed and `path` keeps its previous contents."""
+    path = write_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.[to][ml][pd]-*"):  # left by a killed writer
         shutil.rmtree(stale, ignore_errors=True)

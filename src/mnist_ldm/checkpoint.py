@@ -15,6 +15,7 @@ import torch
 
 from .atomic import atomic_path
 from .errors import UserError
+from .paths import input_error
 
 FORMAT_VERSION = 1
 KINDS = {
@@ -50,8 +51,9 @@ def _to_cpu(obj: Any) -> Any:
 def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> dict[str, Any]:
     """Load `path`, which must be a checkpoint of `kind`; anything else is a CheckpointError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: {what} not found")
+    error = input_error(path, "a file", f"{what} not found", f"expected {KINDS[kind]}")
+    if error:
+        raise CheckpointError(error)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

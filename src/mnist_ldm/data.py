@@ -14,6 +14,7 @@ import numpy as np
 from .atomic import write_json, write_npz
 from .errors import UserError
 from .hashing import arrays_digest
+from .paths import input_error, path_problem
 
 
 class DataError(UserError):
@@ -55,8 +56,10 @@ def write_prepared(out_dir: Path, train: Split, test: Split, source: str, descri
 
 def read_npz(path: Path, keys: tuple[str, ...], what: str, stage: str) -> tuple[np.ndarray, ...]:
     """The arrays `keys` of an .npz that stage `stage` writes; a missing or unreadable file is one line."""
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found; run the '{stage}' stage first (dvc repro {stage})")
+    error = input_error(path, "a file", f"{what} not found; run the '{stage}' stage first (dvc repro {stage})",
+                        f"expected the {what} that '{stage}' writes")
+    if error:
+        raise DataError(error)
     try:
         with np.load(path) as f:
             return tuple(f[k] for k in keys)
@@ -78,6 +81,9 @@ def load_split(prepared_dir: Path, split: str) -> Split:
 
 def load_meta(prepared_dir: Path) -> dict:
     path = Path(prepared_dir) / "meta.json"
+    problem = path_problem(path, "a file")
+    if problem not in (None, "not found"):
+        raise DataError(f"{path}: {problem}; expected the JSON file that 'prepare' writes")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -138,12 +138,39 @@ def load_huggingface(cfg: DataConfig) -> Mnist:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"data.source=huggingface: could not load {cfg.hf_dataset}@{cfg.hf_revision} ({first}); "
                         f"use data.source=idx with the IDX files in data.idx_dir instead") from None
-    splits = {}
-    for split in ("train", "test"):
-        part = ds[split].with_format("numpy")
-        splits[split] = Split(np.asarray(part["image"], dtype=np.uint8).reshape(-1, 28, 28),
-                              np.asarray(part["label"], dtype=np.uint8))
+    where = f"data.hf_dataset={cfg.hf_dataset}"
+    splits = {split: hf_split(ds, split, where) for split in ("train", "test")}
     return Mnist(splits["train"], splits["test"], "huggingface", f"{cfg.hf_dataset}@{cfg.hf_revision}")
+
+
+def hf_split(ds, split: str, where: str) -> Split:
+    """One split of a Hub dataset in MNIST's layout (features `image`, 28x28 grayscale, and `label`, 0-9)
+    as arrays; anything else is one line naming the dataset, the split and what is wrong."""
+    if split not in ds:
+        raise DataError(f"{where}: no '{split}' split (it has {', '.join(map(repr, ds)) or 'none'}); "
+                        f"expected 'train' and 'test'")
+    part, here = ds[split], f"{where} ({split})"
+    missing = [f for f in ("image", "label") if f not in part.column_names]
+    if missing:
+        raise DataError(f"{here}: no feature '{missing[0]}' (it has {', '.join(map(repr, part.column_names))}); "
+                        f"expected 'image' (28x28 grayscale) and 'label' (a digit 0-9)")
+    part = part.with_format("numpy")
+    try:
+        images, labels = np.asarray(part["image"]), np.asarray(part["label"])
+    except Exception as e:  # noqa: BLE001 - an undecodable image or ragged rows: the same one-line error
+        raise DataError(f"{here}: cannot read the images as 28x28 grayscale arrays ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'})") from None
+    if len(images) and (images.dtype == object or images.shape[1:] != (28, 28)):
+        shape = "images of different sizes" if images.dtype == object else f"images of shape {images.shape[1:]}"
+        raise DataError(f"{here}: 'image' holds {shape}; expected 28x28 grayscale")
+    if len(images) and (images.dtype.kind not in "iu" or images.min() < 0 or images.max() > 255):
+        raise DataError(f"{here}: 'image' holds {images.dtype} values; expected pixels 0-255")
+    if labels.dtype.kind not in "iu" or (len(labels) and (labels.min() < 0 or labels.max() > 9)):
+        bad = next((v for v in labels.tolist() if not (isinstance(v, int) and 0 <= v <= 9)), labels.dtype)
+        raise DataError(f"{here}: label {bad!r} is not a digit 0-9")
+    if len(labels) != len(images):
+        raise DataError(f"{here}: {len(labels)} labels for {len(images)} images; the counts must match")
+    return Split(images.astype(np.uint8).reshape(-1, 28, 28), labels.astype(np.uint8))
 
 
 # --------------------------------------------------------------------------- bundled subset

@@ -13,8 +13,8 @@ import argparse
 
 from ..atomic import write_json
 from ..config import Params
+from ..paths import check_paths
 from .args import add_paths
-from .outputs import check_writable
 
 HELP = "check every param in the params file (the pipeline's first stage)"
 
@@ -24,6 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
-    check_writable(files=[args.out])
+    check_paths("check_params", args, files=["out"])
     write_json(args.out, {"params_file": str(args.params), "valid": True})  # constant while params are valid
     print(f"check_params: every param in {args.params} is valid")

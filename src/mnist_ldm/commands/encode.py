@@ -7,8 +7,8 @@ import argparse
 from ..atomic import atomic_dir, write_json, write_npz
 from ..config import Params
 from ..data import load_meta, load_split
+from ..paths import check_paths
 from .args import add_paths, runtime_for
-from .outputs import check_writable
 
 HELP = "encode the prepared data into cached latents"
 
@@ -25,7 +25,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from ..hashing import file_md5
     from ..latents import latent_stats
 
-    check_writable(folders=[args.out])
+    check_paths("encode", args, {"data": "a folder", "ae_ckpt": "a file"}, folders=["out"])
     model = load_autoencoder(args.ae_ckpt)[0].to(runtime_for(args).device)
     meta = load_meta(args.data)
     splits = {split: load_split(args.data, split) for split in ("train", "test")}  # both usable before any write

@@ -6,14 +6,17 @@ process group down."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 from types import ModuleType
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..errors import UserError
+from ..os_errors import os_error_line
 from .args import Parser, add_common, load
-from .os_errors import os_error_line
 
 NPROC_ENV = "MNIST_LDM_NPROC"
 TRAINING_STAGES = ("train_ae", "train_diffusion", "train_evaluator")
@@ -68,10 +71,37 @@ def relaunch_under_torchrun(name: str, argv: Sequence[str]) -> None:
         os.execv(sys.executable, cmd)
 
 
-def guarded(fn: Callable[[], object]) -> int:
-    """Run `fn`: user and OS errors become one `error:` line and exit 2; Ctrl-C exits 130."""
+def interrupted_line() -> str:
+    """What an interrupted command says last; under `dvc repro` (DVC_STAGE is set for a stage's command),
+    that DVC removed the stage's previous outputs and how to bring them back."""
+    name = os.environ.get("DVC_STAGE", "").strip()
+    if not name:
+        return "interrupted"
+    return (f"interrupted: DVC removed the previous outputs of stage '{name}' before running it; "
+            f"`dvc checkout {name}` brings them back from the cache")
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt here (main thread only), so it ends like Ctrl-C: one last line."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_interrupt) if main else None
     try:
-        fn()
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def guarded(fn: Callable[[], object]) -> int:
+    """Run `fn`: user and OS errors become one `error:` line and exit 2; Ctrl-C (or SIGTERM) exits 130."""
+    try:
+        with terminate_as_interrupt():
+            fn()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -83,7 +113,7 @@ def guarded(fn: Callable[[], object]) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted_line(), file=sys.stderr)
         return 130
     return 0
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from ..atomic import atomic_dir, write_json
 from ..config import Params, override
 from ..data import load_split
+from ..paths import check_paths
 from .args import add_paths, runtime_for
-from .outputs import check_writable
 
 HELP = "score an .npz of images: FCD with floors, precision/recall, balance"
 
@@ -51,7 +51,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     if args.no_tracking:
         params = dataclasses.replace(params, tracking=override(params.tracking, "tracking", enabled=False))
     cfg = params.evaluate
-    check_writable(files=[args.output], folders=[args.plots])
+    check_paths("evaluate", args, {"samples": "a file", "evaluator": "a file", "data": "a folder", "ae_ckpt": "a file",
+                                   "latents": "a folder"}, ["output"], ["plots"])
     images, labels = load_samples(args.samples)
     device = runtime_for(args).device
     evaluator, ev_meta = load_evaluator(args.evaluator)

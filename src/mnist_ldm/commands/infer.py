@@ -12,8 +12,9 @@ from pathlib import Path
 from ..atomic import write_npz
 from ..config import SAMPLERS, Params, override
 from ..errors import UserError
+from ..memory import check_sampling_memory
+from ..paths import check_paths
 from .args import add_paths, digit, finite_float, positive_int, runtime_for, seed
-from .outputs import check_writable
 
 HELP = "generate digits from a trained pair of checkpoints"
 
@@ -46,9 +47,11 @@ def run(params: Params, args: argparse.Namespace) -> Path:
     if suffix not in (".png", ".npz"):
         raise UserError(f"--output {args.output}: unsupported file type '{args.output.suffix}'; "
                         f"use .png (a grid) or .npz (arrays)")
-    check_writable(files=[args.output])
+    check_paths("infer", args, {"ckpt": "a file", "ae_ckpt": "a file"}, ["output"])
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema).to(runtime_for(args))
     request = pipe.check(SamplingRequest.from_config(cfg))  # steps beyond T, a digit for an unconditional model
+    asked = f"--num-images {n}" if args.num_images else f"sample.{'num_images' if cfg.num_images else 'grid_size'}={n}"
+    check_sampling_memory(asked, n, cfg.batch_size, pipe.latent_dim)
     out = pipe.generate(n, request, batch_size=cfg.batch_size)
     if suffix == ".npz":
         write_npz(args.output, **({"images": out.images} if out.labels is None else

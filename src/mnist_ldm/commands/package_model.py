@@ -25,8 +25,8 @@ from ..tracking import registry
 from ..atomic import atomic_dir
 from ..config import Params
 from ..errors import UserError
+from ..paths import check_paths
 from .args import add_paths
-from .outputs import check_writable
 
 HELP = "package the checkpoints as an MLflow model (models/generator) and register a version"
 SERVING_MODULE = "mnist_ldm.serving"
@@ -95,7 +95,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log
     cfg = params.sample
-    check_writable(folders=[args.out])
+    check_paths("package_model", args, {"ckpt": "a file", "ae_ckpt": "a file", "eval": "a file"}, folders=["out"])
     metrics = _eval_metrics(args.eval)
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema)
     pipe.check(SamplingRequest.from_config(cfg))  # the packaged defaults must be a valid request for this model

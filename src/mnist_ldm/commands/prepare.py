@@ -9,8 +9,8 @@ from ..atomic import atomic_dir
 from ..config import Params
 from ..data import limit, write_prepared
 from ..mnist_sources import load_mnist
+from ..paths import check_paths
 from .args import add_paths
-from .outputs import check_writable
 
 HELP = "load MNIST and write the prepared data folder"
 
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    check_writable(folders=[args.out])
+    check_paths("prepare", args, folders=["out"])
     with tracking.stage_run("prepare", params, tracking.section_params(params, "data")) as trun:
         data = load_mnist(params.data)
         train, test = limit(data.train, params.data.limit_train), limit(data.test, params.data.limit_test)

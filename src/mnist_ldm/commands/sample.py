@@ -10,8 +10,10 @@ import time
 
 from ..atomic import atomic_dir, write_npz
 from ..config import Params
+from ..memory import check_sampling_memory
+from ..paths import check_paths
 from .args import add_paths, runtime_for
-from .outputs import check_writable, publish
+from .outputs import publish
 
 HELP = "the pipeline's sampling stage"
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
@@ -32,13 +34,15 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from ..sampling_request import SamplingRequest
 
     cfg = params.sample
-    check_writable(files=[args.out, args.metrics], folders=[args.plots])
+    check_paths("sample", args, {"ckpt": "a file", "ae_ckpt": "a file", "latents": "a folder"}, ["out", "metrics"],
+                ["plots"])
     check_producer(args.latents, args.ae_ckpt)
     z_test, _ = load_latents(args.latents, "test")  # the reference set's size, and digits to interpolate
     if cfg.num_images == 0:  # as many as the test set, the reference that `evaluate` compares with
         cfg = dataclasses.replace(cfg, num_images=len(z_test))
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema).to(runtime_for(args))
     request = pipe.check(SamplingRequest.from_config(cfg))  # steps beyond T, a digit for an unconditional model
+    check_sampling_memory(f"sample.num_images={cfg.num_images}", cfg.num_images, cfg.batch_size, pipe.latent_dim)
     with tracking.stage_run("sample", params, tracking.section_params(dataclasses.replace(params, sample=cfg),
                                                                       "sample")) as run:
         t0 = time.perf_counter()

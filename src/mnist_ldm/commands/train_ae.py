@@ -8,8 +8,9 @@ import dataclasses
 from ..atomic import atomic_dir
 from ..config import Params, override
 from ..data import load_meta, load_split
+from ..paths import check_paths
 from .args import add_paths, positive_float, positive_int, runtime_for
-from .outputs import check_writable, publish, writes_outputs
+from .outputs import publish, writes_outputs
 
 HELP = "train the autoencoder (conv or mlp; pixel space writes a pass-through one)"
 
@@ -36,7 +37,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     cfg = override(params.autoencoder, "autoencoder", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    latent_dim=args.latent_dim, generate_images=args.generate_images)
     params = dataclasses.replace(params, autoencoder=cfg)
-    check_writable(files=[args.out, args.metrics], folders=[args.plots])
+    check_paths("train_ae", args, {"data": "a folder"}, ["out", "metrics"], ["plots"])
     rt = runtime_for(args)
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))

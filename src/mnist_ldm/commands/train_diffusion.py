@@ -9,8 +9,9 @@ from ..atomic import atomic_dir
 from ..config import Params, override
 from ..data import load_meta
 from ..errors import UserError
+from ..paths import check_paths
 from .args import add_paths, digit, positive_float, positive_int, runtime_for
-from .outputs import check_writable, publish, writes_outputs
+from .outputs import publish, writes_outputs
 
 HELP = "train the latent denoiser"
 PREVIEW_GUIDANCE = 2.0  # guidance of the per-epoch MLflow preview grid (conditional models only)
@@ -51,7 +52,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                    T=args.T, only_digit=args.only_digit, hidden_dim=args.hidden_dim, conditional=args.conditional,
                    generate_images=args.generate_images)
     params = dataclasses.replace(params, diffusion=cfg)
-    check_writable(files=[args.out, args.metrics], folders=[args.plots])
+    check_paths("train_diffusion", args, {"ae_ckpt": "a file", "latents": "a folder", "data": "a folder"},
+                ["out", "metrics"], ["plots"])
     rt = runtime_for(args)
     ae, _ = load_autoencoder(args.ae_ckpt)
     if args.latent_dim is not None and args.latent_dim != ae.spec.latent_dim:

@@ -7,8 +7,9 @@ import dataclasses
 
 from ..config import Params
 from ..data import load_meta, load_split
+from ..paths import check_paths
 from .args import add_paths, runtime_for
-from .outputs import check_writable, publish, weights_digest, writes_outputs
+from .outputs import publish, weights_digest, writes_outputs
 
 HELP = "train the CNN that scores samples"
 
@@ -26,7 +27,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from ..training.loop import count_parameters, resume_path_for
 
     cfg = params.evaluator
-    check_writable(files=[args.out, args.metrics])
+    check_paths("train_evaluator", args, {"data": "a folder"}, ["out", "metrics"])
     rt = runtime_for(args)
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))

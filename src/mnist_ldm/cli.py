@@ -29,6 +29,7 @@ COMMANDS = {
     "evaluate": "evaluate",
     "package-model": "package_model",
     "promote": "promote",
+    "ui": "ui",
 }
 
 

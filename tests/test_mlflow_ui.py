@@ -5,7 +5,7 @@ the runs table of both variants.
 
 The browser is Debian's `chromium` package driven by Playwright (never a downloaded browser build);
 without it the module is skipped. Screenshots go to a temporary folder (printed); with
-`MLFLOW_UI_SCREENSHOTS=docs` the three that the README shows are also copied there.
+`MLFLOW_UI_SCREENSHOTS=docs` the three that docs/tracking.md shows are also copied there.
 """
 
 from __future__ import annotations

@@ -286,6 +286,8 @@ def test_mnist_ldm_ui_opens_the_runs_table_of_both_variants(logged, parents, ser
         for name in VARIANTS:
             expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
         expect(page.get_by_text("Token Usage")).to_have_count(0)
+        page.goto(urls["compare"])  # the printed compare address opens the compare view of both
+        expect(page.get_by_text("Comparing 2 Runs from 1 Experiment")).to_be_visible()
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         proc.wait(timeout=60)

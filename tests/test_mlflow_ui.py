@@ -1,10 +1,11 @@
 """The MLflow UI in a real browser: two variants of a shrunk pipeline, logged to a real `mlflow server`,
 found in the runs view, compared side by side, and found in the Model Registry with the champion that
-`mnist-ldm promote` chose, the way a user does it.
+`mnist-ldm promote` chose, the way a user does it; and `mnist-ldm ui`, whose printed runs address opens
+the runs table of both variants.
 
 The browser is Debian's `chromium` package driven by Playwright (never a downloaded browser build);
 without it the module is skipped. Screenshots go to a temporary folder (printed); with
-`MLFLOW_UI_SCREENSHOTS=docs` the three that the README shows are also copied there.
+`MLFLOW_UI_SCREENSHOTS=docs` the three that docs/tracking.md shows are also copied there.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import parse_qs, unquote
 
 import pytest
 
 import conftest
-from conftest import BIN, copy_trained, run
+from conftest import BIN, copy_trained, free_port, run
 
 CHROMIUM = shutil.which("chromium")
 if CHROMIUM is None:
@@ -40,24 +45,29 @@ expect.set_options(timeout=TIMEOUT_MS)
 
 
 @pytest.fixture(scope="module")
-def logged(trained_repo, tmp_path_factory):
-    """A server, and two `dvc exp run -S diffusion.lr=...` of a shrunk pipeline logged to it, and
-    `mnist-ldm promote`: (uri, experiment, what promote printed)."""
-    root = tmp_path_factory.mktemp("mlflow-ui")
-    server = conftest.MlflowServer(root)
+def server(tmp_path_factory):
+    """A real `mlflow server` with its own sqlite store; the repository the variants run in is `repo` beside it."""
+    server = conftest.MlflowServer(tmp_path_factory.mktemp("mlflow-ui"))
     try:
-        repo = copy_trained(trained_repo, root / "repo")  # its own store: the server sees only the variants
-        server.wait_healthy()
-        env = conftest.test_env(MLFLOW_TRACKING_URI=server.uri)
-        for name, lr in VARIANTS.items():  # the whole pipeline: each registers a version of the generator
-            run([str(BIN / "dvc"), "exp", "run", "-n", name, "-S", f"diffusion.lr={lr}"], repo, env=env, timeout=400)
-        promoted = run([str(BIN / "mnist-ldm"), "promote"], repo, env=env).stdout
-        from mlflow import MlflowClient
-
-        exp = MlflowClient(tracking_uri=server.uri).get_experiment_by_name(EXPERIMENT)
-        yield server.uri, exp, promoted
+        yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="module")
+def logged(trained_repo, server):
+    """Two `dvc exp run -S diffusion.lr=...` of a shrunk pipeline logged to the server, and
+    `mnist-ldm promote`: (uri, experiment, what promote printed)."""
+    repo = copy_trained(trained_repo, server.db.parent / "repo")  # its own store: the server sees only the variants
+    server.wait_healthy()
+    env = conftest.test_env(MLFLOW_TRACKING_URI=server.uri)
+    for name, lr in VARIANTS.items():  # the whole pipeline: each registers a version of the generator
+        run([str(BIN / "dvc"), "exp", "run", "-n", name, "-S", f"diffusion.lr={lr}"], repo, env=env, timeout=400)
+    promoted = run([str(BIN / "mnist-ldm"), "promote"], repo, env=env).stdout
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(tracking_uri=server.uri).get_experiment_by_name(EXPERIMENT)
+    yield server.uri, exp, promoted
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +249,49 @@ def test_registry_page_lists_a_version_per_variant_and_the_champion(logged, page
     expect(page.get_by_role("row").filter(has_text="@ champion")).to_contain_text(f"Version {champion.version}")
     bottom = page.get_by_text("Previous", exact=True).bounding_box()["y"] - 8  # the versions table's end
     page.screenshot(path=shots / "mlflow_registry.png", clip={"x": 0, "y": 0, "width": 1400, "height": bottom})
+
+
+# --------------------------------------------------------------------------- mnist-ldm ui
+
+def printed_addresses(proc: subprocess.Popen, out: Path, timeout: float = 240) -> dict[str, str]:
+    """What `mnist-ldm ui` printed once it printed its last address: {"runs": url, "compare": url, "model": url}."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = out.read_text()
+        if re.search(r"^model: ", text, re.M):
+            return dict(re.findall(r"^(runs|compare|model):\s+(\S+)", text, re.M))
+        assert proc.poll() is None, f"mnist-ldm ui exited {proc.returncode}:\n{text}"
+        time.sleep(0.5)
+    raise AssertionError(f"mnist-ldm ui printed no addresses in {timeout} s:\n{out.read_text()}")
+
+
+def test_mnist_ldm_ui_opens_the_runs_table_of_both_variants(logged, parents, server, page, tmp_path):
+    uri, exp, _ = logged
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = conftest.test_env(MLFLOW_TRACKING_URI=f"sqlite:///{server.db}")  # the store of both variants' runs
+    out, err = tmp_path / "ui.out", tmp_path / "ui.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen([str(BIN / "mnist-ldm"), "ui", "--port", str(port)], cwd=server.db.parent / "repo",
+                                env=env, stdout=o, stderr=e, stdin=subprocess.DEVNULL)
+    try:
+        urls = printed_addresses(proc, out)
+        assert urls["runs"] == f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning", urls
+        assert urls["model"] == f"{base}/#/models/{EXPERIMENT}", urls
+        query = parse_qs(unquote(urls["compare"]).split("?", 1)[1])
+        assert urls["compare"].startswith(f"{base}/#/compare-runs?runs="), urls
+        assert sorted(json.loads(query["runs"][0])) == sorted(r.info.run_id for r in parents.values()), urls
+        assert json.loads(query["experiments"][0]) == [exp.experiment_id], urls
+
+        page.goto(urls["runs"])  # the runs table, found without a click
+        for name in VARIANTS:
+            expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+        expect(page.get_by_text("Token Usage")).to_have_count(0)
+        page.goto(urls["compare"])  # the printed compare address opens the compare view of both
+        expect(page.get_by_text("Comparing 2 Runs from 1 Experiment")).to_be_visible()
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.wait(timeout=60)
+    assert proc.returncode in (0, 130) and "Traceback" not in err.read_text(), (proc.returncode, err.read_text())
+    with pytest.raises(OSError):  # the server it started is gone with it
+        urllib.request.urlopen(base + "/health", timeout=5)

@@ -1,13 +1,15 @@
-"""Every command block of the README, run in order on a shrunk copy of the trained pipeline, so a
-README command that breaks fails `make test`.
+"""Every command block of the README and of the pages in docs/, run in order on a shrunk copy of the
+trained pipeline, so a documented command that breaks fails `make test`; and every relative link or
+image in them points to a file that exists.
 
 Each ```bash block runs as one bash script (`set -euo pipefail`) and each ```python block as one
-Python program, in the repository, one after another: the variants and the grid search through
-`dvc queue`, the MLflow UI, promoting and loading the registered model, serving it over REST and
-the Python client, the DVC artifact, the command line, the pipeline API, and a teammate's
-push/clone/pull/infer. What this machine cannot do is in `NOT_HERE`, with the reason; what a test
-must change in a block (a free port instead of 5001, a local folder instead of an S3 bucket) is in
-`EDITS`, with the reason. Each entry must still match the README: a stale one fails the test.
+Python program, in the repository, one after another: README.md first, then the pages in `DOCS`
+order (the variants, `mnist-ldm ui`, a teammate's push/clone/pull/infer, promoting, loading and
+serving the registered model; the grid search through `dvc queue`, the Python REST client, the DVC
+artifact, the command line and the pipeline API). What this machine cannot do is in `NOT_HERE`,
+with the reason; what a test must change in a block (a free port instead of 5001, a local folder
+instead of an S3 bucket) is in `EDITS`, with the reason. Each entry must still match a block of one
+of the files: a stale one fails the test.
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, SERVER_JOBS, free_port, run
+from conftest import BIN, REPO, SERVER_JOBS, first_build, free_port, run
 from conftest import test_env as user_env
 from mnist_ldm.params_file import load_params
 
 FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
+ANY_FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+# the pages of docs/, in the order their blocks run (after README.md's): each page must be listed
+DOCS = ["tracking.md", "pipeline.md", "results.md", "hardware.md", "troubleshooting.md", "testing.md"]
 
 # first line of a block -> why it does not run here
 NOT_HERE = {
@@ -77,7 +83,7 @@ EDITS = {
         (" && make install && source .venv/bin/activate", "", "this test runs in the installed environment")],
 }
 
-SERVER = re.compile(r"^(mlflow (?:ui|server|models serve)\b.*)$", re.M)
+SERVER = re.compile(r"^((?:mlflow (?:ui|server|models serve)|mnist-ldm ui)\b.*)$", re.M)
 PREAMBLE = r"""set -euo pipefail
 serve() {  # a server line of the README: start it in the background and wait until it answers
   local port=$1; shift
@@ -95,6 +101,7 @@ serve() {  # a server line of the README: start it in the background and wait un
 @dataclass
 class Block:
     lang: str
+    file: str
     line: int
     text: str
 
@@ -103,9 +110,22 @@ class Block:
         return self.text.strip().splitlines()[0].split("  #")[0].strip()
 
 
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def doc_files() -> list[str]:
+    """README.md, then the pages of docs/ in `DOCS` order (paths relative to the repository)."""
+    return ["README.md", *(f"docs/{name}" for name in DOCS)]
+
+
 def readme_blocks() -> list[Block]:
-    text = (REPO / "README.md").read_text()
-    return [Block(m.group(1), text[:m.start()].count("\n") + 1, m.group(2)) for m in FENCE.finditer(text)]
+    blocks = []
+    for rel in doc_files():
+        text = (REPO / rel).read_text()
+        blocks += [Block(m.group(1), rel, text[:m.start()].count("\n") + 1, m.group(2)) for m in FENCE.finditer(text)]
+    return blocks
 
 
 def key_of(block: Block, table: dict) -> str | None:
@@ -115,14 +135,14 @@ def key_of(block: Block, table: dict) -> str | None:
 def prepared(block: Block, values: dict[str, str]) -> str:
     text = block.text
     for old, new, why in EDITS.get(key_of(block, EDITS), []):
-        assert old in text, f"README.md:{block.line}: EDITS expects {old!r} ({why}); update the test"
+        assert old in text, f"{block.where}: EDITS expects {old!r} ({why}); update the test"
         text = text.replace(old, new.format(**values))
     if block.lang == "bash":
         def background(m: re.Match) -> str:
             command = m.group(1).split("  #")[0].strip()
             port = re.search(r"(?:-p|--port) (\d+)", command)
             if not port:
-                command += f" -p {values['port_ui']}"
+                command += f" {'--port' if command.startswith('mnist-ldm') else '-p'} {values['port_ui']}"
             return f"serve {port.group(1) if port else values['port_ui']} {command}"
         text = PREAMBLE + SERVER.sub(background, text)
     return text
@@ -162,8 +182,8 @@ def run_block(block: Block, repo: Path, values: dict, env: dict) -> subprocess.C
     args = ["bash", "-c", script] if block.lang == "bash" else [str(BIN / "python"), "-c", script]
     start = time.monotonic()
     proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    print(f"README.md:{block.line} {block.first[:60]!r}: {time.monotonic() - start:.0f} s")
-    assert proc.returncode == 0, (f"README.md:{block.line} ({block.first}) exited {proc.returncode}\n--- stdout\n"
+    print(f"{block.where} {block.first[:60]!r}: {time.monotonic() - start:.0f} s")
+    assert proc.returncode == 0, (f"{block.where} ({block.first}) exited {proc.returncode}\n--- stdout\n"
                                   f"{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}")
     return proc
 
@@ -195,11 +215,30 @@ def parents_like(repo: Path, params: dict[str, str]) -> int:
     return sum(all(v == params[k] for k, v in r.data.params.items() if k in params) for r in runs)
 
 
-def test_every_exception_names_a_block_of_the_readme():
+def test_every_exception_names_a_block_of_the_docs():
     firsts = [b.first for b in readme_blocks()]
     for table in (NOT_HERE, EDITS):
         for key in table:
-            assert any(f.startswith(key) for f in firsts), f"no README block starts with {key!r}; update the test"
+            assert any(f.startswith(key) for f in firsts), f"no block of {doc_files()} starts with {key!r}; update the test"
+
+
+def test_every_docs_page_has_its_place_in_the_order():
+    pages = sorted(p.name for p in (REPO / "docs").glob("*.md"))
+    assert pages == sorted(DOCS), f"docs/*.md {pages} against DOCS {DOCS}: list each page once in DOCS"
+
+
+def test_every_relative_link_and_image_exists():
+    broken = []
+    for rel in doc_files():
+        # a link-like text in a code block is no link (blanked line for line, so line numbers hold)
+        text = ANY_FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), (REPO / rel).read_text())
+        for m in LINK.finditer(text):
+            target = m.group(1).split("#", 1)[0]
+            if not target or re.match(r"^[a-z][a-z0-9+.-]*:", target):  # an anchor in the page, or a URL
+                continue
+            if not ((REPO / rel).parent / target).exists():
+                broken.append(f"{rel}:{text[:m.start()].count(chr(10)) + 1}: {m.group(0)}")
+    assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
 
 
 def test_every_readme_block_runs(workspace):
@@ -224,3 +263,11 @@ def test_every_readme_block_runs(workspace):
             clone = repo / "mnist-ldm-2"
             assert "Data and pipelines are up to date." in proc.stdout and (clone / "digits.png").exists()
     assert len(ran) >= 10, ran
+
+
+def test_the_last_stage_names_the_ui_command(trained_repo):
+    """`dvc repro`'s last stage line tells the user how to open the runs (the README shows it)."""
+    stdout, _ = first_build(trained_repo)
+    lines = [line for line in stdout.splitlines() if line.startswith("package_model:")]
+    assert lines and lines[-1].endswith("mnist-ldm ui"), stdout[-2000:]
+    assert lines[-1] in (REPO / "README.md").read_text(), lines[-1]

@@ -34,6 +34,7 @@ COMMANDS = {
     "evaluate": "evaluate",
     "package-model": "package_model",
     "promote": "promote",
+    "ui": "ui",
 }
 
 

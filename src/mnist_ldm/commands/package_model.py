@@ -117,4 +117,6 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     where = f"; version {version} of '{params.tracking.registered_model}'" if version else ""
     print(f"package_model: MLflow model ({'conditional' if pipe.num_classes else 'unconditional'}, defaults "
           f"{cfg.sampler}, seed {cfg.seed}) -> {args.out}{where}")
+    if params.tracking.enabled:
+        print("package_model: compare runs and models in the MLflow UI: mnist-ldm ui")
     return summary

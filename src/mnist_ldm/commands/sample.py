@@ -11,7 +11,7 @@ import time
 from ..atomic import atomic_dir, write_npz
 from ..config import Params
 from ..errors import UserError
-from .args import add_paths, runtime_for
+from .args import PRECISION_TAG, add_paths, runtime_for
 from .outputs import check_writable, publish
 
 HELP = "the pipeline's sampling stage"
@@ -44,6 +44,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         raise UserError(f"{args.ckpt}: {e}") from None
     with tracking.stage_run("sample", params, tracking.section_params(dataclasses.replace(params, sample=cfg),
                                                                       "sample")) as run:
+        run.set_tags({PRECISION_TAG: pipe.rt.precision})
         t0 = time.perf_counter()
         out = pipe.sample(cfg.num_images, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, guidance=cfg.guidance,
                           digit=cfg.digit, seed=cfg.seed, batch_size=cfg.batch_size, trajectory_points=10)

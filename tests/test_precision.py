@@ -1,4 +1,7 @@
-"""bf16 on the CPU: allowed where the CPU has native bf16 units, refused with one line elsewhere."""
+"""bf16 on the CPU: allowed where the CPU has native bf16 units, refused with one line elsewhere. Where it
+is allowed, a bf16 training repeats bit for bit and differs from fp32, encoding, decoding and the
+evaluator's features stay within stated tolerances of fp32, and resume states do not cross precisions
+(resuming a killed bf16 stage: tests/test_resume.py)."""
 
 from __future__ import annotations
 

@@ -1,16 +1,19 @@
-"""How close the code runs to this machine's own limit: the fp32 matmul rate, measured first in the same
-run, against the training and sampling throughput of the pipeline's networks, each also as the
-fraction of that rate its matrix multiplies reach (multiply-adds of Linear and convolution layers
+"""How close the code runs to this machine's own limits: the fp32 and the bf16 matmul rates (2048x2048,
+2 threads), measured first in the same run, against the training and sampling throughput of the
+pipeline's networks at fp32 and, for the main figures, at bf16 autocast (`--precision bf16`), each also
+as the fraction of both rates its matrix multiplies reach (multiply-adds of Linear and convolution layers
 counted with forward hooks at the real shapes; a training step counted as 3 forward passes); the
 pixel-space U-Net beside the latent MLP; and a profile of one latent DDPM sampling step at batch 2,500
 that says where the time beyond the matrix multiplies goes; and the training speed-up of rows that share a
 timestep (`diffusion.samples_per_timestep`).
 
-    python benchmarks/speed.py        # prints tables, writes benchmarks/results/speed.json (about 2 minutes)
+    python benchmarks/speed.py        # prints tables, writes benchmarks/results/speed.json (about 3 minutes)
+    python benchmarks/speed.py --seconds 0.05 --only bf16 --no-save   # a quick run of the bf16 figures alone
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -21,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
+from mnist_ldm.device import autocast, cpu_has_native_bf16
 from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser, build_denoiser
 from mnist_ldm.diffusion import NoiseSchedule, ddim_step, ddim_timesteps, ddpm_step, draw_timesteps
 from mnist_ldm.training.denoiser import diffusion_loss
@@ -28,6 +32,8 @@ from mnist_ldm.training.loop import adam
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECONDS = 3.0  # per figure, after a warm-up
+THREADS = 2  # this machine's cores: every figure, the matmul rates included, runs on this many threads
+CPU = torch.device("cpu")
 
 
 def timed(fn, seconds: float = SECONDS) -> float:
@@ -41,9 +47,9 @@ def timed(fn, seconds: float = SECONDS) -> float:
     return n / (time.perf_counter() - start)
 
 
-def matmul_gflops(size: int = 2048) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return timed(lambda: a @ b) * 2 * size ** 3 / 1e9
+def matmul_gflops(size: int = 2048, dtype: torch.dtype = torch.float32, seconds: float = SECONDS) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return timed(lambda: a @ b, seconds) * 2 * size ** 3 / 1e9
 
 
 def forward_flops(model: nn.Module, *inputs) -> float:
@@ -72,15 +78,17 @@ def forward_flops(model: nn.Module, *inputs) -> float:
     return total
 
 
-def denoiser_training(model: nn.Module, batch: int, seconds: float = SECONDS, run: int = 1) -> tuple[float, float]:
-    """(samples/s, FLOPs per sample) of full training steps: loss, backward, fused Adam; `run` rows share each
-    timestep (`diffusion.samples_per_timestep`)."""
+def denoiser_training(model: nn.Module, batch: int, seconds: float = SECONDS, run: int = 1,
+                      precision: str = "fp32") -> tuple[float, float]:
+    """(samples/s, FLOPs per sample) of full training steps: loss (under `precision`'s autocast, as the
+    training loop runs it), backward, fused Adam; `run` rows share each timestep (`diffusion.samples_per_timestep`)."""
     s, gen, opt = NoiseSchedule.linear(1000, 1e-4, 0.02), torch.Generator().manual_seed(0), adam(model, 2e-4)
     d = model.spec.latent_dim
     z = torch.randn(60_000 if d < 100 else 2_000, d)
 
     def step():
-        loss = diffusion_loss(model, s, z[torch.randint(0, len(z), (batch,), generator=gen)], gen, run=run)
+        with autocast(CPU, precision):
+            loss = diffusion_loss(model, s, z[torch.randint(0, len(z), (batch,), generator=gen)], gen, run=run)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -90,8 +98,9 @@ def denoiser_training(model: nn.Module, batch: int, seconds: float = SECONDS, ru
     return timed(step, seconds) * batch, flops
 
 
-def denoiser_sampling(model: nn.Module, sampler: str, batch: int, seconds: float = SECONDS) -> tuple[float, float]:
-    """(latents x steps per second, FLOPs per latent-step) of the sampling loop at `batch` latents."""
+def denoiser_sampling(model: nn.Module, sampler: str, batch: int, seconds: float = SECONDS, precision: str = "fp32"):
+    """(latents x steps per second, FLOPs per latent-step, the step) of the sampling loop at `batch` latents,
+    the denoiser under `precision`'s autocast and the sampler's arithmetic in fp32, as the pipeline runs them."""
     s, gen = NoiseSchedule.linear(1000, 1e-4, 0.02), torch.Generator().manual_seed(0)
     ts = list(range(999, -1, -1)) if sampler == "ddpm" else ddim_timesteps(1000, 50)
     d = model.spec.latent_dim
@@ -102,7 +111,8 @@ def denoiser_sampling(model: nn.Module, sampler: str, batch: int, seconds: float
     def step():
         i, x = state["i"] % len(ts), state["x"]
         t = ts[i]
-        eps = model(x, torch.full((batch,), t), None)
+        with autocast(CPU, precision):
+            eps = model(x, torch.full((batch,), t), None).float()
         if sampler == "ddpm":
             x = ddpm_step(s, eps, x, t, torch.randn(x.shape, generator=gen))
         else:
@@ -130,61 +140,94 @@ def sampling_profile(step, steps: int = 20, top: int = 8) -> list[dict]:
     return rows + [{"op": "(all other operators)", "ms_per_step": rest / 1e3 / steps, "share": rest / total}]
 
 
-def autoencoder_training(kind: str, batch: int = 128) -> tuple[float, float]:
+def autoencoder_training(kind: str, batch: int = 128, seconds: float = SECONDS,
+                         precision: str = "fp32") -> tuple[float, float]:
     model = Autoencoder(AutoencoderSpec(kind=kind))
     opt, x = adam(model, 1e-3), torch.rand(batch, 1, 28, 28)
 
     def step():
-        loss = F.binary_cross_entropy_with_logits(model(x), x)
+        with autocast(CPU, precision):
+            logits = model(x).float()
+        loss = F.binary_cross_entropy_with_logits(logits, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return timed(step) * batch, 3 * forward_flops(model, x) / batch
+    return timed(step, seconds) * batch, 3 * forward_flops(model, x) / batch
 
 
 def main() -> None:
-    threads = torch.get_num_threads()
-    rate = matmul_gflops()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=SECONDS, help="timing per figure (default %(default)s)")
+    ap.add_argument("--only", choices=("fp32", "bf16"), help="measure the figures of one precision alone")
+    ap.add_argument("--no-save", action="store_true", help="print only; leave benchmarks/results/speed.json as it is")
+    args = ap.parse_args()
+    sec = args.seconds
+    torch.set_num_threads(THREADS)
+    rates = {name: matmul_gflops(dtype=dtype, seconds=sec)
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     torch.manual_seed(0)
     den = LatentDenoiser(DenoiserSpec(16, 256, 4))
     rows = []
+    wanted = [p for p in ("fp32", "bf16") if args.only in (None, p)]
 
-    def add(name: str, unit: str, per_s: float, flops: float) -> None:
+    def add(name: str, unit: str, per_s: float, flops: float, precision: str = "fp32") -> None:
         achieved = per_s * flops / 1e9
-        rows.append({"figure": name, "unit": unit, "per_second": round(per_s, 1), "gflop_per_item": flops / 1e9,
-                     "gflops": round(achieved, 2), "fraction_of_matmul_rate": round(achieved / rate, 3)})
+        rows.append({"figure": name + (" [bf16]" if precision == "bf16" else ""), "precision": precision, "unit": unit,
+                     "per_second": round(per_s, 1), "gflop_per_item": flops / 1e9, "gflops": round(achieved, 2),
+                     "fraction_of_fp32_matmul": round(achieved / rates["fp32"], 3),
+                     "fraction_of_bf16_matmul": round(achieved / rates["bf16"], 3)})
 
-    for batch in (128, 1024):
-        add(f"denoiser training, batch {batch}", "samples/s", *denoiser_training(den, batch))
-    for run in (1, 8):  # the default batch, each row its own timestep against 8 rows per timestep (the default)
-        add(f"denoiser training, batch 256, {run}/timestep", "samples/s", *denoiser_training(den, 256, run=run))
-    for sampler in ("ddpm", "ddim"):
-        per_s, flops, ddpm_step_fn = denoiser_sampling(den, sampler, 2500)
-        add(f"{sampler.upper()} sampling, batch 2500", "latents*steps/s", per_s, flops)
-        if sampler == "ddpm":
-            profile = sampling_profile(ddpm_step_fn)
-    for kind in ("conv", "mlp"):
-        add(f"autoencoder ({kind}) training, batch 128", "images/s", *autoencoder_training(kind))
-    unet = build_denoiser(DenoiserSpec(784, arch="unet"))  # pixel space, the design's ~150K U-Net
-    add("pixel U-Net training, batch 128", "images/s", *denoiser_training(unet, 128, seconds=10))
-    add("pixel U-Net DDPM sampling, batch 2500", "images*steps/s", *denoiser_sampling(unet, "ddpm", 2500, 10)[:2])
+    profile = None
+    if "fp32" in wanted:
+        for batch in (128, 1024):
+            add(f"denoiser training, batch {batch}", "samples/s", *denoiser_training(den, batch, sec))
+    for precision in wanted:
+        # the default batch, each row its own timestep against 8 rows per timestep (the default)
+        for run in ((1, 8) if precision == "fp32" else (8,)):
+            add(f"denoiser training, batch 256, {run}/timestep", "samples/s",
+                *denoiser_training(den, 256, sec, run=run, precision=precision), precision)
+        for sampler in ("ddpm", "ddim"):
+            per_s, flops, step_fn = denoiser_sampling(den, sampler, 2500, sec, precision)
+            add(f"{sampler.upper()} sampling, batch 2500", "latents*steps/s", per_s, flops, precision)
+            if sampler == "ddpm" and precision == "fp32":
+                profile = sampling_profile(step_fn)
+        for kind in ("conv", "mlp"):
+            add(f"autoencoder ({kind}) training, batch 128", "images/s",
+                *autoencoder_training(kind, seconds=sec, precision=precision), precision)
+    if "fp32" in wanted:
+        unet = build_denoiser(DenoiserSpec(784, arch="unet"))  # pixel space, the design's ~150K U-Net
+        add("pixel U-Net training, batch 128", "images/s", *denoiser_training(unet, 128, seconds=sec * 10 / 3))
+        add("pixel U-Net DDPM sampling, batch 2500", "images*steps/s",
+            *denoiser_sampling(unet, "ddpm", 2500, sec * 10 / 3)[:2])
 
-    print(f"fp32 matmul (2048x2048, {threads} threads): {rate:.1f} GFLOP/s — the reference limit")
-    print(f"{'figure':<38} {'throughput':>24} {'GFLOP/s':>9} {'of limit':>9}")
+    native = "native" if cpu_has_native_bf16() else "no native bf16 units"
+    print(f"matmul (2048x2048, {THREADS} threads): fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s "
+          f"({native}) — the reference limits")
+    print(f"{'figure':<45} {'throughput':>24} {'GFLOP/s':>9} {'of fp32':>8} {'of bf16':>8}")
     for r in rows:
-        print(f"{r['figure']:<38} {r['per_second']:>12,.0f} {r['unit']:<11} {r['gflops']:>9.1f} "
-              f"{r['fraction_of_matmul_rate']:>8.0%}")
-    shared = {r["figure"]: r["per_second"] for r in rows}
-    print(f"\n8 rows per timestep against 1 (diffusion.samples_per_timestep, batch 256): "
-          f"{shared['denoiser training, batch 256, 8/timestep'] / shared['denoiser training, batch 256, 1/timestep']:.2f}x "
-          f"the training samples/s")
-    print("\none latent DDPM step at batch 2,500, by operator (torch.profiler, self CPU time):")
-    for r in profile:
-        print(f"  {r['op']:<32} {r['ms_per_step']:>7.2f} ms {r['share']:>6.1%}")
+        print(f"{r['figure']:<45} {r['per_second']:>12,.0f} {r['unit']:<11} {r['gflops']:>9.1f} "
+              f"{r['fraction_of_fp32_matmul']:>8.0%} {r['fraction_of_bf16_matmul']:>8.0%}")
+    per_s = {r["figure"]: r["per_second"] for r in rows}
+    if "fp32" in wanted:
+        shared = per_s["denoiser training, batch 256, 8/timestep"] / per_s["denoiser training, batch 256, 1/timestep"]
+        print(f"\n8 rows per timestep against 1 (diffusion.samples_per_timestep, batch 256): {shared:.2f}x "
+              f"the training samples/s")
+    if len(wanted) == 2:
+        print("\nbf16 autocast against fp32 (throughput):")
+        for name in (r["figure"] for r in rows if r["precision"] == "bf16"):
+            fp32_name = name.removesuffix(" [bf16]")
+            print(f"  {fp32_name:<45} {per_s[name] / per_s[fp32_name]:.2f}x")
+    if profile is not None:
+        print("\none latent DDPM step at batch 2,500, by operator (torch.profiler, self CPU time):")
+        for r in profile:
+            print(f"  {r['op']:<32} {r['ms_per_step']:>7.2f} ms {r['share']:>6.1%}")
+    if args.no_save:
+        return
     RESULTS.mkdir(exist_ok=True)
     out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-           "threads": threads, "torch": torch.__version__, "matmul_gflops": round(rate, 1), "figures": rows,
+           "threads": THREADS, "torch": torch.__version__, "native_bf16": cpu_has_native_bf16(),
+           "matmul_gflops": round(rates["fp32"], 1), "matmul_gflops_bf16": round(rates["bf16"], 1), "figures": rows,
            "ddpm_step_profile_batch2500": profile}
     (RESULTS / "speed.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"-> {RESULTS / 'speed.json'}")

@@ -23,6 +23,7 @@ import yaml
 
 from conftest import BIN, cli, make_repo_copy, merge, run
 from conftest import test_env as user_env
+from mnist_ldm.device import cpu_has_native_bf16
 
 PARAMS = {
     "data": {"limit_train": 2000, "limit_test": 200},
@@ -186,6 +187,39 @@ def test_killed_evaluator_training_resumes_bit_identically(repo: Path, tmp_path:
     assert_same_tensors(got["state_dict"], want["state_dict"], "state_dict")
     assert got["weights_sha256"] == want["weights_sha256"]
     assert json.loads((cut / "evaluator.json").read_text()) == json.loads((whole / "evaluator.json").read_text())
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 units (amx_bf16 or avx512_bf16)")
+def test_killed_bf16_diffusion_training_resumes_bit_identically(repo: Path, reference: dict, tmp_path: Path):
+    """At --precision bf16 too, a run killed mid-epoch 2 ends with the weights of an uninterrupted bf16 run;
+    both checkpoints record bf16, and their weights are not the fp32 reference's."""
+    def argv_to(folder: Path) -> list[str]:
+        argv = stage_argv(repo, "train_diffusion") + ["--precision", "bf16"]
+        for flag, value in (("--out", folder / "diffusion.pt"), ("--metrics", folder / "diffusion.json"),
+                            ("--plots", folder / "plots")):
+            argv[argv.index(flag) + 1] = str(value)
+        return argv
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(argv_to(whole), repo)
+    resume = cut / "diffusion.resume.pt"
+    cut.mkdir()
+    step = kill_after_checkpoint(argv_to(cut), repo, resume, STEPS_PER_EPOCH + 1, tmp_path / "killed.log")
+    assert STEPS_PER_EPOCH < step < 3 * STEPS_PER_EPOCH, step
+    assert not (cut / "diffusion.pt").exists()
+
+    proc = run(argv_to(cut), repo)
+    assert f"resuming from {resume} at step {step}" in proc.stderr
+    assert not resume.exists()
+    got, want, fp32 = load(cut / "diffusion.pt"), load(whole / "diffusion.pt"), load(reference["ckpt"])
+    assert_same_tensors(got["state_dict"], want["state_dict"], "state_dict")
+    assert_same_tensors(got["ema_state_dict"], want["ema_state_dict"], "ema_state_dict")
+    assert_same_optimizer(got["optimizer"], want["optimizer"])
+    assert got["history"] == want["history"]
+    assert json.loads((cut / "diffusion.json").read_text()) == json.loads((whole / "diffusion.json").read_text())
+    assert got["runtime"] == want["runtime"] == {"device": "cpu", "precision": "bf16"}
+    assert fp32["runtime"] == {"device": "cpu", "precision": "fp32"}
+    assert any(not torch.equal(v, fp32["state_dict"][k]) for k, v in got["state_dict"].items()), "bf16 trained as fp32"
 
 
 def diverging_params(repo: Path, tmp_path: Path, checkpoint_every: int) -> Path:

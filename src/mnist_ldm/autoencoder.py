@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model_checkpoint
 from .config import AUTOENCODER_KINDS as KINDS
-from .device import model_device
+from .device import autocast, model_device
 from .images import PIXELS, SIDE, as_batch
 
 
@@ -169,22 +169,29 @@ def load_autoencoder(path: str | Path) -> tuple[Autoencoder, dict]:
 
 
 @torch.no_grad()
-def encode_images(model: Autoencoder, images: np.ndarray, batch_size: int = 2000) -> np.ndarray:
-    """uint8 (N, 28, 28) -> raw latents (N, latent_dim) float32 (pixel space: the 784 pixels in [0, 1])."""
+def encode_images(model: Autoencoder, images: np.ndarray, batch_size: int = 2000,
+                  precision: str = "fp32") -> np.ndarray:
+    """uint8 (N, 28, 28) -> raw latents (N, latent_dim) float32 (pixel space: the 784 pixels in [0, 1]);
+    `precision` bf16 encodes under autocast."""
     model.eval()
     dev = model_device(model)
-    out = [model.encode(as_batch(images[i:i + batch_size], dev)).cpu().numpy() for i in range(0, len(images), batch_size)]
+    with autocast(dev, precision):
+        out = [model.encode(as_batch(images[i:i + batch_size], dev)).float().cpu().numpy()
+               for i in range(0, len(images), batch_size)]
     return np.concatenate(out).astype(np.float32)
 
 
 @torch.no_grad()
-def reconstruction_metrics(model: Autoencoder, images: np.ndarray, batch_size: int = 1000) -> dict:
-    """Per-pixel BCE and MSE of the reconstructions of `images`."""
+def reconstruction_metrics(model: Autoencoder, images: np.ndarray, batch_size: int = 1000,
+                           precision: str = "fp32") -> dict:
+    """Per-pixel BCE and MSE of the reconstructions of `images` (the network under `precision`, the
+    errors in fp32)."""
     model.eval()
     bce = mse = 0.0
     for i in range(0, len(images), batch_size):
         x = as_batch(images[i:i + batch_size], model_device(model))
-        logits = model(x)
+        with autocast(x.device, precision):
+            logits = model(x).float()
         bce += F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item()
         mse += F.mse_loss(torch.sigmoid(logits), x, reduction="sum").item()
     n = len(images) * 28 * 28
@@ -192,8 +199,10 @@ def reconstruction_metrics(model: Autoencoder, images: np.ndarray, batch_size: i
 
 
 @torch.no_grad()
-def reconstructions(model: Autoencoder, images: np.ndarray) -> torch.Tensor:
+def reconstructions(model: Autoencoder, images: np.ndarray, precision: str = "fp32") -> torch.Tensor:
     """Rows of originals above their reconstructions: (2N, 1, 28, 28)."""
     model.eval()
     x = as_batch(images, model_device(model))
-    return torch.cat([x, model.decode(model.encode(x))]).cpu()
+    with autocast(x.device, precision):
+        y = model.decode(model.encode(x)).float()
+    return torch.cat([x, y]).cpu()

@@ -1,9 +1,21 @@
 """Where the work runs: the device, the precision, and the process group under `torchrun`.
 
-Device and precision are run-time choices, not params (they do not change what a stage means, and
-a params dep would make DVC think every output is stale): a `--device`/`--precision` flag on every
-command, or `MNIST_LDM_DEVICE`/`MNIST_LDM_PRECISION` for `dvc repro`. Outputs stay device-independent:
-checkpoints hold CPU tensors and load onto any device.
+Device and precision are run-time choices, not params: a `--device`/`--precision` flag on every
+command, or `MNIST_LDM_DEVICE`/`MNIST_LDM_PRECISION` for `dvc repro`. They say how a stage computes,
+not what it computes: the same params mean the same model at fp32 and bf16 on any device, only
+rounded differently, and a run repeats bit for bit on the same machine at the same precision. As
+params deps, they would make DVC call every output stale when a run moves to another machine, and
+push the choice of hardware into params.yaml, which is shared. Outputs stay device-independent:
+checkpoints hold fp32 CPU tensors and load onto any device.
+
+bf16 (CUDA, or a CPU with AMX or AVX-512 BF16) is autocast around every forward pass that computes
+(the three trainings, encoding, sampling, decoding, the evaluator's features); the weights, the
+optimizer, the losses and every metric stay fp32. Each checkpoint and latent cache records the
+device type and precision that made it (`"runtime"`), and each stage's MLflow run the tag
+`mnist_ldm.precision`. DVC does not see the precision, so comparing it means forcing the stages:
+
+    MNIST_LDM_PRECISION=bf16 dvc exp run -f          # one experiment at bf16, beside the fp32 baseline
+    mnist-ldm train-diffusion --precision bf16 ...   # one stage by hand
 """
 
 from __future__ import annotations
@@ -152,6 +164,10 @@ class Runtime:
 
     def autocast(self):
         return autocast(self.device, self.precision)
+
+    def record(self) -> dict:
+        """What a checkpoint records of the run that made it (the device type, not its index)."""
+        return {"device": self.device.type, "precision": self.precision}
 
     def generator(self, seed: int) -> torch.Generator:
         """A generator on this device, seeded from the params (reproducible on one device type)."""

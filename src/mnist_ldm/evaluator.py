@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import load_model_checkpoint
-from .device import model_device
+from .device import autocast, model_device
 from .images import as_batch
 
 FEATURE_DIM = 128
@@ -36,22 +36,25 @@ class EvaluatorCNN(nn.Module):
 
 
 @torch.no_grad()
-def features_and_probs(model: EvaluatorCNN, images: np.ndarray, batch_size: int = 2000):
-    """uint8 (N, 28, 28) -> penultimate features (N, 128) float64 and softmax (N, 10) float64."""
+def features_and_probs(model: EvaluatorCNN, images: np.ndarray, batch_size: int = 2000, precision: str = "fp32"):
+    """uint8 (N, 28, 28) -> penultimate features (N, 128) float64 and softmax (N, 10) float64; `precision`
+    bf16 runs the network under autocast (the softmax and the float64 copies stay exact)."""
     model.eval()
     feats, probs = [], []
     dev = model_device(model)
     # a channels-last copy: oneDNN's faster layout on CPU (measured 1.6x here), the caller's model untouched
     net = copy.deepcopy(model).to(memory_format=torch.channels_last)
     for i in range(0, len(images), batch_size):
-        f = net.features(as_batch(images[i:i + batch_size], dev))
+        with autocast(dev, precision):
+            f = net.features(as_batch(images[i:i + batch_size], dev))
+            logits = net.head(f).float()
         feats.append(f.double().cpu())
-        probs.append(F.softmax(net.head(f), dim=-1).double().cpu())
+        probs.append(F.softmax(logits, dim=-1).double().cpu())
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 
-def accuracy(model: EvaluatorCNN, images: np.ndarray, labels: np.ndarray) -> float:
-    _, p = features_and_probs(model, images)
+def accuracy(model: EvaluatorCNN, images: np.ndarray, labels: np.ndarray, precision: str = "fp32") -> float:
+    _, p = features_and_probs(model, images, precision=precision)
     return float((p.argmax(1) == labels).mean())
 
 

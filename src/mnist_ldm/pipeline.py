@@ -173,13 +173,15 @@ class LatentDiffusionPipeline:
     def decode(self, z_std: torch.Tensor, batch_size: int = 5000) -> np.ndarray:
         """Standardized latents (N, D) -> uint8 images (N, 28, 28)."""
         dev = self.rt.device
-        ims = [self.autoencoder.decode(self.scaler.unstandardize(z_std[i:i + batch_size].to(dev))).cpu()
-               for i in range(0, len(z_std), batch_size)]
+        with self.rt.autocast():
+            ims = [self.autoencoder.decode(self.scaler.unstandardize(z_std[i:i + batch_size].to(dev))).float().cpu()
+                   for i in range(0, len(z_std), batch_size)]
         return to_uint8(torch.cat(ims))
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """uint8 images (N, 28, 28) -> standardized latents (N, D), on the pipeline's device."""
-        return self.scaler.standardize(encode_images(self.autoencoder, images)).to(self.rt.device)
+        z = encode_images(self.autoencoder, images, precision=self.rt.precision)
+        return self.scaler.standardize(z).to(self.rt.device)
 
     @torch.no_grad()
     def invert(self, z_std: torch.Tensor, steps: int = 50) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from . import metrics
 from .evaluator import features_and_probs
-from .device import model_device
+from .device import autocast, model_device
 from .errors import UserError
 from .images import to_uint8
 
@@ -49,9 +49,9 @@ def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
-def floor_images(ae, z_train: np.ndarray, n: int, seed: int) -> dict[str, np.ndarray]:
+def floor_images(ae, z_train: np.ndarray, n: int, seed: int, precision: str = "fp32") -> dict[str, np.ndarray]:
     """Image sets for the floors (see the module docstring), n each, all independent of the test set;
-    `z_train` are the training images' latents."""
+    `z_train` are the training images' latents; decoded under `precision`."""
     rng = np.random.default_rng(seed)
     z64 = z_train.astype(np.float64)
     mu, cov = z64.mean(0), np.cov(z64, rowvar=False)
@@ -59,13 +59,16 @@ def floor_images(ae, z_train: np.ndarray, n: int, seed: int) -> dict[str, np.nda
     normal = rng.standard_normal((n, z_train.shape[1])).astype(np.float32)
     with torch.no_grad():
         def dec(z):
-            return to_uint8(ae.decode(torch.from_numpy(z).to(model_device(ae))))
+            with autocast(model_device(ae), precision):
+                return to_uint8(ae.decode(torch.from_numpy(z).to(model_device(ae))).float())
         recon = dec(z_train[rng.choice(len(z_train), min(n, len(z_train)), replace=False)])
         return {"ae_reconstruction": recon, "single_gaussian": dec(gauss), "standard_normal": dec(normal)}
 
 
 def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_images: np.ndarray, ae,
-          z_train: np.ndarray | None, n: int, k: int, seed: int) -> dict:
+          z_train: np.ndarray | None, n: int, k: int, seed: int, precision: str = "fp32") -> dict:
+    """The scores of `images` against `test_images` (see the module docstring); the evaluator and the
+    decoder run under `precision`, every metric in float64."""
     rng = np.random.default_rng(seed)
     n = min(n, len(images), len(test_images), len(train_images))
     if n < k + 2:
@@ -73,15 +76,16 @@ def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_
     pick = rng.choice(len(images), n, replace=False) if len(images) > n else np.arange(len(images))
     gen = images[pick]
     test = test_images[:n]
-    f_train_all, _ = features_and_probs(evaluator, train_images)  # for the memorization check too
+    f_train_all, _ = features_and_probs(evaluator, train_images, precision=precision)  # for memorization too
     f_train_sub = f_train_all[rng.choice(len(train_images), n, replace=False)]
-    f_test, _ = features_and_probs(evaluator, test)
-    f_gen, p_gen = features_and_probs(evaluator, gen)
+    f_test, _ = features_and_probs(evaluator, test, precision=precision)
+    f_gen, p_gen = features_and_probs(evaluator, gen, precision=precision)
     fcd = {"generated": metrics.frechet_classifier_distance(f_gen, f_test),
            "train_vs_test": metrics.frechet_classifier_distance(f_train_sub, f_test)}
     if ae is not None and z_train is not None:
-        for name, ims in floor_images(ae, z_train, n, seed).items():
-            fcd[name] = metrics.frechet_classifier_distance(features_and_probs(evaluator, ims)[0], f_test)
+        for name, ims in floor_images(ae, z_train, n, seed, precision).items():
+            f_floor = features_and_probs(evaluator, ims, precision=precision)[0]
+            fcd[name] = metrics.frechet_classifier_distance(f_floor, f_test)
     balance = metrics.class_balance(p_gen)
     result = {
         "n": int(n),

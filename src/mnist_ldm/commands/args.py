@@ -71,6 +71,10 @@ def load(args: argparse.Namespace) -> Params:
     return apply_overrides(load_params(args.params), items)
 
 
+# the MLflow tag of every stage run that computes: DVC does not see the precision (see device.py)
+PRECISION_TAG = "mnist_ldm.precision"
+
+
 def runtime_for(args: argparse.Namespace) -> "Runtime":
     """Device, precision and (under torchrun) the process group, from the flags and the environment."""
     from ..device import runtime  # imported here: stages that never touch torch (check_params) start fast

@@ -8,7 +8,7 @@ from ..atomic import atomic_dir, write_json, write_npz
 from ..config import Params
 from ..data import load_meta, load_split
 from ..paths import check_paths
-from .args import add_paths, runtime_for
+from .args import PRECISION_TAG, add_paths, runtime_for
 
 HELP = "encode the prepared data into cached latents"
 
@@ -26,13 +26,16 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from ..latents import latent_stats
 
     check_paths("encode", args, {"data": "a folder", "ae_ckpt": "a file"}, folders=["out"])
-    model = load_autoencoder(args.ae_ckpt)[0].to(runtime_for(args).device)
+    rt = runtime_for(args)
+    model = load_autoencoder(args.ae_ckpt)[0].to(rt.device)
     meta = load_meta(args.data)
     splits = {split: load_split(args.data, split) for split in ("train", "test")}  # both usable before any write
     with tracking.stage_run("encode", params, {"encode.data": str(args.data), "encode.ae_ckpt": str(args.ae_ckpt)},
                             meta) as trun:
-        latents = {split: encode_images(model, data.images) for split, data in splits.items()}
-        stats = {**latent_stats(latents["train"], model.fixed_scale), "ae_checkpoint_md5": file_md5(args.ae_ckpt)}
+        trun.set_tags({PRECISION_TAG: rt.precision})
+        latents = {split: encode_images(model, data.images, precision=rt.precision) for split, data in splits.items()}
+        stats = {**latent_stats(latents["train"], model.fixed_scale), "ae_checkpoint_md5": file_md5(args.ae_ckpt),
+                 "runtime": rt.record()}
         with atomic_dir(args.out) as tmp:  # latents and their stats are replaced together or not at all
             for split, data in splits.items():
                 write_npz(tmp / f"{split}.npz", z=latents[split], labels=data.labels)

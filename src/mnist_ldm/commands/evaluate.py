@@ -13,7 +13,7 @@ from ..atomic import atomic_dir, write_json
 from ..config import Params, override
 from ..data import load_split
 from ..paths import check_paths
-from .args import add_paths, runtime_for
+from .args import PRECISION_TAG, add_paths, runtime_for
 
 HELP = "score an .npz of images: FCD with floors, precision/recall, balance"
 
@@ -54,7 +54,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     check_paths("evaluate", args, {"samples": "a file", "evaluator": "a file", "data": "a folder", "ae_ckpt": "a file",
                                    "latents": "a folder"}, ["output"], ["plots"])
     images, labels = load_samples(args.samples)
-    device = runtime_for(args).device
+    rt = runtime_for(args)
+    device = rt.device
     evaluator, ev_meta = load_evaluator(args.evaluator)
     evaluator.to(device)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
@@ -63,7 +64,9 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     z_train = load_latents(args.latents, "train")[0]
     stage_params = {**tracking.section_params(params, "evaluate"), "evaluate.samples": str(args.samples)}
     with tracking.stage_run("evaluate", params, stage_params) as run:
-        result = score(images, labels, evaluator, train.images, test.images, ae, z_train, cfg.n, cfg.k, cfg.seed)
+        run.set_tags({PRECISION_TAG: rt.precision})
+        result = score(images, labels, evaluator, train.images, test.images, ae, z_train, cfg.n, cfg.k, cfg.seed,
+                       precision=rt.precision)
         result["evaluator_test_accuracy"] = ev_meta["metrics"]["test_accuracy"]
         with atomic_dir(args.plots) as tmp:
             _charts(result, tmp)

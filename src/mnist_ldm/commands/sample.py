@@ -12,7 +12,7 @@ from ..atomic import atomic_dir, write_npz
 from ..config import Params
 from ..memory import check_sampling_memory
 from ..paths import check_paths
-from .args import add_paths, runtime_for
+from .args import PRECISION_TAG, add_paths, runtime_for
 from .outputs import publish
 
 HELP = "the pipeline's sampling stage"
@@ -45,6 +45,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     check_sampling_memory(f"sample.num_images={cfg.num_images}", cfg.num_images, cfg.batch_size, pipe.latent_dim)
     with tracking.stage_run("sample", params, tracking.section_params(dataclasses.replace(params, sample=cfg),
                                                                       "sample")) as run:
+        run.set_tags({PRECISION_TAG: pipe.rt.precision})
         t0 = time.perf_counter()
         out = pipe.generate(cfg.num_images, request, batch_size=cfg.batch_size, trajectory_points=10)
         seconds = time.perf_counter() - t0

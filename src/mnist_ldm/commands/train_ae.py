@@ -9,7 +9,7 @@ from ..atomic import atomic_dir
 from ..config import Params, override
 from ..data import load_meta, load_split
 from ..paths import check_paths
-from .args import add_paths, positive_float, positive_int, runtime_for
+from .args import PRECISION_TAG, add_paths, positive_float, positive_int, runtime_for
 from .outputs import publish, writes_outputs
 
 HELP = "train the autoencoder (conv or mlp; pixel space writes a pass-through one)"
@@ -42,14 +42,17 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
     with tracking.training_run("train_ae", params, "autoencoder", meta, "mnist-train", args.data) as run:
+        run.set_tags({PRECISION_TAG: rt.precision})
         model, history = train_autoencoder(cfg, train, test, resume_path_for(args.out), meta["content_hash"],
                                            on_epoch=run.log_epoch, previews=cfg.generate_images and run.logging, rt=rt)
         if not writes_outputs(rt, "train_ae", model):
             return {}
-        final = {**reconstruction_metrics(model, test.images), "params": count_parameters(model)}
+        final = {**reconstruction_metrics(model, test.images, precision=rt.precision),
+                 "params": count_parameters(model)}
         pictures = ["reconstructions.png"] + (["loss.png"] if history else [])  # pixel space trains nothing
         with atomic_dir(args.plots) as tmp:
-            plots.save_grid(reconstructions(model, test.images[:32]), tmp / "reconstructions.png", nrow=32)
+            plots.save_grid(reconstructions(model, test.images[:32], rt.precision), tmp / "reconstructions.png",
+                            nrow=32)
             if history:
                 plots.save_figure(plots.line_chart(history, ["train_loss", "test_bce"], "autoencoder BCE"),
                                   tmp / "loss.png")
@@ -58,6 +61,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "state_dict": model.state_dict(),
             "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "generate_images"},
             "trained_on": {k: meta[k] for k in ("source", "content_hash", "counts")},
+            "runtime": rt.record(),
             "history": history,
             "metrics": final,
         })

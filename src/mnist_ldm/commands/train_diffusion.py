@@ -10,7 +10,7 @@ from ..config import Params, override
 from ..data import load_meta
 from ..errors import UserError
 from ..paths import check_paths
-from .args import add_paths, digit, positive_float, positive_int, runtime_for
+from .args import PRECISION_TAG, add_paths, digit, positive_float, positive_int, runtime_for
 from .outputs import publish, writes_outputs
 
 HELP = "train the latent denoiser"
@@ -72,6 +72,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                         f"{args.ae_ckpt} makes {ae.spec.latent_dim}-d latents; re-run 'encode'")
     ae_md5 = file_md5(args.ae_ckpt)
     with tracking.training_run("train_diffusion", params, "diffusion", meta, "mnist-train-latents", args.latents) as run:
+        run.set_tags({PRECISION_TAG: rt.precision})
 
         def preview(model, s, epoch):
             pipe = LatentDiffusionPipeline(ae, model, s, scaler).to(rt)
@@ -90,8 +91,10 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         # the per-epoch curve used a fixed subset of the held-out latents; the final figures use all of them
         z_held = z_held.to(rt.device)
         y_held = y_held.to(rt.device) if cfg.conditional else None
-        final = {"train_loss": history[-1]["train_loss"], "test_loss": held_out_loss(model, s, z_held, y_held),
-                 "test_loss_ema": held_out_loss(ema.model, s, z_held, y_held), "params": count_parameters(model),
+        final = {"train_loss": history[-1]["train_loss"],
+                 "test_loss": held_out_loss(model, s, z_held, y_held, rt.precision),
+                 "test_loss_ema": held_out_loss(ema.model, s, z_held, y_held, rt.precision),
+                 "params": count_parameters(model),
                  "train_latents": int(len(z_tr))}
         with atomic_dir(args.plots) as tmp:
             plots.save_figure(plots.line_chart(history, ["train_loss", "test_loss", "test_loss_ema"],
@@ -109,6 +112,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "trained_on": {"data_source": meta["source"], "data_hash": meta["content_hash"],
                            "autoencoder_md5": ae_md5, "autoencoder_config": ae.spec.to_dict(),
                            "only_digit": cfg.only_digit, "latents": int(len(z_tr))},
+            "runtime": rt.record(),
             "history": history,
             "metrics": final,
         })

@@ -8,7 +8,7 @@ import dataclasses
 from ..config import Params
 from ..data import load_meta, load_split
 from ..paths import check_paths
-from .args import add_paths, runtime_for
+from .args import PRECISION_TAG, add_paths, runtime_for
 from .outputs import publish, weights_digest, writes_outputs
 
 HELP = "train the CNN that scores samples"
@@ -34,6 +34,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     with tracking.training_run("train_evaluator", params, "evaluator", meta, "mnist-train", args.data) as run:
         model, history = train_evaluator(cfg, train, test, resume_path_for(args.out), meta["content_hash"],
                                           on_epoch=run.log_epoch, rt=rt)
+        run.set_tags({PRECISION_TAG: rt.precision})
         if not writes_outputs(rt, "train_evaluator", model):
             return {}
         weights_hash = weights_digest(model)
@@ -41,7 +42,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         save_checkpoint(args.out, "mnist-ldm/evaluator", {
             "state_dict": model.state_dict(), "model_config": {"feature_dim": FEATURE_DIM},
             "train_config": dataclasses.asdict(cfg), "weights_sha256": weights_hash,
-            "trained_on": {k: meta[k] for k in ("source", "content_hash", "counts")}, "metrics": final,
+            "trained_on": {k: meta[k] for k in ("source", "content_hash", "counts")}, "runtime": rt.record(),
+            "metrics": final,
         })
         resume_path_for(args.out).unlink(missing_ok=True)  # the checkpoint is written: drop the resume state
         publish(run, final, args.metrics, [args.metrics, args.out],

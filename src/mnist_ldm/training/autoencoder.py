@@ -37,12 +37,12 @@ def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = as_batch(images[rt.dist.shard(idx)])
-        return F.binary_cross_entropy_with_logits(net(x), x)
+        return F.binary_cross_entropy_with_logits(net(x).float(), x)
 
     def on_epoch_end(epoch: int, train_loss: float) -> dict:
-        metrics = reconstruction_metrics(model, test.images[:EPOCH_TEST_ITEMS])
+        metrics = reconstruction_metrics(model, test.images[:EPOCH_TEST_ITEMS], precision=rt.precision)
         if on_epoch is not None:
-            grids = {"reconstructions": plots.grid_array(reconstructions(model, test.images[:16]), 16)} \
+            grids = {"reconstructions": plots.grid_array(reconstructions(model, test.images[:16], rt.precision), 16)} \
                 if previews else {}
             on_epoch(epoch, {"train_bce": train_loss, **metrics}, grids)
         return metrics

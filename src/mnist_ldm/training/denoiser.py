@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..config import DiffusionConfig
 from ..denoiser import build_denoiser
-from ..device import CPU, Dist, Runtime
+from ..device import CPU, Dist, Runtime, autocast
 from ..diffusion import NoiseSchedule, draw_timesteps, local_run, min_snr_weights, q_sample
 from ..nn import Denoiser, DenoiserSpec
 from .loop import EMA, EPOCH_TEST_ITEMS, adam, fingerprint, run_training, total_steps
@@ -52,7 +52,7 @@ def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, g
     z0, t, noise = dist.shard(z0), dist.shard(t), dist.shard(noise)
     zt = q_sample(s, z0, t, noise)
     rows_per_t = local_run(run, dist.world)
-    pred = model(zt, t, y) if rows_per_t <= 1 else model(zt, t, y, run=rows_per_t)
+    pred = (model(zt, t, y) if rows_per_t <= 1 else model(zt, t, y, run=rows_per_t)).float()  # an fp32 loss
     if min_snr_gamma <= 0:
         return F.mse_loss(pred, noise)
     per_sample = (pred - noise).pow(2).mean(dim=1)
@@ -60,17 +60,20 @@ def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, g
 
 
 @torch.no_grad()
-def held_out_loss(model: Denoiser, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor]) -> float:
+def held_out_loss(model: Denoiser, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor],
+                  precision: str = "fp32") -> float:
     """The same loss on held-out latents with fixed t and noise, so epochs are comparable; in chunks of
-    about 2M values (one chunk for 16-d latents, 2,551 images in pixel space)."""
+    about 2M values (one chunk for 16-d latents, 2,551 images in pixel space); the network under `precision`."""
     model.eval()
     gen = torch.Generator(device=z0.device).manual_seed(1234)
     rows = max(1, HELD_OUT_CHUNK // z0.shape[1])
     total = 0.0
     for i in range(0, len(z0), rows):
         chunk = z0[i:i + rows]
-        total += diffusion_loss(model, s, chunk, gen, y=y[i:i + rows] if y is not None else None,
-                                null_label=model.null_label).item() * len(chunk)
+        with autocast(z0.device, precision):
+            loss = diffusion_loss(model, s, chunk, gen, y=y[i:i + rows] if y is not None else None,
+                                  null_label=model.null_label)
+        total += loss.item() * len(chunk)
     return total / len(z0)
 
 
@@ -100,8 +103,8 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
     z_epoch, y_epoch = z_test[:EPOCH_TEST_ITEMS], (y_test[:EPOCH_TEST_ITEMS] if cond else None)
 
     def on_epoch_end(epoch: int, train_loss: float) -> dict:
-        metrics = {"test_loss": held_out_loss(model, s, z_epoch, y_epoch),
-                   "test_loss_ema": held_out_loss(ema.model, s, z_epoch, y_epoch),
+        metrics = {"test_loss": held_out_loss(model, s, z_epoch, y_epoch, rt.precision),
+                   "test_loss_ema": held_out_loss(ema.model, s, z_epoch, y_epoch, rt.precision),
                    "ema_decay": ema.current_decay()}
         if on_epoch is not None:
             grids = {"samples": preview(ema.model, s, epoch)} if preview is not None else {}

@@ -31,10 +31,10 @@ def train_evaluator(cfg: EvaluatorConfig, train: Split, test: Split, resume_path
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         mine = rt.dist.shard(idx)
-        return F.cross_entropy(net(as_batch(images[mine])), labels[mine])
+        return F.cross_entropy(net(as_batch(images[mine])).float(), labels[mine])
 
     def on_epoch_end(epoch: int, train_loss: float) -> dict:
-        acc = accuracy(model, test.images, test.labels)
+        acc = accuracy(model, test.images, test.labels, rt.precision)
         if on_epoch is not None:
             on_epoch(epoch, {"train_loss": train_loss, "test_accuracy": acc}, {})
         return {"test_accuracy": acc}

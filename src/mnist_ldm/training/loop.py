@@ -125,7 +125,8 @@ def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
 
     Under torchrun every rank walks the same seeded order and draws the same random numbers; `loss_fn`
     takes its rank's shard of each global batch of `batch_size`, and DDP averages the gradients, so the
-    params mean the same at any number of processes. Only rank 0 writes the resume state.
+    params mean the same at any number of processes. Only rank 0 writes the resume state, which a run at
+    another precision does not take up.
     """
     if n_items == 0:
         raise UserError(f"{desc}: no training items (check the data and params such as diffusion.only_digit)")
@@ -134,6 +135,8 @@ def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
                         f"the global batch is split between them")
     steps_per_epoch = total_steps(n_items, batch_size, 1)
     total = total_steps(n_items, batch_size, epochs)
+    if rt.precision != "fp32":  # a resume state saved at another precision does not match; fp32's stays as it was
+        run_fingerprint = fingerprint(run_fingerprint, rt.precision)
     gen = rt.generator(seed)
     state = LoopState()
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them with the last step's

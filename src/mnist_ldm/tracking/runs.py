@@ -65,7 +65,9 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
     workdir = (workdir or Path.cwd()).resolve()
     root = repo_root()
     uri = tracking_uri(root)
-    inputs = {**stage_inputs(workdir, stage), "stage_params": stage_params, "argv": sys.argv[1:]}
+    # the command line and the run-time choices set in the environment (MNIST_LDM_PRECISION, ...) are inputs too
+    runtime_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MNIST_LDM_")}
+    inputs = {**stage_inputs(workdir, stage), "stage_params": stage_params, "argv": sys.argv[1:], "env": runtime_env}
     input_hash = json_digest(inputs, 20)
     under_dvc = bool(os.environ.get("DVC_STAGE"))
     try:

@@ -104,6 +104,12 @@ class StageRun:
             for key, image in (images or {}).items():
                 self.log_image(key, image, step=epoch)
 
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.logging:
+            from mlflow.entities import RunTag
+
+            self.call("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def log_image(self, key: str, image: Any, step: int) -> None:
         if self.logging:
             self.call(f"image {key}", self.client.log_image, self.run_id, image, key=key, step=step)

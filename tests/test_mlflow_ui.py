@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote
 
 import pytest
+import yaml
 
 import conftest
 from conftest import BIN, copy_trained, free_port, run
@@ -295,3 +296,32 @@ def test_mnist_ldm_ui_opens_the_runs_table_of_both_variants(logged, parents, ser
     assert proc.returncode in (0, 130) and "Traceback" not in err.read_text(), (proc.returncode, err.read_text())
     with pytest.raises(OSError):  # the server it started is gone with it
         urllib.request.urlopen(base + "/health", timeout=5)
+
+
+# the curve plots of dvc.yaml (chart title -> the per-epoch file and fields it draws)
+CURVES = yaml.safe_load((conftest.REPO / "dvc.yaml").read_text())["plots"]
+CURVE_TITLES = {next(iter(p)): p[next(iter(p))]["title"] for p in CURVES if isinstance(p, dict)}
+
+
+def test_dvc_plots_diff_overlays_both_experiments_curves_offline(logged, server, page, shots):
+    """`dvc plots diff <exp-a> <exp-b>` draws each training curve once, with both experiments' lines, from the
+    vendored Vega of .dvc/plots_offline.html: the page loads nothing but itself."""
+    repo = server.db.parent / "repo"
+    out = repo.parent / "plots-diff"
+    run([str(BIN / "dvc"), "plots", "diff", *VARIANTS, "-o", str(out)], repo)
+    history = json.loads((repo / "plots/curves/diffusion.json").read_text())
+    assert history and {"epoch", "train_loss", "test_loss", "test_loss_ema", "lr"} <= set(history[0])
+    requested = []
+    page.route("**/*", lambda route: (requested.append(route.request.url), route.continue_()
+                                      if route.request.url.startswith("file:") else route.abort()))
+    page.goto((out / "index.html").as_uri())
+    page.wait_for_function(f"window.dvcPlotViews && window.dvcPlotViews.length >= {len(CURVE_TITLES)}")
+    charts = page.evaluate("""() => Array.from(document.querySelectorAll('.vega-embed svg.marks')).map(svg => ({
+        text: Array.from(svg.querySelectorAll('text')).map(t => t.textContent),
+        lines: svg.querySelectorAll('path[aria-roledescription="line mark"]').length}))""")
+    for name, title in CURVE_TITLES.items():
+        drawn = [c for c in charts if title in c["text"]]
+        assert len(drawn) == 1, (name, title, [c["text"][-1] for c in charts])
+        assert set(VARIANTS) <= set(drawn[0]["text"]) and drawn[0]["lines"] >= len(VARIANTS), (name, drawn[0])
+    assert requested == [(out / "index.html").as_uri()], requested  # no CDN, nothing from outside the page
+    page.screenshot(path=str(shots / "dvc_plots_diff.png"), full_page=True)

@@ -25,6 +25,20 @@ HEAD = """<!DOCTYPE html>
     </style>
 """
 TAIL = """
+<script type="text/javascript">
+    // every chart as SVG (its lines and legend are in the page, for a reader's tools and the browser test);
+    // window.dvcPlotViews holds the Vega views
+    (function () {
+        var embed = window.vegaEmbed;
+        window.dvcPlotViews = [];
+        window.vegaEmbed = function (el, spec, opt) {
+            return embed(el, spec, Object.assign({renderer: "svg"}, opt || {})).then(function (result) {
+                window.dvcPlotViews.push(result.view);
+                return result;
+            });
+        };
+    })();
+</script>
 </head>
 <body>
     {plot_divs}

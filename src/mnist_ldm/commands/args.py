@@ -80,3 +80,9 @@ def runtime_for(args: argparse.Namespace) -> "Runtime":
     from ..device import runtime  # imported here: stages that never touch torch (check_params) start fast
 
     return runtime(getattr(args, "device", None), getattr(args, "precision", None))
+
+
+def add_curves(p: argparse.ArgumentParser) -> None:
+    """`--curves FILE`: a training stage's per-epoch figures as JSON, the data of dvc.yaml's curve plots
+    (dvc.yaml passes it; by hand it is optional)."""
+    p.add_argument("--curves", type=Path, help="per-epoch figures to write as JSON (dvc.yaml's curve plots)")

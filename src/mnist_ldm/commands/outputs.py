@@ -27,10 +27,13 @@ def writes_outputs(rt: "Runtime", name: str, model) -> bool:
     return rt.dist.main
 
 
-def publish(run, final: dict, metrics_path: Path, artifacts: Sequence[Path], metrics_file: Optional[dict] = None) -> None:
-    """A finished stage: write its metrics file (`metrics_file`, else `final`), log `final` as its headline
-    and log its artifacts."""
+def publish(run, final: dict, metrics_path: Path, artifacts: Sequence[Path], metrics_file: Optional[dict] = None,
+            curves: Optional[Path] = None, history: Sequence[dict] = ()) -> None:
+    """A finished stage: write its metrics file (`metrics_file`, else `final`) and, for a training stage, its
+    per-epoch `history` as `curves` (the data `dvc plots` draws); log `final` as its headline, and the files."""
     write_json(metrics_path, final if metrics_file is None else metrics_file)
+    if curves is not None:
+        write_json(curves, list(history))
     run.headline(final)
-    for path in artifacts:
+    for path in [*artifacts, *([curves] if curves is not None else [])]:
         run.log_artifact(path)

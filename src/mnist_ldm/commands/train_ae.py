@@ -9,7 +9,7 @@ from ..atomic import atomic_dir
 from ..config import Params, override
 from ..data import load_meta, load_split
 from ..paths import check_paths
-from .args import PRECISION_TAG, add_paths, positive_float, positive_int, runtime_for
+from .args import PRECISION_TAG, add_curves, add_paths, positive_float, positive_int, runtime_for
 from .outputs import publish, writes_outputs
 
 HELP = "train the autoencoder (conv or mlp; pixel space writes a pass-through one)"
@@ -18,6 +18,7 @@ HELP = "train the autoencoder (conv or mlp; pixel space writes a pass-through on
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_paths(p, data="prepared data folder", out="checkpoint to write", metrics="metrics JSON to write",
               plots="folder for the PNG pictures")
+    add_curves(p)
     p.add_argument("--epochs", type=positive_int, help="autoencoder.epochs")
     p.add_argument("--batch-size", type=positive_int, help="autoencoder.batch_size")
     p.add_argument("--lr", type=positive_float, help="autoencoder.lr")
@@ -37,7 +38,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     cfg = override(params.autoencoder, "autoencoder", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    latent_dim=args.latent_dim, generate_images=args.generate_images)
     params = dataclasses.replace(params, autoencoder=cfg)
-    check_paths("train_ae", args, {"data": "a folder"}, ["out", "metrics"], ["plots"])
+    check_paths("train_ae", args, {"data": "a folder"}, ["out", "metrics", "curves"], ["plots"])
     rt = runtime_for(args)
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
@@ -67,7 +68,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         })
         resume_path_for(args.out).unlink(missing_ok=True)  # the checkpoint is written: drop the resume state
         publish(run, final, args.metrics, [*(args.plots / p for p in pictures), args.metrics, args.data / "meta.json",
-                                           args.out])
+                                           args.out], curves=args.curves, history=history)
     print(f"train_ae: test BCE {final['test_bce']:.4f}, MSE {final['test_mse']:.5f}, "
           f"{final['params']:,} parameters -> {args.out}")
     return final

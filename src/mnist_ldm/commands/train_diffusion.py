@@ -10,7 +10,7 @@ from ..config import Params, override
 from ..data import load_meta
 from ..errors import UserError
 from ..paths import check_paths
-from .args import PRECISION_TAG, add_paths, digit, positive_float, positive_int, runtime_for
+from .args import PRECISION_TAG, add_curves, add_paths, digit, positive_float, positive_int, runtime_for
 from .outputs import publish, writes_outputs
 
 HELP = "train the latent denoiser"
@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_paths(p, ae_ckpt="autoencoder checkpoint (sets the latent size)",
               latents="latent cache written by 'encode'", data="prepared data folder (for meta.json)",
               out="checkpoint to write", metrics="metrics JSON to write", plots="folder for the PNG pictures")
+    add_curves(p)
     p.add_argument("--epochs", type=positive_int, help="diffusion.epochs")
     p.add_argument("--batch-size", type=positive_int, help="diffusion.batch_size")
     p.add_argument("--lr", type=positive_float, help="diffusion.lr")
@@ -53,7 +54,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                    generate_images=args.generate_images)
     params = dataclasses.replace(params, diffusion=cfg)
     check_paths("train_diffusion", args, {"ae_ckpt": "a file", "latents": "a folder", "data": "a folder"},
-                ["out", "metrics"], ["plots"])
+                ["out", "metrics", "curves"], ["plots"])
     rt = runtime_for(args)
     ae, _ = load_autoencoder(args.ae_ckpt)
     if args.latent_dim is not None and args.latent_dim != ae.spec.latent_dim:
@@ -117,7 +118,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "metrics": final,
         })
         resume_path_for(args.out).unlink(missing_ok=True)  # the checkpoint is written: drop the resume state
-        publish(run, final, args.metrics, [args.plots / "loss.png", args.metrics, args.out])
+        publish(run, final, args.metrics, [args.plots / "loss.png", args.metrics, args.out], curves=args.curves,
+                history=history)
     print(f"train_diffusion: {final['params']:,}-parameter denoiser, held-out loss {final['test_loss']:.4f} "
           f"(EMA {final['test_loss_ema']:.4f}) -> {args.out}")
     return final

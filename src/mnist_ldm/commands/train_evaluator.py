@@ -8,7 +8,7 @@ import dataclasses
 from ..config import Params
 from ..data import load_meta, load_split
 from ..paths import check_paths
-from .args import PRECISION_TAG, add_paths, runtime_for
+from .args import PRECISION_TAG, add_curves, add_paths, runtime_for
 from .outputs import publish, weights_digest, writes_outputs
 
 HELP = "train the CNN that scores samples"
@@ -16,6 +16,7 @@ HELP = "train the CNN that scores samples"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_paths(p, data="prepared data folder", out="checkpoint to write", metrics="metrics JSON to write")
+    add_curves(p)
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
@@ -27,7 +28,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from ..training.loop import count_parameters, resume_path_for
 
     cfg = params.evaluator
-    check_paths("train_evaluator", args, {"data": "a folder"}, ["out", "metrics"])
+    check_paths("train_evaluator", args, {"data": "a folder"}, ["out", "metrics", "curves"])
     rt = runtime_for(args)
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
@@ -47,6 +48,6 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         })
         resume_path_for(args.out).unlink(missing_ok=True)  # the checkpoint is written: drop the resume state
         publish(run, final, args.metrics, [args.metrics, args.out],
-                metrics_file={**final, "weights_sha256": weights_hash[:16]})
+                metrics_file={**final, "weights_sha256": weights_hash[:16]}, curves=args.curves, history=history)
     print(f"train_evaluator: test accuracy {final['test_accuracy']:.4f} (weights {weights_hash[:12]}) -> {args.out}")
     return final

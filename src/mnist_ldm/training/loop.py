@@ -178,7 +178,8 @@ def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
             if state.step % check_every == 0:
                 bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss.item():.4f}", refresh=False)
             if last_step:
-                metrics = {"epoch": epoch + 1, "train_loss": rt.all_sum(loss_sum).item() / n_items}
+                metrics = {"epoch": epoch + 1, "train_loss": rt.all_sum(loss_sum).item() / n_items,
+                           "lr": optimizer.param_groups[0]["lr"]}  # the rate of the epoch's last step
                 metrics.update(on_epoch_end(epoch + 1, metrics["train_loss"]))
                 state.history.append(metrics)
                 loss_sum.zero_()

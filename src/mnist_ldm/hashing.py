@@ -21,13 +21,15 @@ def file_md5(path: str | Path) -> str:
 
 
 def path_hash(path: Path) -> str:
-    """md5 of a file; of a folder, md5 of its listing with each file's md5 (`__pycache__` left out); else "missing"."""
+    """The md5 `dvc.lock` records: of a file, its bytes; of a folder, DVC's listing of each file's md5 and
+    relative path, with ".dir" (`__pycache__` left out); "missing" if there is nothing at `path`."""
     if path.is_file():
         return file_md5(path)
     if path.is_dir():
-        listing = [(str(p.relative_to(path)), file_md5(p)) for p in sorted(path.rglob("*"))
+        listing = [{"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()} for p in sorted(path.rglob("*"))
                    if p.is_file() and "__pycache__" not in p.parts]
-        return hashlib.md5(json.dumps(listing).encode()).hexdigest() + ".dir"
+        listing.sort(key=lambda entry: entry["relpath"])
+        return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
     return "missing"
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..config import Params
-from ..hashing import json_digest
+from ..hashing import json_digest, path_hash
+from ..params_file import dotted_value
 from .identity import data_tags, git_tags, pipeline_key, read_yaml, section_params, stage_inputs
 from .stagerun import StageRun, is_number, log_params, same
 from .store import TAG, TrackingError, connect, experiment_id, first_line, repo_root, tracking_uri
@@ -145,22 +146,59 @@ def flatten(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def current_stages(workdir: Path, running: str) -> set[str]:
+    """The stages whose outputs belong to the pipeline as it stands: `running` (its outputs are this
+    execution's), and each stage whose `dvc.lock` entry matches its deps and params in the workspace and
+    whose upstream stages are all current. Under `dvc repro` a stage that is still to run is not (DVC
+    updates its entry once it has run), nor is one whose upstream stage failed."""
+    stages = read_yaml(workdir / "dvc.yaml").get("stages", {})
+    lock = read_yaml(workdir / "dvc.lock").get("stages", {})
+    params = read_yaml(workdir / "params.yaml")
+    outs = {str(o if isinstance(o, str) else next(iter(o))).rstrip("/"): name for name, spec in stages.items()
+            for kind in ("outs", "metrics", "plots") for o in spec.get(kind, [])}
+
+    def producer(dep: str) -> Optional[str]:
+        return next((name for out, name in outs.items() if dep == out or dep.startswith(out + "/")), None)
+
+    hashes: dict[str, str] = {}  # a dep shared by several stages (the code, data/prepared) is hashed once
+
+    def matches(entry: dict) -> bool:
+        return (all((hashes.get(d["path"]) or hashes.setdefault(d["path"], path_hash(workdir / d["path"])))
+                    == d.get("md5") for d in entry.get("deps", []))
+                and all(dotted_value(params, k) == v for k, v in entry.get("params", {}).get("params.yaml", {}).items()))
+
+    current: dict[str, bool] = {}
+
+    def is_current(name: str) -> bool:
+        if name not in current:
+            current[name] = False  # a cycle (not possible in a DVC pipeline) reads as not current
+            entry = lock.get(name)
+            current[name] = name == running or (entry is not None and matches(entry) and all(
+                is_current(p) for d in entry.get("deps", []) if (p := producer(d["path"])) not in (None, name)))
+        return current[name]
+
+    return {name for name in stages if is_current(name)}
+
+
 def sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool) -> None:
-    """Put the numbers of every metrics file that dvc.yaml lists on the parent (a stage that DVC runs), or
-    else the stage's headline prefixed by its name, logging only changed values; sizes go as tags."""
+    """Put the numbers of the metrics files of the current stages (`current_stages`) on the parent (a stage
+    that DVC runs), or else the stage's headline prefixed by its name, logging only changed values; sizes go
+    as tags. A figure of a stage still to run, or of one that failed, is never copied from the workspace."""
     if not run.parent_id or run.client is None or run.lost:
         return
     from mlflow.entities import RunTag
 
     flat: dict[str, float] = {}
-    entries = read_yaml(workdir / "dvc.yaml").get("metrics", []) if from_files else []
-    for path in (workdir / entry for entry in entries):
+    stages = read_yaml(workdir / "dvc.yaml").get("stages", {}) if from_files else {}
+    live = current_stages(workdir, run.stage) if from_files else set()
+    entries = [m if isinstance(m, str) else next(iter(m)) for name in live for m in stages[name].get("metrics", [])]
+    for path in (workdir / entry for entry in sorted(entries)):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         flat.update({f"{path.stem}.{k}": v for k, v in flatten(data).items()} if isinstance(data, dict) else {})
-    if not entries:
+    if not from_files:
         flat.update({f"{run.stage}.{k}": v for k, v in run.headline_metrics.items()})
     parent = run.call("parent metrics", run.client.get_run, run.parent_id)
     if parent is None:

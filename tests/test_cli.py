@@ -289,3 +289,14 @@ def test_cli_and_stage_script_run_a_command_the_same_way(trained_repo, extra, np
     for entry in ([str(BIN / "mnist-ldm"), "train-ae"], [str(BIN / "python"), "stages/train_ae.py"]):
         proc = run([*entry, *args], trained_repo, check=False, env=env(MNIST_LDM_NPROC=nproc))
         assert (proc.returncode, proc.stderr.strip()) == (2, line), entry
+
+
+def test_promote_with_tracking_off_is_refused_before_the_store_is_opened(tmp_path):
+    """`tracking.enabled: false` and `mnist-ldm promote`: one line naming the key, exit 2, no store created."""
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
+    proc = cli("promote", "--set", "tracking.enabled=false", cwd=tmp_path, check=False,
+               env=env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'store.db'}"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: tracking.enabled is false") and "@champion" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -169,15 +169,15 @@ def test_promote_moves_champion_to_the_lowest_fcd_or_the_given_version(registere
     assert f"version {made['better']} " in out and "previous champion: none" in out, out
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == made["better"]
 
-    from mnist_ldm.commands import promote  # the same command in this process (a second CLI start costs seconds)
+    from mnist_ldm.cli import main as mnist_ldm  # the same command in this process (a second CLI start costs seconds)
 
     monkeypatch.chdir(repo)
-    assert promote.main(["--version", registered["version"]]) == 0
+    assert mnist_ldm(["promote", "--version", registered["version"]]) == 0
     out = capsys.readouterr().out
     assert f"is now @champion (--version {registered['version']}); previous champion: version {made['better']} " \
         in out, out
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == registered["version"]
-    assert promote.main(["--version", "99"]) == 2
+    assert mnist_ldm(["promote", "--version", "99"]) == 2
     assert capsys.readouterr().err.startswith(f"error: --version 99: '{NAME}' has no such version; it has 1, ")
 
 

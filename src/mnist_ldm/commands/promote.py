@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from .. import tracking
 from ..config import Params
+from ..errors import UserError
 from ..tracking import registry
 from .args import positive_int
 
@@ -35,6 +36,9 @@ def _describe(version: Optional[Any], metric: str) -> str:
 def run(params: Params, args: argparse.Namespace) -> dict:
     from ..tracking.store import connect
 
+    if not params.tracking.enabled:  # the registry is part of tracking: never move an alias the user turned off
+        raise UserError(f"tracking.enabled is false in {args.params}, so promote leaves the Model Registry alone; "
+                        f"enable tracking (or pass --set tracking.enabled=true) to move @{registry.CHAMPION}")
     uri = tracking.tracking_uri(tracking.repo_root())
     name = params.tracking.registered_model
     chosen, previous, moved = registry.promote(connect(uri), name, args.metric, args.version)

@@ -95,11 +95,17 @@ def find_idx_files(idx_dir: Path) -> dict[str, Path] | None:
     return found
 
 
-def load_idx(idx_dir: Path) -> Mnist:
+def require_idx_files(idx_dir: Path) -> dict[str, Path]:
+    """The four IDX files in `idx_dir` (plain or .gz); a `DataError` naming data.idx_dir if any is missing."""
     files = find_idx_files(idx_dir)
     if files is None:
         names = ", ".join(f"{s}[.gz]" for s in IDX_FILES.values())
         raise DataError(f"data.idx_dir={idx_dir}: the MNIST IDX files are missing; expected {names}")
+    return files
+
+
+def load_idx(idx_dir: Path) -> Mnist:
+    files = require_idx_files(idx_dir)
     splits = {}
     for split in ("train", "test"):
         images = read_idx_images(files[f"{split}_images"])

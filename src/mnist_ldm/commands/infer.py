@@ -48,7 +48,8 @@ def run(params: Params, args: argparse.Namespace) -> Path:
                         f"use .png (a grid) or .npz (arrays)")
     check_writable(files=[args.output])
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema).to(runtime_for(args))
-    request = pipe.check(SamplingRequest.from_config(cfg))  # steps beyond T, a digit for an unconditional model
+    given = [name for name, value in vars(args).items() if value is not None]  # the flags given: used, or refused
+    request = pipe.check(SamplingRequest.from_config(cfg), given)  # steps beyond T, --steps for ddpm, ...
     out = pipe.generate(n, request, batch_size=cfg.batch_size)
     if suffix == ".npz":
         write_npz(args.output, **({"images": out.images} if out.labels is None else

@@ -12,8 +12,8 @@ SAMPLERS = ("ddpm", "ddim")
 ETA_EXPECTED = "a number in [0, 1]"
 GUIDANCE_EXPECTED = "a finite number >= 0"
 SEED_EXPECTED = "an integer in [0, 2^63)"
-UNCONDITIONAL = ("needs a class-conditional model, and this one is unconditional (train with diffusion.conditional=true, "
-                 "or use diffusion.only_digit)")
+UNCONDITIONAL = ("needs a class-conditional model, and this one is unconditional (train with "
+                 "diffusion.conditional=true, or use diffusion.only_digit)")
 
 
 def eta_ok(eta: float) -> bool:

@@ -157,7 +157,10 @@ def test_param_rules_in_process():
         params_from_dict(merge(base, changes))
     for changes, start in [({"sample": {"sampler": "ddpm", "steps": 10}}, "params: sample.steps=10 is not used"),
                            ({"sample": {"digit": 0}}, "params: sample.digit=0 needs a class-conditional model"),
-                           ({"evaluate": {"n": 10, "k": 9}}, "params: evaluate.k=9 needs at least 11 images")]:
+                           ({"evaluate": {"n": 10, "k": 9}}, "params: evaluate.k=9 is not allowed; expected an "
+                                                              "integer <= 8"),
+                           ({"sample": {"guidance": 0.0}}, "params: sample.guidance=0.0 is not used by an "
+                                                           "unconditional model")]:
         with pytest.raises(ConfigError) as e:
             params_from_dict(merge(base, changes))
         assert str(e.value).startswith(start) and "\n" not in str(e.value), str(e.value)

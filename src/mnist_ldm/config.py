@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from .errors import UserError
-from .params_rules import cross_section_problem
+from .params_rules import cross_section_problem, min_images
 from .sampling_rules import ETA_EXPECTED, GUIDANCE_EXPECTED, SAMPLERS, SEED_EXPECTED, eta_ok, guidance_ok, seed_ok
 
 DATA_SOURCES = ("auto", "idx", "huggingface", "bundled")
@@ -221,6 +221,8 @@ class EvaluateConfig(_Section):
     def rules(self, s: str) -> None:
         _require(self.n >= 10, f"{s}.n", self.n, "an integer >= 10")
         _at_least_one(self, s, "k")
+        _require(min_images(self.k) <= self.n, f"{s}.k", self.k, f"an integer <= {self.n - 2} (k neighbours need "
+                 f"k + 2 images to compare, and evaluate.n={self.n})")
 
 
 def registry_name_ok(name: str) -> bool:

@@ -1,8 +1,9 @@
 """The rules that tie one params section to another, each stated once. `config.Params.validate` applies them
 after each section's own checks, so that `check_params` refuses, before DVC deletes any output, a combination
 that a later stage would refuse (or silently ignore): DDIM's steps against diffusion.T, the U-Net against the
-autoencoder, a digit or a guidance scale for an unconditional model, steps or eta for DDPM, and evaluate.k
-against the number of images `evaluate` compares. Imports nothing of the package but `sampling_rules`.
+autoencoder, a digit or a guidance scale for an unconditional model, steps or eta for DDPM. `check_params`
+also checks evaluate.k against the number of images the pipeline's `evaluate` compares. Imports nothing of
+the package but `sampling_rules`.
 """
 
 from __future__ import annotations
@@ -40,11 +41,18 @@ def cross_section_problem(p: Any) -> Optional[str]:
         problem = unused(key, s.sampler, classes)
         if problem and value != was:
             return f"params: sample.{key}={value!r} {problem}; expected sample.{key}={was!r} (its default) here"
+    return None
+
+
+def evaluated_images_problem(p: Any) -> Optional[str]:
+    """evaluate.k against the other sections' caps on the images the pipeline's `evaluate` compares (it takes
+    the fewest of evaluate.n, the samples and the prepared sets), as one line; None if they leave enough.
+    `check_params` checks it: `infer` takes sample.num_images for its grid, where evaluate.k plays no part."""
     need = min_images(p.evaluate.k)
-    caps = {"evaluate.n": p.evaluate.n, "sample.num_images": s.num_images, "data.limit_test": p.data.limit_test,
-            "data.limit_train": p.data.limit_train}  # `scoring.score` compares the fewest of these (0: all)
+    caps = {"sample.num_images": p.sample.num_images, "data.limit_test": p.data.limit_test,
+            "data.limit_train": p.data.limit_train}  # 0: every image
     for key, n in caps.items():
         if 0 < n < need:
-            return (f"params: evaluate.k={p.evaluate.k} needs at least {need} images to compare, and {key}={n} "
-                    f"leaves {n}; expected a smaller evaluate.k, or {key} >= {need}")
+            return (f"evaluate.k={p.evaluate.k} needs at least {need} images to compare, and {key}={n} leaves "
+                    f"{n}; expected a smaller evaluate.k, or {key} >= {need}")
     return None

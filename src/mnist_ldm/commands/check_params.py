@@ -7,8 +7,8 @@ valid params it writes the same bytes every time, so it never makes another stag
 with a bad value it fails, and `dvc repro` stops before touching anything downstream.
 
 Loading the params checks every value and every rule between sections (`config`, `params_rules`); this stage
-then checks what a stage reads besides the params and can be checked cheaply, without torch: the IDX files
-of data.source=idx.
+then checks what a stage needs beyond valid params and can be checked cheaply, without torch: evaluate.k
+against the images `evaluate` will compare, and the IDX files of data.source=idx.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from ..atomic import write_json
-from ..config import Params
+from ..config import ConfigError, Params
+from ..params_rules import evaluated_images_problem
 from .args import add_paths
 from .outputs import check_writable
 
@@ -28,8 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_paths(p, out="marker file written when every param is valid")
 
 
-def check_inputs(params: Params) -> None:
-    """What `prepare` reads besides the params: with data.source=idx, the four IDX files in data.idx_dir."""
+def check_inputs(params: Params, where: Path) -> None:
+    """What stages need beyond valid params: evaluate.k fits the images `evaluate` will compare, and, with
+    data.source=idx, the four IDX files that `prepare` reads are in data.idx_dir."""
+    problem = evaluated_images_problem(params)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
     if params.data.source == "idx":
         from ..mnist_sources import require_idx_files  # numpy only: this stage never imports torch
 
@@ -37,7 +42,7 @@ def check_inputs(params: Params) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
-    check_inputs(params)
+    check_inputs(params, args.params)
     check_writable(files=[args.out])
     write_json(args.out, {"params_file": str(args.params), "valid": True})  # constant while params are valid
     print(f"check_params: every param in {args.params} is valid")

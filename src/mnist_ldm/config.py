@@ -1,11 +1,12 @@
 """Typed, frozen configuration: one dataclass per `params.yaml` section, and their range checks.
 
 Reading the file lives in `params_file` (`load_params`, `params_from_dict`, `apply_overrides`), which
-imports this module; this module imports nothing of the package but `errors` and `sampling_rules` (the
-rules that the `sample` section shares with each sampling request). Every check raises a
-`ConfigError` whose message is one line starting with `params:`; the caller swaps that prefix for where
-the value came from (the file's path, `--set ...`). A refused value is a `FieldError`, which keeps its key,
-value and what was expected; `override` words it for a value that may come from a command-line flag.
+imports this module; this module imports nothing of the package but `errors`, `sampling_rules` (the
+rules that the `sample` section shares with each sampling request) and `params_rules` (the rules across
+sections). Every check raises a `ConfigError` whose message is one line starting with `params:`; the caller
+swaps that prefix for where the value came from (the file's path, `--set ...`). A refused value is a
+`FieldError`, which keeps its key, value and what was expected; `override` words it for a value that may come
+from a command-line flag.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from .errors import UserError
-from .sampling_rules import (ETA_EXPECTED, GUIDANCE_EXPECTED, SAMPLERS, SEED_EXPECTED, ddim_steps_ok, eta_ok,
-                             guidance_ok, seed_ok)
+from .params_rules import cross_section_problem, min_images
+from .sampling_rules import ETA_EXPECTED, GUIDANCE_EXPECTED, SAMPLERS, SEED_EXPECTED, eta_ok, guidance_ok, seed_ok
 
 DATA_SOURCES = ("auto", "idx", "huggingface", "bundled")
 AUTOENCODER_KINDS = ("conv", "mlp", "none")  # none: pixel space, the images themselves
@@ -220,6 +221,16 @@ class EvaluateConfig(_Section):
     def rules(self, s: str) -> None:
         _require(self.n >= 10, f"{s}.n", self.n, "an integer >= 10")
         _at_least_one(self, s, "k")
+        _require(min_images(self.k) <= self.n, f"{s}.k", self.k, f"an integer <= {self.n - 2} (k neighbours need "
+                 f"k + 2 images to compare, and evaluate.n={self.n})")
+
+
+def registry_name_ok(name: str) -> bool:
+    """A registered-model name that MLflow 3 takes (`mlflow.utils.validation._validate_model_name`: not blank, no
+    '/' or ':', unchanged by `posixpath.normpath`; its file store: no path separator or '%'), without
+    surrounding spaces."""
+    return (bool(name.strip()) and name == name.strip() and not any(c in name for c in "/\\:%")
+            and name != "." and not name.startswith(".."))
 
 
 @dataclass(frozen=True)
@@ -230,9 +241,9 @@ class TrackingConfig(_Section):
 
     def rules(self, s: str) -> None:
         _require(bool(self.experiment.strip()), f"{s}.experiment", self.experiment, "a non-empty name")
-        _require(bool(self.registered_model.strip()) and "/" not in self.registered_model and
-                 self.registered_model == self.registered_model.strip(), f"{s}.registered_model",
-                 self.registered_model, "a non-empty name without '/' or surrounding spaces")
+        _require(registry_name_ok(self.registered_model), f"{s}.registered_model", self.registered_model,
+                 "a name the MLflow Model Registry takes: not empty, no surrounding spaces, no '/', '\\', ':' or "
+                 "'%', not '.' and not starting with '..'")
 
 
 @dataclass(frozen=True)
@@ -246,18 +257,13 @@ class Params:
     tracking: TrackingConfig = TrackingConfig()
 
     def validate(self) -> None:
-        """Every section's checks, then the rules across sections: DDIM takes at most T steps, and the
-        U-Net works on pixels."""
+        """Every section's checks, then the rules across sections (`params_rules`: DDIM takes at most T steps,
+        the U-Net works on pixels, a digit or guidance needs a conditional model, ...)."""
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
-        if self.sample.sampler == "ddim" and not ddim_steps_ok(self.sample.steps, self.diffusion.T):
-            raise ConfigError(f"params: sample.steps={self.sample.steps} is more than diffusion.T={self.diffusion.T}; "
-                              f"expected sample.steps <= diffusion.T (DDIM takes that many of the T steps), "
-                              f"or sample.sampler=ddpm")
-        if self.diffusion.denoiser == "unet" and self.autoencoder.kind != "none":
-            raise ConfigError(f"params: diffusion.denoiser='unet' is not allowed with autoencoder.kind="
-                              f"{self.autoencoder.kind!r}; expected autoencoder.kind=none (the U-Net denoises "
-                              f"28x28 pixels), or diffusion.denoiser=mlp")
+        problem = cross_section_problem(self)
+        if problem:
+            raise ConfigError(problem)
 
     def flat(self) -> dict[str, Any]:
         """`{"section.key": value}` for every param, the form MLflow logs."""

@@ -82,24 +82,30 @@ def read_idx_labels(path: Path) -> np.ndarray:
     return labels
 
 
+def idx_file(idx_dir: Path, stem: str) -> Path | None:
+    """`idx_dir/stem.gz` or `idx_dir/stem`, whichever is a file (the gzipped one first); None if neither."""
+    return next((idx_dir / name for name in (stem + ".gz", stem) if (idx_dir / name).is_file()), None)
+
+
 def find_idx_files(idx_dir: Path) -> dict[str, Path] | None:
     """The four IDX files in `idx_dir` (plain or .gz), or None if any is missing."""
-    found = {}
-    for key, stem in IDX_FILES.items():
-        for name in (stem + ".gz", stem):
-            if (idx_dir / name).is_file():
-                found[key] = idx_dir / name
-                break
-        else:
-            return None
-    return found
+    found = {key: idx_file(idx_dir, stem) for key, stem in IDX_FILES.items()}
+    return found if all(found.values()) else None
 
 
-def load_idx(idx_dir: Path) -> Mnist:
+def require_idx_files(idx_dir: Path) -> dict[str, Path]:
+    """The four IDX files in `idx_dir` (plain or .gz); a `DataError` naming data.idx_dir and the missing
+    ones if any is missing."""
     files = find_idx_files(idx_dir)
     if files is None:
         names = ", ".join(f"{s}[.gz]" for s in IDX_FILES.values())
-        raise DataError(f"data.idx_dir={idx_dir}: the MNIST IDX files are missing; expected {names}")
+        missing = ", ".join(s for s in IDX_FILES.values() if idx_file(idx_dir, s) is None)
+        raise DataError(f"data.idx_dir={idx_dir}: the MNIST IDX files are missing ({missing}); expected {names}")
+    return files
+
+
+def load_idx(idx_dir: Path) -> Mnist:
+    files = require_idx_files(idx_dir)
     splits = {}
     for split in ("train", "test"):
         images = read_idx_images(files[f"{split}_images"])

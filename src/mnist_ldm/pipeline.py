@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -101,9 +101,10 @@ class LatentDiffusionPipeline:
     def network_evals(self, sampler: str, steps: Optional[int]) -> int:
         return self.schedule.T if sampler == "ddpm" else int(steps or self.schedule.T)
 
-    def check(self, request: SamplingRequest) -> SamplingRequest:
-        """`request`, if this model can serve it; else a `RequestError` naming the field (and this model's file)."""
-        return request.checked(self.schedule.T, self.num_classes, self.source)
+    def check(self, request: SamplingRequest, given: Iterable[str] = ()) -> SamplingRequest:
+        """`request`, if this model can serve it; else a `RequestError` naming the field (and this model's file).
+        `given`: the fields the user set, each refused if it would change nothing (`SamplingRequest.checked`)."""
+        return request.checked(self.schedule.T, self.num_classes, self.source, given)
 
     def labels_for(self, n: int, digit: Optional[int]) -> Optional[torch.Tensor]:
         """The digit of each sample: `digit`, or 0-9 in turn for a conditional model; None if unconditional."""

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from .errors import UserError
-from .sampling_rules import (ETA_EXPECTED, GUIDANCE_EXPECTED, SAMPLERS, SEED_EXPECTED, ddim_steps_ok, eta_ok,
-                             guidance_ok, seed_ok)
+from .sampling_rules import (ETA_EXPECTED, GUIDANCE_EXPECTED, SAMPLERS, SEED_EXPECTED, ddim_steps_ok, digit_problem,
+                             eta_ok, guidance_ok, seed_ok, unused)
 
 def _shown(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
@@ -57,9 +57,10 @@ class SamplingRequest:
         """The request that a `config.SampleConfig` (the `sample` params) makes."""
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
-    def checked(self, T: int, num_classes: int, where: str = "") -> "SamplingRequest":
+    def checked(self, T: int, num_classes: int, where: str = "", given: Iterable[str] = ()) -> "SamplingRequest":
         """This request, if a model of `T` diffusion steps and `num_classes` digit classes (0: unconditional)
-        can serve it; otherwise a `RequestError` for the first field it refuses (`where`: the model's file)."""
+        can serve it; otherwise a `RequestError` for the first field it refuses (`where`: the model's file).
+        `given`: the fields a user set (a flag, a REST field); one that would change nothing is refused too."""
         def refuse(field: str, problem: str) -> None:
             raise RequestError(field, getattr(self, field), problem, where)
 
@@ -71,10 +72,13 @@ class SamplingRequest:
             refuse("eta", f"is not allowed; expected {ETA_EXPECTED}")
         if not guidance_ok(self.guidance):
             refuse("guidance", f"is not allowed; expected {GUIDANCE_EXPECTED}")
-        if self.digit is not None and not num_classes:
-            refuse("digit", "needs a class-conditional model, and this one is unconditional (train with "
-                            "diffusion.conditional=true, or use diffusion.only_digit)")
-        if self.digit is not None and not 0 <= self.digit < num_classes:
-            refuse("digit", f"is not allowed; expected 0 to {num_classes - 1}")
+        problem = digit_problem(self.digit, num_classes)
+        if problem:
+            refuse("digit", problem)
+        given = set(given)
+        for field in (f.name for f in dataclasses.fields(self) if f.name in given):
+            problem = unused(field, self.sampler, num_classes)
+            if problem:
+                refuse(field, f"{problem}; leave it out")
         check_seed(self.seed, where)
         return self

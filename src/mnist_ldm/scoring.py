@@ -22,6 +22,7 @@ from .evaluator import features_and_probs
 from .device import autocast, model_device
 from .errors import UserError
 from .images import to_uint8
+from .params_rules import min_images
 
 
 def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -70,9 +71,13 @@ def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_
     """The scores of `images` against `test_images` (see the module docstring); the evaluator and the
     decoder run under `precision`, every metric in float64."""
     rng = np.random.default_rng(seed)
-    n = min(n, len(images), len(test_images), len(train_images))
-    if n < k + 2:
-        raise UserError(f"evaluate: only {n} images to compare; need at least {k + 2}")
+    sizes = {"evaluate.n": n, "samples": len(images), "test images": len(test_images),
+             "train images": len(train_images)}
+    n = min(sizes.values())
+    if n < min_images(k):
+        fewest = min(sizes, key=sizes.get)
+        raise UserError(f"evaluate.k={k}: only {n} images to compare ({fewest}: {n}); need at least "
+                        f"{min_images(k)} for {k} neighbours: lower evaluate.k, or give more images")
     pick = rng.choice(len(images), n, replace=False) if len(images) > n else np.arange(len(images))
     gen = images[pick]
     test = test_images[:n]

@@ -10,8 +10,9 @@ Input: one request per call, as a one-row DataFrame, a dict or (over REST) `{"da
 packaged with (`model_config`). Output: a DataFrame with one row per image, `label` (the requested
 digit of a class-conditional model, else None) and `image` (784 uint8, a 28x28 image row by row).
 
-A bad request raises `MlflowException` with error code INVALID_PARAMETER_VALUE and a one-line message
-naming the field, which `mlflow models serve` answers with HTTP 400. The weights are the two
+A bad request (NaN or inf in a number, or a field that would change nothing: `steps` or `eta` with sampler
+ddpm, `guidance` for an unconditional model) raises `MlflowException` with error code INVALID_PARAMETER_VALUE
+and a one-line message naming the field, which `mlflow models serve` answers with HTTP 400. The weights are the two
 checkpoint files, stored as model artifacts and read with `torch.load(weights_only=True)`.
 """
 
@@ -54,8 +55,10 @@ def bad_request(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
+def _missing(name: str, v: Any) -> bool:
+    """A field left out: null, or NaN as `digit` (pandas' null of a numeric column: every digit). A NaN or
+    infinite number anywhere else is refused, never taken for the packaged default."""
+    return v is None or (name == "digit" and isinstance(v, float) and math.isnan(v))
 
 
 def _scalar(v: Any) -> Any:
@@ -83,7 +86,7 @@ def _typed(name: str, v: Any) -> Any:
 
 def request_fields(model_input: Any) -> dict[str, Any]:
     """The given fields of one request (a one-row DataFrame, a dict, or a one-element list of dicts),
-    type-checked; a missing or null optional field is left out."""
+    type-checked; a missing or null optional field is left out (NaN and inf are refused)."""
     if isinstance(model_input, pd.DataFrame):
         if len(model_input) != 1:
             raise bad_request(f"the request has {len(model_input)} rows; send one row (n asks for many images)")
@@ -98,7 +101,7 @@ def request_fields(model_input: Any) -> dict[str, Any]:
     if unknown:
         raise bad_request(f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(FIELDS)}")
     fields = {k: _scalar(v) for k, v in row.items()}
-    return {k: _typed(k, v) for k, v in fields.items() if not _missing(v)}
+    return {k: _typed(k, v) for k, v in fields.items() if not _missing(k, v)}
 
 
 def resolve_request(model_input: Any, defaults: dict[str, Any], max_images: int) -> dict[str, Any]:
@@ -128,9 +131,10 @@ class MnistGenerator(PythonModel):
             use_ema=bool(self.defaults.get("use_ema", True))).to(runtime())
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        req = resolve_request(model_input, self.defaults, self.max_images)
-        try:
-            request = self.pipe.check(SamplingRequest(**{k: req[k] for k in REQUEST_KEYS}))
+        given = request_fields(model_input)
+        req = resolve_request(given, self.defaults, self.max_images)
+        try:  # a given field that would change nothing (steps for ddpm, ...) is refused, not ignored
+            request = self.pipe.check(SamplingRequest(**{k: req[k] for k in REQUEST_KEYS}), given)
         except RequestError as e:  # named as the request names it: `eta=1.5 is not allowed; ...`
             raise bad_request(e.request_message) from None
         out = self.pipe.generate(req["n"], request, batch_size=int(self.defaults.get("batch_size") or 2500),

@@ -5,14 +5,20 @@ DVC removes a stage's outputs before it runs the stage's command, so a bad value
 runs first whenever params.yaml changes, and every other stage depends on what it writes. With
 valid params it writes the same bytes every time, so it never makes another stage re-run by itself;
 with a bad value it fails, and `dvc repro` stops before touching anything downstream.
+
+Loading the params checks every value and every rule between sections (`config`, `params_rules`); this stage
+then checks what a stage needs beyond valid params and can be checked cheaply, without torch: evaluate.k
+against the images `evaluate` will compare, and the IDX files of data.source=idx.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..atomic import write_json
-from ..config import Params
+from ..config import ConfigError, Params
+from ..params_rules import evaluated_images_problem
 from ..paths import check_paths
 from .args import add_paths
 
@@ -23,7 +29,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_paths(p, out="marker file written when every param is valid")
 
 
+def check_inputs(params: Params, where: Path) -> None:
+    """What stages need beyond valid params: evaluate.k fits the images `evaluate` will compare, and, with
+    data.source=idx, the four IDX files that `prepare` reads are in data.idx_dir."""
+    problem = evaluated_images_problem(params)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    if params.data.source == "idx":
+        from ..mnist_sources import require_idx_files  # numpy only: this stage never imports torch
+
+        require_idx_files(Path(params.data.idx_dir))
+
+
 def run(params: Params, args: argparse.Namespace) -> None:
+    check_inputs(params, args.params)
     check_paths("check_params", args, files=["out"])
     write_json(args.out, {"params_file": str(args.params), "valid": True})  # constant while params are valid
     print(f"check_params: every param in {args.params} is valid")

@@ -49,7 +49,8 @@ def run(params: Params, args: argparse.Namespace) -> Path:
                         f"use .png (a grid) or .npz (arrays)")
     check_paths("infer", args, {"ckpt": "a file", "ae_ckpt": "a file"}, ["output"])
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema).to(runtime_for(args))
-    request = pipe.check(SamplingRequest.from_config(cfg))  # steps beyond T, a digit for an unconditional model
+    given = [name for name, value in vars(args).items() if value is not None]  # the flags given: used, or refused
+    request = pipe.check(SamplingRequest.from_config(cfg), given)  # steps beyond T, --steps for ddpm, ...
     asked = f"--num-images {n}" if args.num_images else f"sample.{'num_images' if cfg.num_images else 'grid_size'}={n}"
     check_sampling_memory(asked, n, cfg.batch_size, pipe.latent_dim)
     out = pipe.generate(n, request, batch_size=cfg.batch_size)

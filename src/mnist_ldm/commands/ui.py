@@ -27,7 +27,7 @@ from urllib.parse import quote
 from .. import tracking
 from ..config import Params
 from ..errors import UserError
-from .common import positive_int
+from .args import positive_int
 
 HELP = "start the MLflow UI on the repository's runs and print the addresses of the runs, the compare view and the model"
 PARENT_FILTER = "tags.`mnist_ldm.kind` = 'pipeline'"

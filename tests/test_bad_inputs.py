@@ -846,7 +846,8 @@ def test_interrupted_dvc_stage_says_how_to_bring_back_its_outputs(trained_repo: 
     outs = ("outputs/samples.npz", "plots/sample/grid.png", "metrics/sample.json")
     before = {rel: md5(repo / rel) for rel in outs}
     # a minute of sampling (about 3 GB of memory), MLflow off
-    write_params(repo, {"sample": {"num_images": 300000, "sampler": "ddpm"}, "tracking": {"enabled": False}})
+    write_params(repo, {"sample": {"num_images": 300000, "sampler": "ddpm", "steps": 250, "eta": 1.0},
+                        "tracking": {"enabled": False}})  # ddpm takes no steps or eta of its own
     log = tmp_path / "repro.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([str(BIN / "dvc"), "repro", "sample"], cwd=repo, env=test_env(), stdout=f,
@@ -881,6 +882,7 @@ def test_sigterm_ends_a_command_like_ctrl_c(repo: Path, tmp_path: Path):
     out = tmp_path / "x.npz"
     argv = [str(BIN / "mnist-ldm"), *infer(output=str(out))]
     argv[argv.index("--num-images") + 1], argv[argv.index("--sampler") + 1] = "300000", "ddpm"
+    del argv[argv.index("--steps"):argv.index("--steps") + 2]  # ddpm runs all T steps: --steps is refused
     proc = subprocess.Popen(argv, cwd=repo, env=test_env(DVC_STAGE="sample"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     time.sleep(8)  # into the sampling

@@ -146,6 +146,16 @@ def flatten(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def producers(stages: dict) -> dict[str, str]:
+    """Each output path of dvc.yaml's `stages` (outs, metrics, plots) -> the stage that writes it."""
+    return {str(o if isinstance(o, str) else next(iter(o))).rstrip("/"): name for name, spec in stages.items()
+            for kind in ("outs", "metrics", "plots") for o in spec.get(kind, [])}
+
+
+def producer(outs: dict[str, str], path: str) -> Optional[str]:
+    return next((name for out, name in outs.items() if path == out or path.startswith(out + "/")), None)
+
+
 def current_stages(workdir: Path, running: str) -> set[str]:
     """The stages whose outputs belong to the pipeline as it stands: `running` (its outputs are this
     execution's), and each stage whose `dvc.lock` entry matches its deps and params in the workspace and
@@ -154,12 +164,7 @@ def current_stages(workdir: Path, running: str) -> set[str]:
     stages = read_yaml(workdir / "dvc.yaml").get("stages", {})
     lock = read_yaml(workdir / "dvc.lock").get("stages", {})
     params = read_yaml(workdir / "params.yaml")
-    outs = {str(o if isinstance(o, str) else next(iter(o))).rstrip("/"): name for name, spec in stages.items()
-            for kind in ("outs", "metrics", "plots") for o in spec.get(kind, [])}
-
-    def producer(dep: str) -> Optional[str]:
-        return next((name for out, name in outs.items() if dep == out or dep.startswith(out + "/")), None)
-
+    outs = producers(stages)
     hashes: dict[str, str] = {}  # a dep shared by several stages (the code, data/prepared) is hashed once
 
     def matches(entry: dict) -> bool:
@@ -174,31 +179,32 @@ def current_stages(workdir: Path, running: str) -> set[str]:
             current[name] = False  # a cycle (not possible in a DVC pipeline) reads as not current
             entry = lock.get(name)
             current[name] = name == running or (entry is not None and matches(entry) and all(
-                is_current(p) for d in entry.get("deps", []) if (p := producer(d["path"])) not in (None, name)))
+                is_current(p) for d in entry.get("deps", []) if (p := producer(outs, d["path"])) not in (None, name)))
         return current[name]
 
     return {name for name in stages if is_current(name)}
 
 
 def sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool) -> None:
-    """Put the numbers of the metrics files of the current stages (`current_stages`) on the parent (a stage
-    that DVC runs), or else the stage's headline prefixed by its name, logging only changed values; sizes go
-    as tags. A figure of a stage still to run, or of one that failed, is never copied from the workspace."""
+    """Put the numbers of every metrics file that dvc.yaml lists and a current stage (`current_stages`) writes
+    on the parent (a stage that DVC runs), or else the stage's headline prefixed by its name, logging only
+    changed values; sizes go as tags. A figure of a stage still to run, or of one that failed, is never copied
+    from the workspace."""
     if not run.parent_id or run.client is None or run.lost:
         return
     from mlflow.entities import RunTag
 
     flat: dict[str, float] = {}
-    stages = read_yaml(workdir / "dvc.yaml").get("stages", {}) if from_files else {}
-    live = current_stages(workdir, run.stage) if from_files else set()
-    entries = [m if isinstance(m, str) else next(iter(m)) for name in live for m in stages[name].get("metrics", [])]
-    for path in (workdir / entry for entry in sorted(entries)):
+    pipeline = read_yaml(workdir / "dvc.yaml") if from_files else {}
+    outs, live = producers(pipeline.get("stages", {})), current_stages(workdir, run.stage) if from_files else set()
+    entries = [m for m in pipeline.get("metrics", []) if producer(outs, m) in live | {None}]
+    for path in (workdir / entry for entry in entries):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         flat.update({f"{path.stem}.{k}": v for k, v in flatten(data).items()} if isinstance(data, dict) else {})
-    if not from_files:
+    if not pipeline.get("metrics"):
         flat.update({f"{run.stage}.{k}": v for k, v in run.headline_metrics.items()})
     parent = run.call("parent metrics", run.client.get_run, run.parent_id)
     if parent is None:

@@ -279,24 +279,35 @@ def test_temp_experiment_logs_to_the_origin_store(tracked_repo):
     assert not list((repo / ".dvc").rglob("mlflow.db"))
 
 
-def test_a_failed_variant_never_shows_another_models_figures(tracked_repo, tmp_path):
-    """A variant whose `sample` stage fails (an image count that cannot fit in memory): its parent run holds
-    the figures of the stages it shares with the baseline (their outputs are this pipeline's: autoencoder,
-    diffusion model, evaluator), and none of the workspace's figures of the stages it was about to re-run
-    (the previous samples and their FCD), neither while it ran nor after."""
-    repo = copy_trained(tracked_repo, tmp_path / "repo")
+def test_a_variant_never_shows_another_models_figures(trained_repo, tmp_path):
+    """A variant's parent run holds the figures of this pipeline's models only: after its new diffusion model
+    is trained and before its samples are (`dvc exp run ... train_diffusion`), not the workspace's previous
+    samples and FCD; and when its training diverges, the figures of the stages it shares with the baseline
+    (the autoencoder, the evaluator) and none of the previous diffusion model's, samples' or FCD."""
+    repo = copy_trained(trained_repo, tmp_path / "repo")  # with the runs the pipeline logged to its own store
     client = client_for(sqlite_uri(repo))
     before = all_runs(client)
-    proc = run([str(BIN / "dvc"), "exp", "run", "-n", "too-many", "-S", "sample.num_images=100000000"], repo,
-               check=False)
-    assert proc.returncode != 0 and "sample.num_images=100000000" in proc.stderr, proc.stderr[-2000:]
-    new = {k: r for k, r in all_runs(client).items() if k not in before}
-    [parent] = parents(new)
-    assert parent.info.status == "FAILED" and parent.info.run_name == "too-many"
+    dvc("exp", "run", "-n", "halfway", "-S", "diffusion.lr=0.0005", "-S", "diffusion.generate_images=false",
+        "train_diffusion", repo=repo)
+    runs = all_runs(client)
+    [halfway] = parents({k: r for k, r in runs.items() if k not in before})
+    shown = set(halfway.data.metrics)
+    assert not {k for k in shown if k.split(".")[0] in ("sample", "eval")}, sorted(shown)
+    trained = children(runs, halfway.info.run_id)["train_diffusion"]
+    assert halfway.data.metrics["diffusion.test_loss"] == trained.data.metrics["test_loss"]
+    assert {"autoencoder.test_bce", "evaluator.test_accuracy"} <= shown, sorted(shown)
+
+    # a learning rate written without an exponent: DVC writes `-S` values back as YAML, where 1e+15 is text
+    before = all_runs(client)
+    proc = run([str(BIN / "dvc"), "exp", "run", "-n", "diverges", "-S", "diffusion.lr=1000000000000000.0",
+                "-S", "diffusion.generate_images=false"], repo, check=False)
+    assert proc.returncode != 0 and "loss became" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    [parent] = parents({k: r for k, r in all_runs(client).items() if k not in before})
+    assert parent.info.status == "FAILED" and parent.info.run_name == "diverges"
     shown = set(parent.data.metrics)
-    foreign = {k for k in shown if k.split(".")[0] in ("sample", "eval")}
-    assert not foreign, f"the failed variant's parent shows the previous samples' {sorted(foreign)}"
-    assert {"autoencoder.test_bce", "diffusion.test_loss", "evaluator.test_accuracy"} <= shown, sorted(shown)
+    foreign = {k for k in shown if k.split(".")[0] in ("diffusion", "sample", "eval")}
+    assert not foreign, f"the failed variant's parent shows the previous model's {sorted(foreign)}"
+    assert {"autoencoder.test_bce", "evaluator.test_accuracy"} <= shown, sorted(shown)
 
 
 def test_unreachable_server_fails_before_training(tracked_repo, tmp_path):

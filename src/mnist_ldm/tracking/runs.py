@@ -116,8 +116,8 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-        if own_parent and status == "FINISHED":
-            sync_parent_metrics(run, workdir, from_files=under_dvc)
+        if own_parent and (status == "FINISHED" or under_dvc):  # a failed stage's own figures are not taken
+            sync_parent_metrics(run, workdir, from_files=under_dvc, finished=status == "FINISHED")
         for rid, own in ((run_id, mode != "linked"), (parent_id, own_parent)):
             if own:
                 run.call("run status", client.set_terminated, rid, status)
@@ -185,18 +185,18 @@ def current_stages(workdir: Path, running: str) -> set[str]:
     return {name for name in stages if is_current(name)}
 
 
-def sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool) -> None:
+def sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool, finished: bool = True) -> None:
     """Put the numbers of every metrics file that dvc.yaml lists and a current stage (`current_stages`) writes
     on the parent (a stage that DVC runs), or else the stage's headline prefixed by its name, logging only
-    changed values; sizes go as tags. A figure of a stage still to run, or of one that failed, is never copied
-    from the workspace."""
+    changed values; sizes go as tags. A figure of a stage still to run, or of one that failed (the running stage
+    unless `finished`), is never copied from the workspace."""
     if not run.parent_id or run.client is None or run.lost:
         return
     from mlflow.entities import RunTag
 
     flat: dict[str, float] = {}
     pipeline = read_yaml(workdir / "dvc.yaml") if from_files else {}
-    outs, live = producers(pipeline.get("stages", {})), current_stages(workdir, run.stage) if from_files else set()
+    outs, live = producers(pipeline.get("stages", {})), current_stages(workdir, run.stage if finished else "") if from_files else set()
     entries = [m for m in pipeline.get("metrics", []) if producer(outs, m) in live | {None}]
     for path in (workdir / entry for entry in entries):
         try:

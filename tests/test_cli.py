@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from conftest import cli, make_repo_copy
-from conftest import test_env as _test_env  # aliased: pytest would collect a `test_*` name
+from conftest import test_env as base_env  # aliased: pytest would collect a `test_*` name
 from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
 from mnist_ldm.checkpoint import save_checkpoint
 from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
@@ -24,7 +24,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def env(**extra: str) -> dict[str, str]:
     # Tiny models on 2 shared cores: one intra-op thread per process avoids oversubscription.
-    return _test_env(OMP_NUM_THREADS="1", **extra)
+    return base_env(OMP_NUM_THREADS="1", **extra)
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:

@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from conftest import BIN, copy_trained, first_build, run
-from conftest import test_env as _test_env  # aliased: pytest would collect a `test_*` name
+from conftest import test_env as base_env  # aliased: pytest would collect a `test_*` name
 
 # the stages every test names; dvc.yaml may hold more (each must then be downstream of these)
 STAGES = ["check_params", "prepare", "train_ae", "encode", "train_diffusion", "sample", "train_evaluator", "evaluate"]
@@ -92,7 +92,7 @@ def test_a_second_repro_runs_nothing(trained_repo, tmp_path):
     """Then `dvc repro` again (on a private copy) skips every stage. What a param change re-runs is in
     test_dvc_semantics.py (`test_going_back_to_earlier_params_runs_nothing`)."""
     repo = copy_trained(trained_repo, tmp_path / "repo")
-    second = run([str(BIN / "dvc"), "repro"], repo, env=_test_env())
+    second = run([str(BIN / "dvc"), "repro"], repo, env=base_env())
     assert stages_run(second.stdout) == [], second.stdout
     for stage in pipeline(repo):
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout, stage

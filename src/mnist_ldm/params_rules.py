@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .sampling_rules import ddim_steps_ok, digit_problem, unused
+from .sampling_rules import DIGIT_CLASSES, ddim_steps_ok, digit_problem, unused
 
-CLASSES = 10  # the digit classes of a diffusion.conditional model (training/denoiser.py's DenoiserSpec)
 UNUSED_CHECKED = ("steps", "eta", "guidance")  # `sample` keys that a sampler or an unconditional model ignores
 
 
@@ -31,7 +30,7 @@ def cross_section_problem(p: Any) -> Optional[str]:
     if d.denoiser == "unet" and p.autoencoder.kind != "none":
         return (f"params: diffusion.denoiser='unet' is not allowed with autoencoder.kind={p.autoencoder.kind!r}; "
                 f"expected autoencoder.kind=none (the U-Net denoises 28x28 pixels), or diffusion.denoiser=mlp")
-    classes = CLASSES if d.conditional else 0
+    classes = DIGIT_CLASSES if d.conditional else 0
     problem = digit_problem(s.digit, classes)
     if problem:
         return f"params: sample.digit={s.digit} {problem}; expected sample.digit=null, or diffusion.conditional=true"

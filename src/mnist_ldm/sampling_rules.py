@@ -9,6 +9,7 @@ import math
 from typing import Any, Optional
 
 SAMPLERS = ("ddpm", "ddim")
+DIGIT_CLASSES = 10  # the classes of a class-conditional (diffusion.conditional) model: the ten digits
 ETA_EXPECTED = "a number in [0, 1]"
 GUIDANCE_EXPECTED = "a finite number >= 0"
 SEED_EXPECTED = "an integer in [0, 2^63)"

@@ -15,6 +15,7 @@ from ..denoiser import build_denoiser
 from ..device import CPU, Dist, Runtime, autocast
 from ..diffusion import NoiseSchedule, draw_timesteps, local_run, min_snr_weights, q_sample
 from ..nn import Denoiser, DenoiserSpec
+from ..sampling_rules import DIGIT_CLASSES
 from .loop import EMA, EPOCH_TEST_ITEMS, adam, fingerprint, run_training, total_steps
 
 HELD_OUT_CHUNK = 2_000_000  # values per forward pass of the held-out loss
@@ -84,7 +85,7 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
     """Model, EMA, optimizer, schedule and per-epoch history; `on_epoch` gets each epoch's figures
     and, when `preview` is given, a sample grid from the EMA weights."""
     torch.manual_seed(cfg.seed)
-    spec = DenoiserSpec(z_train.shape[1], cfg.hidden_dim, cfg.num_blocks, num_classes=10 if cfg.conditional else 0,
+    spec = DenoiserSpec(z_train.shape[1], cfg.hidden_dim, cfg.num_blocks, num_classes=DIGIT_CLASSES if cfg.conditional else 0,
                         arch=cfg.denoiser, channels=cfg.unet_channels)
     model = build_denoiser(spec).to(rt.device)
     net = rt.wrap(model)

@@ -79,20 +79,29 @@ def forward_flops(model: nn.Module, *inputs) -> float:
 
 
 def denoiser_training(model: nn.Module, batch: int, seconds: float = SECONDS, run: int = 1,
-                      precision: str = "fp32") -> tuple[float, float]:
+                      precision: str = "fp32", compiled: bool = False) -> tuple[float, float]:
     """(samples/s, FLOPs per sample) of full training steps: loss (under `precision`'s autocast, as the
-    training loop runs it), backward, fused Adam; `run` rows share each timestep (`diffusion.samples_per_timestep`)."""
+    training loop runs it), backward, fused Adam; `run` rows share each timestep (`diffusion.samples_per_timestep`).
+    `compiled`: the loss and its backward through `torch.compile` (inductor's fused CPU kernels; compiled once,
+    before the timing)."""
     s, gen, opt = NoiseSchedule.linear(1000, 1e-4, 0.02), torch.Generator().manual_seed(0), adam(model, 2e-4)
     d = model.spec.latent_dim
     z = torch.randn(60_000 if d < 100 else 2_000, d)
 
-    def step():
+    def loss_and_grads(z0: torch.Tensor) -> None:
         with autocast(CPU, precision):
-            loss = diffusion_loss(model, s, z[torch.randint(0, len(z), (batch,), generator=gen)], gen, run=run)
-        opt.zero_grad(set_to_none=True)
+            loss = diffusion_loss(model, s, z0, gen, run=run)
         loss.backward()
+
+    fused = torch.compile(loss_and_grads) if compiled else loss_and_grads
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        fused(z[torch.randint(0, len(z), (batch,), generator=gen)])
         opt.step()
 
+    if compiled:
+        step()  # compiles
     t = draw_timesteps(1000, batch, torch.Generator().manual_seed(0), "cpu", run)
     flops = 3 * forward_flops(model, torch.randn(batch, d), t, None, run) / batch
     return timed(step, seconds) * batch, flops
@@ -142,7 +151,7 @@ def sampling_profile(step, steps: int = 20, top: int = 8) -> list[dict]:
 
 def autoencoder_training(kind: str, batch: int = 128, seconds: float = SECONDS,
                          precision: str = "fp32") -> tuple[float, float]:
-    model = Autoencoder(AutoencoderSpec(kind=kind))
+    model = Autoencoder(AutoencoderSpec(kind=kind)).to(memory_format=torch.channels_last)  # as train_ae runs it
     opt, x = adam(model, 1e-3), torch.rand(batch, 1, 28, 28)
 
     def step():
@@ -187,14 +196,16 @@ def main() -> None:
         for run in ((1, 8) if precision == "fp32" else (8,)):
             add(f"denoiser training, batch 256, {run}/timestep", "samples/s",
                 *denoiser_training(den, 256, sec, run=run, precision=precision), precision)
+        add("denoiser training, batch 256, 8/timestep, torch.compile", "samples/s",
+            *denoiser_training(den, 256, sec, run=8, precision=precision, compiled=True), precision)
         for sampler in ("ddpm", "ddim"):
             per_s, flops, step_fn = denoiser_sampling(den, sampler, 2500, sec, precision)
             add(f"{sampler.upper()} sampling, batch 2500", "latents*steps/s", per_s, flops, precision)
             if sampler == "ddpm" and precision == "fp32":
                 profile = sampling_profile(step_fn)
-        for kind in ("conv", "mlp"):
-            add(f"autoencoder ({kind}) training, batch 128", "images/s",
-                *autoencoder_training(kind, seconds=sec, precision=precision), precision)
+        for kind, batch in (("conv", 128), ("conv", 256), ("mlp", 128)):
+            add(f"autoencoder ({kind}) training, batch {batch}", "images/s",
+                *autoencoder_training(kind, batch, seconds=sec, precision=precision), precision)
     if "fp32" in wanted:
         unet = build_denoiser(DenoiserSpec(784, arch="unet"))  # pixel space, the design's ~150K U-Net
         add("pixel U-Net training, batch 128", "images/s", *denoiser_training(unet, 128, seconds=sec * 10 / 3))

@@ -154,7 +154,7 @@ def test_several_missing_sections(tmp_path):
 
 
 def test_keys_left_out_of_a_present_section_take_defaults(tmp_path):
-    text = _without(BASE, "sample").replace("evaluator:", "sample:\n  steps: 7\n\nevaluator:")
+    text = _without(BASE, "sample").replace("\nevaluator:", "\nsample:\n  steps: 7\n\nevaluator:", 1)
     p = load_params(write(tmp_path, text.replace("tracking:\n  enabled: true\n  experiment: mnist-ldm\n",
                                                  "tracking:\n")))
     assert p.sample == SampleConfig(steps=7) and p.tracking.enabled is True
@@ -361,7 +361,7 @@ def test_set_applies_typed_values():
 
 @pytest.mark.parametrize("item, expected", [
     ("difusion.lr=0.1", "--set difusion.lr=0.1: unknown section 'difusion'; valid sections: "
-                        "data, autoencoder, diffusion, sample, evaluator, evaluate, tracking"),
+                        "data, autoencoder, diffusion, sample, evaluator, second_evaluator, evaluate, tracking"),
     ("diffusion.learning_rate=0.1", "--set diffusion.learning_rate=0.1: unknown key 'diffusion.learning_rate'; "
                                     "valid keys in 'diffusion': denoiser, hidden_dim, num_blocks, unet_channels, T, "),
     ("diffusion.lr=2e-4", "--set diffusion.lr=2e-4: diffusion.lr='2e-4' is text in YAML; write 2.0e-4 or 0.0002"),

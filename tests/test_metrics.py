@@ -16,7 +16,8 @@ from mnist_ldm.metrics import (
     memorization_ratio,
     prdc,
 )
-from mnist_ldm.metrics import frechet, neighbours
+from mnist_ldm.metrics import frechet
+from mnist_ldm.nearest import nearest_distances
 
 
 # --------------------------------------------------------------------------- independent references
@@ -343,7 +344,7 @@ def test_nearest_neighbour_search_in_float32_returns_the_float64_distances():
     near = reference[:50] + 1e-9 * rng.normal(size=(50, 16))  # near-ties: equal in float32
     reference = np.concatenate([reference, near])
     queries = np.concatenate([queries, reference[:50] + 1e-10])
-    got = neighbours._nearest_neighbour_distances(torch.from_numpy(queries), torch.from_numpy(reference), 97).numpy()
+    got = nearest_distances(torch.from_numpy(queries), torch.from_numpy(reference), 97).numpy()
     brute = np.sqrt(((queries[:, None] - reference[None]) ** 2).sum(-1)).min(axis=1)
     np.testing.assert_allclose(got, brute, rtol=1e-12, atol=0)
 

@@ -24,7 +24,8 @@ from conftest import test_env as user_env
 from test_pipeline import pipeline as stages_of  # the stages of a repository's dvc.yaml
 
 # where the pipeline's outputs live (the fixture checks that the files here are exactly dvc.lock's outputs)
-OUTPUTS = ("models", "data/prepared", "data/latents", "data/params_ok.json", "outputs", "metrics", "plots")
+OUTPUTS = ("models", "data/prepared", "data/latents", "data/features", "data/params_ok.json", "outputs", "metrics",
+           "plots")
 
 
 def md5s(repo: Path) -> dict[str, str]:

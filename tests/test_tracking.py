@@ -25,7 +25,8 @@ from mnist_ldm.params_file import load_params
 EXPERIMENT = "mnist-ldm"
 # the stages that log a run, by name; `check_params` only reads params.yaml and logs nothing (dvc.yaml
 # may add stages downstream of these: they log a run too)
-STAGES = {"prepare", "train_ae", "encode", "train_diffusion", "sample", "train_evaluator", "evaluate"}
+STAGES = {"prepare", "train_ae", "encode", "train_diffusion", "sample", "train_evaluator", "train_second_evaluator",
+          "evaluate"}
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3's UI: the training-runs view
 
 
@@ -164,7 +165,8 @@ def test_default_store_holds_one_parent_with_a_child_per_stage(tracked_repo):
     assert parent.data.params == flat_params(repo)
     metrics = parent.data.metrics
     for key in ("autoencoder.test_bce", "diffusion.test_loss", "sample.num_images", "evaluator.test_accuracy",
-                "eval.fcd.generated", "eval.prdc.precision"):
+                "second_evaluator.test_accuracy", "eval.fcd.generated", "eval.prdc.precision",
+                "eval.second_evaluator.fcd.generated", "eval.second_evaluator.fcd.ae_reconstruction"):
         assert key in metrics, f"parent run lacks headline metric {key}: {sorted(metrics)}"
     meta = json.loads((repo / "data/prepared/meta.json").read_text())
     tags = parent.data.tags

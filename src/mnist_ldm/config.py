@@ -24,6 +24,7 @@ from .sampling_rules import ETA_EXPECTED, GUIDANCE_EXPECTED, SAMPLERS, SEED_EXPE
 DATA_SOURCES = ("auto", "idx", "huggingface", "bundled")
 AUTOENCODER_KINDS = ("conv", "mlp", "none")  # none: pixel space, the images themselves
 DENOISERS = ("mlp", "unet")
+EVALUATOR_ARCHS = ("cnn", "allconv")
 LR_SCHEDULES = ("constant", "cosine")  # training/loop.py's lr_factor
 
 
@@ -107,9 +108,9 @@ class AutoencoderConfig(_Section):
 
     kind: str = "conv"  # conv | mlp (784 -> 512 -> 256 -> latent_dim) | none (pixel space)
     latent_dim: int = 16
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-3
+    epochs: int = 19
+    batch_size: int = 256
+    lr: float = 6e-3
     lr_schedule: str = "cosine"  # constant | cosine (to 0 at the last step), after warmup_steps
     warmup_steps: int = 200  # linear learning-rate warm-up
     generate_images: bool = True  # a reconstruction grid per epoch, logged to MLflow
@@ -200,6 +201,9 @@ class SampleConfig(_Section):
 
 @dataclass(frozen=True)
 class EvaluatorConfig(_Section):
+    """`evaluator:`: the digit classifier whose features score samples (see `evaluator.py`)."""
+
+    arch: str = "cnn"  # cnn | allconv
     epochs: int = 3
     batch_size: int = 128
     lr: float = 1e-3
@@ -207,9 +211,20 @@ class EvaluatorConfig(_Section):
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
 
     def rules(self, s: str) -> None:
+        _require(self.arch in EVALUATOR_ARCHS, f"{s}.arch", self.arch, f"one of {', '.join(EVALUATOR_ARCHS)}")
         _at_least_one(self, s, "epochs", "batch_size")
         _require(self.lr > 0, f"{s}.lr", self.lr, "a number > 0")
         _at_least_one(self, s, "checkpoint_every")
+
+
+@dataclass(frozen=True)
+class SecondEvaluatorConfig(EvaluatorConfig):
+    """`second_evaluator:`: another network, trained on its own, that scores the same images."""
+
+    arch: str = "allconv"
+    epochs: int = 2
+    lr: float = 3e-3
+    seed: int = 1
 
 
 @dataclass(frozen=True)
@@ -253,6 +268,7 @@ class Params:
     diffusion: DiffusionConfig = DiffusionConfig()
     sample: SampleConfig = SampleConfig()
     evaluator: EvaluatorConfig = EvaluatorConfig()
+    second_evaluator: SecondEvaluatorConfig = SecondEvaluatorConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -34,6 +34,10 @@ def cross_section_problem(p: Any) -> Optional[str]:
     problem = digit_problem(s.digit, classes)
     if problem:
         return f"params: sample.digit={s.digit} {problem}; expected sample.digit=null, or diffusion.conditional=true"
+    e, e2 = p.evaluator, p.second_evaluator
+    if (e.arch, e.seed) == (e2.arch, e2.seed):
+        return (f"params: second_evaluator.arch={e2.arch!r} and second_evaluator.seed={e2.seed} are evaluator's; "
+                f"expected another arch or seed (the second evaluator must be trained on its own)")
     default = type(s)()
     for key in UNUSED_CHECKED:  # a value changed from its default and then ignored is refused
         value, was = getattr(s, key), getattr(default, key)

@@ -71,6 +71,25 @@ def line_chart(history: Sequence[dict], keys: Sequence[str], title: str, xlabel:
     return fig
 
 
+def grouped_bar_chart(labels: Sequence[str], series: dict[str, Sequence[float]], title: str, ylabel: str,
+                      log: bool = False):
+    """One group of bars per label, one bar per series (a legend names them)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(labels))
+    for i, (name, values) in enumerate(series.items()):
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    ax.set_xticks(x, labels, rotation=20)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    return fig
+
+
 def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, ylabel: str, highlight: int = -1,
               log: bool = False):
     plt = _figure()

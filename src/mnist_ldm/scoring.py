@@ -1,4 +1,4 @@
-"""Scoring generated digits in the evaluator's feature space, beside honest floors.
+"""Scoring generated digits in the evaluator's feature space (and in a second evaluator's), beside honest floors.
 
 Every set is compared with the MNIST test set at the same n:
 * `train_vs_test`: real training images, the floor that real data reaches at this n;
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .evaluator import features_and_probs
+from .evaluator import features_and_probs, reference_features
 from .device import autocast, model_device
 from .errors import UserError
 from .images import to_uint8
@@ -67,9 +67,12 @@ def floor_images(ae, z_train: np.ndarray, n: int, seed: int, precision: str = "f
 
 
 def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_images: np.ndarray, ae,
-          z_train: np.ndarray | None, n: int, k: int, seed: int, precision: str = "fp32") -> dict:
-    """The scores of `images` against `test_images` (see the module docstring); the evaluator and the
-    decoder run under `precision`, every metric in float64."""
+          z_train: np.ndarray | None, n: int, k: int, seed: int, precision: str = "fp32", second=None,
+          references: tuple = (None, None)) -> dict:
+    """The scores of `images` against `test_images` (see the module docstring); the evaluators and the
+    decoder run under `precision`, every metric in float64. With a `second` evaluator, the same image sets
+    are also scored in its feature space (`second_evaluator`: its FCDs with their floors, and PRDC).
+    `references` are each evaluator's `reference_features` of these splits, or None to compute them here."""
     rng = np.random.default_rng(seed)
     sizes = {"evaluate.n": n, "samples": len(images), "test images": len(test_images),
              "train images": len(train_images)}
@@ -79,28 +82,35 @@ def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_
         raise UserError(f"evaluate.k={k}: only {n} images to compare ({fewest}: {n}); need at least "
                         f"{min_images(k)} for {k} neighbours: lower evaluate.k, or give more images")
     pick = rng.choice(len(images), n, replace=False) if len(images) > n else np.arange(len(images))
-    gen = images[pick]
-    test = test_images[:n]
-    f_train_all, _ = features_and_probs(evaluator, train_images, precision=precision)  # for memorization too
-    f_train_sub = f_train_all[rng.choice(len(train_images), n, replace=False)]
-    f_test, _ = features_and_probs(evaluator, test, precision=precision)
-    f_gen, p_gen = features_and_probs(evaluator, gen, precision=precision)
-    fcd = {"generated": metrics.frechet_classifier_distance(f_gen, f_test),
-           "train_vs_test": metrics.frechet_classifier_distance(f_train_sub, f_test)}
+    train_pick = rng.choice(len(train_images), n, replace=False)
+    sets = {"generated": images[pick]}
     if ae is not None and z_train is not None:
-        for name, ims in floor_images(ae, z_train, n, seed, precision).items():
-            f_floor = features_and_probs(evaluator, ims, precision=precision)[0]
-            fcd[name] = metrics.frechet_classifier_distance(f_floor, f_test)
+        sets.update(floor_images(ae, z_train, n, seed, precision))
+
+    def fcds(net, ref) -> tuple[dict, dict, np.ndarray]:
+        """FCDs of every set against the test set in `net`'s features, those features (train: all of it) and
+        the class probabilities of the generated images."""
+        ref = ref or reference_features(net, train_images, test_images, precision)
+        out = {name: features_and_probs(net, ims, precision=precision) for name, ims in sets.items()}
+        f = {"train": ref["train"], "test": ref["test"][:n], "test_to_train": ref["test_to_train"][:n],
+             **{name: feats for name, (feats, _) in out.items()}}
+        fcd = {"generated": metrics.frechet_classifier_distance(f["generated"], f["test"]),
+               "train_vs_test": metrics.frechet_classifier_distance(f["train"][train_pick], f["test"])}
+        fcd.update({name: metrics.frechet_classifier_distance(f[name], f["test"]) for name in sets if name != "generated"})
+        return fcd, f, out["generated"][1]
+
+    fcd, f, p_gen = fcds(evaluator, references[0])
     balance = metrics.class_balance(p_gen)
     result = {
         "n": int(n),
         "fcd": fcd,
-        "prdc": metrics.prdc(f_test, f_gen, k=k),
-        "prdc_train_vs_test": metrics.prdc(f_test, f_train_sub, k=k),
+        "prdc": metrics.prdc(f["test"], f["generated"], k=k),
+        "prdc_train_vs_test": metrics.prdc(f["test"], f["train"][train_pick], k=k),
         "class_balance": {"tv_to_uniform": balance["tv_to_uniform"], "classes_present": balance["classes_present"],
                           "mean_top_confidence": balance["mean_top_confidence"]},
         "class_counts": {str(d): int(c) for d, c in enumerate(balance["class_counts"])},
-        "memorization": metrics.memorization_ratio(f_gen, f_train_all, f_test),
+        "memorization": metrics.memorization_ratio(f["generated"], f["train"], f["test"],
+                                                   test_to_train=f["test_to_train"]),
     }
     if labels is not None:
         result["label_accuracy"] = float((p_gen.argmax(1) == labels[pick]).mean())
@@ -109,4 +119,11 @@ def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_
                             for k in ("ae_reconstruction", "single_gaussian", "standard_normal")}
     if "single_gaussian" in fcd:
         result["fcd_ratio_to_single_gaussian"] = fcd["generated"] / fcd["single_gaussian"]
+        result["fcd_ratio_to_ae_reconstruction"] = fcd["generated"] / fcd["ae_reconstruction"]
+    if second is not None:
+        fcd2, f2, _ = fcds(second, references[1])
+        result["second_evaluator"] = {"arch": second.arch, "fcd": fcd2,
+                                      "prdc": metrics.prdc(f2["test"], f2["generated"], k=k)}
+        if "ae_reconstruction" in fcd2:
+            result["second_evaluator"]["fcd_ratio_to_ae_reconstruction"] = fcd2["generated"] / fcd2["ae_reconstruction"]
     return result

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 from ..atomic import atomic_dir, write_json
 from ..config import Params, override
-from ..data import load_split
+from ..data import load_meta, load_split
+from ..errors import UserError
 from ..paths import check_paths
 from .args import PRECISION_TAG, add_paths, runtime_for
 
@@ -23,6 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               data="prepared data folder (the reference images)", ae_ckpt="autoencoder checkpoint (for the floors)",
               latents="latent cache of that autoencoder (for the floors)", output="metrics JSON to write",
               plots="folder for the PNG charts")
+    p.add_argument("--second-evaluator", type=Path, default=None,
+                   help="checkpoint of a second, independently trained evaluator: its FCDs and floors too")
+    p.add_argument("--features", type=Path, default=None,
+                   help="the evaluator's features of the splits (train_evaluator --features): not recomputed")
+    p.add_argument("--second-features", type=Path, default=None, help="the same for the second evaluator")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (scoring outside the pipeline)")
 
 
@@ -30,14 +37,31 @@ def _charts(result: dict, plots_dir: Path) -> None:
     from .. import plots
 
     names = list(result["fcd"])
-    fig = plots.bar_chart(names, [result["fcd"][k] for k in names], f"FCD vs MNIST test (n = {result['n']})",
-                          "Fréchet classifier distance (log scale, lower is better)", highlight=0, log=True)
+    second = result.get("second_evaluator")
+    series = {"evaluator": [result["fcd"][k] for k in names]}
+    if second:
+        series[f"second evaluator ({second['arch']})"] = [second["fcd"][k] for k in names]
+    fig = plots.grouped_bar_chart(names, series, f"FCD vs MNIST test (n = {result['n']})",
+                                  "Fréchet classifier distance (log scale, lower is better)", log=True)
     plots.save_figure(fig, plots_dir / "fcd.png")
     counts = result["class_counts"]
     fig = plots.bar_chart(list(counts), list(counts.values()),
                           f"predicted class of generated digits (TV to uniform "
                           f"{result['class_balance']['tv_to_uniform']:.3f})", "samples")
     plots.save_figure(fig, plots_dir / "class_histogram.png")
+
+
+def reference_for(path, meta: dict, data_hash: str, precision: str):
+    """The reference features at `path` when they match the evaluator, the data and the precision; None (after a
+    note) when only the precision differs, or when no file was given: `score` then computes them."""
+    if path is None:
+        return None
+    from ..evaluator import load_reference
+
+    ref, why = load_reference(path, weights_sha256=meta["weights_sha256"], precision=precision, data_hash=data_hash)
+    if ref is None:
+        print(f"evaluate: {path}: {why}; computing the features again", file=sys.stderr)
+    return ref
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
@@ -51,33 +75,50 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     if args.no_tracking:
         params = dataclasses.replace(params, tracking=override(params.tracking, "tracking", enabled=False))
     cfg = params.evaluate
-    check_paths("evaluate", args, {"samples": "a file", "evaluator": "a file", "data": "a folder", "ae_ckpt": "a file",
-                                   "latents": "a folder"}, ["output"], ["plots"])
+    inputs = {"samples": "a file", "evaluator": "a file", "data": "a folder", "ae_ckpt": "a file", "latents": "a folder"}
+    inputs.update({name: "a file" for name in ("second_evaluator", "features", "second_features")
+                   if getattr(args, name) is not None})
+    if args.second_features is not None and args.second_evaluator is None:
+        raise UserError("--second-features without --second-evaluator: give the checkpoint they belong to too")
+    check_paths("evaluate", args, inputs, ["output"], ["plots"])
     images, labels = load_samples(args.samples)
     rt = runtime_for(args)
     device = rt.device
     evaluator, ev_meta = load_evaluator(args.evaluator)
     evaluator.to(device)
+    second, second_meta = load_evaluator(args.second_evaluator) if args.second_evaluator else (None, {})
+    if second is not None:
+        second.to(device)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
     ae = load_autoencoder(args.ae_ckpt)[0].to(device)
     check_producer(args.latents, args.ae_ckpt)
     z_train = load_latents(args.latents, "train")[0]
+    data_hash = load_meta(args.data)["content_hash"]
+    references = (reference_for(args.features, ev_meta, data_hash, rt.precision),
+                  reference_for(args.second_features, second_meta, data_hash, rt.precision))
     stage_params = {**tracking.section_params(params, "evaluate"), "evaluate.samples": str(args.samples)}
     with tracking.stage_run("evaluate", params, stage_params) as run:
         run.set_tags({PRECISION_TAG: rt.precision})
         result = score(images, labels, evaluator, train.images, test.images, ae, z_train, cfg.n, cfg.k, cfg.seed,
-                       precision=rt.precision)
+                       precision=rt.precision, second=second, references=references)
         result["evaluator_test_accuracy"] = ev_meta["metrics"]["test_accuracy"]
+        if second is not None:
+            result["second_evaluator"]["test_accuracy"] = second_meta["metrics"]["test_accuracy"]
         with atomic_dir(args.plots) as tmp:
             _charts(result, tmp)
         write_json(args.output, result)
+        second_fcd = result.get("second_evaluator", {}).get("fcd", {})
         run.headline({"fcd": result["fcd"]["generated"],
                       **{f"fcd_floor_{k}": v for k, v in result["fcd"].items() if k != "generated"},
-                      **result["prdc"], "class_tv": result["class_balance"]["tv_to_uniform"]})
+                      **result["prdc"], "class_tv": result["class_balance"]["tv_to_uniform"],
+                      **{f"second_fcd{'' if k == 'generated' else '_floor_' + k}": v for k, v in second_fcd.items()}})
         for p in (args.output, args.plots / "fcd.png", args.plots / "class_histogram.png"):
             run.log_artifact(p)
-    rows = "\n".join(f"  {k:<18} {v:10.4f}" for k, v in result["fcd"].items())
-    print(f"evaluate: FCD at n = {result['n']} (lower is better)\n{rows}\n"
+    second_fcd = result.get("second_evaluator", {}).get("fcd", {})
+    head = "  set                  evaluator" + ("  second" if second_fcd else "")
+    rows = "\n".join(f"  {k:<18} {v:10.4f}" + (f" {second_fcd[k]:10.4f}" if k in second_fcd else "")
+                     for k, v in result["fcd"].items())
+    print(f"evaluate: FCD at n = {result['n']} (lower is better)\n{head}\n{rows}\n"
           f"  precision {result['prdc']['precision']:.3f}  recall {result['prdc']['recall']:.3f}  "
           f"classes present {result['class_balance']['classes_present']}  -> {args.output}")
     return result

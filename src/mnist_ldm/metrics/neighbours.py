@@ -16,33 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..nearest import cdist, distances_to_train, rows_per_block
 from .inputs import feature_matrix, same_dim
 
-# Row blocks of a distance matrix hold at most this many float64 entries (64 MiB).
-_BLOCK_ELEMENTS = 1 << 23
 
-# Nearest-neighbour candidates kept from the float32 search, then compared in float64.
-_NN_CANDIDATES = 8
-
-
-# --------------------------------------------------------------------------- distances in blocks
-
-def _block_rows(n_cols: int, block_rows: int | None) -> int:
-    if block_rows is None:
-        return max(1, _BLOCK_ELEMENTS // max(1, n_cols))
-    if block_rows < 1:
-        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-    return int(block_rows)
-
-
-def _cdist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances (B, M) between rows of x (B, D) and y (M, D), in their dtype.
-
-    Uses ||x||^2 + ||y||^2 - 2 x.y (as sklearn's pairwise_distances in the PRDC reference code);
-    inputs are centred by the caller so the cancellation error stays small.
-    """
-    return torch.cdist(x, y, compute_mode="use_mm_for_euclid_dist")
-
+# --------------------------------------------------------------------------- PRDC
 
 def _kth_neighbour_radii(x: torch.Tensor, k: int, block_rows: int | None) -> torch.Tensor:
     """For each row of x (N, D): the distance to its k-th nearest neighbour in x, self excluded (N,).
@@ -51,37 +29,13 @@ def _kth_neighbour_radii(x: torch.Tensor, k: int, block_rows: int | None) -> tor
     smallest entry is the point itself.
     """
     n = x.shape[0]
-    step = _block_rows(n, block_rows)
+    step = rows_per_block(n, block_rows)
     radii = torch.empty(n, dtype=torch.float64)
     for start in range(0, n, step):
-        d = _cdist(x[start:start + step], x)  # (B, N)
+        d = cdist(x[start:start + step], x)  # (B, N)
         radii[start:start + step] = torch.kthvalue(d, k + 1, dim=1).values
     return radii
 
-
-def _nearest_neighbour_distances(queries: torch.Tensor, reference: torch.Tensor,
-                                 block_rows: int | None) -> torch.Tensor:
-    """For each row of queries (Q, D): its distance to the nearest row of reference (R, D) -> (Q,).
-
-    The search runs in blocks, in float32 (about 10x faster than float64 here), and keeps the
-    `_NN_CANDIDATES` closest rows; their distances are then recomputed in float64 directly from the
-    difference vectors and the smallest is taken, so the result is the float64 answer unless more
-    than that many rows tie within float32 rounding, and an exact copy gives exactly 0.
-    """
-    q, r = queries.shape[0], reference.shape[0]
-    keep = min(_NN_CANDIDATES, r)
-    step = _block_rows(r, block_rows)
-    ref32 = reference.float()
-    out = torch.empty(q, dtype=queries.dtype)
-    for start in range(0, q, step):
-        block = queries[start:start + step]  # (B, D)
-        candidates = _cdist(block.float(), ref32).topk(keep, dim=1, largest=False).indices  # (B, keep)
-        exact = torch.linalg.vector_norm(block[:, None, :] - reference[candidates], dim=2)  # (B, keep)
-        out[start:start + step] = exact.min(dim=1).values
-    return out  # (Q,)
-
-
-# --------------------------------------------------------------------------- PRDC
 
 def prdc(real_features: Any, fake_features: Any, k: int = 5, *,
          block_rows: int | None = None) -> dict[str, float]:
@@ -107,7 +61,7 @@ def prdc(real_features: Any, fake_features: Any, k: int = 5, *,
     fake = feature_matrix(fake_features, "fake_features", min_samples=k + 1)  # (M, D)
     same_dim(real, fake, "real_features", "fake_features")
 
-    # Distances do not change under a common shift; centring keeps ||x||^2 small in _cdist.
+    # Distances do not change under a common shift; centring keeps ||x||^2 small in `cdist`.
     centre = real.mean(axis=0)  # (D,)
     r = torch.from_numpy(real - centre)  # (N, D)
     f = torch.from_numpy(fake - centre)  # (M, D)
@@ -115,12 +69,12 @@ def prdc(real_features: Any, fake_features: Any, k: int = 5, *,
     fake_radii = _kth_neighbour_radii(f, k, block_rows)  # (M,)
 
     n, m = r.shape[0], f.shape[0]
-    step = _block_rows(m, block_rows)
+    step = rows_per_block(m, block_rows)
     balls_containing_fake = torch.zeros(m, dtype=torch.long)  # (M,) real balls around each fake
     real_in_fake_ball = torch.empty(n, dtype=torch.bool)  # (N,)
     real_covered = torch.empty(n, dtype=torch.bool)  # (N,)
     for start in range(0, n, step):
-        d = _cdist(r[start:start + step], f)  # (B, M) real-to-fake
+        d = cdist(r[start:start + step], f)  # (B, M) real-to-fake
         radii = real_radii[start:start + step, None]  # (B, 1)
         balls_containing_fake += (d < radii).sum(dim=0)
         real_in_fake_ball[start:start + step] = (d < fake_radii[None, :]).any(dim=1)
@@ -136,30 +90,33 @@ def prdc(real_features: Any, fake_features: Any, k: int = 5, *,
 
 # --------------------------------------------------------------------------- memorization
 
-def memorization_ratio(generated: Any, train: Any, test: Any, *,
-                       block_rows: int | None = None) -> dict[str, float]:
+def memorization_ratio(generated: Any, train: Any, test: Any, *, block_rows: int | None = None,
+                       test_to_train: np.ndarray | None = None) -> dict[str, float]:
     """Nearest-training-item distances of generated samples against those of held-out test items.
 
     generated (M, D), train (N, D), test (T, D): features or flattened pixels, one space for all.
     For each generated sample and each test item, the Euclidean distance to its nearest training
-    item; returns their medians `median_gen_to_train`, `median_test_to_train` and
-    `ratio` = median_gen_to_train / median_test_to_train. A model that generalizes puts its samples
-    about as far from the training set as unseen real data (ratio near 1); a ratio far below 1
-    suggests it reproduces training images (exact copies give 0).
+    item (`distances_to_train`; the test items' may be given as `test_to_train` (T,)); returns their
+    medians `median_gen_to_train`, `median_test_to_train` and `ratio` = median_gen_to_train /
+    median_test_to_train. A model that generalizes puts its samples about as far from the training set
+    as unseen real data (ratio near 1); a ratio far below 1 suggests it reproduces training images
+    (exact copies give 0).
     """
     gen = feature_matrix(generated, "generated", min_samples=1)  # (M, D)
     tr = feature_matrix(train, "train", min_samples=1)  # (N, D)
     te = feature_matrix(test, "test", min_samples=1)  # (T, D)
     same_dim(gen, tr, "generated", "train")
     same_dim(te, tr, "test", "train")
+    gen_d = distances_to_train(gen, tr, block_rows=block_rows)  # (M,)
+    if test_to_train is None:
+        test_d = distances_to_train(te, tr, block_rows=block_rows)  # (T,)
+    elif np.shape(test_to_train) != (len(te),):
+        raise ValueError(f"test_to_train has shape {np.shape(test_to_train)}; expected ({len(te)},), one per test item")
+    else:
+        test_d = np.asarray(test_to_train, dtype=np.float64)
 
-    centre = tr.mean(axis=0)  # (D,)
-    tr_t = torch.from_numpy(tr - centre)  # (N, D)
-    gen_d = _nearest_neighbour_distances(torch.from_numpy(gen - centre), tr_t, block_rows)  # (M,)
-    test_d = _nearest_neighbour_distances(torch.from_numpy(te - centre), tr_t, block_rows)  # (T,)
-
-    median_gen = float(np.median(gen_d.numpy()))
-    median_test = float(np.median(test_d.numpy()))
+    median_gen = float(np.median(gen_d))
+    median_test = float(np.median(test_d))
     if median_test == 0.0:
         raise ValueError("median distance from test to train is 0 (test items duplicate training "
                          "items); the ratio is undefined")

@@ -26,6 +26,8 @@ DESCRIPTION = ("MNIST latent-diffusion generator (mnist-ldm): pyfunc model, inpu
                "seed, output one row per image")
 # eval.json keys (dotted) put on each version as tags and on the logged model as metrics
 HEADLINE = ("fcd.generated", "fcd.train_vs_test", "fcd.single_gaussian", "fcd_ratio_to_single_gaussian",
+            "fcd_ratio_to_ae_reconstruction", "second_evaluator.fcd.generated",
+            "second_evaluator.fcd_ratio_to_ae_reconstruction",
             "prdc.precision", "prdc.recall", "prdc.density", "prdc.coverage", "class_balance.tv_to_uniform",
             "class_balance.classes_present", "memorization.ratio", "n")
 HIGHER_IS_BETTER = ("prdc.", "class_balance.classes_present", "evaluator_test_accuracy")

@@ -26,7 +26,9 @@ from .store import TAG, TrackingError, connect, experiment_id, first_line, repo_
 SIZE_KEYS = frozenset({"params", "n", "train_latents", "train_images", "test_images"})
 SIZE_TAG = TAG + "size."
 # the numbers a comparison is about come first in each batch sent to the parent
-HEADLINE_ORDER = ("eval.fcd.generated", "eval.fcd_ratio_to_single_gaussian", "eval.fcd.", "eval.prdc.",
+HEADLINE_ORDER = ("eval.fcd.generated", "eval.second_evaluator.fcd.generated", "eval.fcd_ratio_to_ae_reconstruction",
+                  "eval.second_evaluator.fcd_ratio_to_ae_reconstruction", "eval.fcd_ratio_to_single_gaussian",
+                  "eval.fcd.", "eval.second_evaluator.fcd.", "eval.prdc.",
                   "autoencoder.test_bce", "diffusion.test_loss", "diffusion.train_loss", "evaluator.test_accuracy")
 
 

@@ -120,7 +120,8 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(json.dumps(finite_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
+def write_npz(path: str | Path, compress: bool = True, **arrays: np.ndarray) -> None:
+    """`arrays` as an .npz, written atomically; `compress=False` for float data that zlib barely shrinks."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            (np.savez_compressed if compress else np.savez)(f, **arrays)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .atomic import atomic_path
+from .atomic import write_npz
 from .checkpoint import load_model_checkpoint
 from .config import EVALUATOR_ARCHS
 from .device import autocast, model_device
@@ -128,8 +128,8 @@ def save_reference(path: str | Path, ref: dict[str, np.ndarray], **meta: str) ->
     the distances as float64, and `meta` (weights_sha256, data_hash, precision) as JSON."""
     f32 = {k: ref[k].astype(np.float32) for k in ("train", "test")}
     assert all(np.array_equal(f32[k], ref[k]) for k in f32), "features that float32 does not hold exactly"
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **f32, test_to_train=ref["test_to_train"], meta=np.array(json.dumps(meta, sort_keys=True)))
+    write_npz(path, compress=False, **f32, test_to_train=ref["test_to_train"],
+              meta=np.array(json.dumps(meta, sort_keys=True)))
 
 
 def load_reference(path: str | Path, **expected: str) -> tuple[dict[str, np.ndarray] | None, str]:

@@ -97,6 +97,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     references = (reference_for(args.features, ev_meta, data_hash, rt.precision),
                   reference_for(args.second_features, second_meta, data_hash, rt.precision))
     stage_params = {**tracking.section_params(params, "evaluate"), "evaluate.samples": str(args.samples)}
+    second_fcd = {}  # the second evaluator's FCDs, once scored
     with tracking.stage_run("evaluate", params, stage_params) as run:
         run.set_tags({PRECISION_TAG: rt.precision})
         result = score(images, labels, evaluator, train.images, test.images, ae, z_train, cfg.n, cfg.k, cfg.seed,
@@ -104,17 +105,16 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         result["evaluator_test_accuracy"] = ev_meta["metrics"]["test_accuracy"]
         if second is not None:
             result["second_evaluator"]["test_accuracy"] = second_meta["metrics"]["test_accuracy"]
+            second_fcd = result["second_evaluator"]["fcd"]
         with atomic_dir(args.plots) as tmp:
             _charts(result, tmp)
         write_json(args.output, result)
-        second_fcd = result.get("second_evaluator", {}).get("fcd", {})
         run.headline({"fcd": result["fcd"]["generated"],
                       **{f"fcd_floor_{k}": v for k, v in result["fcd"].items() if k != "generated"},
                       **result["prdc"], "class_tv": result["class_balance"]["tv_to_uniform"],
                       **{f"second_fcd{'' if k == 'generated' else '_floor_' + k}": v for k, v in second_fcd.items()}})
         for p in (args.output, args.plots / "fcd.png", args.plots / "class_histogram.png"):
             run.log_artifact(p)
-    second_fcd = result.get("second_evaluator", {}).get("fcd", {})
     head = "  set                  evaluator" + ("  second" if second_fcd else "")
     rows = "\n".join(f"  {k:<18} {v:10.4f}" + (f" {second_fcd[k]:10.4f}" if k in second_fcd else "")
                      for k, v in result["fcd"].items())

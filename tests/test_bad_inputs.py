@@ -325,7 +325,7 @@ def _weights_do_not_fit(repo, tmp):
 
 
 def _nan_diffusion(key: str, *extra: str, value: float = float("nan")) -> Case:
-    """Non-finite weights in the diffusion checkpoint's `key` (infer reads the EMA weights unless --raw-weights)."""
+    """Non-finite weights in the diffusion checkpoint's `key` (infer reads the EMA weights with --ema, the raw ones with --raw-weights)."""
     def build(repo, tmp):
         ckpt, name = nan_weights(real_ckpt(repo, "diffusion.pt"), key, value)
         path = tmp / "diffusion_nan.pt"
@@ -539,9 +539,9 @@ CASES: dict[str, Case] = {
     "ckpt-plain-dict": _plain_dict_ckpt,
     "ckpt-future-version": _future_format_version,
     "ckpt-weights-do-not-fit": _weights_do_not_fit,
-    "ckpt-diffusion-nan-ema": _nan_diffusion("ema_state_dict"),
+    "ckpt-diffusion-nan-ema": _nan_diffusion("ema_state_dict", "--ema"),
     "ckpt-diffusion-nan-raw": _nan_diffusion("state_dict", "--raw-weights"),
-    "ckpt-diffusion-inf-ema": _nan_diffusion("ema_state_dict", value=float("inf")),
+    "ckpt-diffusion-inf-ema": _nan_diffusion("ema_state_dict", "--ema", value=float("inf")),
     "ckpt-autoencoder-nan-infer": _nan_autoencoder("infer"),
     "ckpt-autoencoder-nan-encode": _nan_autoencoder("encode"),
     "ckpt-autoencoder-inf-train-diffusion": _nan_autoencoder("train-diffusion", float("-inf")),
@@ -757,7 +757,7 @@ def test_a_bad_param_is_refused_before_torch_or_mlflow_load(tmp_path: Path):
     """Every command validates params.yaml before it imports the library: a typo costs a fraction of a
     second, not torch's start-up."""
     bad = tmp_path / "params.yaml"
-    bad.write_text((REPO / "params.yaml").read_text().replace("lr: 0.0008", "lr: fast"))
+    bad.write_text((REPO / "params.yaml").read_text().replace("lr: 0.0016", "lr: fast"))
     script = f"""
 import shlex, sys, yaml
 from mnist_ldm.cli import COMMANDS, main

@@ -87,9 +87,9 @@ def test_config_imports_alone_without_the_loader():
 # --- 1. duplicate keys ---------------------------------------------------------------------------
 
 def test_duplicate_key_inside_a_section(tmp_path):
-    path = write(tmp_path, BASE.replace("  lr: 0.0008\n", "  lr: 0.0008\n  # a second try\n  lr: 0.0005\n"))
+    path = write(tmp_path, BASE.replace("  lr: 0.0016\n", "  lr: 0.0016\n  # a second try\n  lr: 0.0005\n"))
     lines = path.read_text().splitlines()
-    first = lines.index("  lr: 0.0008") + 1
+    first = lines.index("  lr: 0.0016") + 1
     second = lines.index("  lr: 0.0005") + 1
     msg = refused(load_params, path)
     assert msg == (f"{path}: duplicate key 'diffusion.lr' at lines {first} and {second}; "
@@ -355,7 +355,7 @@ def test_set_applies_typed_values():
     p = apply_overrides(BASE_PARAMS, ["diffusion.lr=0.0005", "sample.digit=null", "diffusion.conditional=true"])
     assert (p.diffusion.lr, p.sample.digit, p.diffusion.conditional) == (0.0005, None, True)
     assert apply_overrides(p, ["sample.digit=7", "tracking.experiment=other run"]).sample.digit == 7
-    assert BASE_PARAMS.diffusion.lr == 0.0008 and apply_overrides(BASE_PARAMS, []) == BASE_PARAMS
+    assert BASE_PARAMS.diffusion.lr == 0.0016 and apply_overrides(BASE_PARAMS, []) == BASE_PARAMS
     assert isinstance(apply_overrides(BASE_PARAMS, ["diffusion.lr=1"]).diffusion.lr, float)
 
 

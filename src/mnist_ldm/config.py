@@ -137,9 +137,9 @@ class DiffusionConfig(_Section):
     T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 2e-2
-    epochs: int = 40
-    batch_size: int = 256
-    lr: float = 8e-4
+    epochs: int = 60
+    batch_size: int = 512
+    lr: float = 1.6e-3
     lr_schedule: str = "cosine"  # constant | cosine (to 0 at the last step), after warmup_steps
     warmup_steps: int = 200  # linear learning-rate warm-up
     only_digit: Optional[int] = None
@@ -182,7 +182,7 @@ class SampleConfig(_Section):
     sampler: str = "ddim"
     steps: int = 250
     eta: float = 1.0  # DDIM only: 0 = deterministic, 1 = DDPM-like noise
-    use_ema: bool = True
+    use_ema: bool = False  # True: sample with the EMA of the weights
     guidance: float = 2.0  # classifier-free guidance scale w (conditional models only)
     digit: Optional[int] = None  # conditional models only: null samples every digit
     batch_size: int = 2500

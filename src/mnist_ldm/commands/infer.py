@@ -30,7 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=finite_float, help="sample.eta: DDIM noise, 0 deterministic, 1 DDPM-like")
     p.add_argument("--digit", type=digit, help="sample.digit: class-conditional models, which digit")
     p.add_argument("--guidance", type=finite_float, help="sample.guidance: classifier-free guidance scale w")
-    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ema", dest="use_ema", action="store_const", const=True,
+                         help="sample with the EMA of the weights (sample.use_ema: true)")
+    weights.add_argument("--raw-weights", dest="use_ema", action="store_const", const=False,
+                         help="sample with the weights as trained (sample.use_ema: false)")
 
 
 def run(params: Params, args: argparse.Namespace) -> Path:
@@ -41,7 +45,7 @@ def run(params: Params, args: argparse.Namespace) -> Path:
 
     cfg = override(params.sample, "sample", num_images=args.num_images, seed=args.seed, sampler=args.sampler,
                    steps=args.steps, eta=args.eta, digit=args.digit, guidance=args.guidance,
-                   use_ema=False if args.raw_weights else None)
+                   use_ema=args.use_ema)
     n = cfg.num_images or cfg.grid_size
     suffix = args.output.suffix.lower()
     if suffix not in (".png", ".npz"):

@@ -5,7 +5,8 @@
   or copied with its store has its artifact locations re-pointed to itself).
 * `identity.py`: what identifies a run: the parent's key hashes every param and the pipeline's sources (code,
   raw data), so the stages of one `dvc repro` find the same parent, and `dvc repro -f` finds it again; a
-  child's hash covers the stage's deps and params (as `dvc.lock` records them), its params and command line.
+  child's hash covers the stage's deps and params (as `dvc.lock` records them), its params and command line;
+  which stages are current (their `dvc.lock` entry matches the workspace), so only their figures reach the parent.
 * `runs.py`: opening the runs. A stage re-executed with identical inputs links to the finished child run,
   an interrupted one is continued. The parent holds every param and the numbers of every metrics file
   dvc.yaml lists (`<file stem>.<key>`, the evaluation's headline first); sizes (parameter and image counts)

@@ -1,4 +1,5 @@
-"""What identifies a run: a stage's inputs, the key of the pipeline state, the params, git and data tags."""
+"""What identifies a run, read from DVC's files: a stage's inputs, the key of the pipeline state, which stages are
+current (`dvc.lock` against the workspace); the params, git and data tags."""
 
 from __future__ import annotations
 
@@ -42,11 +43,48 @@ def pipeline_key(workdir: Path, params: Params) -> str:
     `prepare` would otherwise hash it as missing and the later stages as present, two pipeline states.
     """
     stages = read_yaml(workdir / "dvc.yaml").get("stages", {})
-    outs = {str(o if isinstance(o, str) else next(iter(o))).rstrip("/") for s in stages.values()
-            for kind in ("outs", "metrics", "plots") for o in s.get(kind, [])}
-    sources = sorted({d for s in stages.values() for d in s.get("deps", [])
-                      if not any(d == o or d.startswith(o + "/") for o in outs)})
+    outs = producers(stages)
+    sources = sorted({d for s in stages.values() for d in s.get("deps", []) if producer(outs, d) is None})
     return json_digest({"params": params.flat(), "sources": {d: path_hash(workdir / d) for d in sources}}, 20)
+
+
+def producers(stages: dict) -> dict[str, str]:
+    """Each output path of dvc.yaml's `stages` (outs, metrics, plots) -> the stage that writes it."""
+    return {str(o if isinstance(o, str) else next(iter(o))).rstrip("/"): name for name, spec in stages.items()
+            for kind in ("outs", "metrics", "plots") for o in spec.get(kind, [])}
+
+
+def producer(outs: dict[str, str], path: str) -> Optional[str]:
+    return next((name for out, name in outs.items() if path == out or path.startswith(out + "/")), None)
+
+
+def current_stages(workdir: Path, running: str) -> set[str]:
+    """The stages whose outputs belong to the pipeline as it stands: `running` (its outputs are this
+    execution's), and each stage whose `dvc.lock` entry matches its deps and params in the workspace and
+    whose upstream stages are all current. Under `dvc repro` a stage that is still to run is not (DVC
+    updates its entry once it has run), nor is one whose upstream stage failed."""
+    stages = read_yaml(workdir / "dvc.yaml").get("stages", {})
+    lock = read_yaml(workdir / "dvc.lock").get("stages", {})
+    params = read_yaml(workdir / "params.yaml")
+    outs = producers(stages)
+    hashes: dict[str, str] = {}  # a dep shared by several stages (the code, data/prepared) is hashed once
+
+    def matches(entry: dict) -> bool:
+        return (all((hashes.get(d["path"]) or hashes.setdefault(d["path"], path_hash(workdir / d["path"])))
+                    == d.get("md5") for d in entry.get("deps", []))
+                and all(dotted_value(params, k) == v for k, v in entry.get("params", {}).get("params.yaml", {}).items()))
+
+    current: dict[str, bool] = {}
+
+    def is_current(name: str) -> bool:
+        if name not in current:
+            current[name] = False  # a cycle (not possible in a DVC pipeline) reads as not current
+            entry = lock.get(name)
+            current[name] = name == running or (entry is not None and matches(entry) and all(
+                is_current(p) for d in entry.get("deps", []) if (p := producer(outs, d["path"])) not in (None, name)))
+        return current[name]
+
+    return {name for name in stages if is_current(name)}
 
 
 def section_params(params: Params, section: str) -> dict[str, Any]:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..config import Params
-from ..hashing import json_digest, path_hash
-from ..params_file import dotted_value
-from .identity import data_tags, git_tags, pipeline_key, read_yaml, section_params, stage_inputs
+from ..hashing import json_digest
+from .identity import (current_stages, data_tags, git_tags, pipeline_key, producer, producers, read_yaml,
+                       section_params, stage_inputs)
 from .stagerun import StageRun, is_number, log_params, same
 from .store import TAG, TrackingError, connect, experiment_id, first_line, repo_root, tracking_uri
 
@@ -146,45 +146,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, float]:
     for k, v in d.items():
         out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v} if is_number(v) else {})
     return out
-
-
-def producers(stages: dict) -> dict[str, str]:
-    """Each output path of dvc.yaml's `stages` (outs, metrics, plots) -> the stage that writes it."""
-    return {str(o if isinstance(o, str) else next(iter(o))).rstrip("/"): name for name, spec in stages.items()
-            for kind in ("outs", "metrics", "plots") for o in spec.get(kind, [])}
-
-
-def producer(outs: dict[str, str], path: str) -> Optional[str]:
-    return next((name for out, name in outs.items() if path == out or path.startswith(out + "/")), None)
-
-
-def current_stages(workdir: Path, running: str) -> set[str]:
-    """The stages whose outputs belong to the pipeline as it stands: `running` (its outputs are this
-    execution's), and each stage whose `dvc.lock` entry matches its deps and params in the workspace and
-    whose upstream stages are all current. Under `dvc repro` a stage that is still to run is not (DVC
-    updates its entry once it has run), nor is one whose upstream stage failed."""
-    stages = read_yaml(workdir / "dvc.yaml").get("stages", {})
-    lock = read_yaml(workdir / "dvc.lock").get("stages", {})
-    params = read_yaml(workdir / "params.yaml")
-    outs = producers(stages)
-    hashes: dict[str, str] = {}  # a dep shared by several stages (the code, data/prepared) is hashed once
-
-    def matches(entry: dict) -> bool:
-        return (all((hashes.get(d["path"]) or hashes.setdefault(d["path"], path_hash(workdir / d["path"])))
-                    == d.get("md5") for d in entry.get("deps", []))
-                and all(dotted_value(params, k) == v for k, v in entry.get("params", {}).get("params.yaml", {}).items()))
-
-    current: dict[str, bool] = {}
-
-    def is_current(name: str) -> bool:
-        if name not in current:
-            current[name] = False  # a cycle (not possible in a DVC pipeline) reads as not current
-            entry = lock.get(name)
-            current[name] = name == running or (entry is not None and matches(entry) and all(
-                is_current(p) for d in entry.get("deps", []) if (p := producer(outs, d["path"])) not in (None, name)))
-        return current[name]
-
-    return {name for name in stages if is_current(name)}
 
 
 def sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool, finished: bool = True) -> None:

@@ -857,8 +857,11 @@ def test_interrupted_dvc_stage_says_how_to_bring_back_its_outputs(trained_repo: 
         while (repo / "outputs/samples.npz").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not (repo / "outputs/samples.npz").exists(), log.read_text()[-2000:]
-        time.sleep(8)  # past the stage's start-up, into its sampling
-        assert proc.poll() is None, log.read_text()[-2000:]
+        # into its sampling: its progress bar is drawn (a fixed wait could end while DVC, slowed by other
+        # work on the machine, is still between removing the outputs and starting the command)
+        while "sample ddpm" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "sample ddpm" in log.read_text(errors="replace") and proc.poll() is None, log.read_text()[-2000:]
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
     finally:
@@ -883,12 +886,21 @@ def test_sigterm_ends_a_command_like_ctrl_c(repo: Path, tmp_path: Path):
     argv = [str(BIN / "mnist-ldm"), *infer(output=str(out))]
     argv[argv.index("--num-images") + 1], argv[argv.index("--sampler") + 1] = "300000", "ddpm"
     del argv[argv.index("--steps"):argv.index("--steps") + 2]  # ddpm runs all T steps: --steps is refused
-    proc = subprocess.Popen(argv, cwd=repo, env=test_env(DVC_STAGE="sample"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # into the sampling
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    log = tmp_path.parent / f"{tmp_path.name}.stderr"  # beside tmp_path, which must stay empty
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=repo, env=test_env(DVC_STAGE="sample"), stdout=subprocess.DEVNULL,
+                                stderr=f, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "sample ddpm" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.2)  # into the sampling: its progress bar is drawn
+        assert "sample ddpm" in log.read_text(errors="replace") and proc.poll() is None, log.read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = log.read_text(errors="replace")
     lines = [line.split("\r")[-1].strip() for line in err.splitlines() if line.strip()]
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert lines[-1] == ("interrupted: DVC removed the previous outputs of stage 'sample' before running it; "

@@ -837,6 +837,35 @@ def test_interrupt_outside_dvc_says_only_interrupted(monkeypatch):
     assert interrupted_line() == "interrupted"
 
 
+def as_from_a_shell() -> None:
+    """In the child, before exec: SIGINT and SIGTERM as a shell starts a command, neither blocked nor ignored.
+    A test worker may carry either state from an earlier test's library, and children inherit both."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def signal_states(pid: int) -> str:
+    """The blocked and ignored signal masks of `pid`, its process group and this process (from /proc)."""
+    out = []
+    for p in sorted({pid, os.getpid(), *(int(d.name) for d in Path("/proc").iterdir()
+                                          if d.name.isdigit() and pgid_of(int(d.name)) == pid)}):
+        try:
+            status = Path(f"/proc/{p}/status").read_text().splitlines()
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:80]
+        except OSError:
+            continue
+        out.append(f"{p} {cmd}: " + " ".join(line for line in status if line.startswith(("SigBlk", "SigIgn"))))
+    return "\n".join(out)
+
+
+def pgid_of(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return -1
+
+
 def test_interrupted_dvc_stage_says_how_to_bring_back_its_outputs(trained_repo: Path, tmp_path: Path):
     """Ctrl-C during `dvc repro` of `sample`: DVC deleted the stage's outputs before running it; the stage's
     last line says so and names `dvc checkout sample`, which brings them back byte for byte."""
@@ -851,7 +880,7 @@ def test_interrupted_dvc_stage_says_how_to_bring_back_its_outputs(trained_repo: 
     log = tmp_path / "repro.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([str(BIN / "dvc"), "repro", "sample"], cwd=repo, env=test_env(), stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=as_from_a_shell)
     try:
         deadline = time.monotonic() + 120
         while (repo / "outputs/samples.npz").exists() and time.monotonic() < deadline:
@@ -862,12 +891,14 @@ def test_interrupted_dvc_stage_says_how_to_bring_back_its_outputs(trained_repo: 
         while "sample ddpm" not in log.read_text(errors="replace") and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "sample ddpm" in log.read_text(errors="replace") and proc.poll() is None, log.read_text()[-2000:]
+        states = signal_states(proc.pid)  # a blocked or ignored SIGINT, inherited, would make Ctrl-C do nothing
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
+    assert proc.returncode != 0, f"{states}\n{text[-2000:]}"
     line = "interrupted: DVC removed the previous outputs of stage 'sample' before running it; " \
            "`dvc checkout sample` brings them back from the cache"
     assert line in text.splitlines(), text[-3000:]
@@ -889,7 +920,7 @@ def test_sigterm_ends_a_command_like_ctrl_c(repo: Path, tmp_path: Path):
     log = tmp_path.parent / f"{tmp_path.name}.stderr"  # beside tmp_path, which must stay empty
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, cwd=repo, env=test_env(DVC_STAGE="sample"), stdout=subprocess.DEVNULL,
-                                stderr=f, text=True)
+                                stderr=f, text=True, preexec_fn=as_from_a_shell)
     try:
         deadline = time.monotonic() + 120
         while "sample ddpm" not in log.read_text(errors="replace") and time.monotonic() < deadline:

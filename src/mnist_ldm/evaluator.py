@@ -114,13 +114,14 @@ def load_evaluator(path: str | Path) -> tuple[Evaluator, dict]:
 # ------------------------------------------------------------------ what `evaluate` compares with, kept per evaluator
 
 def reference_features(model: Evaluator, train_images: np.ndarray, test_images: np.ndarray,
-                       precision: str = "fp32") -> dict[str, np.ndarray]:
+                       precision: str = "fp32", distances: bool = True) -> dict[str, np.ndarray]:
     """What every `evaluate` of one evaluator on one dataset recomputes: the features of the whole training and
-    test splits (float64, (N, 128) and (T, 128)) and each test item's distance to its nearest training item in
-    that space ((T,), the memorization ratio's reference). `train_<section>` keeps them beside the checkpoint."""
+    test splits (float64, (N, 128) and (T, 128)) and, with `distances`, each test item's distance to its nearest
+    training item in that space ((T,), the memorization ratio's reference). `train_<section>` keeps them beside
+    the checkpoint."""
     train = features_and_probs(model, train_images, precision=precision)[0]
     test = features_and_probs(model, test_images, precision=precision)[0]
-    return {"train": train, "test": test, "test_to_train": distances_to_train(test, train)}
+    return {"train": train, "test": test, **({"test_to_train": distances_to_train(test, train)} if distances else {})}
 
 
 def save_reference(path: str | Path, ref: dict[str, np.ndarray], **meta: str) -> None:

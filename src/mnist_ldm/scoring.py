@@ -87,19 +87,21 @@ def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_
     if ae is not None and z_train is not None:
         sets.update(floor_images(ae, z_train, n, seed, precision))
 
-    def fcds(net, ref) -> tuple[dict, dict, np.ndarray]:
-        """FCDs of every set against the test set in `net`'s features, those features (train: all of it) and
-        the class probabilities of the generated images."""
-        ref = ref or reference_features(net, train_images, test_images, precision)
+    def fcds(net, ref, distances: bool) -> tuple[dict, dict, np.ndarray]:
+        """FCDs of every set against the test set in `net`'s features, those features (train: all of it; the
+        test items' nearest-training distances when `distances`) and the class probabilities of the generated
+        images."""
+        ref = ref or reference_features(net, train_images, test_images, precision, distances=distances)
         out = {name: features_and_probs(net, ims, precision=precision) for name, ims in sets.items()}
-        f = {"train": ref["train"], "test": ref["test"][:n], "test_to_train": ref["test_to_train"][:n],
-             **{name: feats for name, (feats, _) in out.items()}}
+        f = {"train": ref["train"], "test": ref["test"][:n], **{name: feats for name, (feats, _) in out.items()}}
+        if distances:
+            f["test_to_train"] = ref["test_to_train"][:n]
         fcd = {"generated": metrics.frechet_classifier_distance(f["generated"], f["test"]),
                "train_vs_test": metrics.frechet_classifier_distance(f["train"][train_pick], f["test"])}
         fcd.update({name: metrics.frechet_classifier_distance(f[name], f["test"]) for name in sets if name != "generated"})
         return fcd, f, out["generated"][1]
 
-    fcd, f, p_gen = fcds(evaluator, references[0])
+    fcd, f, p_gen = fcds(evaluator, references[0], distances=True)
     balance = metrics.class_balance(p_gen)
     result = {
         "n": int(n),
@@ -121,7 +123,7 @@ def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_
         result["fcd_ratio_to_single_gaussian"] = fcd["generated"] / fcd["single_gaussian"]
         result["fcd_ratio_to_ae_reconstruction"] = fcd["generated"] / fcd["ae_reconstruction"]
     if second is not None:
-        fcd2, f2, _ = fcds(second, references[1])
+        fcd2, f2, _ = fcds(second, references[1], distances=False)  # no memorization check here
         result["second_evaluator"] = {"arch": second.arch, "fcd": fcd2,
                                       "prdc": metrics.prdc(f2["test"], f2["generated"], k=k)}
         if "ae_reconstruction" in fcd2:

@@ -5,7 +5,9 @@ as the fraction of both rates its matrix multiplies reach (multiply-adds of Line
 counted with forward hooks at the real shapes; a training step counted as 3 forward passes); the
 pixel-space U-Net beside the latent MLP; and a profile of one latent DDPM sampling step at batch 2,500
 that says where the time beyond the matrix multiplies goes; and the training speed-up of rows that share a
-timestep (`diffusion.samples_per_timestep`).
+timestep (`diffusion.samples_per_timestep`). Every figure runs with glibc's malloc as the pipeline's commands
+set it (`mnist_ldm.heap`); the conv autoencoder's training is also measured in a child process with glibc as
+it comes, and the ratio printed.
 
     python benchmarks/speed.py        # prints tables, writes benchmarks/results/speed.json (about 3 minutes)
     python benchmarks/speed.py --seconds 0.05 --only bf16 --no-save   # a quick run of the bf16 figures alone
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
 from mnist_ldm.device import autocast, cpu_has_native_bf16
 from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser, build_denoiser
 from mnist_ldm.diffusion import NoiseSchedule, ddim_step, ddim_timesteps, ddpm_step, draw_timesteps
+from mnist_ldm.heap import keep_freed_memory
 from mnist_ldm.training.denoiser import diffusion_loss
 from mnist_ldm.training.loop import adam
 
@@ -81,7 +86,9 @@ def forward_flops(model: nn.Module, *inputs) -> float:
 def denoiser_training(model: nn.Module, batch: int, seconds: float = SECONDS, run: int = 1,
                       precision: str = "fp32", compiled: bool = False) -> tuple[float, float]:
     """(samples/s, FLOPs per sample) of full training steps: loss (under `precision`'s autocast, as the
-    training loop runs it), backward, fused Adam; `run` rows share each timestep (`diffusion.samples_per_timestep`).
+    training loop runs it), backward, fused Adam; `run` rows share each timestep (`diffusion.samples_per_timestep`). Every figure runs with glibc's malloc as the pipeline's commands
+set it (`mnist_ldm.heap`); the conv autoencoder's training is also measured in a child process with glibc as
+it comes, and the ratio printed.
     `compiled`: the loss and its backward through `torch.compile` (inductor's fused CPU kernels; compiled once,
     before the timing)."""
     s, gen, opt = NoiseSchedule.linear(1000, 1e-4, 0.02), torch.Generator().manual_seed(0), adam(model, 2e-4)
@@ -165,14 +172,28 @@ def autoencoder_training(kind: str, batch: int = 128, seconds: float = SECONDS,
     return timed(step, seconds) * batch, 3 * forward_flops(model, x) / batch
 
 
+def autoencoder_rate_glibc_defaults(seconds: float) -> float:
+    """The conv autoencoder's fp32 training images/s at batch 256, in a child process whose malloc is left as
+    glibc sets it."""
+    out = subprocess.run([sys.executable, __file__, "--glibc-defaults", "--seconds", str(seconds)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=SECONDS, help="timing per figure (default %(default)s)")
     ap.add_argument("--only", choices=("fp32", "bf16"), help="measure the figures of one precision alone")
     ap.add_argument("--no-save", action="store_true", help="print only; leave benchmarks/results/speed.json as it is")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help="print the conv autoencoder's training images/s (batch 256) with glibc's malloc untouched")
     args = ap.parse_args()
     sec = args.seconds
     torch.set_num_threads(THREADS)
+    if args.glibc_defaults:
+        print(autoencoder_training("conv", 256, sec)[0])
+        return
+    keep_freed_memory()
     rates = {name: matmul_gflops(dtype=dtype, seconds=sec)
              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     torch.manual_seed(0)
@@ -212,6 +233,13 @@ def main() -> None:
         add("pixel U-Net DDPM sampling, batch 2500", "images*steps/s",
             *denoiser_sampling(unet, "ddpm", 2500, sec * 10 / 3)[:2])
 
+    heap = None
+    if "fp32" in wanted:
+        untuned = autoencoder_rate_glibc_defaults(sec)
+        tuned = autoencoder_training("conv", 256, seconds=sec)[0]  # measured again, next to the child's figure
+        heap = {"images_per_s_glibc_defaults": round(untuned, 1), "images_per_s_kept_memory": round(tuned, 1),
+                "ratio": round(tuned / untuned, 3)}
+
     native = "native" if cpu_has_native_bf16() else "no native bf16 units"
     print(f"matmul (2048x2048, {THREADS} threads): fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s "
           f"({native}) — the reference limits")
@@ -229,6 +257,10 @@ def main() -> None:
         for name in (r["figure"] for r in rows if r["precision"] == "bf16"):
             fp32_name = name.removesuffix(" [bf16]")
             print(f"  {fp32_name:<45} {per_s[name] / per_s[fp32_name]:.2f}x")
+    if heap is not None:
+        print(f"\nconv autoencoder training, batch 256, fp32: {heap['images_per_s_kept_memory']:,.0f} images/s with freed "
+              f"memory kept (mnist_ldm.heap), {heap['images_per_s_glibc_defaults']:,.0f} with glibc's defaults: "
+              f"{heap['ratio']:.2f}x")
     if profile is not None:
         print("\none latent DDPM step at batch 2,500, by operator (torch.profiler, self CPU time):")
         for r in profile:
@@ -239,7 +271,7 @@ def main() -> None:
     out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
            "threads": THREADS, "torch": torch.__version__, "native_bf16": cpu_has_native_bf16(),
            "matmul_gflops": round(rates["fp32"], 1), "matmul_gflops_bf16": round(rates["bf16"], 1), "figures": rows,
-           "ddpm_step_profile_batch2500": profile}
+           "ddpm_step_profile_batch2500": profile, "heap": heap}
     (RESULTS / "speed.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"-> {RESULTS / 'speed.json'}")
 

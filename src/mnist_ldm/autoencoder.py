@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .checkpoint import load_model_checkpoint
 from .config import AUTOENCODER_KINDS as KINDS
 from .device import autocast, model_device
+from .heap import INFERENCE_BATCH
 from .images import PIXELS, SIDE, as_batch
 
 
@@ -169,7 +170,7 @@ def load_autoencoder(path: str | Path) -> tuple[Autoencoder, dict]:
 
 
 @torch.no_grad()
-def encode_images(model: Autoencoder, images: np.ndarray, batch_size: int = 2000,
+def encode_images(model: Autoencoder, images: np.ndarray, batch_size: int = INFERENCE_BATCH,
                   precision: str = "fp32") -> np.ndarray:
     """uint8 (N, 28, 28) -> raw latents (N, latent_dim) float32 (pixel space: the 784 pixels in [0, 1]);
     `precision` bf16 encodes under autocast."""

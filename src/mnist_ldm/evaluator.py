@@ -26,6 +26,7 @@ from .checkpoint import load_model_checkpoint
 from .config import EVALUATOR_ARCHS
 from .device import autocast, model_device
 from .errors import UserError
+from .heap import INFERENCE_BATCH
 from .images import as_batch
 from .nearest import distances_to_train
 
@@ -83,7 +84,8 @@ def build_evaluator(arch: str) -> Evaluator:
 
 
 @torch.no_grad()
-def features_and_probs(model: Evaluator, images: np.ndarray, batch_size: int = 2000, precision: str = "fp32"):
+def features_and_probs(model: Evaluator, images: np.ndarray, batch_size: int = INFERENCE_BATCH,
+                       precision: str = "fp32"):
     """uint8 (N, 28, 28) -> penultimate features (N, 128) float64 and softmax (N, 10) float64; `precision`
     bf16 runs the network under autocast (the softmax and the float64 copies stay exact)."""
     model.eval()

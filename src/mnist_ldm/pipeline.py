@@ -24,6 +24,7 @@ from .diffusion import NoiseSchedule, ddim_invert_step, ddim_timesteps, guided_e
 from .errors import UserError
 from .images import to_uint8
 from .hashing import file_md5
+from .heap import INFERENCE_BATCH
 from .latents import LatentScaler
 from .progress import progress as progress_bar
 from .sampling_request import SamplingRequest
@@ -171,7 +172,7 @@ class LatentDiffusionPipeline:
                        [self.decode(x[:10]) for x in traj] if traj else None)
 
     @torch.no_grad()
-    def decode(self, z_std: torch.Tensor, batch_size: int = 5000) -> np.ndarray:
+    def decode(self, z_std: torch.Tensor, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
         """Standardized latents (N, D) -> uint8 images (N, 28, 28)."""
         dev = self.rt.device
         with self.rt.autocast():

@@ -21,6 +21,7 @@ from . import metrics
 from .evaluator import features_and_probs, reference_features
 from .device import autocast, model_device
 from .errors import UserError
+from .heap import INFERENCE_BATCH
 from .images import to_uint8
 from .params_rules import min_images
 
@@ -61,7 +62,8 @@ def floor_images(ae, z_train: np.ndarray, n: int, seed: int, precision: str = "f
     with torch.no_grad():
         def dec(z):
             with autocast(model_device(ae), precision):
-                return to_uint8(ae.decode(torch.from_numpy(z).to(model_device(ae))).float())
+                return to_uint8(torch.cat([ae.decode(torch.from_numpy(z[i:i + INFERENCE_BATCH]).to(model_device(ae))).float()
+                                           for i in range(0, len(z), INFERENCE_BATCH)]))
         recon = dec(z_train[rng.choice(len(z_train), min(n, len(z_train)), replace=False)])
         return {"ae_reconstruction": recon, "single_gaussian": dec(gauss), "standard_normal": dec(normal)}
 

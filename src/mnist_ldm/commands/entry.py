@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Callable, Iterator, Sequence
 
 from ..errors import UserError
+from ..heap import keep_freed_memory
 from ..os_errors import os_error_line
 from .args import Parser, add_common, load
 
@@ -130,14 +131,16 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     """Run the command that `parser` (built with `add_command`) reads from `argv`; the exit status.
 
     A parse error exits 2 before anything runs. A training stage with `MNIST_LDM_NPROC=N` (N > 1) then
-    re-runs this program under torchrun; otherwise the command runs with the params file and `--set`
-    overrides, errors as one line (`guarded`), and the process group (under torchrun) is shut down."""
+    re-runs this program under torchrun; otherwise the command runs with the params file and `--set` overrides,
+    glibc keeping freed memory for the next step (`heap.py`), errors as one line (`guarded`), and the process
+    group (under torchrun) is shut down."""
     argv = list(argv)
     args = parser.parse_args(argv)
     command = args.command_module
     code = guarded(lambda: relaunch_under_torchrun(stage_name(command), argv))
     if code:
         return code
+    keep_freed_memory()
     try:
         return guarded(lambda: command.run(load(args), args))
     finally:

@@ -86,9 +86,7 @@ def forward_flops(model: nn.Module, *inputs) -> float:
 def denoiser_training(model: nn.Module, batch: int, seconds: float = SECONDS, run: int = 1,
                       precision: str = "fp32", compiled: bool = False) -> tuple[float, float]:
     """(samples/s, FLOPs per sample) of full training steps: loss (under `precision`'s autocast, as the
-    training loop runs it), backward, fused Adam; `run` rows share each timestep (`diffusion.samples_per_timestep`). Every figure runs with glibc's malloc as the pipeline's commands
-set it (`mnist_ldm.heap`); the conv autoencoder's training is also measured in a child process with glibc as
-it comes, and the ratio printed.
+    training loop runs it), backward, fused Adam; `run` rows share each timestep (`diffusion.samples_per_timestep`).
     `compiled`: the loss and its backward through `torch.compile` (inductor's fused CPU kernels; compiled once,
     before the timing)."""
     s, gen, opt = NoiseSchedule.linear(1000, 1e-4, 0.02), torch.Generator().manual_seed(0), adam(model, 2e-4)

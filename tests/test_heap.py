@@ -52,19 +52,30 @@ def probe(setup: str, env: dict | None = None, cwd: Path | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_kept_memory_removes_the_page_faults_of_a_repeated_allocation():
+def small_pages() -> bool:
+    """Whether anonymous memory is faulted in 4 KiB at a time (transparent huge pages not `always`): only then
+    do the faults of glibc's defaults reach the thousands."""
+    try:
+        return "[always]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return True
+
+
+def test_kept_memory_removes_the_page_faults_of_training_steps():
     untouched = probe("")
     kept = probe("from mnist_ldm.heap import keep_freed_memory; result = keep_freed_memory()")
     assert kept["result"] is True
-    assert untouched["faults_per_step"] > MANY, untouched
     assert kept["faults_per_step"] < FEW, kept
+    if small_pages():
+        assert untouched["faults_per_step"] > MANY, untouched
 
 
 def test_a_users_own_malloc_setting_is_left_alone():
     user = probe("from mnist_ldm.heap import keep_freed_memory; result = keep_freed_memory()",
                  env={"MALLOC_TRIM_THRESHOLD_": "131072"})
     assert user["result"] is False
-    assert user["faults_per_step"] > MANY, user
+    if small_pages():
+        assert user["faults_per_step"] > MANY, user
 
 
 def test_every_command_runs_with_freed_memory_kept(tmp_path):

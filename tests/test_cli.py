@@ -1,5 +1,5 @@
 """The `mnist-ldm` command line on the shrunk, trained repository: `infer` outputs and seeding, the
-seed's training flags, and one-line errors for checkpoints that cannot be used."""
+design's training flags, and one-line errors for checkpoints that cannot be used."""
 
 from __future__ import annotations
 
@@ -131,9 +131,9 @@ def test_infer_defaults_come_from_the_sample_params(trained_repo, tmp_path):
     assert f"infer: 2 images (ddim, seed 4) -> {tmp_path / 's.npz'}" in proc.stdout
 
 
-# --------------------------------------------------------------------------- the seed's training flags
+# --------------------------------------------------------------------------- the design's training flags
 
-def test_train_commands_accept_the_seed_flags(trained_repo, tmp_path):
+def test_train_commands_accept_the_design_flags(trained_repo, tmp_path):
     repo = make_repo_copy(tmp_path / "repo")
     shutil.copytree(trained_repo / "data" / "prepared", repo / "data" / "prepared")
     out = tmp_path / "out"

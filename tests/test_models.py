@@ -180,11 +180,11 @@ def test_the_per_epoch_reconstruction_error_reads_a_fixed_subset_of_the_test_ima
 
 # --------------------------------------------------------------------------- latent denoiser
 
-def test_denoiser_parameter_count_of_the_seed_config():
+def test_denoiser_parameter_count_of_the_default_config():
     model = LatentDenoiser(DenoiserSpec(latent_dim=16, hidden_dim=256, num_blocks=4))
     n = count_parameters(model)
     assert n == expected_denoiser_params(16, 256, 4) == 1_723_152
-    # The seed document's table lists this model as ~50K parameters; the architecture it describes
+    # The design's comparison table lists this model as ~50K parameters; the architecture it describes
     # (hidden 256, 4 FiLM residual blocks) has about 1.72M, which is what this model has.
     assert 1.70e6 < n < 1.75e6
     assert not 40_000 < n < 60_000

@@ -2,15 +2,16 @@
 
 By default glibc hands each block above a threshold (128 KiB, rising as blocks are freed, at most 32 MiB)
 to a fresh `mmap`, and returns memory at the top of the heap to the OS once 128 KiB of it is free. A
-training step allocates and frees the same activation buffers every step (the conv autoencoder's largest
-is 26 MB at batch 256), so each step page-faults its memory back in: measured here, 12,000-14,000 minor
-faults a step and 1.4x slower autoencoder steps. Serving blocks up to 32 MiB from the heap and keeping up
-to 1 GiB of freed memory removes those faults; nothing computed changes (only where memory comes from).
+training step allocates and frees the same buffers every step (activations, gradients, the convolutions'
+scratch space), so each step page-faults its memory back in: 12,000-14,000 minor faults a step for the
+conv autoencoder at batch 256, measured here. Serving blocks up to 32 MiB from the heap and keeping up to
+1 GiB of freed memory removes those faults (`make bench` prints the autoencoder's step rate both ways:
+1.2-1.4x); nothing computed changes, only where memory comes from.
 
 Inference without gradients runs in batches of `INFERENCE_BATCH` for the same reason: a batch of 2,000 to
-10,000 images puts every activation above the mmap threshold, and batches of 500 ran the evaluators' features,
-the encoder and the decoder 1.3-2x faster here, with bit-identical results (each image's output does not
-depend on its batch).
+10,000 images puts its largest activations above the mmap threshold, and batches of 500 ran the evaluators'
+features, the encoder and the decoder 1.3-2x faster here, with bit-identical results (each image's output
+does not depend on its batch).
 
 `keep_freed_memory` leaves glibc as it is when the user set `MALLOC_MMAP_THRESHOLD_` or
 `MALLOC_TRIM_THRESHOLD_` (glibc's own variables), and does nothing where the C library is not glibc.

@@ -61,8 +61,9 @@ def floor_images(ae, z_train: np.ndarray, n: int, seed: int, precision: str = "f
     normal = rng.standard_normal((n, z_train.shape[1])).astype(np.float32)
     with torch.no_grad():
         def dec(z):
-            with autocast(model_device(ae), precision):
-                return to_uint8(torch.cat([ae.decode(torch.from_numpy(z[i:i + INFERENCE_BATCH]).to(model_device(ae))).float()
+            dev = model_device(ae)
+            with autocast(dev, precision):
+                return to_uint8(torch.cat([ae.decode(torch.from_numpy(z[i:i + INFERENCE_BATCH]).to(dev)).float()
                                            for i in range(0, len(z), INFERENCE_BATCH)]))
         recon = dec(z_train[rng.choice(len(z_train), min(n, len(z_train)), replace=False)])
         return {"ae_reconstruction": recon, "single_gaussian": dec(gauss), "standard_normal": dec(normal)}

@@ -9,9 +9,9 @@ conv autoencoder at batch 256, measured here. Serving blocks up to 32 MiB from t
 1.2-1.4x); nothing computed changes, only where memory comes from.
 
 Inference without gradients runs in batches of `INFERENCE_BATCH` for the same reason: a batch of 2,000 to
-10,000 images puts its largest activations above the mmap threshold, and batches of 500 ran the evaluators'
-features, the encoder and the decoder 1.3-2x faster here, with bit-identical results (each image's output
-does not depend on its batch).
+10,000 images puts its largest activations above the mmap threshold. Batches of 500 ran the encoder, the
+decoder and the second evaluator 1.1-2.5x faster here and the first evaluator about as fast, with
+bit-identical results (each image's output does not depend on its batch).
 
 `keep_freed_memory` leaves glibc as it is when the user set `MALLOC_MMAP_THRESHOLD_` or
 `MALLOC_TRIM_THRESHOLD_` (glibc's own variables), and does nothing where the C library is not glibc.

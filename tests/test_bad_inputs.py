@@ -866,6 +866,13 @@ def pgid_of(pid: int) -> int:
         return -1
 
 
+def wait_for_sampling(log: Path, proc: subprocess.Popen, deadline: float) -> None:
+    """Until the command writing `log` draws its sampling progress bar (fails if it has not by `deadline`)."""
+    while "sample ddpm" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "sample ddpm" in log.read_text(errors="replace") and proc.poll() is None, log.read_text()[-2000:]
+
+
 def test_interrupted_dvc_stage_says_how_to_bring_back_its_outputs(trained_repo: Path, tmp_path: Path):
     """Ctrl-C during `dvc repro` of `sample`: DVC deleted the stage's outputs before running it; the stage's
     last line says so and names `dvc checkout sample`, which brings them back byte for byte."""
@@ -886,11 +893,9 @@ def test_interrupted_dvc_stage_says_how_to_bring_back_its_outputs(trained_repo: 
         while (repo / "outputs/samples.npz").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not (repo / "outputs/samples.npz").exists(), log.read_text()[-2000:]
-        # into its sampling: its progress bar is drawn (a fixed wait could end while DVC, slowed by other
-        # work on the machine, is still between removing the outputs and starting the command)
-        while "sample ddpm" not in log.read_text(errors="replace") and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "sample ddpm" in log.read_text(errors="replace") and proc.poll() is None, log.read_text()[-2000:]
+        # into its sampling (a fixed wait could end while DVC, slowed by other work on the machine, is still
+        # between removing the outputs and starting the command)
+        wait_for_sampling(log, proc, deadline)
         states = signal_states(proc.pid)  # a blocked or ignored SIGINT, inherited, would make Ctrl-C do nothing
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
@@ -922,10 +927,7 @@ def test_sigterm_ends_a_command_like_ctrl_c(repo: Path, tmp_path: Path):
         proc = subprocess.Popen(argv, cwd=repo, env=test_env(DVC_STAGE="sample"), stdout=subprocess.DEVNULL,
                                 stderr=f, text=True, preexec_fn=as_from_a_shell)
     try:
-        deadline = time.monotonic() + 120
-        while "sample ddpm" not in log.read_text(errors="replace") and time.monotonic() < deadline:
-            time.sleep(0.2)  # into the sampling: its progress bar is drawn
-        assert "sample ddpm" in log.read_text(errors="replace") and proc.poll() is None, log.read_text()[-2000:]
+        wait_for_sampling(log, proc, time.monotonic() + 120)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:

@@ -10,7 +10,6 @@ this stage, moves the alias `champion`.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import os
@@ -25,6 +24,7 @@ from ..tracking import registry
 from ..atomic import atomic_dir
 from ..config import Params
 from ..errors import UserError
+from ..imports import closure, module_file
 from ..paths import check_paths
 from .args import add_paths
 
@@ -37,37 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_paths(p, ckpt="diffusion checkpoint", ae_ckpt="autoencoder checkpoint",
               eval="metrics JSON of `evaluate` (its headline numbers tag the registered version)",
               out="folder of the MLflow model to write")
-
-
-def code_closure(module: str = SERVING_MODULE) -> list[Path]:
-    """The files of this package that `module` imports, directly or not (package `__init__`s included)."""
-    root = Path(__file__).resolve().parents[1]  # .../mnist_ldm
-    pkg = root.name
-
-    def file_of(name: str) -> Path | None:
-        base = root.joinpath(*name.split(".")[1:])
-        return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
-
-    seen: set[Path] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        parts = name.split(".")
-        for mod in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
-            f = file_of(mod)
-            if f is None or f in seen:
-                continue
-            seen.add(f)
-            here = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
-            for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
-                if isinstance(node, ast.Import):
-                    todo += [a.name for a in node.names if a.name.split(".")[0] == pkg]
-                elif isinstance(node, ast.ImportFrom):
-                    base = ".".join(here[:len(here) - node.level + 1] + [node.module or ""] if node.level
-                                    else [node.module or ""]).strip(".")
-                    if base.split(".")[0] == pkg:
-                        todo += [base] + [f"{base}.{a.name}" for a in node.names]
-    return sorted(seen)
 
 
 def requirements() -> list[str]:
@@ -104,7 +73,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     with tracking.stage_run("package_model", params, stage_params) as run:
         with atomic_dir(args.out) as tmp, tempfile.TemporaryDirectory() as code_dir:
             pkg_root = Path(__file__).resolve().parents[1]
-            for f in code_closure():
+            for f in sorted(closure(module_file(SERVING_MODULE))):
                 dest = Path(code_dir) / pkg_root.name / f.relative_to(pkg_root)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, dest)

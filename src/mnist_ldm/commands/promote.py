@@ -1,23 +1,25 @@
 """`mnist-ldm promote`: give a version of the registered model (`tracking.registered_model`) the alias `champion`.
 
 Without `--version`, the version with the best `--metric` tag wins (default `fcd.generated`, lowest; for
-`prdc.*` the highest). It prints what it did and the previous champion. Nothing else moves the alias: the
-pipeline registers versions, a person promotes one. The store is `MLFLOW_TRACKING_URI`, else the
+`prdc.*` the highest), the newest on a tie. It prints what it did and the previous champion. Nothing else moves
+the alias: the pipeline registers versions, a person promotes one. The store is `MLFLOW_TRACKING_URI`, else the
 repository's `mlflow.db`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any, Optional
 
 from .. import tracking
 from ..config import Params
 from ..errors import UserError
-from ..tracking import registry
+from ..tracking.registry import CHAMPION
 from .args import positive_int
 
 HELP = "set the registry alias 'champion' on the best version by generated FCD (or on --version N)"
+HIGHER_IS_BETTER = ("prdc.", "class_balance.classes_present", "evaluator_test_accuracy")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,30 +28,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", type=positive_int, help="promote this version instead of the best one")
 
 
+def metric_of(version: Any, metric: str) -> Optional[float]:
+    """A version's tag `metric` as a finite number, else None."""
+    try:
+        value = float(version.tags.get(metric, "nan"))
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def choose(versions: list, name: str, metric: str, version: Optional[int]) -> Any:
+    """`version`, or else the version with the best `metric` tag, the newest first on a tie."""
+    if version is not None:
+        chosen = next((v for v in versions if int(v.version) == version), None)
+        if chosen is None:
+            have = ", ".join(sorted((str(v.version) for v in versions), key=int))
+            raise UserError(f"--version {version}: '{name}' has no such version; it has {have}")
+        return chosen
+    scored = [(m, v) for v in versions if (m := metric_of(v, metric)) is not None]
+    if not scored:
+        latest = max(versions, key=lambda v: int(v.version))
+        numeric = sorted(k for k in latest.tags if metric_of(latest, k) is not None)
+        raise UserError(f"--metric {metric}: no version of '{name}' has a number under this tag; "
+                        f"version {latest.version} has {', '.join(numeric) or 'none'}")
+    sign = -1 if metric.startswith(HIGHER_IS_BETTER) else 1
+    return min(scored, key=lambda mv: (sign * mv[0], -int(mv[1].version)))[1]
+
+
 def _describe(version: Optional[Any], metric: str) -> str:
     if version is None:
         return "none"
-    value = registry.metric_of(version, metric)
+    value = metric_of(version, metric)
     return f"version {version.version}" + (f" ({metric} {value:.4f})" if value is not None else "")
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    from ..tracking.store import connect
-
     if not params.tracking.enabled:  # the registry is part of tracking: never move an alias the user turned off
         raise UserError(f"tracking.enabled is false in {args.params}, so promote leaves the Model Registry alone; "
-                        f"enable tracking (or pass --set tracking.enabled=true) to move @{registry.CHAMPION}")
+                        f"enable tracking (or pass --set tracking.enabled=true) to move @{CHAMPION}")
+    from mlflow.exceptions import MlflowException
+
     uri = tracking.tracking_uri(tracking.repo_root())
     name = params.tracking.registered_model
-    chosen, previous, moved = registry.promote(connect(uri), name, args.metric, args.version)
-    how = (f"--version {args.version}" if args.version else
-           f"{'highest' if registry.higher_is_better(args.metric) else 'lowest'} {args.metric}")
+    client = tracking.connect(uri)
+    try:
+        versions = list(client.search_model_versions(f"name = '{name}'", max_results=10000))
+    except MlflowException as e:
+        raise tracking.TrackingError(f"model registry: cannot list versions of '{name}' ({tracking.first_line(e)})") from None
+    if not versions:
+        raise tracking.TrackingError(f"model registry: no registered model '{name}' has versions yet; run the pipeline "
+                        f"with tracking.enabled=true (dvc repro) first")
+    chosen = choose(versions, name, args.metric, args.version)
+    try:
+        previous = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        previous = None
+    moved = previous is None or str(previous.version) != str(chosen.version)
     if moved:
-        print(f"promote: {name} {_describe(chosen, args.metric)} is now @{registry.CHAMPION} ({how}); "
+        client.set_registered_model_alias(name, CHAMPION, str(chosen.version))
+    how = (f"--version {args.version}" if args.version else
+           f"{'highest' if args.metric.startswith(HIGHER_IS_BETTER) else 'lowest'} {args.metric}")
+    if moved:
+        print(f"promote: {name} {_describe(chosen, args.metric)} is now @{CHAMPION} ({how}); "
               f"previous champion: {_describe(previous, args.metric)}")
     else:
-        print(f"promote: {name} {_describe(chosen, args.metric)} is @{registry.CHAMPION} already ({how}); "
-              f"nothing changed")
-    print(f"  load it with mlflow.pyfunc.load_model(\"models:/{name}@{registry.CHAMPION}\") ({uri})")
+        print(f"promote: {name} {_describe(chosen, args.metric)} is @{CHAMPION} already ({how}); nothing changed")
+    print(f"  load it with mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\") ({uri})")
     return {"version": str(chosen.version), "previous": None if previous is None else str(previous.version),
             "moved": moved}

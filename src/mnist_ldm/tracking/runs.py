@@ -56,6 +56,25 @@ def parent_run(client: Any, exp_id: str, key: str, params: Params, tags: dict[st
     return run_id, True
 
 
+def child_run(client: Any, exp_id: str, stage: str, input_hash: str, parent_id: str,
+              tags: dict[str, str]) -> tuple[str, str]:
+    """The run of `stage` with these inputs under `parent_id`, and how it is used: "new"; "continued", the
+    interrupted run with the same inputs; or "linked", the finished one (tagged, and named on the parent)."""
+    existing = find_run(client, exp_id, {TAG + "stage": stage, TAG + "input_hash": input_hash})
+    if existing is None:
+        return client.create_run(exp_id, run_name=stage, tags={
+            **tags, "mlflow.parentRunId": parent_id, TAG + "stage": stage, TAG + "input_hash": input_hash,
+            TAG + "kind": "stage"}).info.run_id, "new"
+    run_id = existing.info.run_id
+    if existing.info.status == "FINISHED":
+        client.set_tag(run_id, TAG + "last_relinked", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        client.set_tag(parent_id, f"{TAG}linked.{stage}", run_id)
+        return run_id, "linked"
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "mlflow.parentRunId", parent_id)
+    return run_id, "continued"
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_meta: Optional[dict] = None,
               workdir: Optional[Path] = None) -> Iterator[StageRun]:
@@ -80,17 +99,7 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
         parent_id, own_parent = parent_run(client, exp_id, pipeline_key(workdir, params), params, tags, under_dvc)
         for k, v in data_tags(data_meta).items():
             client.set_tag(parent_id, k, v)
-        existing = find_run(client, exp_id, {TAG + "stage": stage, TAG + "input_hash": input_hash})
-        mode = "new" if existing is None else "linked" if existing.info.status == "FINISHED" else "continued"
-        run_id = existing.info.run_id if existing else client.create_run(exp_id, run_name=stage, tags={
-            **tags, "mlflow.parentRunId": parent_id, TAG + "stage": stage, TAG + "input_hash": input_hash,
-            TAG + "kind": "stage"}).info.run_id
-        if mode == "linked":
-            client.set_tag(run_id, TAG + "last_relinked", time.strftime("%Y-%m-%dT%H:%M:%S"))
-            client.set_tag(parent_id, f"{TAG}linked.{stage}", run_id)
-        elif mode == "continued":
-            client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, "mlflow.parentRunId", parent_id)
+        run_id, mode = child_run(client, exp_id, stage, input_hash, parent_id, tags)
     except TrackingError:
         raise
     except Exception as e:

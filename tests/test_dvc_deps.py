@@ -14,6 +14,8 @@ import yaml
 
 from code_deps import REPO, SRC, closure
 
+from mnist_ldm import imports
+
 PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 CODE_PREFIXES = ("stages/", "src/")
 
@@ -26,6 +28,19 @@ def test_code_deps_are_the_import_closure(stage: str):
     hints = [f"add '      - {p}' to stages.{stage}.deps in dvc.yaml" for p in missing]
     hints += [f"remove '      - {p}' from stages.{stage}.deps in dvc.yaml (the stage does not import it)" for p in extra]
     assert not hints, "\n".join(hints)
+
+
+def test_the_closure_follows_every_kind_of_import_and_skips_tracking():
+    """`prepare` imports the library at module level, relatively, and tracking; `check_params` imports
+    `mnist_sources` inside a function. The packages' `__init__` files run first, so they count."""
+    prepare = closure(REPO / "stages" / "prepare.py")
+    assert {"src/mnist_ldm/__init__.py", "src/mnist_ldm/commands/__init__.py", "src/mnist_ldm/commands/prepare.py",
+            "src/mnist_ldm/data.py", "src/mnist_ldm/atomic.py"} <= prepare
+    assert not {p for p in prepare if p.startswith("src/mnist_ldm/tracking")}
+    assert "src/mnist_ldm/mnist_sources.py" in closure(REPO / "stages" / "check_params.py")
+    served = imports.closure(imports.module_file("mnist_ldm.serving"))  # what package_model copies
+    assert imports.module_file("mnist_ldm.pipeline") in served
+    assert not {p for p in served if {"commands", "tracking"} & set(p.parts) or p.name == "cli.py"}
 
 
 def test_every_stage_has_an_entry_and_checks_params_first():

@@ -62,23 +62,20 @@ def _describe(version: Optional[Any], metric: str) -> str:
     return f"version {version.version}" + (f" ({metric} {value:.4f})" if value is not None else "")
 
 
-def run(params: Params, args: argparse.Namespace) -> dict:
-    if not params.tracking.enabled:  # the registry is part of tracking: never move an alias the user turned off
-        raise UserError(f"tracking.enabled is false in {args.params}, so promote leaves the Model Registry alone; "
-                        f"enable tracking (or pass --set tracking.enabled=true) to move @{CHAMPION}")
+def promote(client: Any, name: str, metric: str, version: Optional[int]) -> tuple[Any, Optional[Any], bool]:
+    """Set the alias `champion` on `choose`'s version; the new champion, the previous one (or None), and whether
+    the alias moved."""
     from mlflow.exceptions import MlflowException
 
-    uri = tracking.tracking_uri(tracking.repo_root())
-    name = params.tracking.registered_model
-    client = tracking.connect(uri)
     try:
         versions = list(client.search_model_versions(f"name = '{name}'", max_results=10000))
     except MlflowException as e:
-        raise tracking.TrackingError(f"model registry: cannot list versions of '{name}' ({tracking.first_line(e)})") from None
+        raise tracking.TrackingError(f"model registry: cannot list versions of '{name}' "
+                                     f"({tracking.first_line(e)})") from None
     if not versions:
-        raise tracking.TrackingError(f"model registry: no registered model '{name}' has versions yet; run the pipeline "
-                        f"with tracking.enabled=true (dvc repro) first")
-    chosen = choose(versions, name, args.metric, args.version)
+        raise tracking.TrackingError(f"model registry: no registered model '{name}' has versions yet; run the "
+                                     f"pipeline with tracking.enabled=true (dvc repro) first")
+    chosen = choose(versions, name, metric, version)
     try:
         previous = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -86,6 +83,16 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     moved = previous is None or str(previous.version) != str(chosen.version)
     if moved:
         client.set_registered_model_alias(name, CHAMPION, str(chosen.version))
+    return chosen, previous, moved
+
+
+def run(params: Params, args: argparse.Namespace) -> dict:
+    if not params.tracking.enabled:  # the registry is part of tracking: never move an alias the user turned off
+        raise UserError(f"tracking.enabled is false in {args.params}, so promote leaves the Model Registry alone; "
+                        f"enable tracking (or pass --set tracking.enabled=true) to move @{CHAMPION}")
+    uri = tracking.tracking_uri(tracking.repo_root())
+    name = params.tracking.registered_model
+    chosen, previous, moved = promote(tracking.connect(uri), name, args.metric, args.version)
     how = (f"--version {args.version}" if args.version else
            f"{'highest' if args.metric.startswith(HIGHER_IS_BETTER) else 'lowest'} {args.metric}")
     if moved:

@@ -19,7 +19,7 @@ from .checkpoint import load_model_checkpoint
 from .config import AUTOENCODER_KINDS as KINDS
 from .device import autocast, model_device
 from .heap import INFERENCE_BATCH
-from .images import PIXELS, SIDE, as_batch
+from .images import PIXELS, SIDE, as_batch, to_uint8
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,17 @@ def encode_images(model: Autoencoder, images: np.ndarray, batch_size: int = INFE
         out = [model.encode(as_batch(images[i:i + batch_size], dev)).float().cpu().numpy()
                for i in range(0, len(images), batch_size)]
     return np.concatenate(out).astype(np.float32)
+
+
+@torch.no_grad()
+def decode_latents(model: Autoencoder, z: torch.Tensor, batch_size: int = INFERENCE_BATCH,
+                   precision: str = "fp32") -> np.ndarray:
+    """Raw latents (N, latent_dim) -> uint8 images (N, 28, 28); `precision` bf16 decodes under autocast."""
+    model.eval()
+    dev = model_device(model)
+    with autocast(dev, precision):
+        out = [model.decode(z[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(z), batch_size)]
+    return to_uint8(torch.cat(out))
 
 
 @torch.no_grad()

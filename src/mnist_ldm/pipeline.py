@@ -16,13 +16,12 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .autoencoder import Autoencoder, encode_images, load_autoencoder
+from .autoencoder import Autoencoder, decode_latents, encode_images, load_autoencoder
 from .checkpoint import load_model_checkpoint
 from .device import CPU, Runtime
 from .denoiser import DenoiserSpec, build_denoiser
 from .diffusion import NoiseSchedule, ddim_invert_step, ddim_timesteps, guided_eps, sample_loop
 from .errors import UserError
-from .images import to_uint8
 from .hashing import file_md5
 from .heap import INFERENCE_BATCH
 from .latents import LatentScaler
@@ -174,11 +173,8 @@ class LatentDiffusionPipeline:
     @torch.no_grad()
     def decode(self, z_std: torch.Tensor, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
         """Standardized latents (N, D) -> uint8 images (N, 28, 28)."""
-        dev = self.rt.device
-        with self.rt.autocast():
-            ims = [self.autoencoder.decode(self.scaler.unstandardize(z_std[i:i + batch_size].to(dev))).float().cpu()
-                   for i in range(0, len(z_std), batch_size)]
-        return to_uint8(torch.cat(ims))
+        return decode_latents(self.autoencoder, self.scaler.unstandardize(z_std.to(self.rt.device)), batch_size,
+                              self.rt.precision)
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """uint8 images (N, 28, 28) -> standardized latents (N, D), on the pipeline's device."""

@@ -18,11 +18,9 @@ import numpy as np
 import torch
 
 from . import metrics
+from .autoencoder import decode_latents
 from .evaluator import features_and_probs, reference_features
-from .device import autocast, model_device
 from .errors import UserError
-from .heap import INFERENCE_BATCH
-from .images import to_uint8
 from .params_rules import min_images
 
 
@@ -59,14 +57,12 @@ def floor_images(ae, z_train: np.ndarray, n: int, seed: int, precision: str = "f
     mu, cov = z64.mean(0), np.cov(z64, rowvar=False)
     gauss = rng.multivariate_normal(mu, cov, size=n).astype(np.float32)
     normal = rng.standard_normal((n, z_train.shape[1])).astype(np.float32)
-    with torch.no_grad():
-        def dec(z):
-            dev = model_device(ae)
-            with autocast(dev, precision):
-                return to_uint8(torch.cat([ae.decode(torch.from_numpy(z[i:i + INFERENCE_BATCH]).to(dev)).float()
-                                           for i in range(0, len(z), INFERENCE_BATCH)]))
-        recon = dec(z_train[rng.choice(len(z_train), min(n, len(z_train)), replace=False)])
-        return {"ae_reconstruction": recon, "single_gaussian": dec(gauss), "standard_normal": dec(normal)}
+
+    def dec(z: np.ndarray) -> np.ndarray:
+        return decode_latents(ae, torch.from_numpy(z), precision=precision)
+
+    recon = dec(z_train[rng.choice(len(z_train), min(n, len(z_train)), replace=False)])
+    return {"ae_reconstruction": recon, "single_gaussian": dec(gauss), "standard_normal": dec(normal)}
 
 
 def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_images: np.ndarray, ae,

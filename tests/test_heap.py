@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 
 def probe(setup: str, env: dict | None = None, cwd: Path | None = None) -> dict:
-    code = PROBE.format(setup=textwrap.indent(textwrap.dedent(setup), "").strip())
+    code = PROBE.format(setup=textwrap.dedent(setup).strip())
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", code], env={**run_env, **(env or {})}, cwd=cwd, capture_output=True,
                          text=True, timeout=120)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from .atomic import atomic_path
-from .errors import UserError
+from .errors import UserError, first_line
 from .paths import input_error
 
 FORMAT_VERSION = 1
@@ -68,8 +68,7 @@ def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> di
         raise CheckpointError(f"{path}: refused to load: the file holds pickled Python objects, not only tensors and "
                               f"plain data, and loading it could run code ({reason or 'unsafe pickle'})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt: {first})") from None
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt: {first_line(e)})") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise CheckpointError(f"{path}: not an mnist-ldm checkpoint (no 'format' field); expected {KINDS[kind]}")
     if ckpt["format"] != kind:

@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import DataConfig
 from .data import DataError, Split
+from .errors import first_line
 
 IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
@@ -141,9 +142,8 @@ def load_huggingface(cfg: DataConfig) -> Mnist:
     try:
         ds = datasets.load_dataset(cfg.hf_dataset, revision=cfg.hf_revision)
     except Exception as e:  # the Hub and the cache raise many kinds; all mean "not available"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"data.source=huggingface: could not load {cfg.hf_dataset}@{cfg.hf_revision} ({first}); "
-                        f"use data.source=idx with the IDX files in data.idx_dir instead") from None
+        raise DataError(f"data.source=huggingface: could not load {cfg.hf_dataset}@{cfg.hf_revision} "
+                        f"({first_line(e)}); use data.source=idx with the IDX files in data.idx_dir instead") from None
     where = f"data.hf_dataset={cfg.hf_dataset}"
     splits = {split: hf_split(ds, split, where) for split in ("train", "test")}
     return Mnist(splits["train"], splits["test"], "huggingface", f"{cfg.hf_dataset}@{cfg.hf_revision}")

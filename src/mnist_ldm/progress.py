@@ -11,3 +11,8 @@ def progress(iterable=None, **kwargs):
     """A tqdm bar on stderr; redrawn at most every 5 s when stderr is a log file rather than a terminal."""
     kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 5.0)
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def warn(message: str) -> None:
+    """One line on stderr, on a line of its own even while a progress bar is drawn."""
+    tqdm.write(message, file=sys.stderr)

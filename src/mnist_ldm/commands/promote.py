@@ -14,12 +14,12 @@ from typing import Any, Optional
 
 from .. import tracking
 from ..config import Params
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..tracking.registry import CHAMPION
 from .args import positive_int
 
 HELP = "set the registry alias 'champion' on the best version by generated FCD (or on --version N)"
-HIGHER_IS_BETTER = ("prdc.", "class_balance.classes_present", "evaluator_test_accuracy")
+HIGHER_IS_BETTER = ("prdc.", "class_balance.classes_present")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,7 +71,7 @@ def promote(client: Any, name: str, metric: str, version: Optional[int]) -> tupl
         versions = list(client.search_model_versions(f"name = '{name}'", max_results=10000))
     except MlflowException as e:
         raise tracking.TrackingError(f"model registry: cannot list versions of '{name}' "
-                                     f"({tracking.first_line(e)})") from None
+                                     f"({first_line(e)})") from None
     if not versions:
         raise tracking.TrackingError(f"model registry: no registered model '{name}' has versions yet; run the "
                                      f"pipeline with tracking.enabled=true (dvc repro) first")

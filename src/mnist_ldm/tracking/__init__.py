@@ -9,7 +9,7 @@ writes.
 from .identity import pipeline_key, section_params, stage_inputs
 from .runs import stage_run, training_run
 from .stagerun import StageRun
-from .store import TrackingError, connect, first_line, repo_root, tracking_uri
+from .store import TrackingError, connect, repo_root, tracking_uri
 
-__all__ = ["StageRun", "TrackingError", "connect", "first_line", "pipeline_key", "repo_root", "section_params",
-           "stage_inputs", "stage_run", "tracking_uri", "training_run"]
+__all__ = ["StageRun", "TrackingError", "connect", "pipeline_key", "repo_root", "section_params", "stage_inputs",
+           "stage_run", "tracking_uri", "training_run"]

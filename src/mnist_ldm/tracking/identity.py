@@ -24,24 +24,23 @@ def read_yaml(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def stage_inputs(workdir: Path, stage: str) -> dict:
-    """The command, deps (with their `path_hash`) and params of `stage` in dvc.yaml, in the form dvc.lock records
-    them; {} for a stage dvc.yaml does not list. (A running stage's dvc.lock entry is its previous run's.)"""
+def stage_inputs(workdir: Path, stage: str, hashes: Optional[dict[str, str]] = None) -> dict:
+    """The command, deps (with `path_hash`, kept in `hashes`) and params of `stage` as dvc.lock records them ({} if
+    dvc.yaml lacks it); read from the workspace, since a running stage's dvc.lock entry is its previous run's."""
     spec = read_yaml(workdir / "dvc.yaml").get("stages", {}).get(stage)
     if spec is None:
         return {}
+    hashes = {} if hashes is None else hashes
     raw = read_yaml(workdir / "params.yaml")
     keys = [k for item in spec.get("params", []) for k in ([item] if isinstance(item, str) else list(item))]
-    return {"cmd": spec.get("cmd"), "deps": [{"path": d, "md5": path_hash(workdir / d)} for d in spec.get("deps", [])],
-            "params": {"params.yaml": {k: dotted_value(raw, k) for k in keys}}}
+    return {"cmd": spec.get("cmd"), "params": {"params.yaml": {k: dotted_value(raw, k) for k in keys}},
+            "deps": [{"path": d, "md5": hashes.get(d) or hashes.setdefault(d, path_hash(workdir / d))}
+                     for d in spec.get("deps", [])]}
 
 
 def pipeline_key(workdir: Path, params: Params) -> str:
-    """Hash of all params and of every dep that no stage produces (code, raw data).
-
-    A dep inside a stage's output folder (`data/prepared/meta.json` in `data/prepared`) is produced too:
-    `prepare` would otherwise hash it as missing and the later stages as present, two pipeline states.
-    """
+    """Hash of all params and of every dep that no stage produces (code, raw data); a dep inside an output folder
+    (`data/prepared/meta.json`) is produced too, or `prepare` and the later stages would see two states."""
     stages = read_yaml(workdir / "dvc.yaml").get("stages", {})
     outs = producers(stages)
     sources = sorted({d for s in stages.values() for d in s.get("deps", []) if producer(outs, d) is None})
@@ -58,30 +57,27 @@ def producer(outs: dict[str, str], path: str) -> Optional[str]:
     return next((name for out, name in outs.items() if path == out or path.startswith(out + "/")), None)
 
 
+def records(entry: dict, inputs: dict) -> bool:
+    """Whether a dvc.lock entry records these `stage_inputs` (its deps are in another order)."""
+    def key(e: dict) -> tuple:
+        return e.get("cmd"), e.get("params", {}).get("params.yaml", {}), {d["path"]: d.get("md5") for d in e.get("deps", [])}
+
+    return bool(entry) and key(entry) == key(inputs)
+
+
 def current_stages(workdir: Path, running: str) -> set[str]:
-    """The stages whose outputs belong to the pipeline as it stands: `running` (its outputs are this
-    execution's), and each stage whose `dvc.lock` entry matches its deps and params in the workspace and
-    whose upstream stages are all current. Under `dvc repro` a stage that is still to run is not (DVC
-    updates its entry once it has run), nor is one whose upstream stage failed."""
+    """`running`, and each stage whose `dvc.lock` entry is its `stage_inputs` and whose upstream stages are current:
+    not one still to run under `dvc repro` (DVC writes its entry once it has run), nor one after a failed stage."""
     stages = read_yaml(workdir / "dvc.yaml").get("stages", {})
     lock = read_yaml(workdir / "dvc.lock").get("stages", {})
-    params = read_yaml(workdir / "params.yaml")
-    outs = producers(stages)
-    hashes: dict[str, str] = {}  # a dep shared by several stages (the code, data/prepared) is hashed once
-
-    def matches(entry: dict) -> bool:
-        return (all((hashes.get(d["path"]) or hashes.setdefault(d["path"], path_hash(workdir / d["path"])))
-                    == d.get("md5") for d in entry.get("deps", []))
-                and all(dotted_value(params, k) == v for k, v in entry.get("params", {}).get("params.yaml", {}).items()))
-
-    current: dict[str, bool] = {}
+    outs, hashes, current = producers(stages), {}, {}  # a dep shared by several stages is hashed once
 
     def is_current(name: str) -> bool:
         if name not in current:
             current[name] = False  # a cycle (not possible in a DVC pipeline) reads as not current
-            entry = lock.get(name)
-            current[name] = name == running or (entry is not None and matches(entry) and all(
-                is_current(p) for d in entry.get("deps", []) if (p := producer(outs, d["path"])) not in (None, name)))
+            entry, now = lock.get(name, {}), stage_inputs(workdir, name, hashes)
+            current[name] = name == running or (records(entry, now) and all(
+                is_current(p) for d in now["deps"] if (p := producer(outs, d["path"])) not in (None, name)))
         return current[name]
 
     return {name for name in stages if is_current(name)}

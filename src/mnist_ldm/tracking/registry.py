@@ -1,9 +1,5 @@
-"""The Model Registry: the packaged generator logged into its stage's run and registered as a new version.
-
-A version's tags: `dvc_experiment` (the DVC experiment, or `workspace`), `git_commit`, `git_dirty`,
-`mlflow_run` (the `package_model` child run), and the headline numbers of `metrics/eval.json` under their
-dotted names (`fcd.generated`, `prdc.precision`, ...), which `mnist-ldm promote` compares.
-"""
+"""The Model Registry: the packaged generator logged into its stage's run and registered as a new version, tagged
+with its DVC experiment, git commit, run and `HEADLINE` numbers (which `mnist-ldm promote` compares)."""
 
 from __future__ import annotations
 
@@ -22,12 +18,12 @@ from .store import TAG
 CHAMPION = "champion"
 DESCRIPTION = ("MNIST latent-diffusion generator (mnist-ldm): pyfunc model, input n/digit/sampler/steps/eta/guidance/"
                "seed, output one row per image")
-# eval.json keys (dotted) put on each version as tags and on the logged model as metrics
-HEADLINE = ("fcd.generated", "fcd.train_vs_test", "fcd.single_gaussian", "fcd_ratio_to_single_gaussian",
-            "fcd_ratio_to_ae_reconstruction", "second_evaluator.fcd.generated",
-            "second_evaluator.fcd_ratio_to_ae_reconstruction",
-            "prdc.precision", "prdc.recall", "prdc.density", "prdc.coverage", "class_balance.tv_to_uniform",
-            "class_balance.classes_present", "memorization.ratio", "n")
+# eval.json's numbers that a comparison is about, those of the first evaluator first: tags of each version,
+# metrics of the logged model, and the first metrics of the parent run (`runs.HEADLINE_ORDER`)
+HEADLINE = ("fcd.generated", "second_evaluator.fcd.generated", "fcd_ratio_to_ae_reconstruction",
+            "second_evaluator.fcd_ratio_to_ae_reconstruction", "fcd_ratio_to_single_gaussian", "fcd.train_vs_test",
+            "fcd.single_gaussian", "prdc.precision", "prdc.recall", "prdc.density", "prdc.coverage",
+            "class_balance.tv_to_uniform", "class_balance.classes_present", "memorization.ratio", "n")
 
 
 def headline(result: dict) -> dict[str, float]:
@@ -50,8 +46,7 @@ def ensure_registered_model(client: Any, name: str) -> None:
 
 def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float]) -> Optional[str]:
     """Log `model_dir` (an MLflow model folder) as a logged model of the stage's run and register it as a new
-    version of `name`; its version number, or None when tracking is off or logging failed (after a warning).
-    A stage re-run with the inputs of a finished run (a linked run) registers nothing new."""
+    version of `name` (a linked run's version is kept); its number, or None if tracking is off or logging failed."""
     client, run_id = run.client, run.run_id
     if client is None or run_id is None:
         return None

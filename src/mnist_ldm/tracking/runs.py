@@ -13,23 +13,21 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..config import Params
+from ..errors import first_line
 from ..hashing import json_digest
 from .identity import (current_stages, data_tags, git_tags, pipeline_key, producer, producers, read_yaml,
                        section_params, stage_inputs)
+from .registry import HEADLINE
 from .stagerun import StageRun, is_number, log_params, same
-from .store import TAG, TrackingError, connect, experiment_id, first_line, repo_root, tracking_uri
+from .store import TAG, TrackingError, connect, experiment_id, repo_root, tracking_uri
 
-# Sizes, not results (parameter counts, how many images a stage learnt from or scored): tags on the
-# parent, `mnist_ldm.size.<name>`, so that comparing runs compares results. MLflow's compare view
-# starts its parallel-coordinates plot on the first metric a run received, and lists metrics in that
-# order. (The sampler's cost figures, `sample.num_images` and the like, stay metrics.)
+# Sizes (parameter counts, how many images a stage learnt from or scored) are tags on the parent, so that
+# comparing runs compares results: MLflow's compare view plots the first metric a run received, and lists
+# metrics in that order, so the numbers a comparison is about are sent first.
 SIZE_KEYS = frozenset({"params", "n", "train_latents", "train_images", "test_images"})
 SIZE_TAG = TAG + "size."
-# the numbers a comparison is about come first in each batch sent to the parent
-HEADLINE_ORDER = ("eval.fcd.generated", "eval.second_evaluator.fcd.generated", "eval.fcd_ratio_to_ae_reconstruction",
-                  "eval.second_evaluator.fcd_ratio_to_ae_reconstruction", "eval.fcd_ratio_to_single_gaussian",
-                  "eval.fcd.", "eval.second_evaluator.fcd.", "eval.prdc.",
-                  "autoencoder.test_bce", "diffusion.test_loss", "diffusion.train_loss", "evaluator.test_accuracy")
+HEADLINE_ORDER = (*(f"eval.{k}" for k in HEADLINE), "eval.fcd.", "eval.second_evaluator.fcd.", "autoencoder.test_bce",
+                  "diffusion.test_loss", "diffusion.train_loss", "evaluator.test_accuracy")
 
 
 def find_run(client: Any, exp_id: str, tags: dict[str, str]) -> Any:
@@ -78,9 +76,8 @@ def child_run(client: Any, exp_id: str, stage: str, input_hash: str, parent_id: 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_meta: Optional[dict] = None,
               workdir: Optional[Path] = None) -> Iterator[StageRun]:
-    """Open the child run of `stage` under the pipeline's parent run: a new one, or the interrupted one with the
-    same inputs (continued), or the finished one with the same inputs (linked: nothing more is logged to it).
-    Marks the runs FAILED (KILLED on Ctrl-C or SIGTERM, e.g. `dvc queue kill`) if the stage raises."""
+    """The run of `stage` (`child_run`) under the pipeline's parent run; both are marked FAILED if the stage raises
+    (KILLED on Ctrl-C or SIGTERM, e.g. `dvc queue kill`)."""
     if not params.tracking.enabled or os.environ.get("RANK", "0") != "0":
         yield StageRun(active=False)
         return
@@ -158,10 +155,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, float]:
 
 
 def sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool, finished: bool = True) -> None:
-    """Put the numbers of every metrics file that dvc.yaml lists and a current stage (`current_stages`) writes
-    on the parent (a stage that DVC runs), or else the stage's headline prefixed by its name, logging only
-    changed values; sizes go as tags. A figure of a stage still to run, or of one that failed (the running stage
-    unless `finished`), is never copied from the workspace."""
+    """Put on the parent the changed numbers of the metrics files of dvc.yaml that `current_stages` wrote (a stage
+    that DVC runs), or else the stage's headline prefixed by its name; sizes go as tags."""
     if not run.parent_id or run.client is None or run.lost:
         return
     from mlflow.entities import RunTag

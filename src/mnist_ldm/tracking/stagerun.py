@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
+from ..errors import first_line
+from ..progress import warn
 from .identity import data_tags
-from .store import TAG, first_line, warn
+from .store import TAG
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,11 +36,8 @@ def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
 
 
 class StageRun:
-    """Logging for one stage. Every call is safe: after the first failure it warns once and stops logging.
-
-    `active` is False when tracking is off, or when the stage re-ran with inputs identical to a
-    finished run (nothing more goes into that run); the parent run is still updated then.
-    """
+    """Logging for one stage; after the first failure it warns once and stops. `active` is False when tracking is
+    off or the run is a finished one linked to (nothing more goes into it; the parent is still updated)."""
 
     def __init__(self, client: Any = None, run_id: Optional[str] = None, parent_id: Optional[str] = None,
                  stage: str = "", uri: str = "", active: bool = True):
@@ -68,7 +67,7 @@ class StageRun:
             return None
 
     def finite(self, metrics: Mapping[str, Any]) -> dict[str, float]:
-        """The numeric entries that MLflow may get; a NaN or infinite value is dropped, with one warning per key."""
+        """The numbers MLflow may get: a NaN or infinite value is dropped, with one warning per key."""
         out = {}
         for k, v in ((k, v) for k, v in metrics.items() if is_number(v)):
             if math.isfinite(v):
@@ -119,7 +118,7 @@ class StageRun:
             self.call(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_dataset(self, meta: dict, name: str, context: str, path: Optional[str | Path] = None) -> None:
-        """The data as an MLflow dataset input; its digest is the content hash of `meta.json` (MLflow keeps 36 chars)."""
+        """The data as an MLflow dataset input, its digest the content hash of `meta.json` (MLflow keeps 36 chars)."""
         if not self.logging:
             return
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -142,9 +141,8 @@ class StageRun:
         self.log_artifact(Path(out_dir) / "meta.json")
 
     def headline(self, metrics: Mapping[str, float]) -> None:
-        """The stage's final figures, at the last step logged (values already logged there are not repeated).
-        The parent gets them through the metrics files dvc.yaml lists; a stage run outside such a
-        pipeline puts them on the parent prefixed by its name."""
+        """The stage's final figures, at the last step logged (values already logged there are not repeated); the
+        parent gets them from the metrics files (`sync_parent_metrics`)."""
         self.headline_metrics = self.finite(metrics)
         step = max((s for s, _ in self.last.values()), default=0)
         self.log_metrics({k: v for k, v in self.headline_metrics.items()

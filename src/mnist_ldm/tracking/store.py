@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import unquote, urlparse
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 TAG = "mnist_ldm."
 KIND_TAG = "mlflow.experimentKind"
@@ -44,24 +44,8 @@ def git(args: list[str], cwd: Path) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def first_line(e: BaseException, limit: int = 200) -> str:
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-def warn(message: str) -> None:
-    """One line on stderr, on a line of its own even while a progress bar is drawn."""
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-    except Exception:
-        print(message, file=sys.stderr)
-
-
 def repo_root() -> Path:
-    """The repository the runs belong to (`DVC_ROOT`, else the git top level); a copy under `.dvc/tmp/exps/`
-    (`dvc exp run --temp`, `dvc queue`) maps back to its origin."""
+    """`DVC_ROOT`, else the git top level; a copy under `.dvc/tmp/exps/` (`dvc exp run --temp`) maps to its origin."""
     root = Path(os.environ.get("DVC_ROOT") or git(["rev-parse", "--show-toplevel"], Path.cwd()) or Path.cwd()).resolve()
     parts = root.parts
     for i in range(len(parts) - 3):
@@ -102,8 +86,7 @@ def connect(uri: str) -> Any:
 
 
 def experiment_id(client: Any, name: str, uri: str, root: Path) -> str:
-    """The id of experiment `name` (created if missing, with a sqlite store's artifacts in `mlartifacts` next to
-    it), tagged as model development; a default store's artifacts follow the repository `root`."""
+    """The id of experiment `name`, created if missing (a sqlite store's artifacts in `mlartifacts` beside it)."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:///") else None
@@ -124,9 +107,8 @@ def experiment_id(client: Any, name: str, uri: str, root: Path) -> str:
 
 
 def follow_repository(location: str, name: str, root: Path) -> None:
-    """Re-point a default store whose artifacts still go to the `mlartifacts` of the repository it was moved or
-    copied from (an experiment's artifact location is an absolute path fixed at its creation); name any
-    other local location outside `root`."""
+    """Re-point a default store whose artifacts go to the `mlartifacts` of the repository it was copied from (the
+    location is an absolute path fixed at creation); name any other local location outside `root`."""
     parsed = urlparse(location)
     path = Path(unquote(parsed.path)) if parsed.scheme == "file" else \
         Path(location) if not parsed.scheme and Path(location).is_absolute() else None
@@ -145,8 +127,8 @@ def follow_repository(location: str, name: str, root: Path) -> None:
 
 
 def repoint(db: Path, old: str, new: str) -> dict[str, int]:
-    """Replace the prefix `old` by `new` in every artifact location of the sqlite store `db` (MLflow has no
-    call that moves an experiment's, a run's or a model version's location); rows changed per table."""
+    """Replace the prefix `old` by `new` in every artifact location of the sqlite store `db` (MLflow has no call
+    for it); the rows changed per table."""
     counts: dict[str, int] = {}
     n = len(old)
     try:

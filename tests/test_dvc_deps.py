@@ -1,4 +1,4 @@
-"""dvc.yaml lists exactly the code each stage runs, and the layers stay apart.
+"""dvc.yaml lists exactly the code each stage runs, the layers stay apart, and git already ignores every output.
 
 A stage's code deps are its entry in stages/ plus the import closure of that entry (see
 tests/code_deps.py), so editing a module re-runs exactly the stages that import it.
@@ -7,6 +7,7 @@ tests/code_deps.py), so editing a module re-runs exactly the stages that import 
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,19 @@ def test_library_knows_nothing_of_mlflow_dvc_or_stages():
 def test_no_source_module_is_long():
     long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 300}
     assert not long, f"modules over 300 lines: {long}"
+
+
+def test_every_output_is_in_its_folders_committed_gitignore():
+    """DVC adds `/<name>` to the .gitignore beside an output when it first saves it. Were that entry not committed,
+    `dvc repro` in a clean clone would change tracked files, and every run would be tagged `git_dirty`."""
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    missing = []
+    for spec in PIPELINE.values():
+        for out in (o if isinstance(o, str) else next(iter(o)) for kind in ("outs", "metrics", "plots")
+                    for o in spec.get(kind, [])):
+            ignore = (Path(out.rstrip("/")).parent / ".gitignore").as_posix()
+            entries = (REPO / ignore).read_text().split() if ignore in tracked else []
+            if f"/{Path(out.rstrip('/')).name}" not in entries:
+                missing.append(f"{ignore}: /{Path(out.rstrip('/')).name}")
+    assert not missing, f"entries DVC would add to committed files: {missing}"

@@ -1,5 +1,5 @@
-"""What identifies a run, read from DVC's files: a stage's inputs, the key of the pipeline state, which stages are
-current (`dvc.lock` against the workspace); the params, git and data tags."""
+"""What identifies a run, read from DVC: a stage's inputs, the key of the pipeline state, which stages are up to
+date; the params, git and data tags."""
 
 from __future__ import annotations
 
@@ -24,18 +24,16 @@ def read_yaml(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def stage_inputs(workdir: Path, stage: str, hashes: Optional[dict[str, str]] = None) -> dict:
-    """The command, deps (with `path_hash`, kept in `hashes`) and params of `stage` as dvc.lock records them ({} if
-    dvc.yaml lacks it); read from the workspace, since a running stage's dvc.lock entry is its previous run's."""
+def stage_inputs(workdir: Path, stage: str) -> dict:
+    """The command, deps (with `path_hash`) and params of `stage` as dvc.lock records them ({} if dvc.yaml lacks
+    it); read from the workspace, since a running stage's dvc.lock entry is its previous run's."""
     spec = read_yaml(workdir / "dvc.yaml").get("stages", {}).get(stage)
     if spec is None:
         return {}
-    hashes = {} if hashes is None else hashes
     raw = read_yaml(workdir / "params.yaml")
     keys = [k for item in spec.get("params", []) for k in ([item] if isinstance(item, str) else list(item))]
-    return {"cmd": spec.get("cmd"), "params": {"params.yaml": {k: dotted_value(raw, k) for k in keys}},
-            "deps": [{"path": d, "md5": hashes.get(d) or hashes.setdefault(d, path_hash(workdir / d))}
-                     for d in spec.get("deps", [])]}
+    return {"cmd": spec.get("cmd"), "deps": [{"path": d, "md5": path_hash(workdir / d)} for d in spec.get("deps", [])],
+            "params": {"params.yaml": {k: dotted_value(raw, k) for k in keys}}}
 
 
 def pipeline_key(workdir: Path, params: Params) -> str:
@@ -57,30 +55,17 @@ def producer(outs: dict[str, str], path: str) -> Optional[str]:
     return next((name for out, name in outs.items() if path == out or path.startswith(out + "/")), None)
 
 
-def records(entry: dict, inputs: dict) -> bool:
-    """Whether a dvc.lock entry records these `stage_inputs` (its deps are in another order)."""
-    def key(e: dict) -> tuple:
-        return e.get("cmd"), e.get("params", {}).get("params.yaml", {}), {d["path"]: d.get("md5") for d in e.get("deps", [])}
-
-    return bool(entry) and key(entry) == key(inputs)
-
-
 def current_stages(workdir: Path, running: str) -> set[str]:
-    """`running`, and each stage whose `dvc.lock` entry is its `stage_inputs` and whose upstream stages are current:
-    not one still to run under `dvc repro` (DVC writes its entry once it has run), nor one after a failed stage."""
-    stages = read_yaml(workdir / "dvc.yaml").get("stages", {})
-    lock = read_yaml(workdir / "dvc.lock").get("stages", {})
-    outs, hashes, current = producers(stages), {}, {}  # a dep shared by several stages is hashed once
+    """`running`, and each stage that DVC finds up to date (its dvc.lock entry against the workspace), with all its
+    upstream stages: not one still to run under `dvc repro` (DVC writes its entry once it has run), nor one after a
+    failed stage. Asked through DVC's API, not `dvc status`, whose lock the running `dvc repro` holds."""
+    from dvc.repo import Repo
+    from dvc.repo.graph import collect_pipeline
 
-    def is_current(name: str) -> bool:
-        if name not in current:
-            current[name] = False  # a cycle (not possible in a DVC pipeline) reads as not current
-            entry, now = lock.get(name, {}), stage_inputs(workdir, name, hashes)
-            current[name] = name == running or (records(entry, now) and all(
-                is_current(p) for d in now["deps"] if (p := producer(outs, d["path"])) not in (None, name)))
-        return current[name]
-
-    return {name for name in stages if is_current(name)}
+    with Repo(str(workdir), uninitialized=True) as repo:
+        graph = repo.index.graph
+        stale = {s for s in graph if s.addressing != running and (s.changed_stage() or any(d.status() for d in s.deps))}
+        return {s.addressing for s in graph if s.addressing == running or stale.isdisjoint(collect_pipeline(s, graph))}
 
 
 def section_params(params: Params, section: str) -> dict[str, Any]:

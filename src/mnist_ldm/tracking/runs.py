@@ -163,7 +163,10 @@ def sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool, finished
 
     flat: dict[str, float] = {}
     pipeline = read_yaml(workdir / "dvc.yaml") if from_files else {}
-    outs, live = producers(pipeline.get("stages", {})), current_stages(workdir, run.stage if finished else "") if from_files else set()
+    live = run.call("dvc stage status", current_stages, workdir, run.stage if finished else "") if from_files else set()
+    if live is None:
+        return
+    outs = producers(pipeline.get("stages", {}))
     entries = [m for m in pipeline.get("metrics", []) if producer(outs, m) in live | {None}]
     for path in (workdir / entry for entry in entries):
         try:

@@ -23,7 +23,8 @@ from .store import TAG, TrackingError, connect, experiment_id, repo_root, tracki
 
 # Sizes (parameter counts, how many images a stage learnt from or scored) are tags on the parent, so that
 # comparing runs compares results: MLflow's compare view plots the first metric a run received, and lists
-# metrics in that order, so the numbers a comparison is about are sent first.
+# metrics in that order, so the numbers a comparison is about are sent first. (The sampler's cost figures,
+# `sample.num_images` and the like, stay metrics.)
 SIZE_KEYS = frozenset({"params", "n", "train_latents", "train_images", "test_images"})
 SIZE_TAG = TAG + "size."
 HEADLINE_ORDER = (*(f"eval.{k}" for k in HEADLINE), "eval.fcd.", "eval.second_evaluator.fcd.", "autoencoder.test_bce",
@@ -155,8 +156,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, float]:
 
 
 def sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool, finished: bool = True) -> None:
-    """Put on the parent the changed numbers of the metrics files of dvc.yaml that `current_stages` wrote (a stage
-    that DVC runs), or else the stage's headline prefixed by its name; sizes go as tags."""
+    """Put on the parent the changed numbers of the metrics files of dvc.yaml that `current_stages` wrote (the running
+    stage's only if it `finished`), or else (a stage run by hand) its headline prefixed by its name; sizes as tags."""
     if not run.parent_id or run.client is None or run.lost:
         return
     from mlflow.entities import RunTag

@@ -98,8 +98,8 @@ def test_every_output_is_in_its_folders_committed_gitignore():
     for spec in PIPELINE.values():
         for out in (o if isinstance(o, str) else next(iter(o)) for kind in ("outs", "metrics", "plots")
                     for o in spec.get(kind, [])):
-            ignore = (Path(out.rstrip("/")).parent / ".gitignore").as_posix()
-            entries = (REPO / ignore).read_text().split() if ignore in tracked else []
-            if f"/{Path(out.rstrip('/')).name}" not in entries:
-                missing.append(f"{ignore}: /{Path(out.rstrip('/')).name}")
+            path = Path(out.rstrip("/"))
+            ignore = (path.parent / ".gitignore").as_posix()
+            if f"/{path.name}" not in ((REPO / ignore).read_text().split() if ignore in tracked else []):
+                missing.append(f"{ignore}: /{path.name}")
     assert not missing, f"entries DVC would add to committed files: {missing}"

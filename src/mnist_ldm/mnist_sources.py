@@ -165,7 +165,7 @@ def hf_split(ds, split: str, where: str) -> Split:
         images, labels = np.asarray(part["image"]), np.asarray(part["label"])
     except Exception as e:  # noqa: BLE001 - an undecodable image or ragged rows: the same one-line error
         raise DataError(f"{here}: cannot read the images as 28x28 grayscale arrays ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'})") from None
+                        f"{first_line(e) if str(e).strip() else 'unreadable'})") from None
     if len(images) and (images.dtype == object or images.shape[1:] != (28, 28)):
         shape = "images of different sizes" if images.dtype == object else f"images of shape {images.shape[1:]}"
         raise DataError(f"{here}: 'image' holds {shape}; expected 28x28 grayscale")

@@ -21,14 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from mnist_ldm import metrics
-from mnist_ldm.autoencoder import encode_images
-from mnist_ldm.data import load_meta, load_split
-from mnist_ldm.device import runtime
-from mnist_ldm.evaluator import features_and_probs, load_evaluator
-from mnist_ldm.params_file import apply_overrides, load_params
-from mnist_ldm.scoring import floor_images
-from mnist_ldm.training.autoencoder import train_autoencoder
+from mnist_ldm.evaluation import metrics
+from mnist_ldm.autoencoder.model import encode_images
+from mnist_ldm.data.prepared import load_meta, load_split
+from mnist_ldm.runtime.device import runtime
+from mnist_ldm.evaluator.model import features_and_probs, load_evaluator
+from mnist_ldm.config.params_file import apply_overrides, load_params
+from mnist_ldm.evaluation.scoring import floor_images
+from mnist_ldm.autoencoder.train import train_autoencoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -28,11 +28,11 @@ WORK = {"train": 300, "sample": 60}  # steps per job: about 10-20 s alone on 2 c
 def worker(work: str, steps: int) -> None:
     import torch
 
-    from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
-    from mnist_ldm.device import runtime
-    from mnist_ldm.diffusion import NoiseSchedule, ddpm_step
-    from mnist_ldm.training.denoiser import diffusion_loss
-    from mnist_ldm.training.loop import adam
+    from mnist_ldm.diffusion.denoiser import DenoiserSpec, LatentDenoiser
+    from mnist_ldm.runtime.device import runtime
+    from mnist_ldm.diffusion.schedule import NoiseSchedule, ddpm_step
+    from mnist_ldm.diffusion.train import diffusion_loss
+    from mnist_ldm.runtime.loop import adam
 
     rt = runtime("cpu")
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def run_jobs(work: str, jobs: int, env: dict, steps: int = 0) -> dict:
 
 
 def main() -> None:
-    from mnist_ldm.cpu_share import usable_cores
+    from mnist_ldm.runtime.cpu_share import usable_cores
 
     cores = usable_cores()
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MNIST_LDM_THREADS")}

@@ -31,20 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnist_ldm import metrics
-from mnist_ldm.atomic import write_json
-from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec, encode_images
-from mnist_ldm.evaluator import features_and_probs, load_evaluator
-from mnist_ldm.config import AutoencoderConfig, DiffusionConfig
-from mnist_ldm.denoiser import DenoiserSpec, build_denoiser
-from mnist_ldm.diffusion import NoiseSchedule
-from mnist_ldm.latents import LatentScaler, latent_stats
-from mnist_ldm.mnist_sources import load_idx
-from mnist_ldm.pipeline import LatentDiffusionPipeline
-from mnist_ldm.scoring import floor_images
-from mnist_ldm.training.autoencoder import train_autoencoder
-from mnist_ldm.training.denoiser import train_denoiser
-from mnist_ldm.training.loop import count_parameters
+from mnist_ldm.evaluation import metrics
+from mnist_ldm.io.atomic import write_json
+from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec, encode_images
+from mnist_ldm.evaluator.model import features_and_probs, load_evaluator
+from mnist_ldm.config.sections import AutoencoderConfig, DiffusionConfig
+from mnist_ldm.diffusion.denoiser import DenoiserSpec, build_denoiser
+from mnist_ldm.diffusion.schedule import NoiseSchedule
+from mnist_ldm.data.latents import LatentScaler, latent_stats
+from mnist_ldm.data.sources import load_idx
+from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
+from mnist_ldm.evaluation.scoring import floor_images
+from mnist_ldm.autoencoder.train import train_autoencoder
+from mnist_ldm.diffusion.train import train_denoiser
+from mnist_ldm.runtime.loop import count_parameters
 
 VARIANTS = {  # name: (autoencoder.kind, diffusion.denoiser)
     "pixel (U-Net)": ("none", "unet"),

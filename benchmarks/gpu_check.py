@@ -75,11 +75,11 @@ def timed(fn, repeats: int) -> float:
 
 
 def speed(out: Path, device: str) -> dict:
-    from mnist_ldm.device import runtime
-    from mnist_ldm.diffusion import NoiseSchedule
-    from mnist_ldm.pipeline import LatentDiffusionPipeline
-    from mnist_ldm.training.denoiser import diffusion_loss
-    from mnist_ldm.training.loop import adam
+    from mnist_ldm.runtime.device import runtime
+    from mnist_ldm.diffusion.schedule import NoiseSchedule
+    from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
+    from mnist_ldm.diffusion.train import diffusion_loss
+    from mnist_ldm.runtime.loop import adam
 
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     for precision in ("fp32", "bf16"):

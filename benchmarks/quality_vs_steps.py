@@ -23,14 +23,16 @@ from pathlib import Path
 
 import torch
 
-from mnist_ldm import metrics, plots
-from mnist_ldm.atomic import write_json
-from mnist_ldm.evaluator import features_and_probs, load_evaluator
-from mnist_ldm.data import load_split
-from mnist_ldm.params_file import load_params
-from mnist_ldm.pipeline import LatentDiffusionPipeline
+from mnist_ldm.evaluation import metrics
+
+from mnist_ldm.io import plots
+from mnist_ldm.io.atomic import write_json
+from mnist_ldm.evaluator.model import features_and_probs, load_evaluator
+from mnist_ldm.data.prepared import load_split
+from mnist_ldm.config.params_file import load_params
+from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
 from mnist_ldm.commands import train_diffusion
-from mnist_ldm.commands.entry import command_parser, run_command
+from mnist_ldm.runtime.command import command_parser, run_command
 
 SAMPLERS = [("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100)]
 RAW_WEIGHTS = [("ddpm", 1000), ("ddim", 50)]

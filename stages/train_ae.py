@@ -3,6 +3,6 @@
 import sys
 
 from mnist_ldm.commands import train_ae
-from mnist_ldm.commands.entry import command_parser, run_command
+from mnist_ldm.runtime.command import command_parser, run_command
 
 sys.exit(run_command(command_parser(train_ae), sys.argv[1:]))

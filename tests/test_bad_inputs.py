@@ -115,8 +115,8 @@ def real_ckpt(repo: Path, name: str) -> dict:
 
 def autoencoder_ckpt(tmp: Path, latent_dim: int) -> Path:
     """A well-formed autoencoder checkpoint of another latent size (untrained weights)."""
-    from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
-    from mnist_ldm.checkpoint import save_checkpoint
+    from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec
+    from mnist_ldm.io.checkpoint import save_checkpoint
 
     model = Autoencoder(AutoencoderSpec(latent_dim=latent_dim))
     path = tmp / f"autoencoder_{latent_dim}d.pt"
@@ -730,7 +730,7 @@ def test_bad_input_is_one_line_error_and_changes_nothing(name: str, repo: Path, 
 def test_metrics_json_never_holds_nan(tmp_path: Path):
     """write_json turns non-finite floats into null and records them under "absent"; strict JSON readers
     (DVC, MLflow, json.loads with parse_constant raising) accept the file."""
-    from mnist_ldm.atomic import write_json
+    from mnist_ldm.io.atomic import write_json
 
     def no_constants(name: str):
         raise ValueError(f"non-standard JSON constant {name}")
@@ -760,7 +760,7 @@ def test_a_bad_param_is_refused_before_torch_or_mlflow_load(tmp_path: Path):
     bad.write_text((REPO / "params.yaml").read_text().replace("lr: 0.0016", "lr: fast"))
     script = f"""
 import shlex, sys, yaml
-from mnist_ldm.cli import COMMANDS, main
+from mnist_ldm.commands.cli import COMMANDS, main
 stages = yaml.safe_load(open({str(REPO / "dvc.yaml")!r}))["stages"]
 extra = {{"infer": ["--ckpt", "a.pt", "--ae-ckpt", "b.pt"], "promote": [], "ui": [],
           "evaluate": shlex.split(stages["evaluate"]["cmd"])[2:]}}
@@ -796,7 +796,7 @@ def test_a_symlinked_output_is_written_through_to_its_target(repo: Path, tmp_pat
 
 
 def test_atomic_folder_and_file_write_through_symlinks(tmp_path: Path):
-    from mnist_ldm.atomic import atomic_dir, write_json
+    from mnist_ldm.io.atomic import atomic_dir, write_json
 
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "fcd.png").write_bytes(b"old")
@@ -816,8 +816,8 @@ def test_a_folder_of_the_stages_own_names_is_accepted_and_replaced(tmp_path: Pat
     one name more and it is refused."""
     from argparse import Namespace
 
-    from mnist_ldm.errors import UserError
-    from mnist_ldm.paths import check_paths
+    from mnist_ldm.io.errors import UserError
+    from mnist_ldm.io.paths import check_paths
 
     plots = tmp_path / "plots"
     plots.mkdir()
@@ -831,7 +831,7 @@ def test_a_folder_of_the_stages_own_names_is_accepted_and_replaced(tmp_path: Pat
 
 
 def test_interrupt_outside_dvc_says_only_interrupted(monkeypatch):
-    from mnist_ldm.commands.entry import interrupted_line
+    from mnist_ldm.runtime.command import interrupted_line
 
     monkeypatch.delenv("DVC_STAGE", raising=False)
     assert interrupted_line() == "interrupted"

@@ -146,8 +146,8 @@ def test_check_params_accepts_idx_files_plain_or_gzipped(gz: bool, tmp_path: Pat
 def test_param_rules_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`Params.validate` (what every command and `check_params` load) states each rule once; values at their
     defaults are not refused, and a conditional model takes a digit and a guidance scale."""
-    from mnist_ldm.config import ConfigError, registry_name_ok
-    from mnist_ldm.params_file import params_from_dict
+    from mnist_ldm.config.sections import ConfigError, registry_name_ok
+    from mnist_ldm.config.params_file import params_from_dict
 
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     ok = [{}, {"sample": {"sampler": "ddpm"}}, {"evaluate": {"n": 10, "k": 8}},
@@ -185,8 +185,8 @@ def test_param_rules_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_score_names_evaluate_k_when_too_few_images():
-    from mnist_ldm.errors import UserError
-    from mnist_ldm.scoring import score
+    from mnist_ldm.io.errors import UserError
+    from mnist_ldm.evaluation.scoring import score
 
     images = np.zeros((6, 28, 28), np.uint8)
     with pytest.raises(UserError) as e:

@@ -15,9 +15,9 @@ from PIL import Image
 
 from conftest import cli, make_repo_copy
 from conftest import test_env as base_env  # aliased: pytest would collect a `test_*` name
-from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
-from mnist_ldm.checkpoint import save_checkpoint
-from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
+from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec
+from mnist_ldm.io.checkpoint import save_checkpoint
+from mnist_ldm.diffusion.denoiser import DenoiserSpec, LatentDenoiser
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import BIN, cli, copy_trained, run, write_params
-from mnist_ldm.checkpoint import save_checkpoint
-from mnist_ldm.errors import UserError
-from mnist_ldm.hashing import file_md5
-from mnist_ldm.pipeline import LatentDiffusionPipeline
+from mnist_ldm.io.checkpoint import save_checkpoint
+from mnist_ldm.io.errors import UserError
+from mnist_ldm.io.hashing import file_md5
+from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mnist_ldm.config import (AutoencoderConfig, ConfigError, DiffusionConfig, FieldError, Params, SampleConfig,
+from mnist_ldm.config.sections import (AutoencoderConfig, ConfigError, DiffusionConfig, FieldError, Params, SampleConfig,
                               float_keys, override)
-from mnist_ldm.errors import UserError
-from mnist_ldm.params_file import SECTIONS, apply_overrides, dotted_value, load_params, params_from_dict, parse_yaml
+from mnist_ldm.io.errors import UserError
+from mnist_ldm.config.params_file import SECTIONS, apply_overrides, dotted_value, load_params, params_from_dict, parse_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = (REPO / "params.yaml").read_text()
@@ -79,7 +79,7 @@ def test_autoencoder_generate_images_is_a_bool(tmp_path):
 
 
 def test_config_imports_alone_without_the_loader():
-    code = ("import sys, mnist_ldm.config as c; assert 'mnist_ldm.params_file' not in sys.modules; "
+    code = ("import sys, mnist_ldm.config.sections as c; assert 'mnist_ldm.config.params_file' not in sys.modules; "
             "assert 'yaml' not in sys.modules; c.Params().validate()")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
@@ -260,7 +260,7 @@ def test_autoencoder_kind_names_the_valid_ones():
 
 
 def test_the_unet_needs_pixel_space():
-    from mnist_ldm.config import ConfigError, Params
+    from mnist_ldm.config.sections import ConfigError, Params
 
     assert "diffusion.denoiser='fancy'" in refused(override, DiffusionConfig(), "diffusion", denoiser="fancy")
     latent_unet = Params(diffusion=DiffusionConfig(denoiser="unet"))
@@ -273,7 +273,7 @@ def test_the_unet_needs_pixel_space():
 
 def test_ddim_steps_fit_the_diffusion_steps():
     """Caught when the params are read, not after the prior has trained: DDIM takes at most T steps."""
-    from mnist_ldm.config import ConfigError, Params
+    from mnist_ldm.config.sections import ConfigError, Params
 
     short = Params(diffusion=DiffusionConfig(T=100))
     with pytest.raises(ConfigError, match=r"^params: sample.steps=250 is more than diffusion.T=100; expected "

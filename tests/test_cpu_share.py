@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from mnist_ldm.cpu_share import CpuShare, active_jobs, share
-from mnist_ldm.errors import UserError
+from mnist_ldm.runtime.cpu_share import CpuShare, active_jobs, share
+from mnist_ldm.io.errors import UserError
 
 
 @pytest.fixture
@@ -30,14 +30,14 @@ def test_share_is_the_cores_divided_by_the_jobs_and_at_least_one():
 
 
 def test_a_second_job_halves_the_first_and_its_exit_gives_the_cores_back(free_env, monkeypatch):
-    import mnist_ldm.cpu_share as cpu_share
+    import mnist_ldm.runtime.cpu_share as cpu_share
 
     # this job's clock, moved by hand: the rate limit is checked against it, not against how long the
     # steps below happen to take on a loaded machine
     clock = [1000.0]
     monkeypatch.setattr(cpu_share, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     other = subprocess.Popen(  # a second job: registers, says so, holds its registration until stdin closes
-        [sys.executable, "-c", "import sys\nfrom mnist_ldm.cpu_share import CpuShare\n"
+        [sys.executable, "-c", "import sys\nfrom mnist_ldm.runtime.cpu_share import CpuShare\n"
          "with CpuShare(cores=4) as c:\n    print(c.threads, flush=True)\n    sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -56,7 +56,7 @@ def test_a_second_job_halves_the_first_and_its_exit_gives_the_cores_back(free_en
 
 
 def test_a_killed_job_is_not_counted_and_its_file_goes(free_env):
-    other = subprocess.Popen([sys.executable, "-c", "from mnist_ldm.cpu_share import CpuShare\nimport time\n"
+    other = subprocess.Popen([sys.executable, "-c", "from mnist_ldm.runtime.cpu_share import CpuShare\nimport time\n"
                               "c = CpuShare(cores=2).__enter__()\nprint('in', flush=True)\ntime.sleep(600)"],
                              stdout=subprocess.PIPE, text=True)
     assert other.stdout.readline().strip() == "in"
@@ -80,7 +80,7 @@ def test_the_environment_can_fix_the_thread_count(free_env, monkeypatch):
 
 
 def test_a_cpu_runtime_registers_and_ticks(free_env):
-    from mnist_ldm.device import runtime
+    from mnist_ldm.runtime.device import runtime
 
     rt = runtime("cpu")
     assert rt.cpu is not None and active_jobs(free_env) == 1

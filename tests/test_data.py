@@ -1,4 +1,4 @@
-"""IDX parsing and source selection (mnist_ldm.mnist_sources), the prepared-data folder (mnist_ldm.data)
+"""IDX parsing and source selection (mnist_ldm.data.sources), the prepared-data folder (mnist_ldm.data.prepared)
 and the `prepare` stage (mnist_ldm.commands.prepare), on real files written here: small IDX files with
 correct headers, each kind of broken file, and the real t10k files where present."""
 
@@ -16,10 +16,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from mnist_ldm.config import DataConfig, Params, TrackingConfig
-from mnist_ldm.errors import UserError
-from mnist_ldm.data import DataError, Split, content_hash, limit, load_meta, load_split, write_prepared
-from mnist_ldm.mnist_sources import (
+from mnist_ldm.config.sections import DataConfig, Params, TrackingConfig
+from mnist_ldm.io.errors import UserError
+from mnist_ldm.data.prepared import DataError, Split, content_hash, limit, load_meta, load_split, write_prepared
+from mnist_ldm.data.sources import (
     IDX_FILES,
     find_idx_files,
     load_idx,

@@ -1,4 +1,4 @@
-"""The Gaussian diffusion math in mnist_ldm.diffusion against closed forms and an independent
+"""The Gaussian diffusion math in mnist_ldm.diffusion.schedule against closed forms and an independent
 numpy/float64 reference: schedule, forward process, posterior, DDPM and DDIM steps, the samplers
 on a data distribution whose optimal denoiser is known exactly, and classifier-free guidance."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
-from mnist_ldm.diffusion import (
+from mnist_ldm.diffusion.denoiser import DenoiserSpec, LatentDenoiser
+from mnist_ldm.diffusion.schedule import (
     NoiseSchedule,
     ddim_invert_step,
     ddim_sigma,
@@ -462,7 +462,7 @@ def test_min_snr_weights_match_their_closed_form(sched, ref):
 
 
 def test_diffusion_loss_with_min_snr_is_the_weighted_mean_of_per_sample_errors(sched):
-    from mnist_ldm.training.denoiser import diffusion_loss
+    from mnist_ldm.diffusion.train import diffusion_loss
 
     model = LatentDenoiser(DenoiserSpec(4, 16, 1)).eval()
     z0 = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))

@@ -126,7 +126,7 @@ def test_bad_device_is_one_line(repo):
 def test_checkpoints_hold_cpu_tensors_and_load_anywhere(repo):
     ckpt = torch.load(repo / "models/autoencoder.pt", weights_only=True)  # no map_location needed
     assert all(t.device.type == "cpu" for t in ckpt["state_dict"].values())
-    from mnist_ldm.autoencoder import load_autoencoder
+    from mnist_ldm.autoencoder.model import load_autoencoder
 
     model, _ = load_autoencoder(repo / "models/autoencoder.pt")
     if torch.cuda.is_available():

@@ -185,19 +185,18 @@ def importers(repo: Path, rel: str) -> set[str]:
 
 
 def test_a_code_change_marks_exactly_the_stages_that_import_it(built, repo):
-    metrics = changed_stages(repo, "src/mnist_ldm/metrics/frechet.py")
-    assert importers(repo, "src/mnist_ldm/metrics/frechet.py") == {"evaluate"}
-    assert metrics == {"evaluate": [{"changed deps": {"src/mnist_ldm/metrics/frechet.py": "modified"}}]}, metrics
+    metrics = changed_stages(repo, "src/mnist_ldm/evaluation/metrics/frechet.py")
+    assert importers(repo, "src/mnist_ldm/evaluation/metrics/frechet.py") == {"evaluate"}
+    assert metrics == {"evaluate": [{"changed deps": {"src/mnist_ldm/evaluation": "modified"}}]}, metrics
 
-    denoiser = changed_stages(repo, "src/mnist_ldm/denoiser.py")
-    assert denoiser.keys() == importers(repo, "src/mnist_ldm/denoiser.py"), denoiser
-    # by name: the two that build or run the denoiser; a stage added later (packaging it) may import it too
-    assert denoiser.keys() & set(STAGES) == {"train_diffusion", "sample"}, denoiser
+    denoiser = changed_stages(repo, "src/mnist_ldm/diffusion/denoiser.py")
+    assert denoiser.keys() == importers(repo, "src/mnist_ldm/diffusion/denoiser.py"), denoiser
+    # by name: the stages that build, run or package the denoiser; not the autoencoder's nor the evaluators'
+    assert denoiser.keys() == {"train_diffusion", "sample", "package_model"}, denoiser
     for stage in denoiser:
-        assert denoiser[stage] == [{"changed deps": {"src/mnist_ldm/denoiser.py": "modified"}}], denoiser
+        assert denoiser[stage] == [{"changed deps": {"src/mnist_ldm/diffusion": "modified"}}], denoiser
     # evaluate does not import the denoiser: it follows only through sample's output, if that changes
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    assert "src/mnist_ldm/denoiser.py" not in spec["evaluate"]["deps"]
     assert "outputs/samples.npz" in spec["sample"]["outs"] and "outputs/samples.npz" in spec["evaluate"]["deps"]
 
     tracking = sorted((repo / "src/mnist_ldm/tracking").glob("*.py"))
@@ -209,7 +208,7 @@ def test_a_code_change_marks_exactly_the_stages_that_import_it(built, repo):
 
 def test_a_code_change_reruns_only_its_stage_and_undoing_it_is_served_by_the_run_cache(built, repo):
     files = built[1]
-    path = repo / "src/mnist_ldm/metrics/frechet.py"
+    path = repo / "src/mnist_ldm/evaluation/metrics/frechet.py"
     original = path.read_bytes()
     path.write_bytes(original + b"\n# edited by test_dvc_semantics\n")
     try:

@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_ldm import metrics
-from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec, encode_images, reconstruction_metrics
-from mnist_ldm.evaluator import EvaluatorCNN, accuracy, features_and_probs
-from mnist_ldm.config import DataConfig
-from mnist_ldm.errors import UserError
-from mnist_ldm.images import as_batch, to_uint8
-from mnist_ldm.mnist_sources import load_bundled
-from mnist_ldm.scoring import load_samples, score
-from mnist_ldm.training.loop import run_training
+from mnist_ldm.evaluation import metrics
+from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec, encode_images, reconstruction_metrics
+from mnist_ldm.evaluator.model import EvaluatorCNN, accuracy, features_and_probs
+from mnist_ldm.config.sections import DataConfig
+from mnist_ldm.io.errors import UserError
+from mnist_ldm.data.images import as_batch, to_uint8
+from mnist_ldm.data.sources import load_bundled
+from mnist_ldm.evaluation.scoring import load_samples, score
+from mnist_ldm.runtime.loop import run_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

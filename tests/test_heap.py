@@ -1,4 +1,4 @@
-"""glibc's malloc as the commands set it (`mnist_ldm.heap`): freed blocks stay in the process, so training steps
+"""glibc's malloc as the commands set it (`mnist_ldm.runtime.heap`): freed blocks stay in the process, so training steps
 stop page-faulting their activations back in; a user's own setting wins."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ PROBE = textwrap.dedent("""
     result = None
     {setup}
     import torch, torch.nn.functional as F
-    from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
+    from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec
     torch.manual_seed(0)
     model = Autoencoder(AutoencoderSpec()).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -63,7 +63,7 @@ def small_pages() -> bool:
 
 def test_kept_memory_removes_the_page_faults_of_training_steps():
     untouched = probe("")
-    kept = probe("from mnist_ldm.heap import keep_freed_memory; result = keep_freed_memory()")
+    kept = probe("from mnist_ldm.runtime.heap import keep_freed_memory; result = keep_freed_memory()")
     assert kept["result"] is True
     assert kept["faults_per_step"] < FEW, kept
     if small_pages():
@@ -71,7 +71,7 @@ def test_kept_memory_removes_the_page_faults_of_training_steps():
 
 
 def test_a_users_own_malloc_setting_is_left_alone():
-    user = probe("from mnist_ldm.heap import keep_freed_memory; result = keep_freed_memory()",
+    user = probe("from mnist_ldm.runtime.heap import keep_freed_memory; result = keep_freed_memory()",
                  env={"MALLOC_TRIM_THRESHOLD_": "131072"})
     assert user["result"] is False
     if small_pages():
@@ -83,7 +83,7 @@ def test_every_command_runs_with_freed_memory_kept(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     after = probe(f"""
         from mnist_ldm.commands import check_params
-        from mnist_ldm.commands.entry import command_parser, run_command
+        from mnist_ldm.runtime.command import command_parser, run_command
         result = run_command(command_parser(check_params), ["--out", {str(tmp_path / 'ok.json')!r}])
     """, cwd=tmp_path)
     assert after["result"] == 0

@@ -1,4 +1,4 @@
-"""Tests for mnist_ldm.metrics: FCD against an independent eigendecomposition, PRDC against a
+"""Tests for mnist_ldm.evaluation.metrics: FCD against an independent eigendecomposition, PRDC against a
 brute-force full-matrix version and its known calibration, class balance, memorization."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_ldm.metrics import (
+from mnist_ldm.evaluation.metrics import (
     accuracy_on_digit,
     class_balance,
     feature_statistics,
@@ -16,8 +16,8 @@ from mnist_ldm.metrics import (
     memorization_ratio,
     prdc,
 )
-from mnist_ldm.metrics import frechet
-from mnist_ldm.nearest import nearest_distances
+from mnist_ldm.evaluation.metrics import frechet
+from mnist_ldm.evaluator.nearest import nearest_distances
 
 
 # --------------------------------------------------------------------------- independent references

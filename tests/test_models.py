@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
-from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
-from mnist_ldm.nn import timestep_embedding
-from mnist_ldm.training.loop import count_parameters
+from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec
+from mnist_ldm.diffusion.denoiser import DenoiserSpec, LatentDenoiser
+from mnist_ldm.diffusion.layers import timestep_embedding
+from mnist_ldm.runtime.loop import count_parameters
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,11 +127,11 @@ def test_a_checkpoint_spec_without_kind_is_the_conv_autoencoder():
 
 def _train_and_reload(tmp_path, kind: str, n: int, epochs: int, seed: int):
     """A small autoencoder trained on random binary digits, saved as a checkpoint and loaded back."""
-    from mnist_ldm.autoencoder import load_autoencoder
-    from mnist_ldm.checkpoint import save_checkpoint
-    from mnist_ldm.config import AutoencoderConfig
-    from mnist_ldm.data import Split
-    from mnist_ldm.training.autoencoder import train_autoencoder
+    from mnist_ldm.autoencoder.model import load_autoencoder
+    from mnist_ldm.io.checkpoint import save_checkpoint
+    from mnist_ldm.config.sections import AutoencoderConfig
+    from mnist_ldm.data.prepared import Split
+    from mnist_ldm.autoencoder.train import train_autoencoder
 
     rng = np.random.default_rng(seed)
     images = (rng.random((n, 28, 28)) < 0.2).astype(np.uint8) * 255
@@ -162,11 +162,11 @@ def test_conv_autoencoder_trains_channels_last_and_returns_the_standard_layout(t
 
 
 def test_the_per_epoch_reconstruction_error_reads_a_fixed_subset_of_the_test_images(tmp_path, one_thread):
-    from mnist_ldm.autoencoder import reconstruction_metrics
-    from mnist_ldm.config import AutoencoderConfig
-    from mnist_ldm.data import Split
-    from mnist_ldm.training.autoencoder import train_autoencoder
-    from mnist_ldm.training.loop import EPOCH_TEST_ITEMS
+    from mnist_ldm.autoencoder.model import reconstruction_metrics
+    from mnist_ldm.config.sections import AutoencoderConfig
+    from mnist_ldm.data.prepared import Split
+    from mnist_ldm.autoencoder.train import train_autoencoder
+    from mnist_ldm.runtime.loop import EPOCH_TEST_ITEMS
 
     rng = np.random.default_rng(2)
     train = Split((rng.random((128, 28, 28)) < 0.2).astype(np.uint8) * 255, np.zeros(128, dtype=np.uint8))
@@ -220,7 +220,7 @@ def test_denoiser_forward_shapes():
 
 @pytest.mark.parametrize("batch", [256, 100, 5])  # whole runs of 8, a shorter last run, a batch shorter than one run
 def test_rows_that_share_a_timestep_give_the_per_row_outputs_and_gradients(batch):
-    from mnist_ldm.diffusion import draw_timesteps
+    from mnist_ldm.diffusion.schedule import draw_timesteps
 
     torch.manual_seed(0)
     model = LatentDenoiser(DenoiserSpec(16, 64, 2))
@@ -300,7 +300,7 @@ def test_specs_round_trip_through_their_dicts():
 # --------------------------------------------------------------------------- pixel space: pass-through AE, U-Net
 
 def test_pixel_space_autoencoder_passes_images_through():
-    from mnist_ldm.autoencoder import PIXELS
+    from mnist_ldm.autoencoder.model import PIXELS
 
     ae = Autoencoder(AutoencoderSpec.for_kind("none", 16)).eval()
     assert ae.spec.latent_dim == PIXELS and count_parameters(ae) == 0 and not ae.trainable
@@ -315,7 +315,7 @@ def test_pixel_space_autoencoder_passes_images_through():
 
 
 def test_pixel_scaler_is_fixed_not_fitted():
-    from mnist_ldm.latents import LatentScaler, latent_stats
+    from mnist_ldm.data.latents import LatentScaler, latent_stats
 
     z = np.zeros((10, 784), np.float32)
     z[:, 5] = np.linspace(0, 1, 10)  # MNIST's corner pixels never change: a fitted std of 0 would divide by 0
@@ -325,7 +325,7 @@ def test_pixel_scaler_is_fixed_not_fitted():
 
 
 def test_unet_has_the_designs_size_and_shapes():
-    from mnist_ldm.denoiser import build_denoiser
+    from mnist_ldm.diffusion.denoiser import build_denoiser
 
     spec = DenoiserSpec(latent_dim=784, arch="unet", channels=16)
     model = build_denoiser(spec).eval()
@@ -349,9 +349,9 @@ def test_unet_has_the_designs_size_and_shapes():
 
 def test_unet_learns_a_pixel_distribution():
     """A few hundred steps on one fixed image drive the noise-prediction loss well below 1 (its value at init)."""
-    from mnist_ldm.denoiser import build_denoiser
-    from mnist_ldm.diffusion import NoiseSchedule
-    from mnist_ldm.training.denoiser import diffusion_loss
+    from mnist_ldm.diffusion.denoiser import build_denoiser
+    from mnist_ldm.diffusion.schedule import NoiseSchedule
+    from mnist_ldm.diffusion.train import diffusion_loss
 
     torch.manual_seed(0)
     model = build_denoiser(DenoiserSpec(latent_dim=784, arch="unet", channels=8))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_ldm import plots
+from mnist_ldm.io import plots
 
 
 def test_grid_places_each_image_in_its_cell_with_white_padding():

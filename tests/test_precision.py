@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_ldm.device import BF16_CPU_FLAGS, CPU, Runtime, cpu_has_native_bf16, resolve_precision, runtime
-from mnist_ldm.errors import UserError
+from mnist_ldm.runtime.device import BF16_CPU_FLAGS, CPU, Runtime, cpu_has_native_bf16, resolve_precision, runtime
+from mnist_ldm.io.errors import UserError
 
 NATIVE = cpu_has_native_bf16()
 
@@ -52,11 +52,11 @@ BF16 = Runtime(torch.device("cpu"), "bf16")  # no CpuShare: the tests pin one th
 def train_small(tmp_path, rt: Runtime, name: str):
     """A conv autoencoder and the evaluator trained for one epoch (5 steps each) on 320 real digits at `rt`'s
     precision."""
-    from mnist_ldm.config import AutoencoderConfig, DataConfig, EvaluatorConfig
-    from mnist_ldm.data import Split
-    from mnist_ldm.mnist_sources import load_bundled
-    from mnist_ldm.training.autoencoder import train_autoencoder
-    from mnist_ldm.training.evaluator import train_evaluator
+    from mnist_ldm.config.sections import AutoencoderConfig, DataConfig, EvaluatorConfig
+    from mnist_ldm.data.prepared import Split
+    from mnist_ldm.data.sources import load_bundled
+    from mnist_ldm.autoencoder.train import train_autoencoder
+    from mnist_ldm.evaluator.train import train_evaluator
 
     data = load_bundled(DataConfig())
     train = Split(data.train.images[:320], data.train.labels[:320])
@@ -104,12 +104,12 @@ def test_encoding_decoding_and_features_run_in_bf16_within_a_stated_tolerance(tr
     pixels at most 1 gray level). Stated tolerances: every latent within 3% of the latents' std, decoded
     pixels within 4 of 255 gray levels on 99% of pixels, every feature within 5% of the features' std, and
     the evaluator's class the same on 95% of the images."""
-    from mnist_ldm.autoencoder import encode_images
-    from mnist_ldm.denoiser import DenoiserSpec, build_denoiser
-    from mnist_ldm.diffusion import NoiseSchedule
-    from mnist_ldm.evaluator import features_and_probs
-    from mnist_ldm.latents import LatentScaler
-    from mnist_ldm.pipeline import LatentDiffusionPipeline
+    from mnist_ldm.autoencoder.model import encode_images
+    from mnist_ldm.diffusion.denoiser import DenoiserSpec, build_denoiser
+    from mnist_ldm.diffusion.schedule import NoiseSchedule
+    from mnist_ldm.evaluator.model import features_and_probs
+    from mnist_ldm.data.latents import LatentScaler
+    from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
 
     ae, ev, test = trained["fp32"]["ae"], trained["fp32"]["evaluator"], trained["fp32"]["test"]
     z32, z16 = encode_images(ae, test.images), encode_images(ae, test.images, precision="bf16")
@@ -135,7 +135,7 @@ def test_encoding_decoding_and_features_run_in_bf16_within_a_stated_tolerance(tr
 @bf16_only
 def test_a_resume_state_of_another_precision_is_not_taken_up(tmp_path, one_thread, capsys):
     """A bf16 run starts afresh beside an fp32 run's resume state (and the reverse): the fingerprint differs."""
-    from mnist_ldm.training.loop import adam, run_training
+    from mnist_ldm.runtime.loop import adam, run_training
 
     class Stop(Exception):
         pass

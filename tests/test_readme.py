@@ -27,7 +27,7 @@ import pytest
 
 from conftest import BIN, REPO, SERVER_JOBS, first_build, free_port, run
 from conftest import test_env as user_env
-from mnist_ldm.params_file import load_params
+from mnist_ldm.config.params_file import load_params
 
 FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
 ANY_FENCE = re.compile(r"^```.*?^```", re.S | re.M)

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec
-from mnist_ldm.denoiser import DenoiserSpec, LatentDenoiser
-from mnist_ldm.diffusion import NoiseSchedule, sample_loop
-from mnist_ldm.errors import UserError
-from mnist_ldm.latents import LatentScaler
-from mnist_ldm.config import SampleConfig
-from mnist_ldm.pipeline import LatentDiffusionPipeline, Samples
-from mnist_ldm.sampling_request import RequestError, SamplingRequest
-from mnist_ldm.training.denoiser import diffusion_loss
-from mnist_ldm.training.loop import EMA
+from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec
+from mnist_ldm.diffusion.denoiser import DenoiserSpec, LatentDenoiser
+from mnist_ldm.diffusion.schedule import NoiseSchedule, sample_loop
+from mnist_ldm.io.errors import UserError
+from mnist_ldm.data.latents import LatentScaler
+from mnist_ldm.config.sections import SampleConfig
+from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline, Samples
+from mnist_ldm.diffusion.request import RequestError, SamplingRequest
+from mnist_ldm.diffusion.train import diffusion_loss
+from mnist_ldm.runtime.loop import EMA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,8 +157,8 @@ def test_ema_horizon_never_exceeds_its_cap(decay, warmup, cap):
 
 
 def test_the_prior_caps_its_ema_horizon_at_a_fraction_of_its_steps(tmp_path, one_thread):
-    from mnist_ldm.config import DiffusionConfig
-    from mnist_ldm.training.denoiser import train_denoiser
+    from mnist_ldm.config.sections import DiffusionConfig
+    from mnist_ldm.diffusion.train import train_denoiser
 
     z, y = torch.randn(640, 4), torch.zeros(640, dtype=torch.long)
     cfg = DiffusionConfig(hidden_dim=16, num_blocks=1, T=20, epochs=2, batch_size=64, warmup_steps=0,
@@ -172,9 +172,9 @@ def test_the_prior_caps_its_ema_horizon_at_a_fraction_of_its_steps(tmp_path, one
 
 
 def test_the_per_epoch_held_out_loss_reads_a_fixed_subset_of_the_test_latents(tmp_path, one_thread):
-    from mnist_ldm.config import DiffusionConfig
-    from mnist_ldm.training.denoiser import held_out_loss, train_denoiser
-    from mnist_ldm.training.loop import EPOCH_TEST_ITEMS
+    from mnist_ldm.config.sections import DiffusionConfig
+    from mnist_ldm.diffusion.train import held_out_loss, train_denoiser
+    from mnist_ldm.runtime.loop import EPOCH_TEST_ITEMS
 
     z, y = torch.randn(640, 4), torch.zeros(640, dtype=torch.long)
     z_test = torch.randn(EPOCH_TEST_ITEMS + 500, 4)
@@ -353,7 +353,7 @@ def test_latent_scaler_standardizes_and_round_trips():
 
 
 def test_lr_factor_warms_up_linearly_then_follows_its_closed_form():
-    from mnist_ldm.training.loop import lr_factor
+    from mnist_ldm.runtime.loop import lr_factor
 
     total, warm = 110, 10
     assert [lr_factor(i, total, "cosine", warm) for i in range(warm)] == pytest.approx([(i + 1) / 10 for i in range(10)])

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_ldm.autoencoder import Autoencoder, AutoencoderSpec, encode_images
-from mnist_ldm.checkpoint import save_checkpoint
-from mnist_ldm.config import DataConfig, EvaluatorConfig, Params, SecondEvaluatorConfig
-from mnist_ldm.config import ConfigError
-from mnist_ldm.errors import UserError
-from mnist_ldm.evaluator import (EvaluatorAllConv, EvaluatorCNN, build_evaluator, features_and_probs, load_evaluator,
+from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec, encode_images
+from mnist_ldm.io.checkpoint import save_checkpoint
+from mnist_ldm.config.sections import DataConfig, EvaluatorConfig, Params, SecondEvaluatorConfig
+from mnist_ldm.config.sections import ConfigError
+from mnist_ldm.io.errors import UserError
+from mnist_ldm.evaluator.model import (EvaluatorAllConv, EvaluatorCNN, build_evaluator, features_and_probs, load_evaluator,
                                  load_reference, reference_features, save_reference)
-from mnist_ldm.mnist_sources import load_bundled
-from mnist_ldm.params_file import params_from_dict
-from mnist_ldm.scoring import score
-from mnist_ldm.training.evaluator import train_evaluator
-from mnist_ldm.training.loop import count_parameters
+from mnist_ldm.data.sources import load_bundled
+from mnist_ldm.config.params_file import params_from_dict
+from mnist_ldm.evaluation.scoring import score
+from mnist_ldm.evaluator.train import train_evaluator
+from mnist_ldm.runtime.loop import count_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,7 +127,7 @@ def test_kept_reference_features_give_the_scores_of_computing_them_again(trained
 
 
 def test_evaluate_refuses_second_features_without_the_second_evaluator(tmp_path, capsys):
-    from mnist_ldm.cli import main
+    from mnist_ldm.commands.cli import main
 
     args = ["evaluate", "--no-tracking", "--samples", str(tmp_path / "s.npz"), "--evaluator", str(tmp_path / "e.pt"),
             "--data", str(tmp_path / "d"), "--ae-ckpt", str(tmp_path / "a.pt"), "--latents", str(tmp_path / "l"),

@@ -169,7 +169,7 @@ def test_promote_moves_champion_to_the_lowest_fcd_or_the_given_version(registere
     assert f"version {made['better']} " in out and "previous champion: none" in out, out
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == made["better"]
 
-    from mnist_ldm.cli import main as mnist_ldm  # the same command in this process (a second CLI start costs seconds)
+    from mnist_ldm.commands.cli import main as mnist_ldm  # the same command in this process (a second CLI start costs seconds)
 
     monkeypatch.chdir(repo)
     assert mnist_ldm(["promote", "--version", registered["version"]]) == 0

@@ -20,7 +20,7 @@ import conftest
 from conftest import BIN, cli, copy_trained, free_port, make_repo_copy, run
 from test_pipeline import downstream, extra_stages, pipeline
 
-from mnist_ldm.params_file import load_params
+from mnist_ldm.config.params_file import load_params
 
 EXPERIMENT = "mnist-ldm"
 # the stages that log a run, by name; `check_params` only reads params.yaml and logs nothing (dvc.yaml

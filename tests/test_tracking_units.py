@@ -13,11 +13,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from mnist_ldm.config import Params
-from mnist_ldm.errors import UserError
+from mnist_ldm.config.sections import Params
+from mnist_ldm.io.errors import UserError
 from mnist_ldm.tracking import (StageRun, TrackingError, pipeline_key, repo_root, section_params, stage_inputs,
                                 stage_run, tracking_uri)
-from mnist_ldm.hashing import path_hash
+from mnist_ldm.io.hashing import path_hash
 from mnist_ldm.tracking.identity import data_tags, git_tags
 from mnist_ldm.tracking.store import ENV_DEFAULTS, KIND, KIND_TAG, experiment_id
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from conftest import BIN, copy_trained, run
-from mnist_ldm.checkpoint import load_checkpoint
+from mnist_ldm.io.checkpoint import load_checkpoint
 
 VARIANTS = {
     "mlp-ae": ["autoencoder.kind=mlp"],

@@ -29,10 +29,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from .device import runtime
-from .pipeline import LatentDiffusionPipeline
-from .sampling_request import RequestError, SamplingRequest, check_seed
-from .sampling_rules import SAMPLERS
+from mnist_ldm.runtime.device import runtime
+from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
+from mnist_ldm.diffusion.request import RequestError, SamplingRequest, check_seed
+from mnist_ldm.config.sampling_rules import SAMPLERS
 
 MAX_IMAGES = 1000  # per request
 # The model is saved "from code" (no pickle): MLflow runs this file, with the packaged `mnist_ldm` on sys.path.

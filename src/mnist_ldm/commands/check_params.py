@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..atomic import write_json
-from ..config import ConfigError, Params
-from ..params_rules import evaluated_images_problem
-from ..paths import check_paths
-from .args import add_paths
+from mnist_ldm.io.atomic import write_json
+from mnist_ldm.config.sections import ConfigError, Params
+from mnist_ldm.config.params_rules import evaluated_images_problem
+from mnist_ldm.io.paths import check_paths
+from mnist_ldm.runtime.command import add_paths
 
 HELP = "check every param in the params file (the pipeline's first stage)"
 
@@ -36,7 +36,7 @@ def check_inputs(params: Params, where: Path) -> None:
     if problem:
         raise ConfigError(f"{where}: {problem}")
     if params.data.source == "idx":
-        from ..mnist_sources import require_idx_files  # numpy only: this stage never imports torch
+        from mnist_ldm.data.sources import require_idx_files  # numpy only: this stage never imports torch
 
         require_idx_files(Path(params.data.idx_dir))
 

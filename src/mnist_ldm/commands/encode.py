@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..atomic import atomic_dir, write_json, write_npz
-from ..config import Params
-from ..data import load_meta, load_split
-from ..paths import check_paths
-from .args import PRECISION_TAG, add_paths, runtime_for
+from mnist_ldm.io.atomic import atomic_dir, write_json, write_npz
+from mnist_ldm.config.sections import Params
+from mnist_ldm.data.prepared import load_meta, load_split
+from mnist_ldm.io.paths import check_paths
+from mnist_ldm.runtime.command import PRECISION_TAG, add_paths, runtime_for
 
 HELP = "encode the prepared data into cached latents"
 
@@ -20,10 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
-    from .. import tracking
-    from ..autoencoder import encode_images, load_autoencoder
-    from ..hashing import file_md5
-    from ..latents import latent_stats
+    from mnist_ldm import tracking
+    from mnist_ldm.autoencoder.model import encode_images, load_autoencoder
+    from mnist_ldm.io.hashing import file_md5
+    from mnist_ldm.data.latents import latent_stats
 
     check_paths("encode", args, {"data": "a folder", "ae_ckpt": "a file"}, folders=["out"])
     rt = runtime_for(args)

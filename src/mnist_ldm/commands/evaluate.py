@@ -10,12 +10,12 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from ..atomic import atomic_dir, write_json
-from ..config import Params, override
-from ..data import load_meta, load_split
-from ..errors import UserError
-from ..paths import check_paths
-from .args import PRECISION_TAG, add_paths, runtime_for
+from mnist_ldm.io.atomic import atomic_dir, write_json
+from mnist_ldm.config.sections import Params, override
+from mnist_ldm.data.prepared import load_meta, load_split
+from mnist_ldm.io.errors import UserError
+from mnist_ldm.io.paths import check_paths
+from mnist_ldm.runtime.command import PRECISION_TAG, add_paths, runtime_for
 
 HELP = "score an .npz of images: FCD with floors, precision/recall, balance"
 
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _charts(result: dict, plots_dir: Path) -> None:
-    from .. import plots
+    from mnist_ldm.io import plots
 
     names = list(result["fcd"])
     second = result.get("second_evaluator")
@@ -56,7 +56,7 @@ def reference_for(path, meta: dict, data_hash: str, precision: str):
     note) when only the precision differs, or when no file was given: `score` then computes them."""
     if path is None:
         return None
-    from ..evaluator import load_reference
+    from mnist_ldm.evaluator.model import load_reference
 
     ref, why = load_reference(path, weights_sha256=meta["weights_sha256"], precision=precision, data_hash=data_hash)
     if ref is None:
@@ -66,11 +66,11 @@ def reference_for(path, meta: dict, data_hash: str, precision: str):
 
 def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
-    from .. import tracking
-    from ..autoencoder import load_autoencoder
-    from ..evaluator import load_evaluator
-    from ..latents import check_producer, load_latents
-    from ..scoring import load_samples, score
+    from mnist_ldm import tracking
+    from mnist_ldm.autoencoder.model import load_autoencoder
+    from mnist_ldm.evaluator.model import load_evaluator
+    from mnist_ldm.data.latents import check_producer, load_latents
+    from mnist_ldm.evaluation.scoring import load_samples, score
 
     if args.no_tracking:
         params = dataclasses.replace(params, tracking=override(params.tracking, "tracking", enabled=False))

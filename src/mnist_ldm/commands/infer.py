@@ -9,12 +9,12 @@ import argparse
 import math
 from pathlib import Path
 
-from ..atomic import write_npz
-from ..config import SAMPLERS, Params, override
-from ..errors import UserError
-from ..memory import check_sampling_memory
-from ..paths import check_paths
-from .args import add_paths, digit, finite_float, positive_int, runtime_for, seed
+from mnist_ldm.io.atomic import write_npz
+from mnist_ldm.config.sections import SAMPLERS, Params, override
+from mnist_ldm.io.errors import UserError
+from mnist_ldm.runtime.memory import check_sampling_memory
+from mnist_ldm.io.paths import check_paths
+from mnist_ldm.runtime.command import add_paths, digit, finite_float, positive_int, runtime_for, seed
 
 HELP = "generate digits from a trained pair of checkpoints"
 
@@ -39,9 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(params: Params, args: argparse.Namespace) -> Path:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
-    from .. import plots
-    from ..pipeline import LatentDiffusionPipeline
-    from ..sampling_request import SamplingRequest
+    from mnist_ldm.io import plots
+    from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
+    from mnist_ldm.diffusion.request import SamplingRequest
 
     cfg = override(params.sample, "sample", num_images=args.num_images, seed=args.seed, sampler=args.sampler,
                    steps=args.steps, eta=args.eta, digit=args.digit, guidance=args.guidance,

@@ -2,9 +2,9 @@
 DVC artifact `mnist-ldm-generator`) and, with tracking on, a new version of `tracking.registered_model`.
 
 The model folder holds both checkpoints as artifacts, the `sample` params as the request defaults, a
-signature and an input example, pinned pip requirements, and (as `code_paths`) the package modules that
-`mnist_ldm.serving` imports, so it loads where this package is not installed. `mnist-ldm promote`, never
-this stage, moves the alias `champion`.
+signature and an input example, pinned pip requirements, and (as `code_paths`) the `mnist_ldm` modules that
+serving runs, so it loads where this package is not installed. `mnist-ldm promote`, never this stage, moves the
+alias `champion`.
 """
 
 from __future__ import annotations
@@ -19,17 +19,16 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from .. import tracking
-from ..tracking import registry
-from ..atomic import atomic_dir
-from ..config import Params
-from ..errors import UserError
-from ..imports import closure, module_file
-from ..paths import check_paths
-from .args import add_paths
+from mnist_ldm import tracking
+from mnist_ldm.tracking import registry
+from mnist_ldm.io.atomic import atomic_dir
+from mnist_ldm.config.sections import Params
+from mnist_ldm.io.errors import UserError
+from mnist_ldm.io.paths import check_paths
+from mnist_ldm.runtime.command import add_paths
 
 HELP = "package the checkpoints as an MLflow model (models/generator) and register a version"
-SERVING_MODULE = "mnist_ldm.serving"
+NOT_SERVED = ("__pycache__", "commands", "tracking", "evaluator", "evaluation")  # folders left out of the model
 REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "tqdm")
 
 
@@ -58,9 +57,9 @@ def _eval_metrics(path: Path) -> dict[str, float]:
 
 def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
-    from ..pipeline import LatentDiffusionPipeline
-    from ..sampling_request import SamplingRequest
-    from ..serving import MAX_IMAGES, save_generator
+    from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
+    from mnist_ldm.diffusion.request import SamplingRequest
+    from mnist_ldm.serving import MAX_IMAGES, save_generator
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log
     cfg = params.sample
@@ -72,11 +71,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     stage_params = {**tracking.section_params(params, "sample"), **tracking.section_params(params, "tracking")}
     with tracking.stage_run("package_model", params, stage_params) as run:
         with atomic_dir(args.out) as tmp, tempfile.TemporaryDirectory() as code_dir:
-            pkg_root = Path(__file__).resolve().parents[1]
-            for f in sorted(closure(module_file(SERVING_MODULE))):
-                dest = Path(code_dir) / pkg_root.name / f.relative_to(pkg_root)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, dest)
+            pkg_root = Path(__file__).resolve().parents[1]  # the package without what serving never runs
+            shutil.copytree(pkg_root, Path(code_dir) / pkg_root.name, ignore=shutil.ignore_patterns(*NOT_SERVED))
             save_generator(tmp, args.ckpt, args.ae_ckpt, defaults, Path(code_dir) / pkg_root.name,
                            requirements(), {"num_classes": pipe.num_classes, "T": pipe.schedule.T,
                                             "latent_dim": pipe.latent_dim})

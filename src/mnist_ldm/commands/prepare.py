@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from .. import tracking
-from ..atomic import atomic_dir
-from ..config import Params
-from ..data import limit, write_prepared
-from ..mnist_sources import load_mnist
-from ..paths import check_paths
-from .args import add_paths
+from mnist_ldm import tracking
+from mnist_ldm.io.atomic import atomic_dir
+from mnist_ldm.config.sections import Params
+from mnist_ldm.data.prepared import limit, write_prepared
+from mnist_ldm.data.sources import load_mnist
+from mnist_ldm.io.paths import check_paths
+from mnist_ldm.runtime.command import add_paths
 
 HELP = "load MNIST and write the prepared data folder"
 

@@ -12,11 +12,11 @@ import argparse
 import math
 from typing import Any, Optional
 
-from .. import tracking
-from ..config import Params
-from ..errors import UserError, first_line
-from ..tracking.registry import CHAMPION
-from .args import positive_int
+from mnist_ldm import tracking
+from mnist_ldm.config.sections import Params
+from mnist_ldm.io.errors import UserError, first_line
+from mnist_ldm.tracking.registry import CHAMPION
+from mnist_ldm.runtime.command import positive_int
 
 HELP = "set the registry alias 'champion' on the best version by generated FCD (or on --version N)"
 HIGHER_IS_BETTER = ("prdc.", "class_balance.classes_present")

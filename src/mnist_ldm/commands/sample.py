@@ -8,12 +8,12 @@ import dataclasses
 import math
 import time
 
-from ..atomic import atomic_dir, write_npz
-from ..config import Params
-from ..memory import check_sampling_memory
-from ..paths import check_paths
-from .args import PRECISION_TAG, add_paths, runtime_for
-from .outputs import publish
+from mnist_ldm.io.atomic import atomic_dir, write_npz
+from mnist_ldm.config.sections import Params
+from mnist_ldm.runtime.memory import check_sampling_memory
+from mnist_ldm.io.paths import check_paths
+from mnist_ldm.runtime.command import PRECISION_TAG, add_paths, runtime_for
+from mnist_ldm.runtime.command import publish
 
 HELP = "the pipeline's sampling stage"
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
@@ -28,10 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     import numpy as np
-    from .. import plots, tracking
-    from ..latents import check_producer, load_latents
-    from ..pipeline import LatentDiffusionPipeline
-    from ..sampling_request import SamplingRequest
+    from mnist_ldm.io import plots
+    from mnist_ldm import tracking
+    from mnist_ldm.data.latents import check_producer, load_latents
+    from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
+    from mnist_ldm.diffusion.request import SamplingRequest
 
     cfg = params.sample
     check_paths("sample", args, {"ckpt": "a file", "ae_ckpt": "a file", "latents": "a folder"}, ["out", "metrics"],

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..atomic import atomic_dir
-from ..config import Params, override
-from ..data import load_meta, load_split
-from ..paths import check_paths
-from .args import PRECISION_TAG, add_curves, add_paths, positive_float, positive_int, runtime_for
-from .outputs import publish, writes_outputs
+from mnist_ldm.io.atomic import atomic_dir
+from mnist_ldm.config.sections import Params, override
+from mnist_ldm.data.prepared import load_meta, load_split
+from mnist_ldm.io.paths import check_paths
+from mnist_ldm.runtime.command import PRECISION_TAG, add_curves, add_paths, positive_float, positive_int, runtime_for
+from mnist_ldm.runtime.command import publish, writes_outputs
 
 HELP = "train the autoencoder (conv or mlp; pixel space writes a pass-through one)"
 
@@ -29,11 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
-    from .. import plots, tracking
-    from ..autoencoder import reconstruction_metrics, reconstructions
-    from ..checkpoint import save_checkpoint
-    from ..training.autoencoder import train_autoencoder
-    from ..training.loop import count_parameters, resume_path_for
+    from mnist_ldm.io import plots
+    from mnist_ldm import tracking
+    from mnist_ldm.autoencoder.model import reconstruction_metrics, reconstructions
+    from mnist_ldm.io.checkpoint import save_checkpoint
+    from mnist_ldm.autoencoder.train import train_autoencoder
+    from mnist_ldm.runtime.loop import count_parameters, resume_path_for
 
     cfg = override(params.autoencoder, "autoencoder", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    latent_dim=args.latent_dim, generate_images=args.generate_images)

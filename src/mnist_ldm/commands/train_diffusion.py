@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..atomic import atomic_dir
-from ..config import Params, override
-from ..data import load_meta
-from ..errors import UserError
-from ..paths import check_paths
-from .args import PRECISION_TAG, add_curves, add_paths, digit, positive_float, positive_int, runtime_for
-from .outputs import publish, writes_outputs
+from mnist_ldm.io.atomic import atomic_dir
+from mnist_ldm.config.sections import Params, override
+from mnist_ldm.data.prepared import load_meta
+from mnist_ldm.io.errors import UserError
+from mnist_ldm.io.paths import check_paths
+from mnist_ldm.runtime.command import PRECISION_TAG, add_curves, add_paths, digit, positive_float, positive_int, runtime_for
+from mnist_ldm.runtime.command import publish, writes_outputs
 
 HELP = "train the latent denoiser"
 PREVIEW_GUIDANCE = 2.0  # guidance of the per-epoch MLflow preview grid (conditional models only)
@@ -40,14 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     import torch
-    from .. import plots, tracking
-    from ..autoencoder import load_autoencoder
-    from ..checkpoint import save_checkpoint
-    from ..hashing import file_md5
-    from ..latents import LatentScaler, check_producer, load_latents
-    from ..pipeline import LatentDiffusionPipeline
-    from ..training.denoiser import held_out_loss, select_digit, train_denoiser
-    from ..training.loop import count_parameters, resume_path_for
+    from mnist_ldm.io import plots
+    from mnist_ldm import tracking
+    from mnist_ldm.autoencoder.model import load_autoencoder
+    from mnist_ldm.io.checkpoint import save_checkpoint
+    from mnist_ldm.io.hashing import file_md5
+    from mnist_ldm.data.latents import LatentScaler, check_producer, load_latents
+    from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
+    from mnist_ldm.diffusion.train import held_out_loss, select_digit, train_denoiser
+    from mnist_ldm.runtime.loop import count_parameters, resume_path_for
 
     cfg = override(params.diffusion, "diffusion", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    T=args.T, only_digit=args.only_digit, hidden_dim=args.hidden_dim, conditional=args.conditional,

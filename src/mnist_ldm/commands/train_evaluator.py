@@ -8,11 +8,11 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ..config import Params
-from ..data import load_meta, load_split
-from ..paths import check_paths
-from .args import PRECISION_TAG, add_curves, add_paths, runtime_for
-from .outputs import publish, weights_digest, writes_outputs
+from mnist_ldm.config.sections import Params
+from mnist_ldm.data.prepared import load_meta, load_split
+from mnist_ldm.io.paths import check_paths
+from mnist_ldm.runtime.command import PRECISION_TAG, add_curves, add_paths, runtime_for
+from mnist_ldm.runtime.command import publish, weights_digest, writes_outputs
 
 HELP = "train a network that scores samples (the evaluator, or the second evaluator)"
 SECTIONS = ("evaluator", "second_evaluator")
@@ -29,11 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
-    from .. import tracking
-    from ..checkpoint import save_checkpoint
-    from ..evaluator import FEATURE_DIM, reference_features, save_reference
-    from ..training.evaluator import train_evaluator
-    from ..training.loop import count_parameters, resume_path_for
+    from mnist_ldm import tracking
+    from mnist_ldm.io.checkpoint import save_checkpoint
+    from mnist_ldm.evaluator.model import FEATURE_DIM, reference_features, save_reference
+    from mnist_ldm.evaluator.train import train_evaluator
+    from mnist_ldm.runtime.loop import count_parameters, resume_path_for
 
     cfg, stage = getattr(params, args.section), f"train_{args.section}"
     check_paths(stage, args, {"data": "a folder"}, ["out", "metrics", "curves", "features"])

@@ -24,10 +24,10 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
-from .. import tracking
-from ..config import Params
-from ..errors import UserError
-from .args import positive_int
+from mnist_ldm import tracking
+from mnist_ldm.config.sections import Params
+from mnist_ldm.io.errors import UserError
+from mnist_ldm.runtime.command import positive_int
 
 HELP = "start the MLflow UI on the repository's runs and print the addresses of the runs, the compare view and the model"
 PARENT_FILTER = "tags.`mnist_ldm.kind` = 'pipeline'"

@@ -6,10 +6,10 @@ as a registered model version). Not a code dep of any stage: it decides how a ru
 writes.
 """
 
-from .identity import pipeline_key, section_params, stage_inputs
-from .runs import stage_run, training_run
-from .stagerun import StageRun
-from .store import TrackingError, connect, repo_root, tracking_uri
+from mnist_ldm.tracking.identity import pipeline_key, section_params, stage_inputs
+from mnist_ldm.tracking.runs import stage_run, training_run
+from mnist_ldm.tracking.stagerun import StageRun
+from mnist_ldm.tracking.store import TrackingError, connect, repo_root, tracking_uri
 
 __all__ = ["StageRun", "TrackingError", "connect", "pipeline_key", "repo_root", "section_params", "stage_inputs",
            "stage_run", "tracking_uri", "training_run"]

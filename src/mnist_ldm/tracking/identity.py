@@ -9,10 +9,10 @@ from typing import Any, Optional
 
 import yaml
 
-from ..config import Params
-from ..hashing import json_digest, path_hash
-from ..params_file import dotted_value
-from .store import TAG, git
+from mnist_ldm.config.sections import Params
+from mnist_ldm.io.hashing import json_digest, path_hash
+from mnist_ldm.config.params_file import dotted_value
+from mnist_ldm.tracking.store import TAG, git
 
 
 def read_yaml(path: Path) -> dict:

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ..params_file import dotted_value
-from .identity import git_tags
-from .stagerun import StageRun, is_number
-from .store import TAG
+from mnist_ldm.config.params_file import dotted_value
+from mnist_ldm.tracking.identity import git_tags
+from mnist_ldm.tracking.stagerun import StageRun, is_number
+from mnist_ldm.tracking.store import TAG
 
 CHAMPION = "champion"
 DESCRIPTION = ("MNIST latent-diffusion generator (mnist-ldm): pyfunc model, input n/digit/sampler/steps/eta/guidance/"

@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from ..config import Params
-from ..errors import first_line
-from ..hashing import json_digest
-from .identity import (current_stages, data_tags, git_tags, pipeline_key, producer, producers, read_yaml,
+from mnist_ldm.config.sections import Params
+from mnist_ldm.io.errors import first_line
+from mnist_ldm.io.hashing import json_digest
+from mnist_ldm.tracking.identity import (current_stages, data_tags, git_tags, pipeline_key, producer, producers, read_yaml,
                        section_params, stage_inputs)
-from .registry import HEADLINE
-from .stagerun import StageRun, is_number, log_params, same
-from .store import TAG, TrackingError, connect, experiment_id, repo_root, tracking_uri
+from mnist_ldm.tracking.registry import HEADLINE
+from mnist_ldm.tracking.stagerun import StageRun, is_number, log_params, same
+from mnist_ldm.tracking.store import TAG, TrackingError, connect, experiment_id, repo_root, tracking_uri
 
 # Sizes (parameter counts, how many images a stage learnt from or scored) are tags on the parent, so that
 # comparing runs compares results: MLflow's compare view plots the first metric a run received, and lists

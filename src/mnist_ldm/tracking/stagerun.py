@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
-from ..errors import first_line
-from ..progress import warn
-from .identity import data_tags
-from .store import TAG
+from mnist_ldm.io.errors import first_line
+from mnist_ldm.runtime.progress import warn
+from mnist_ldm.tracking.identity import data_tags
+from mnist_ldm.tracking.store import TAG
 
 if TYPE_CHECKING:
     import numpy as np

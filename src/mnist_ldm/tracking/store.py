@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import unquote, urlparse
 
-from ..errors import UserError, first_line
+from mnist_ldm.io.errors import UserError, first_line
 
 TAG = "mnist_ldm."
 KIND_TAG = "mlflow.experimentKind"

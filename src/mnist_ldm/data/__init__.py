@@ -1,0 +1,1 @@
+"""MNIST: where it comes from, the prepared splits and the cached latents."""

@@ -1,0 +1,1 @@
+"""Scoring samples: FCD with its floors, precision/recall, class balance."""

@@ -1,0 +1,1 @@
+"""The digit classifiers whose features score samples, their training and nearest-neighbour search."""

@@ -1,0 +1,1 @@
+"""Reading and writing files: atomic outputs, checkpoints, pictures, one-line errors."""

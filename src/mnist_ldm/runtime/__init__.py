@@ -1,0 +1,1 @@
+"""Where and how a command computes: device, precision, threads, memory, progress bars."""

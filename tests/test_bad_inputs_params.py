@@ -255,7 +255,7 @@ def test_resolve_request_refuses_nan_in_process():
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from mnist_ldm.serving import resolve_request
+    from mnist_ldm.diffusion.serving import resolve_request
 
     defaults = {"digit": None, "sampler": "ddim", "steps": 5, "eta": 1.0, "guidance": 2.0, "seed": 0}
     for name in ("eta", "guidance", "seed", "steps", "n"):

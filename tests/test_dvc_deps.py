@@ -61,7 +61,7 @@ def test_the_closure_follows_every_kind_of_import_and_skips_tracking():
     assert {"src/mnist_ldm/commands/prepare.py", "src/mnist_ldm/data/prepared.py", "src/mnist_ldm/io/atomic.py"} <= prepare
     assert not {p for p in prepare if p.startswith("src/mnist_ldm/tracking")}
     assert "src/mnist_ldm/data/sources.py" in closure(REPO / "stages" / "check_params.py")
-    served = closure(SRC / "mnist_ldm" / "serving.py")  # what package_model copies must hold what serving runs
+    served = closure(SRC / "mnist_ldm" / "diffusion" / "serving.py")  # what package_model copies must hold what serving runs
     assert "src/mnist_ldm/diffusion/pipeline.py" in served
     assert not {p for p in served if p.split("/")[2] in ("commands", "tracking", "evaluator", "evaluation")}
 

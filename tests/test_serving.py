@@ -196,7 +196,7 @@ def test_request_fields_are_checked_with_one_line_messages():
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from mnist_ldm.serving import resolve_request
+    from mnist_ldm.diffusion.serving import resolve_request
 
     defaults = {"digit": None, "sampler": "ddim", "steps": 5, "eta": 1.0, "guidance": 2.0, "seed": 0}
     req = resolve_request(pd.DataFrame([{"n": 3, "seed": np.int64(4), "digit": np.nan}]), defaults, 1000)

@@ -59,7 +59,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
     from mnist_ldm.diffusion.request import SamplingRequest
-    from mnist_ldm.serving import MAX_IMAGES, save_generator
+    from mnist_ldm.diffusion.serving import MAX_IMAGES, save_generator
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log
     cfg = params.sample

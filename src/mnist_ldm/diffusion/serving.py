@@ -39,7 +39,7 @@ MAX_IMAGES = 1000  # per request
 MODEL_CODE = '''"""mnist-ldm generator: the model-from-code entry that MLflow runs to load the model."""
 from mlflow.models import set_model
 
-from mnist_ldm.serving import MnistGenerator
+from mnist_ldm.diffusion.serving import MnistGenerator
 
 set_model(MnistGenerator())
 '''

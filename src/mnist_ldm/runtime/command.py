@@ -202,6 +202,11 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
             dist.destroy_process_group()
 
 
+def main(command: ModuleType, *argv: str) -> None:
+    """A `stages/<name>.py` entry (the command DVC runs): `command` with `argv`, then the arguments given."""
+    sys.exit(run_command(command_parser(command), [*argv, *sys.argv[1:]]))
+
+
 def weights_digest(model) -> str:
     """The sha256 of a model's weights (checkpoints record it; torchrun ranks print it to show they agree)."""
     return arrays_digest((t.detach().cpu().numpy() for t in model.state_dict().values()), shapes=False)

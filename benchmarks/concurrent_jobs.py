@@ -83,9 +83,7 @@ def run_jobs(work: str, jobs: int, env: dict, steps: int = 0) -> dict:
 
 
 def main() -> None:
-    from mnist_ldm.runtime.cpu_share import usable_cores
-
-    cores = usable_cores()
+    cores = len(os.sched_getaffinity(0))
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MNIST_LDM_THREADS")}
     base["MNIST_LDM_JOBS_DIR"] = tempfile.mkdtemp(prefix="mnist-ldm-jobs-")  # no other job on the machine counts
     rows = {}

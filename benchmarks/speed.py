@@ -6,7 +6,7 @@ counted with forward hooks at the real shapes; a training step counted as 3 forw
 pixel-space U-Net beside the latent MLP; and a profile of one latent DDPM sampling step at batch 2,500
 that says where the time beyond the matrix multiplies goes; and the training speed-up of rows that share a
 timestep (`diffusion.samples_per_timestep`). Every figure runs with glibc's malloc as the pipeline's commands
-set it (`mnist_ldm.runtime.heap`); the conv autoencoder's training is also measured in a child process with glibc as
+set it (`mnist_ldm.runtime.memory`); the conv autoencoder's training is also measured in a child process with glibc as
 it comes, and the ratio printed.
 
     python benchmarks/speed.py        # prints tables, writes benchmarks/results/speed.json (about 3 minutes)
@@ -31,7 +31,7 @@ from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec
 from mnist_ldm.runtime.device import autocast, cpu_has_native_bf16
 from mnist_ldm.diffusion.denoiser import DenoiserSpec, LatentDenoiser, build_denoiser
 from mnist_ldm.diffusion.schedule import NoiseSchedule, ddim_step, ddim_timesteps, ddpm_step, draw_timesteps
-from mnist_ldm.runtime.heap import keep_freed_memory
+from mnist_ldm.runtime.memory import keep_freed_memory
 from mnist_ldm.diffusion.train import diffusion_loss
 from mnist_ldm.runtime.loop import adam
 
@@ -257,7 +257,7 @@ def main() -> None:
             print(f"  {fp32_name:<45} {per_s[name] / per_s[fp32_name]:.2f}x")
     if heap is not None:
         print(f"\nconv autoencoder training, batch 256, fp32: {heap['images_per_s_kept_memory']:,.0f} images/s with freed "
-              f"memory kept (mnist_ldm.runtime.heap), {heap['images_per_s_glibc_defaults']:,.0f} with glibc's defaults: "
+              f"memory kept (mnist_ldm.runtime.memory), {heap['images_per_s_glibc_defaults']:,.0f} with glibc's defaults: "
               f"{heap['ratio']:.2f}x")
     if profile is not None:
         print("\none latent DDPM step at batch 2,500, by operator (torch.profiler, self CPU time):")

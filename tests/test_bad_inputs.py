@@ -585,32 +585,9 @@ FAST.update({"output-under-a-file": 20.0, "sample-plots-under-a-file": 20.0,
              "train-diffusion-metrics-under-a-file": 20.0})
 
 
-# --------------------------------------------------------------------------- paths a command does not own
-# Output folders holding a user's files, outputs that are inputs, devices, symlink loops and absurd sizes.
-# Besides the repository, every file the case put in its tmp dir (a user's folder) must be left as it was.
-
-def user_folder(tmp: Path) -> Path:
-    """A user's folder: a file and a subfolder of photos, neither written by any stage."""
-    d = tmp / "v"
-    (d / "photos").mkdir(parents=True)
-    (d / "thesis.txt").write_text("four years of work\n")
-    (d / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 a photo")
-    return d
-
-
-def _user_folder_as(command: str, flag: str, *extra: str) -> Case:
-    def build(repo, tmp):
-        d = user_folder(tmp)
-        outs = {k: f"OUT/x{Path(v).suffix}" for k, v in STAGE_PATHS.get(command, {}).items()
-                if k in ("out", "metrics", "output")}
-        if command == "package-model":
-            argv = ["package-model", "--ckpt", "models/diffusion.pt", "--ae-ckpt", "models/autoencoder.pt", "--eval",
-                    "metrics/eval.json", "--out", str(d)]
-        else:
-            argv = stage(command, *extra, **{**outs, flag: d})
-        return argv, [f"--{flag} {d}", "photos, thesis.txt", "does not write"]
-    return build
-
+# --------------------------------------------------------------------------- paths a command cannot use
+# Outputs that are inputs, devices, symlink loops and absurd sizes. Besides the repository, every file the
+# case put in its tmp dir must be left as it was.
 
 def _loop(tmp: Path, name: str) -> Path:
     (tmp / f"{name}.b").symlink_to(tmp / f"{name}.a")
@@ -645,14 +622,6 @@ def _prepare_here_params_elsewhere(repo, tmp):
 
 
 HOSTILE: dict[str, Case] = {
-    "evaluate-plots-user-folder": _user_folder_as("evaluate", "plots", "--no-tracking"),
-    "sample-plots-user-folder": _user_folder_as("sample", "plots"),
-    "train-ae-plots-user-folder": _user_folder_as("train-ae", "plots"),
-    "encode-out-user-folder": _user_folder_as("encode", "out"),
-    "prepare-out-user-folder": _user_folder_as("prepare", "out"),
-    "package-model-out-user-folder": _user_folder_as("package-model", "out"),
-    "evaluate-plots-other-stage": _fixed(stage("evaluate", "--no-tracking", output="OUT/x.json",
-                                               plots="plots/sample"), ["--plots plots/sample", "grid.png"]),
     "evaluate-output-is-samples": _fixed(stage("evaluate", "--no-tracking", output="outputs/samples.npz",
                                                plots="OUT/plots"),
                                          ["--output outputs/samples.npz", "is also --samples", "an input"]),
@@ -811,23 +780,20 @@ def test_atomic_folder_and_file_write_through_symlinks(tmp_path: Path):
     assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["fcd.png", "m.json"]
 
 
-def test_a_folder_of_the_stages_own_names_is_accepted_and_replaced(tmp_path: Path):
-    """What an earlier run (or `dvc checkout`) left, only names the stage writes, is replaced as a whole;
-    one name more and it is refused."""
-    from argparse import Namespace
-
-    from mnist_ldm.io.errors import UserError
-    from mnist_ldm.io.paths import check_paths
-
-    plots = tmp_path / "plots"
-    plots.mkdir()
-    (plots / "loss.png").write_bytes(b"old")
-    (plots / "reconstructions.png").write_bytes(b"old")
-    args = Namespace(data=tmp_path / "prepared", out=tmp_path / "ae.pt", metrics=tmp_path / "m.json", plots=plots)
-    check_paths("train_ae", args, {"data": "a folder"}, ["out", "metrics"], ["plots"])
-    (plots / ".DS_Store").write_bytes(b"")
-    with pytest.raises(UserError, match=r"--plots .*: holds \.DS_Store, which train_ae does not write"):
-        check_paths("train_ae", args, {"data": "a folder"}, ["out", "metrics"], ["plots"])
+def test_a_users_folder_given_as_an_output_keeps_every_file_of_its_own(repo: Path, tmp_path: Path):
+    """`prepare --out` a user's folder: the stage's files are written into it (an older one of the same name
+    replaced), and the user's file and subfolder stay as they were; nothing temporary is left beside it."""
+    d = tmp_path / "v"
+    (d / "photos").mkdir(parents=True)
+    (d / "thesis.txt").write_text("four years of work\n")
+    (d / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 a photo")
+    (d / "meta.json").write_text("from an older run")
+    users = {k: v for k, v in tmp_tree(tmp_path).items() if "meta.json" not in k}
+    cli(*stage("prepare", out=d), cwd=repo)
+    assert {k: v for k, v in tmp_tree(tmp_path).items() if k in users} == users
+    assert sorted(p.name for p in d.iterdir()) == ["meta.json", "photos", "test.npz", "thesis.txt", "train.npz"]
+    assert (d / "meta.json").read_bytes() == (repo / "data/prepared/meta.json").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
 
 
 def test_interrupt_outside_dvc_says_only_interrupted(monkeypatch):

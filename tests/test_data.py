@@ -339,29 +339,20 @@ def test_failed_prepare_keeps_the_previous_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "raw"]
 
 
-def test_prepare_replaces_the_whole_folder(tmp_path):
-    """A folder of an earlier run (only names `prepare` writes) is replaced as a whole."""
+def test_prepare_replaces_its_own_files_and_keeps_any_other(tmp_path):
+    """A folder of an earlier run gets the new files; a file `prepare` does not write (someone else's) is
+    never deleted."""
     write_idx_dir(tmp_path / "raw", gz=False, n_train=40, n_test=20)
     out = tmp_path / "prepared"
     out.mkdir()
     (out / "train.npz").write_text("from an older run")
     (out / "meta.json").write_text("from an older run")
-    prepare(DataConfig(source="idx", idx_dir=str(tmp_path / "raw"), limit_train=30), out)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz"]
-    assert len(load_split(out, "train").labels) == 30 and len(load_split(out, "test").labels) == 20
-
-
-def test_prepare_refuses_a_folder_holding_other_files(tmp_path):
-    """A file `prepare` does not write (someone else's) is never deleted: refused before loading anything."""
-    write_idx_dir(tmp_path / "raw", gz=False, n_train=40, n_test=20)
-    out = tmp_path / "prepared"
-    out.mkdir()
     (out / "stale.txt").write_text("not written by prepare")
-    (out / "train.npz").write_text("from an older run")
-    with pytest.raises(UserError, match=r"--out .*prepared: holds stale\.txt, which prepare does not write"):
-        prepare(DataConfig(source="idx", idx_dir=str(tmp_path / "raw")), out)
-    assert {p.name: p.read_text() for p in out.iterdir()} == {"stale.txt": "not written by prepare",
-                                                              "train.npz": "from an older run"}
+    prepare(DataConfig(source="idx", idx_dir=str(tmp_path / "raw"), limit_train=30), out)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "stale.txt", "test.npz", "train.npz"]
+    assert len(load_split(out, "train").labels) == 30 and len(load_split(out, "test").labels) == 20
+    assert (out / "stale.txt").read_text() == "not written by prepare"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "raw"]
 
 
 # --------------------------------------------------------------------------- the prepared folder

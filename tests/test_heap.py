@@ -1,4 +1,4 @@
-"""glibc's malloc as the commands set it (`mnist_ldm.runtime.heap`): freed blocks stay in the process, so training steps
+"""glibc's malloc as the commands set it (`mnist_ldm.runtime.memory`): freed blocks stay in the process, so training steps
 stop page-faulting their activations back in; a user's own setting wins."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def small_pages() -> bool:
 
 def test_kept_memory_removes_the_page_faults_of_training_steps():
     untouched = probe("")
-    kept = probe("from mnist_ldm.runtime.heap import keep_freed_memory; result = keep_freed_memory()")
+    kept = probe("from mnist_ldm.runtime.memory import keep_freed_memory; result = keep_freed_memory()")
     assert kept["result"] is True
     assert kept["faults_per_step"] < FEW, kept
     if small_pages():
@@ -71,7 +71,7 @@ def test_kept_memory_removes_the_page_faults_of_training_steps():
 
 
 def test_a_users_own_malloc_setting_is_left_alone():
-    user = probe("from mnist_ldm.runtime.heap import keep_freed_memory; result = keep_freed_memory()",
+    user = probe("from mnist_ldm.runtime.memory import keep_freed_memory; result = keep_freed_memory()",
                  env={"MALLOC_TRIM_THRESHOLD_": "131072"})
     assert user["result"] is False
     if small_pages():

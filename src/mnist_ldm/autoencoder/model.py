@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from mnist_ldm.io.checkpoint import load_model_checkpoint
 from mnist_ldm.config.sections import AUTOENCODER_KINDS as KINDS
 from mnist_ldm.runtime.device import autocast, model_device
-from mnist_ldm.runtime.heap import INFERENCE_BATCH
+from mnist_ldm.runtime.memory import INFERENCE_BATCH
 from mnist_ldm.data.images import PIXELS, SIDE, as_batch, to_uint8
 
 

@@ -43,6 +43,6 @@ def check_inputs(params: Params, where: Path) -> None:
 
 def run(params: Params, args: argparse.Namespace) -> None:
     check_inputs(params, args.params)
-    check_paths("check_params", args, files=["out"])
+    check_paths(args, files=["out"])
     write_json(args.out, {"params_file": str(args.params), "valid": True})  # constant while params are valid
     print(f"check_params: every param in {args.params} is valid")

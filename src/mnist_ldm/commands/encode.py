@@ -25,7 +25,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from mnist_ldm.io.hashing import file_md5
     from mnist_ldm.data.latents import latent_stats
 
-    check_paths("encode", args, {"data": "a folder", "ae_ckpt": "a file"}, folders=["out"])
+    check_paths(args, {"data": "a folder", "ae_ckpt": "a file"}, folders=["out"])
     rt = runtime_for(args)
     model = load_autoencoder(args.ae_ckpt)[0].to(rt.device)
     meta = load_meta(args.data)

@@ -80,7 +80,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                    if getattr(args, name) is not None})
     if args.second_features is not None and args.second_evaluator is None:
         raise UserError("--second-features without --second-evaluator: give the checkpoint they belong to too")
-    check_paths("evaluate", args, inputs, ["output"], ["plots"])
+    check_paths(args, inputs, ["output"], ["plots"])
     images, labels = load_samples(args.samples)
     rt = runtime_for(args)
     device = rt.device

@@ -51,7 +51,7 @@ def run(params: Params, args: argparse.Namespace) -> Path:
     if suffix not in (".png", ".npz"):
         raise UserError(f"--output {args.output}: unsupported file type '{args.output.suffix}'; "
                         f"use .png (a grid) or .npz (arrays)")
-    check_paths("infer", args, {"ckpt": "a file", "ae_ckpt": "a file"}, ["output"])
+    check_paths(args, {"ckpt": "a file", "ae_ckpt": "a file"}, ["output"])
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema).to(runtime_for(args))
     given = [name for name, value in vars(args).items() if value is not None]  # the flags given: used, or refused
     request = pipe.check(SamplingRequest.from_config(cfg), given)  # steps beyond T, --steps for ddpm, ...

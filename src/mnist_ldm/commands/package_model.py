@@ -63,7 +63,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log
     cfg = params.sample
-    check_paths("package_model", args, {"ckpt": "a file", "ae_ckpt": "a file", "eval": "a file"}, folders=["out"])
+    check_paths(args, {"ckpt": "a file", "ae_ckpt": "a file", "eval": "a file"}, folders=["out"])
     metrics = _eval_metrics(args.eval)
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema)
     pipe.check(SamplingRequest.from_config(cfg))  # the packaged defaults must be a valid request for this model

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    check_paths("prepare", args, folders=["out"])
+    check_paths(args, folders=["out"])
     with tracking.stage_run("prepare", params, tracking.section_params(params, "data")) as trun:
         data = load_mnist(params.data)
         train, test = limit(data.train, params.data.limit_train), limit(data.test, params.data.limit_test)

@@ -35,7 +35,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from mnist_ldm.diffusion.request import SamplingRequest
 
     cfg = params.sample
-    check_paths("sample", args, {"ckpt": "a file", "ae_ckpt": "a file", "latents": "a folder"}, ["out", "metrics"],
+    check_paths(args, {"ckpt": "a file", "ae_ckpt": "a file", "latents": "a folder"}, ["out", "metrics"],
                 ["plots"])
     check_producer(args.latents, args.ae_ckpt)
     z_test, _ = load_latents(args.latents, "test")  # the reference set's size, and digits to interpolate

@@ -39,7 +39,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     cfg = override(params.autoencoder, "autoencoder", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    latent_dim=args.latent_dim, generate_images=args.generate_images)
     params = dataclasses.replace(params, autoencoder=cfg)
-    check_paths("train_ae", args, {"data": "a folder"}, ["out", "metrics", "curves"], ["plots"])
+    check_paths(args, {"data": "a folder"}, ["out", "metrics", "curves"], ["plots"])
     rt = runtime_for(args)
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))

@@ -54,7 +54,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                    T=args.T, only_digit=args.only_digit, hidden_dim=args.hidden_dim, conditional=args.conditional,
                    generate_images=args.generate_images)
     params = dataclasses.replace(params, diffusion=cfg)
-    check_paths("train_diffusion", args, {"ae_ckpt": "a file", "latents": "a folder", "data": "a folder"},
+    check_paths(args, {"ae_ckpt": "a file", "latents": "a folder", "data": "a folder"},
                 ["out", "metrics", "curves"], ["plots"])
     rt = runtime_for(args)
     ae, _ = load_autoencoder(args.ae_ckpt)

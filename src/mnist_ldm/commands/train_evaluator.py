@@ -36,7 +36,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from mnist_ldm.runtime.loop import count_parameters, resume_path_for
 
     cfg, stage = getattr(params, args.section), f"train_{args.section}"
-    check_paths(stage, args, {"data": "a folder"}, ["out", "metrics", "curves", "features"])
+    check_paths(args, {"data": "a folder"}, ["out", "metrics", "curves", "features"])
     rt = runtime_for(args)
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))

@@ -23,7 +23,7 @@ from mnist_ldm.diffusion.denoiser import DenoiserSpec, build_denoiser
 from mnist_ldm.diffusion.schedule import NoiseSchedule, ddim_invert_step, ddim_timesteps, guided_eps, sample_loop
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.hashing import file_md5
-from mnist_ldm.runtime.heap import INFERENCE_BATCH
+from mnist_ldm.runtime.memory import INFERENCE_BATCH
 from mnist_ldm.data.latents import LatentScaler
 from mnist_ldm.runtime.progress import progress as progress_bar
 from mnist_ldm.diffusion.request import SamplingRequest

@@ -26,7 +26,7 @@ from mnist_ldm.io.checkpoint import load_model_checkpoint
 from mnist_ldm.config.sections import EVALUATOR_ARCHS
 from mnist_ldm.runtime.device import autocast, model_device
 from mnist_ldm.io.errors import UserError
-from mnist_ldm.runtime.heap import INFERENCE_BATCH
+from mnist_ldm.runtime.memory import INFERENCE_BATCH
 from mnist_ldm.data.images import as_batch
 from mnist_ldm.evaluator.nearest import distances_to_train
 

@@ -1,7 +1,9 @@
-"""Atomic outputs: write beside the target under a temporary name, then rename it into place.
+"""Atomic outputs: everything is written beside its target under a temporary name, then renamed into place.
 
-An interrupted or failing stage therefore never leaves a file, or a folder of files, that looks
-finished (DVC would cache it) or that mixes old and new contents.
+An interrupted or failing stage therefore never leaves a file that looks finished (DVC would cache it)
+or mixes old and new contents, and every file that was there before stays as it was. An output folder is
+written beside it and its entries moved in at the end: the command replaces the entries it writes and
+never deletes anything else, so a user's folder given as an output keeps every file of its own.
 """
 
 from __future__ import annotations
@@ -16,82 +18,68 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from mnist_ldm.io.errors import UserError
 
-
-def _naming_target(e: OSError, tmp: Path, path: Path) -> OSError:
-    """`e` naming `path`, the output the user asked for, where it named nothing (a write through a file
-    object, e.g. a full disk) or the temporary file or folder standing in for it."""
-    name = None if e.filename is None else os.fsdecode(e.filename)
-    if name is not None and name != str(tmp) and not name.startswith(str(tmp) + os.sep):
-        return e
-    where = str(path) if name is None else str(path) + name[len(str(tmp)):]
-    return OSError(e.errno, e.strerror or str(e), where)
-
-
-def _raise_naming_target(e: OSError, tmp: Path, path: Path) -> None:
-    named = _naming_target(e, tmp, path)
-    if named is e:
-        raise e
-    raise named from None
-
-
-def write_target(path: str | Path) -> Path:
-    """The path an output is written to: a symlink's target (the link stays, its target gets the new
-    contents, replaced atomically in the target's folder), an absolute path for `.` or `..`."""
+def _target(path: str | Path) -> Path:
+    """Where an output is written: a symlink's target (the link stays), else the path itself."""
     path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    if path.name in ("", ".", ".."):
-        path = Path(os.path.abspath(path))
-    if not path.name:
-        raise UserError(f"{path}: is the root folder; give a path of its own")
-    return path
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+@contextlib.contextmanager
+def _naming_target(tmp: Path, path: Path) -> Iterator[None]:
+    """An OSError about `tmp` (or naming no file: a write through a file object) names `path` instead."""
+    try:
+        yield
+    except OSError as e:
+        name = str(tmp) if e.filename is None else os.fsdecode(e.filename)
+        if name != str(tmp) and not name.startswith(str(tmp) + os.sep):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path) + name[len(str(tmp)):]) from None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path` (a symlink: its target); on success it replaces `path`, on
     error it is removed."""
-    path = write_target(path)
+    path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        _raise_naming_target(e, tmp, path)
+        with _naming_target(tmp, path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def _move_into(src: Path, dest: Path) -> None:
+    dest.mkdir(exist_ok=True)
+    for entry in src.iterdir():
+        if entry.is_dir():
+            _move_into(entry, dest / entry.name)
+        else:
+            os.replace(entry, dest / entry.name)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty folder beside `path` (a symlink: its target); on success it replaces `path` as a
-    whole, on error it is removed and `path` keeps its previous contents."""
-    path = write_target(path)
+    """Yield an empty folder beside `path` (a symlink: its target); on success its entries are moved into
+    `path` (created if need be), each replacing the one of its name; on error `path` stays as it was."""
+    path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.[to][ml][pd]-*"):  # left by a killed writer
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer
         shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
     tmp.mkdir()
     try:
-        yield tmp
-        if path.is_dir():
-            os.replace(path, old)
-        elif path.exists():
-            path.unlink()
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        _raise_naming_target(e, tmp, path)
+        with _naming_target(tmp, path):
+            yield tmp
+            _move_into(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def finite_json(obj: Any, where: str = "") -> Any:
+def finite_json(obj: Any) -> Any:
     """`obj` with every non-finite float replaced by None and its key listed under `"absent"` with why.
 
     A metrics file must never carry NaN (DVC, MLflow and JSON readers disagree on it)."""

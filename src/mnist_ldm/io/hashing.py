@@ -12,12 +12,9 @@ import numpy as np
 
 
 def file_md5(path: str | Path) -> str:
-    """md5 of a file's bytes, read in 1 MiB chunks (the hash `dvc.lock` records for a file)."""
-    h = hashlib.md5()
+    """md5 of a file's bytes (the hash `dvc.lock` records for a file)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def path_hash(path: Path) -> str:

@@ -5,7 +5,6 @@ torchrun, one-line errors and exit codes, and what a finished stage writes."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import signal
@@ -13,15 +12,14 @@ import sys
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from mnist_ldm.config.params_file import apply_overrides, load_params
 from mnist_ldm.config.sections import Params
 from mnist_ldm.io.atomic import write_json
-from mnist_ldm.io.errors import UserError
+from mnist_ldm.io.errors import UserError, os_error_line
 from mnist_ldm.io.hashing import arrays_digest
-from mnist_ldm.io.os_errors import os_error_line
-from mnist_ldm.runtime.heap import keep_freed_memory
+from mnist_ldm.runtime.memory import keep_freed_memory
 
 if TYPE_CHECKING:
     from mnist_ldm.runtime.device import Runtime
@@ -128,25 +126,19 @@ def command_parser(command: ModuleType) -> Parser:
     return p
 
 
-def this_program() -> list[str]:
-    """The program this process runs, as torchrun takes it: `-m <module>` under `python -m`, else the script."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return ["-m", spec.name] if spec is not None else [sys.argv[0]]
-
-
 def relaunch_under_torchrun(name: str, argv: Sequence[str]) -> None:
-    """`MNIST_LDM_NPROC=N` (N > 1) re-runs this program, with the same arguments, under `torchrun
-    --standalone --nproc_per_node N` for a training stage (replacing this process): the switch for DVC
-    stage commands, read here and not a param, so it never makes outputs look stale. Nothing happens
-    under torchrun already (`WORLD_SIZE` is set) or for other commands."""
+    """`MNIST_LDM_NPROC=N` (N > 1) re-runs this program (`-m <module>` under `python -m`, else the script) with
+    the same arguments under `torchrun --standalone --nproc_per_node N`, for a training stage: the switch for
+    DVC stage commands, not a param, so it never makes outputs look stale. Nothing happens under torchrun."""
     nproc = os.environ.get(NPROC_ENV, "").strip()
     if name not in TRAINING_STAGES or not nproc or "WORLD_SIZE" in os.environ:
         return
     if not nproc.isdigit() or int(nproc) < 1:
         raise UserError(f"{NPROC_ENV}={nproc!r} is not allowed; expected a number of processes >= 1")
     if int(nproc) > 1:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc,
-               *this_program(), *argv]
+               *(["-m", spec.name] if spec is not None else [sys.argv[0]]), *argv]
         print(f"{name}: {NPROC_ENV}={nproc}: {' '.join(cmd[1:])}", file=sys.stderr)
         sys.stdout.flush()
         os.execv(sys.executable, cmd)
@@ -162,27 +154,13 @@ def interrupted_line() -> str:
             f"`dvc checkout {name}` brings them back from the cache")
 
 
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt here (main thread only), so it ends like Ctrl-C: one last line."""
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, raise_interrupt) if main else None
-    try:
-        yield
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
-
-
 def guarded(fn: Callable[[], object]) -> int:
-    """Run `fn`: user and OS errors become one `error:` line and exit 2; Ctrl-C (or SIGTERM) exits 130."""
+    """Run `fn`: user and OS errors become one `error:` line and exit 2; Ctrl-C or SIGTERM (which raises
+    KeyboardInterrupt here, in the main thread) exits 130."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     try:
-        with terminate_as_interrupt():
-            fn()
+        fn()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -196,24 +174,19 @@ def guarded(fn: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print(interrupted_line(), file=sys.stderr)
         return 130
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-def shutdown_process_group() -> None:
-    """Leave the torchrun process group, if this process joined one (torch is not imported otherwise)."""
-    if "torch.distributed" in sys.modules:
-        from mnist_ldm.runtime.device import shutdown_distributed
-
-        shutdown_distributed()
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     """Run the command that `parser` (built with `add_command`) reads from `argv`; the exit status.
 
     A parse error exits 2 before anything runs. A training stage with `MNIST_LDM_NPROC=N` (N > 1) then
-    re-runs this program under torchrun; otherwise the command runs with the params file and `--set` overrides,
-    glibc keeping freed memory for the next step (`heap.py`), errors as one line (`guarded`), and the process
-    group (under torchrun) is shut down."""
+    re-runs this program under torchrun; otherwise the command runs with the params file and `--set`
+    overrides, glibc keeping freed memory (`memory.py`), errors as one line (`guarded`), and leaves the
+    torchrun process group, if it joined one."""
     argv = list(argv)
     args = parser.parse_args(argv)
     command = args.command_module
@@ -224,7 +197,14 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     try:
         return guarded(lambda: command.run(load(args), args))
     finally:
-        shutdown_process_group()
+        dist = sys.modules.get("torch.distributed")  # torch is not imported by every command
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(command: ModuleType, *argv: str) -> None:
+    """A `stages/<name>.py` entry (the command DVC runs): `command` with `argv`, then the arguments given."""
+    sys.exit(run_command(command_parser(command), [*argv, *sys.argv[1:]]))
 
 
 def weights_digest(model) -> str:

@@ -1,71 +1,78 @@
-"""Where the work runs: the device, the precision, and the process group under `torchrun`.
+"""Where the work runs: the device, the precision, the CPU threads, and the process group under `torchrun`.
 
-Device and precision are run-time choices, not params: a `--device`/`--precision` flag on every
-command, or `MNIST_LDM_DEVICE`/`MNIST_LDM_PRECISION` for `dvc repro`. They say how a stage computes,
-not what it computes: the same params mean the same model at fp32 and bf16 on any device, only
-rounded differently, and a run repeats bit for bit on the same machine at the same precision. As
-params deps, they would make DVC call every output stale when a run moves to another machine, and
-push the choice of hardware into params.yaml, which is shared. Outputs stay device-independent:
-checkpoints hold fp32 CPU tensors and load onto any device.
+Device and precision are run-time choices, not params (`--device`/`MNIST_LDM_DEVICE`,
+`--precision`/`MNIST_LDM_PRECISION`): they say how a stage computes, not what, so choosing them never
+makes DVC call an output stale. Checkpoints hold fp32 CPU tensors and record the device type and
+precision that made them. bf16 (CUDA, or a CPU with AMX or AVX-512 BF16) is autocast around the forward
+passes; weights, optimizer, losses and metrics stay fp32.
 
-bf16 (CUDA, or a CPU with AMX or AVX-512 BF16) is autocast around every forward pass that computes
-(the three trainings, encoding, sampling, decoding, the evaluator's features); the weights, the
-optimizer, the losses and every metric stay fp32. Each checkpoint and latent cache records the
-device type and precision that made it (`"runtime"`), and each stage's MLflow run the tag
-`mnist_ldm.precision`. DVC does not see the precision, so comparing it means forcing the stages:
-
-    MNIST_LDM_PRECISION=bf16 dvc exp run -f          # one experiment at bf16, beside the fp32 baseline
-    mnist-ldm train-diffusion --precision bf16 ...   # one stage by hand
+A CPU job sizes torch's thread pool to its share of the cores: the cores divided by the mnist-ldm jobs
+alive now, re-checked every 2 s. Two jobs with a pool of all cores each spin against each other
+(benchmarks/results/concurrent_jobs.json, 2 cores: 6.98 training steps/s together against 34.83 with
+shared pools, 3.39 against 14.56 sampling). Each job holds an exclusive `flock` on its own file in a
+folder of the temp directory; a file whose lock can be taken belongs to a dead job and goes.
+`MNIST_LDM_THREADS=N` (or `OMP_NUM_THREADS`) fixes the pool instead.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import fcntl
 import os
 import re
+import tempfile
+import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Optional
 
 import torch
 
-from mnist_ldm.runtime.cpu_share import CpuShare
 from mnist_ldm.io.errors import UserError
 
-DEVICE_ENV, PRECISION_ENV = "MNIST_LDM_DEVICE", "MNIST_LDM_PRECISION"
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
-PRECISIONS = ("fp32", "bf16")
+DEVICE_ENV, PRECISION_ENV, THREADS_ENV = "MNIST_LDM_DEVICE", "MNIST_LDM_PRECISION", "MNIST_LDM_THREADS"
+JOBS_DIR_ENV = "MNIST_LDM_JOBS_DIR"  # where CPU jobs register (default: a folder of the temp directory)
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+RECHECK_S = 2.0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def resolve_device(spec: str | None = None) -> torch.device:
     """`auto` (CUDA if available, else MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`; default from the env."""
     text = (spec or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
-    source = "--device" if spec else (DEVICE_ENV if os.environ.get(DEVICE_ENV) else "--device")
+    source = DEVICE_ENV if not spec and os.environ.get(DEVICE_ENV) else "--device"
+    mps = torch.backends.mps.is_available()
     if text == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank() % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        text = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text):
-        raise UserError(f"{source}={text!r} is not a device; valid: {DEVICE_CHOICES}")
+        raise UserError(f"{source}={text!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps")
     if text.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"{source}={text}: CUDA is not available on this machine (torch {torch.__version__}); "
-                            f"use --device cpu or auto")
-        index = int(text.split(":")[1]) if ":" in text else local_rank() % torch.cuda.device_count()
-        if index >= torch.cuda.device_count():
-            raise UserError(f"{source}={text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(text[5:]) if ":" in text else local_rank() % max(count, 1)
+        if index >= count:
+            raise UserError(f"{source}={text}: this machine has {count} CUDA device(s); use --device cpu or auto")
         return torch.device("cuda", index)
-    if text == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if text == "mps" and not mps:
         raise UserError(f"{source}=mps: MPS is not available on this machine; use --device cpu or auto")
     return torch.device(text)
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU computes bf16 matmuls in hardware (AMX or AVX-512 BF16, read from the kernel's flags)."""
+    try:
+        flags = re.search(r"^flags\s*:(.*)$", Path(cpuinfo).read_text(), re.M)
+    except OSError:
+        return False
+    return flags is not None and any(f in flags[1].split() for f in BF16_CPU_FLAGS)
+
+
 def resolve_precision(spec: str | None, device: torch.device) -> str:
     text = (spec or os.environ.get(PRECISION_ENV) or "fp32").strip().lower()
-    if text not in PRECISIONS:
-        raise UserError(f"--precision/{PRECISION_ENV}={text!r} is not a precision; valid: {', '.join(PRECISIONS)}")
+    if text not in ("fp32", "bf16"):
+        raise UserError(f"--precision/{PRECISION_ENV}={text!r} is not a precision; valid: fp32, bf16")
     if text == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         raise UserError(f"--precision/{PRECISION_ENV}=bf16: this CPU has no native bf16 units (neither "
                         f"{' nor '.join(BF16_CPU_FLAGS)} in /proc/cpuinfo), so bf16 would be slower than fp32; use fp32")
@@ -75,39 +82,61 @@ def resolve_precision(spec: str | None, device: torch.device) -> str:
     return text
 
 
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast when asked for (weights stay fp32); otherwise plain fp32."""
+    return torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU computes bf16 matmuls in hardware (AMX or AVX-512 BF16, read from the kernel's flags)."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return any(flag in flags for flag in BF16_CPU_FLAGS)
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (the CPU for one without any, like the pixel-space autoencoder)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
-def configure(device: torch.device) -> None:
-    """Process-wide settings for `device`: TF32 matmuls on CUDA (fp32 accuracy is ample for this model)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.set_device(device)
+def live_jobs(folder: Path) -> int:
+    """How many registered jobs are alive: a file whose lock can be taken belongs to a dead job and goes."""
+    alive = 0
+    for path in folder.glob("*.job"):
+        try:
+            with open(path, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)
+        except BlockingIOError:
+            alive += 1
+        except FileNotFoundError:  # removed meanwhile by another job's count
+            pass
+    return alive
 
 
-@contextlib.contextmanager
-def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """bf16 autocast (CUDA, or a CPU with native bf16) when asked for: weights stay fp32; otherwise plain fp32."""
-    if precision == "bf16":
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            yield
-    else:
-        yield
+class CpuShare:
+    """This process's registration among the CPU jobs (held while the object lives) and its thread count."""
 
+    def __init__(self, cores: Optional[int] = None, folder: Optional[Path] = None):
+        text = os.environ.get(THREADS_ENV, "").strip() or None
+        if text is not None and not (text.isdigit() and int(text) >= 1):
+            raise UserError(f"{THREADS_ENV}={text!r} is not a thread count; expected an integer >= 1")
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        self.fixed = int(text) if text else int(omp) if omp.isdigit() and int(omp) >= 1 else None
+        self.cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        self.folder = folder or Path(os.environ.get(JOBS_DIR_ENV) or Path(tempfile.gettempdir()) /
+                                     f"mnist-ldm-jobs-{os.getuid()}")
+        if self.fixed is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f".{os.getpid()}.tmp"  # locked before it gets the name other jobs count
+            self.lock = open(tmp, "wb")  # closed, and the lock released, with this object or the process
+            fcntl.flock(self.lock, fcntl.LOCK_EX)
+            os.replace(tmp, self.folder / f"{os.getpid()}.job")
+        self.next_check, self.threads = 0.0, 0
+        self.update()
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    def update(self) -> int:
+        """Set torch's intra-op threads to this job's share (re-counted at most every RECHECK_S seconds)."""
+        if time.monotonic() >= self.next_check:
+            self.next_check = time.monotonic() + RECHECK_S
+            self.threads = self.fixed or max(1, self.cores // max(1, live_jobs(self.folder)))
+            if self.threads != torch.get_num_threads():
+                torch.set_num_threads(self.threads)
+        return self.threads
 
 
 @dataclass(frozen=True)
@@ -124,28 +153,6 @@ class Dist:
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a global batch: rows rank, rank + world, ... (all of them when alone)."""
         return x if self.world == 1 else x[self.rank::self.world]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group that `torchrun` describes in the environment (NCCL on CUDA, Gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return Dist(dist.get_rank(), dist.get_world_size())
-
-
-def shutdown_distributed() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -177,9 +184,8 @@ class Runtime:
         """The module to run forward passes through: DistributedDataParallel under torchrun, else the model."""
         if self.dist.world == 1:
             return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
         if self.dist.world > 1:
@@ -191,18 +197,17 @@ CPU = Runtime()
 
 
 def runtime(device: str | None = None, precision: str | None = None) -> Runtime:
-    """The runtime from flags and environment; joins the torchrun process group when there is one."""
+    """The runtime from flags and environment; joins the process group `torchrun` describes, if any (NCCL on
+    CUDA, Gloo on CPU)."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    configure(dev)
-    cpu = None
-    if dev.type == "cpu":  # registered for the life of the process; the lock goes with it
-        cpu = CpuShare().__enter__()
-        atexit.register(cpu.__exit__, None, None, None)
-    return Runtime(dev, prec, init_distributed(dev), cpu)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's weights are (the CPU for one without any, like the pixel-space autoencoder)."""
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
+    if dev.type == "cuda":  # TF32 matmuls: fp32 accuracy is ample for this model
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(dev)
+    dist = Dist()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                                 device_id=dev if dev.type == "cuda" else None)
+        dist = Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return Runtime(dev, prec, dist, CpuShare() if dev.type == "cpu" else None)

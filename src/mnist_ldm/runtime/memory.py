@@ -1,39 +1,50 @@
-"""Whether the arrays a command builds fit in the memory available, checked before any work."""
+"""Where a command's memory comes from, and whether what it is asked to build fits, checked before any work.
+
+glibc's malloc hands large blocks to fresh `mmap`s and trims freed memory at the top of the heap, so
+every training step page-faults its activations back in (about 14,000 faults a step for the conv
+autoencoder at batch 256; tests/test_heap.py). Every command therefore keeps up to 1 GiB of freed
+memory and serves blocks up to 32 MiB from the heap: 1.23x the autoencoder's training rate
+(`heap` in benchmarks/results/speed.json), nothing computed changes. A user's own `MALLOC_TRIM_THRESHOLD_`
+or `MALLOC_MMAP_THRESHOLD_` wins. Forward passes without gradients run in batches of `INFERENCE_BATCH`
+for the same reason (their activations stay under the mmap threshold), with bit-identical results.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
 from mnist_ldm.io.errors import UserError
 
+INFERENCE_BATCH = 500  # images per forward pass of the encoder, decoder and evaluators
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's trim threshold to 1 GiB and its mmap threshold to 32 MiB (its largest); whether it did."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: another C library's mallopt takes other numbers
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(-1, 1 << 30) and libc.mallopt(-3, 32 << 20))  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+
 
 def available_memory() -> Optional[int]:
     """Bytes this process can still allocate: MemAvailable, or less under a cgroup (v2) memory limit."""
-    avail = None
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        with contextlib.suppress(ValueError, OSError, AttributeError):
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    with contextlib.suppress(OSError, ValueError):
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
-            avail = left if avail is None else min(avail, left)
+        avail = int(re.search(r"MemAvailable:\s*(\d+)", Path("/proc/meminfo").read_text())[1]) * 1024
+    except (OSError, TypeError):
+        return None
+    with contextlib.suppress(OSError, ValueError):  # no cgroup file, or no limit ("max")
+        cgroup = Path("/sys/fs/cgroup")
+        avail = min(avail, int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text()))
     return avail
-
-
-def sampling_bytes(n: int, batch_size: int, latent_dim: int) -> int:
-    """Peak memory of sampling and decoding `n` digits: the uint8 images, the float32 decoded batch list,
-    its concatenation and rounding (3 x 4 bytes a pixel), the latents twice, and one working batch."""
-    pixels = 28 * 28
-    return n * (pixels * (1 + 12) + latent_dim * 8) + min(batch_size, n) * (latent_dim * 4 * 16 + pixels * 16)
 
 
 def gib(nbytes: float) -> str:
@@ -42,8 +53,11 @@ def gib(nbytes: float) -> str:
 
 def check_sampling_memory(what: str, n: int, batch_size: int, latent_dim: int) -> None:
     """Refuse to sample `n` digits (asked for by `what`, e.g. "--num-images 100000000") before any work
-    when they need more memory than is available."""
-    need, avail = sampling_bytes(n, batch_size, latent_dim), available_memory()
+    when they need more memory than is available: the uint8 images, the float32 decoded batches, their
+    concatenation and rounding (3 x 4 bytes a pixel), the latents twice, and one working batch."""
+    pixels = 28 * 28
+    need = n * (pixels * 13 + latent_dim * 8) + min(batch_size, n) * (latent_dim * 64 + pixels * 16)
+    avail = available_memory()
     if avail is not None and need > avail:
         raise UserError(f"{what}: {n:,} images need about {gib(need)} of memory, but {gib(avail)} is available; "
                         f"ask for fewer images (or a smaller sample.batch_size)")

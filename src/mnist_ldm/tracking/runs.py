@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 
 from mnist_ldm.config.sections import Params
 from mnist_ldm.io.errors import first_line
-from mnist_ldm.tracking.stagerun import StageRun, data_tags
+from mnist_ldm.tracking.stagerun import StageRun, data_tags, log_params
 from mnist_ldm.tracking.store import TAG, TrackingError, connect, experiment_id, git, repo_root, tracking_uri
 
 # what the parent run shows of the metrics files, in this order (MLflow's compare view plots the first metric a
@@ -100,14 +100,10 @@ def parent_run(client: Any, exp_id: str, key: str, params: Params, tags: dict[st
         if own and found.info.status != "RUNNING":
             client.update_run(found.info.run_id, status="RUNNING")
         return found.info.run_id, own
-    from mlflow.entities import Param
-
     name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{key[:6]}"
     run_id = client.create_run(exp_id, run_name=name, tags={**tags, TAG + "pipeline_key": key,
                                                              TAG + "kind": "pipeline"}).info.run_id
-    items = [Param(k, str(v)) for k, v in params.flat().items()]
-    for i in range(0, len(items), 100):  # MLflow's limit per batch
-        client.log_batch(run_id, params=items[i:i + 100])
+    log_params(client, run_id, params.flat())
     return run_id, True
 
 

@@ -18,6 +18,15 @@ def data_tags(meta: Optional[dict]) -> dict[str, str]:
     return {TAG + "data_source": str(meta.get("source")), TAG + "data_hash": str(meta.get("content_hash"))} if meta else {}
 
 
+def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Log `params` (values as text) to run `run_id`, 100 a batch (MLflow's limit)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
 class StageRun:
     """Logging for one stage; after the first failure it warns once and stops. `active` is False when tracking is
     off or the run is a finished one linked to (nothing more goes into it; the parent is still updated)."""
@@ -62,11 +71,7 @@ class StageRun:
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.logging:
-            from mlflow.entities import Param
-
-            items = [Param(k, str(v)) for k, v in params.items()]
-            for i in range(0, len(items), 100):  # MLflow's limit per batch
-                self.call("params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+            self.call("params", log_params, self.client, self.run_id, params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0, run_id: Optional[str] = None) -> None:
         """Log the finite numbers of `metrics` at `step` to this run (or to `run_id`, e.g. the parent)."""

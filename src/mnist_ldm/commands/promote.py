@@ -55,35 +55,10 @@ def choose(versions: list, name: str, metric: str, version: Optional[int]) -> An
     return min(scored, key=lambda mv: (sign * mv[0], -int(mv[1].version)))[1]
 
 
-def _describe(version: Optional[Any], metric: str) -> str:
-    if version is None:
-        return "none"
-    value = metric_of(version, metric)
-    return f"version {version.version}" + (f" ({metric} {value:.4f})" if value is not None else "")
-
-
-def promote(client: Any, name: str, metric: str, version: Optional[int]) -> tuple[Any, Optional[Any], bool]:
-    """Set the alias `champion` on `choose`'s version; the new champion, the previous one (or None), and whether
-    the alias moved."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = list(client.search_model_versions(f"name = '{name}'", max_results=10000))
-    except MlflowException as e:
-        raise tracking.TrackingError(f"model registry: cannot list versions of '{name}' "
-                                     f"({first_line(e)})") from None
-    if not versions:
-        raise tracking.TrackingError(f"model registry: no registered model '{name}' has versions yet; run the "
-                                     f"pipeline with tracking.enabled=true (dvc repro) first")
-    chosen = choose(versions, name, metric, version)
-    try:
-        previous = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        previous = None
-    moved = previous is None or str(previous.version) != str(chosen.version)
-    if moved:
-        client.set_registered_model_alias(name, CHAMPION, str(chosen.version))
-    return chosen, previous, moved
+def describe(version: Optional[Any], metric: str) -> str:
+    value = None if version is None else metric_of(version, metric)
+    return "none" if version is None else f"version {version.version}" + (
+        "" if value is None else f" ({metric} {value:.4f})")
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
@@ -92,14 +67,30 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                         f"enable tracking (or pass --set tracking.enabled=true) to move @{CHAMPION}")
     uri = tracking.tracking_uri(tracking.repo_root())
     name = params.tracking.registered_model
-    chosen, previous, moved = promote(tracking.connect(uri), name, args.metric, args.version)
+    client = tracking.connect(uri)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = list(client.search_model_versions(f"name = '{name}'", max_results=10000))
+    except MlflowException as e:
+        raise tracking.TrackingError(f"model registry: cannot list versions of '{name}' ({first_line(e)})") from None
+    if not versions:
+        raise tracking.TrackingError(f"model registry: no registered model '{name}' has versions yet; run the "
+                                     f"pipeline with tracking.enabled=true (dvc repro) first")
+    chosen = choose(versions, name, args.metric, args.version)
+    try:
+        previous = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        previous = None
     how = (f"--version {args.version}" if args.version else
            f"{'highest' if args.metric.startswith(HIGHER_IS_BETTER) else 'lowest'} {args.metric}")
+    moved = previous is None or str(previous.version) != str(chosen.version)
     if moved:
-        print(f"promote: {name} {_describe(chosen, args.metric)} is now @{CHAMPION} ({how}); "
-              f"previous champion: {_describe(previous, args.metric)}")
+        client.set_registered_model_alias(name, CHAMPION, str(chosen.version))
+        print(f"promote: {name} {describe(chosen, args.metric)} is now @{CHAMPION} ({how}); "
+              f"previous champion: {describe(previous, args.metric)}")
     else:
-        print(f"promote: {name} {_describe(chosen, args.metric)} is @{CHAMPION} already ({how}); nothing changed")
+        print(f"promote: {name} {describe(chosen, args.metric)} is @{CHAMPION} already ({how}); nothing changed")
     print(f"  load it with mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\") ({uri})")
     return {"version": str(chosen.version), "previous": None if previous is None else str(previous.version),
             "moved": moved}

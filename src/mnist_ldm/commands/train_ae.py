@@ -68,8 +68,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "metrics": final,
         })
         resume_path_for(args.out).unlink(missing_ok=True)  # the checkpoint is written: drop the resume state
-        publish(run, final, args.metrics, [*(args.plots / p for p in pictures), args.metrics, args.data / "meta.json",
-                                           args.out], curves=args.curves, history=history)
+        publish(run, final, args.metrics, [*(args.plots / p for p in pictures), args.metrics, args.data / "meta.json"],
+                curves=args.curves, history=history)
     print(f"train_ae: test BCE {final['test_bce']:.4f}, MSE {final['test_mse']:.5f}, "
           f"{final['params']:,} parameters -> {args.out}")
     return final

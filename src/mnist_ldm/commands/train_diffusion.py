@@ -119,8 +119,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "metrics": final,
         })
         resume_path_for(args.out).unlink(missing_ok=True)  # the checkpoint is written: drop the resume state
-        publish(run, final, args.metrics, [args.plots / "loss.png", args.metrics, args.out], curves=args.curves,
-                history=history)
+        publish(run, final, args.metrics, [args.plots / "loss.png", args.metrics], curves=args.curves, history=history)
     print(f"train_diffusion: {final['params']:,}-parameter denoiser, held-out loss {final['test_loss']:.4f} "
           f"(EMA {final['test_loss_ema']:.4f}) -> {args.out}")
     return final

@@ -58,7 +58,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         if args.features is not None:
             save_reference(args.features, reference_features(model, train.images, test.images, rt.precision),
                            weights_sha256=weights_hash, data_hash=meta["content_hash"], precision=rt.precision)
-        publish(run, final, args.metrics, [args.metrics, args.out],
+        publish(run, final, args.metrics, [args.metrics],
                 metrics_file={**final, "weights_sha256": weights_hash[:16]}, curves=args.curves, history=history)
     print(f"{stage}: {cfg.arch} test accuracy {final['test_accuracy']:.4f} (weights {weights_hash[:12]}) -> {args.out}")
     return final

@@ -1,5 +1,4 @@
-"""The project's one way to hash things: files and folders (md5, as DVC records them), JSON-able values and arrays
-(sha256)."""
+"""The project's one way to hash things: files (md5, as DVC records them), JSON-able values and arrays (sha256)."""
 
 from __future__ import annotations
 
@@ -15,19 +14,6 @@ def file_md5(path: str | Path) -> str:
     """md5 of a file's bytes (the hash `dvc.lock` records for a file)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "md5").hexdigest()
-
-
-def path_hash(path: Path) -> str:
-    """The md5 `dvc.lock` records: of a file, its bytes; of a folder, DVC's listing of each file's md5 and
-    relative path, with ".dir" (`__pycache__` left out); "missing" if there is nothing at `path`."""
-    if path.is_file():
-        return file_md5(path)
-    if path.is_dir():
-        listing = [{"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()} for p in sorted(path.rglob("*"))
-                   if p.is_file() and "__pycache__" not in p.parts]
-        listing.sort(key=lambda entry: entry["relpath"])
-        return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
-    return "missing"
 
 
 def json_digest(obj: Any, length: Optional[int] = None) -> str:

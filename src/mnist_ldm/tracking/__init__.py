@@ -1,15 +1,13 @@
 """MLflow tracking: one parent run per pipeline state, one child run per stage executed (docs/tracking.md).
 
-`store` (where runs go), `identity` (what identifies a run, read from dvc.yaml and dvc.lock), `runs` (opening
-the parent and the stage's run), `stagerun` (`StageRun`, what a stage logs), `registry` (the packaged generator
-as a registered model version). Not a code dep of any stage: it decides how a run is logged, never what a stage
-writes.
+`store` (where runs go), `runs` (the parent and the stage's run, identified by DVC's hashes), `stagerun`
+(`StageRun`, what a stage logs), `registry` (the packaged generator as a registered model version). Not a code dep
+of any stage: it decides how a run is logged, never what a stage writes.
 """
 
-from mnist_ldm.tracking.identity import pipeline_key, section_params, stage_inputs
-from mnist_ldm.tracking.runs import stage_run, training_run
+from mnist_ldm.tracking.runs import section_params, stage_run, training_run
 from mnist_ldm.tracking.stagerun import StageRun
 from mnist_ldm.tracking.store import TrackingError, connect, repo_root, tracking_uri
 
-__all__ = ["StageRun", "TrackingError", "connect", "pipeline_key", "repo_root", "section_params", "stage_inputs",
-           "stage_run", "tracking_uri", "training_run"]
+__all__ = ["StageRun", "TrackingError", "connect", "repo_root", "section_params", "stage_run", "tracking_uri",
+           "training_run"]

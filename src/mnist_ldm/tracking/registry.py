@@ -3,23 +3,21 @@ with its DVC experiment, git commit, run and `HEADLINE` numbers (which `mnist-ld
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from mnist_ldm.config.params_file import dotted_value
-from mnist_ldm.tracking.identity import git_tags
-from mnist_ldm.tracking.stagerun import StageRun, is_number
+from mnist_ldm.tracking.runs import dotted, git_tags
+from mnist_ldm.tracking.stagerun import StageRun
 from mnist_ldm.tracking.store import TAG
 
 CHAMPION = "champion"
 DESCRIPTION = ("MNIST latent-diffusion generator (mnist-ldm): pyfunc model, input n/digit/sampler/steps/eta/guidance/"
                "seed, output one row per image")
-# eval.json's numbers that a comparison is about, those of the first evaluator first: tags of each version,
-# metrics of the logged model, and the first metrics of the parent run (`runs.HEADLINE_ORDER`)
+# eval.json's numbers that a comparison is about, those of the first evaluator first: the tags of each version
 HEADLINE = ("fcd.generated", "second_evaluator.fcd.generated", "fcd_ratio_to_ae_reconstruction",
             "second_evaluator.fcd_ratio_to_ae_reconstruction", "fcd_ratio_to_single_gaussian", "fcd.train_vs_test",
             "fcd.single_gaussian", "prdc.precision", "prdc.recall", "prdc.density", "prdc.coverage",
@@ -28,20 +26,9 @@ HEADLINE = ("fcd.generated", "second_evaluator.fcd.generated", "fcd_ratio_to_ae_
 
 def headline(result: dict) -> dict[str, float]:
     """The finite numbers of `HEADLINE` found in an eval.json dict."""
-    found = {key: dotted_value(result, key) for key in HEADLINE}
-    return {k: float(v) for k, v in found.items() if is_number(v) and math.isfinite(v)}
-
-
-def ensure_registered_model(client: Any, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        try:
-            client.create_registered_model(name, description=DESCRIPTION)
-        except MlflowException:  # created meanwhile by another process
-            client.get_registered_model(name)
+    found = {key: dotted(result, key) for key in HEADLINE}
+    return {k: float(v) for k, v in found.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float]) -> Optional[str]:
@@ -51,15 +38,14 @@ def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float
     if client is None or run_id is None:
         return None
     if not run.active:
-        try:
+        done = []
+        with contextlib.suppress(Exception):  # no such registered model yet
             done = list(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
-        except Exception:  # no such registered model yet
-            done = []
         if done:
             print(f"mlflow: {run.stage}: run {run_id} is registered already as version {done[0].version} of "
                   f"'{name}'; no new version", file=sys.stderr)
             return str(done[0].version)
-    from mlflow.entities import LoggedModelOutput, Metric
+    from mlflow.entities import LoggedModelOutput
 
     info = run.call("run", client.get_run, run_id)
     model = info and run.call("logged model", client.create_logged_model, info.info.experiment_id,
@@ -67,14 +53,10 @@ def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float
     if model is None:
         return None
     run.call("run outputs", client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step=0)])
-    ts = int(time.time() * 1000)
-    run.call("model metrics", client.log_batch, run_id,
-             metrics=[Metric(k, v, ts, 0, model_id=model.model_id) for k, v in metrics.items()])
     run.call("model files", client.log_model_artifacts, model.model_id, str(model_dir))
     run.call("model status", client.finalize_logged_model, model.model_id, "READY")
-    run.call("registered model", ensure_registered_model, client, name)
-    if run.lost:
-        return None
+    with contextlib.suppress(Exception):  # there already
+        client.create_registered_model(name, description=DESCRIPTION)
     git = git_tags(Path.cwd())
     tags = {"dvc_experiment": os.environ.get("DVC_EXP_NAME") or "workspace",
             "git_commit": git.get(TAG + "git_commit", "unknown"), "git_dirty": git.get(TAG + "git_dirty", "unknown"),

@@ -1,4 +1,5 @@
-"""The runs of a pipeline: one parent run per pipeline state (`pipeline_key`), a child run per stage executed."""
+"""The runs of a pipeline: one parent run per pipeline state, a child run per stage executed, both identified by
+what DVC hashes (each dep as dvc.lock records it, the params)."""
 
 from __future__ import annotations
 
@@ -14,21 +15,73 @@ from typing import Any, Iterator, Optional
 
 from mnist_ldm.config.sections import Params
 from mnist_ldm.io.errors import first_line
-from mnist_ldm.io.hashing import json_digest
-from mnist_ldm.tracking.identity import (current_stages, data_tags, git_tags, pipeline_key, producer, producers, read_yaml,
-                       section_params, stage_inputs)
-from mnist_ldm.tracking.registry import HEADLINE
-from mnist_ldm.tracking.stagerun import StageRun, is_number, log_params, same
-from mnist_ldm.tracking.store import TAG, TrackingError, connect, experiment_id, repo_root, tracking_uri
+from mnist_ldm.tracking.stagerun import StageRun, data_tags, log_params
+from mnist_ldm.tracking.store import TAG, TrackingError, connect, experiment_id, git, repo_root, tracking_uri
 
-# Sizes (parameter counts, how many images a stage learnt from or scored) are tags on the parent, so that
-# comparing runs compares results: MLflow's compare view plots the first metric a run received, and lists
-# metrics in that order, so the numbers a comparison is about are sent first. (The sampler's cost figures,
-# `sample.num_images` and the like, stay metrics.)
-SIZE_KEYS = frozenset({"params", "n", "train_latents", "train_images", "test_images"})
-SIZE_TAG = TAG + "size."
-HEADLINE_ORDER = (*(f"eval.{k}" for k in HEADLINE), "eval.fcd.", "eval.second_evaluator.fcd.", "autoencoder.test_bce",
-                  "diffusion.test_loss", "diffusion.train_loss", "evaluator.test_accuracy")
+# what the parent run shows of the metrics files, in this order (MLflow's compare view plots the first metric a
+# run received): the rest stays on the stage runs
+PARENT_METRICS = ("eval.fcd.generated", "eval.second_evaluator.fcd.generated", "eval.fcd_ratio_to_ae_reconstruction",
+                  "eval.second_evaluator.fcd_ratio_to_ae_reconstruction", "eval.fcd.train_vs_test",
+                  "eval.prdc.precision", "eval.prdc.recall", "eval.class_balance.tv_to_uniform",
+                  "autoencoder.test_bce", "diffusion.test_loss", "evaluator.test_accuracy",
+                  "second_evaluator.test_accuracy")
+
+
+def dvc_inputs(workdir: Path, stage: str) -> tuple[dict, dict]:
+    """DVC's hashes, now: of `stage`'s command, deps and params ({} if dvc.yaml lacks it), and of each dep that no
+    stage writes (code, raw data, params.yaml); read from the workspace, since a running stage's dvc.lock entry is
+    its previous run's."""
+    from dvc.dependency import ParamsDependency
+    from dvc.repo import Repo
+
+    def hashed(dep) -> Any:
+        with contextlib.suppress(Exception):
+            return dep.get_hash().value
+        return "missing"
+
+    try:
+        with Repo(str(workdir), uninitialized=True) as repo:
+            stages = repo.index.stages
+            outs = [o.fs_path for s in stages for o in s.outs]
+            mine = next((s for s in stages if s.name == stage), None)
+            inputs = {"cmd": mine.cmd, "deps": {d.def_path: hashed(d) for d in mine.deps
+                                                if not isinstance(d, ParamsDependency)},
+                      "params": {k: v for d in mine.deps if isinstance(d, ParamsDependency)
+                                 for k, v in (hashed(d) or {}).items()}} if mine else {}
+            sources = {d.def_path: hashed(d) for s in stages for d in s.deps if not isinstance(d, ParamsDependency)
+                       and not any(d.fs_path == o or d.fs_path.startswith(o + "/") for o in outs)}
+    except Exception:  # not a DVC pipeline, or dvc.yaml unreadable: the params and command line identify the run
+        return {}, {}
+    return inputs, sources
+
+
+def current_metrics(workdir: Path, running: str) -> set[str]:
+    """The metrics files of `running` and of each stage that DVC finds up to date (its dvc.lock entry against the
+    workspace) with all its upstream stages: not one still to run under `dvc repro`, nor one after a failed stage.
+    Asked through DVC's API, not `dvc status`, whose lock the running `dvc repro` holds."""
+    from dvc.repo import Repo
+    from dvc.repo.graph import collect_pipeline
+
+    with Repo(str(workdir), uninitialized=True) as repo:
+        graph = repo.index.graph
+        stale = {s for s in graph if s.name != running and (s.changed_stage() or any(d.status() for d in s.deps))}
+        return {o.def_path for s in graph for o in s.outs if o.metric
+                and (s.name == running or stale.isdisjoint(collect_pipeline(s, graph)))}
+
+
+def section_params(params: Params, section: str) -> dict[str, Any]:
+    """`{"section.key": value}` for one params section."""
+    return {k: v for k, v in params.flat().items() if k.startswith(section + ".")}
+
+
+def git_tags(workdir: Path) -> dict[str, str]:
+    """The commit (the experiment's baseline under `dvc exp run`), whether the tree is dirty, the DVC experiment."""
+    tags = {}
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or git(["rev-parse", "HEAD"], workdir)
+    if commit:
+        dirty = git(["status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"], workdir)
+        tags = {"mlflow.source.git.commit": commit, TAG + "git_commit": commit, TAG + "git_dirty": str(bool(dirty)).lower()}
+    return {**tags, **{TAG + v.lower(): os.environ[v] for v in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if os.environ.get(v)}}
 
 
 def find_run(client: Any, exp_id: str, tags: dict[str, str]) -> Any:
@@ -38,10 +91,9 @@ def find_run(client: Any, exp_id: str, tags: dict[str, str]) -> Any:
     return runs[0] if runs else None
 
 
-def parent_run(client: Any, exp_id: str, key: str, params: Params, tags: dict[str, str],
-               under_dvc: bool) -> tuple[str, bool]:
-    """The parent run of this pipeline state (found or created), and whether this stage sets its status:
-    a stage that DVC runs does; a stage run by hand leaves a parent that finished alone."""
+def parent_run(client: Any, exp_id: str, key: str, params: Params, tags: dict[str, str], under_dvc: bool):
+    """The parent run of this pipeline state (found or created), and whether this stage sets its status: a stage
+    that DVC runs does; a stage run by hand leaves a parent that finished alone."""
     found = find_run(client, exp_id, {TAG + "pipeline_key": key, TAG + "kind": "pipeline"})
     if found is not None:
         own = under_dvc or found.info.status != "FINISHED"
@@ -55,8 +107,7 @@ def parent_run(client: Any, exp_id: str, key: str, params: Params, tags: dict[st
     return run_id, True
 
 
-def child_run(client: Any, exp_id: str, stage: str, input_hash: str, parent_id: str,
-              tags: dict[str, str]) -> tuple[str, str]:
+def child_run(client: Any, exp_id: str, stage: str, input_hash: str, parent_id: str, tags: dict[str, str]):
     """The run of `stage` with these inputs under `parent_id`, and how it is used: "new"; "continued", the
     interrupted run with the same inputs; or "linked", the finished one (tagged, and named on the parent)."""
     existing = find_run(client, exp_id, {TAG + "stage": stage, TAG + "input_hash": input_hash})
@@ -82,19 +133,23 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
     if not params.tracking.enabled or os.environ.get("RANK", "0") != "0":
         yield StageRun(active=False)
         return
+    from dvc.utils import dict_md5
+
     workdir = (workdir or Path.cwd()).resolve()
     root = repo_root()
     uri = tracking_uri(root)
+    dvc_stage, sources = dvc_inputs(workdir, stage)
     # the command line and the run-time choices set in the environment (MNIST_LDM_PRECISION, ...) are inputs too
-    runtime_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MNIST_LDM_")}
-    inputs = {**stage_inputs(workdir, stage), "stage_params": stage_params, "argv": sys.argv[1:], "env": runtime_env}
-    input_hash = json_digest(inputs, 20)
+    inputs = {**dvc_stage, "stage_params": stage_params, "argv": sys.argv[1:],
+              "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MNIST_LDM_")}}
+    input_hash = dict_md5(json.loads(json.dumps(inputs, default=str)))
     under_dvc = bool(os.environ.get("DVC_STAGE"))
     try:
         client = connect(uri)
         exp_id = experiment_id(client, params.tracking.experiment, uri, root)
         tags = {**git_tags(workdir), **data_tags(data_meta)}
-        parent_id, own_parent = parent_run(client, exp_id, pipeline_key(workdir, params), params, tags, under_dvc)
+        key = dict_md5(json.loads(json.dumps({"params": params.flat(), "sources": sources}, default=str)))
+        parent_id, own_parent = parent_run(client, exp_id, key, params, tags, under_dvc)
         for k, v in data_tags(data_meta).items():
             client.set_tag(parent_id, k, v)
         run_id, mode = child_run(client, exp_id, stage, input_hash, parent_id, tags)
@@ -125,8 +180,8 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-        if own_parent and (status == "FINISHED" or under_dvc):  # a failed stage's own figures are not taken
-            sync_parent_metrics(run, workdir, from_files=under_dvc, finished=status == "FINISHED")
+        if own_parent and under_dvc:  # a failed stage's own figures are not taken
+            parent_metrics(run, workdir, stage if status == "FINISHED" else "")
         for rid, own in ((run_id, mode != "linked"), (parent_id, own_parent)):
             if own:
                 run.call("run status", client.set_terminated, rid, status)
@@ -142,50 +197,23 @@ def training_run(stage: str, params: Params, section: str, data_meta: dict, data
         yield run
 
 
-def is_size(key: str) -> bool:
-    """Whether a metrics-file number is a size (a tag on the parent), not a result."""
-    return key.rsplit(".", 1)[-1] in SIZE_KEYS
+def dotted(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, float]:
-    """The numbers of a nested dict under dotted keys."""
-    out = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v} if is_number(v) else {})
-    return out
-
-
-def sync_parent_metrics(run: StageRun, workdir: Path, from_files: bool, finished: bool = True) -> None:
-    """Put on the parent the changed numbers of the metrics files of dvc.yaml that `current_stages` wrote (the running
-    stage's only if it `finished`), or else (a stage run by hand) its headline prefixed by its name; sizes as tags."""
-    if not run.parent_id or run.client is None or run.lost:
-        return
-    from mlflow.entities import RunTag
-
-    flat: dict[str, float] = {}
-    pipeline = read_yaml(workdir / "dvc.yaml") if from_files else {}
-    live = run.call("dvc stage status", current_stages, workdir, run.stage if finished else "") if from_files else set()
-    if live is None:
-        return
-    outs = producers(pipeline.get("stages", {}))
-    entries = [m for m in pipeline.get("metrics", []) if producer(outs, m) in live | {None}]
-    for path in (workdir / entry for entry in entries):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        flat.update({f"{path.stem}.{k}": v for k, v in flatten(data).items()} if isinstance(data, dict) else {})
-    if not pipeline.get("metrics"):
-        flat.update({f"{run.stage}.{k}": v for k, v in run.headline_metrics.items()})
-    parent = run.call("parent metrics", run.client.get_run, run.parent_id)
-    if parent is None:
-        return
-    sizes = {SIZE_TAG + k: str(int(v)) if float(v).is_integer() else str(v) for k, v in flat.items() if is_size(k)}
-    new_tags = [RunTag(k, v) for k, v in sizes.items() if parent.data.tags.get(k) != v]
-    if new_tags:
-        run.call("parent tags", run.client.log_batch, run.parent_id, tags=new_tags)
-    rank = {k: next((i for i, p in enumerate(HEADLINE_ORDER) if k == p or (p.endswith(".") and k.startswith(p))),
-                    len(HEADLINE_ORDER)) for k in flat}
-    current = parent.data.metrics
-    run.log_metrics({k: v for k, v in sorted(flat.items(), key=lambda kv: rank[kv[0]])
-                     if not is_size(k) and (k not in current or not same(current[k], v))}, run_id=run.parent_id)
+def parent_metrics(run: StageRun, workdir: Path, finished: str) -> None:
+    """Put `PARENT_METRICS` on the parent, in that order, from the metrics files `current_metrics` names (the
+    running stage's only if it `finished`)."""
+    files = run.call("dvc stage status", current_metrics, workdir, finished)
+    found = {}
+    for path in sorted(files or ()):
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads((workdir / path).read_text())
+            found.update({k: dotted(data, k.split(".", 1)[1]) for k in PARENT_METRICS
+                          if k.split(".", 1)[0] == Path(path).stem})
+    parent = run.call("parent metrics", run.client.get_run, run.parent_id) if found else None
+    if parent is not None:  # each value once
+        run.log_metrics({k: found[k] for k in PARENT_METRICS if k in found and parent.data.metrics.get(k) != found[k]},
+                        run_id=run.parent_id)

@@ -6,24 +6,16 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from mnist_ldm.io.errors import first_line
 from mnist_ldm.runtime.progress import warn
-from mnist_ldm.tracking.identity import data_tags
 from mnist_ldm.tracking.store import TAG
 
-if TYPE_CHECKING:
-    import numpy as np
 
-
-def same(a: float, b: float) -> bool:
-    """Equal, or both NaN."""
-    return float(a) == float(b) or (math.isnan(float(a)) and math.isnan(float(b)))
-
-
-def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def data_tags(meta: Optional[dict]) -> dict[str, str]:
+    """The data's source and content hash, from `prepare`'s meta.json."""
+    return {TAG + "data_source": str(meta.get("source")), TAG + "data_hash": str(meta.get("content_hash"))} if meta else {}
 
 
 def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
@@ -41,11 +33,9 @@ class StageRun:
 
     def __init__(self, client: Any = None, run_id: Optional[str] = None, parent_id: Optional[str] = None,
                  stage: str = "", uri: str = "", active: bool = True):
-        self.client, self.run_id, self.parent_id = client, run_id, parent_id
-        self.stage, self.uri = stage, uri
+        self.client, self.run_id, self.parent_id, self.stage, self.uri = client, run_id, parent_id, stage, uri
         self.active = active and client is not None and run_id is not None
         self.lost: Optional[str] = None
-        self.headline_metrics: dict[str, float] = {}
         self.last: dict[str, tuple[int, float]] = {}  # key -> (step, value) last logged to this run
         self.not_finite: set[str] = set()  # keys already warned about
 
@@ -69,9 +59,11 @@ class StageRun:
     def finite(self, metrics: Mapping[str, Any]) -> dict[str, float]:
         """The numbers MLflow may get: a NaN or infinite value is dropped, with one warning per key."""
         out = {}
-        for k, v in ((k, v) for k, v in metrics.items() if is_number(v)):
+        for k, v in metrics.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
             if math.isfinite(v):
-                out[k] = v
+                out[k] = float(v)
             elif k not in self.not_finite:
                 self.not_finite.add(k)
                 warn(f"warning: mlflow: {self.stage}: metric {k} is {v}; not logged")
@@ -81,27 +73,30 @@ class StageRun:
         if self.logging:
             self.call("params", log_params, self.client, self.run_id, params)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None,
-                    run_id: Optional[str] = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, run_id: Optional[str] = None) -> None:
         """Log the finite numbers of `metrics` at `step` to this run (or to `run_id`, e.g. the parent)."""
         if not (self.logging or (run_id is not None and self.client is not None)):
             return
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in self.finite(metrics).items()]
-        if run_id is None or run_id == self.run_id:
-            self.last.update({m.key: (m.step, m.value) for m in items})
+        items = [Metric(k, v, ts, step) for k, v in self.finite(metrics).items()]
+        if run_id is None:
+            self.last.update({m.key: (step, m.value) for m in items})
         for i in range(0, len(items), 500):
             self.call("metrics", self.client.log_batch, run_id or self.run_id, metrics=items[i:i + 500])
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float],
-                  images: Optional[Mapping[str, np.ndarray]] = None) -> None:
+                  images: Optional[Mapping[str, Any]] = None) -> None:
         """One epoch's numbers at step `epoch`, and its pictures (uint8 HxW or HxWxC); the training loops' callback."""
-        if self.logging:
-            self.log_metrics(metrics, step=epoch)
-            for key, image in (images or {}).items():
-                self.log_image(key, image, step=epoch)
+        self.log_metrics(metrics, step=epoch)
+        for key, image in (images or {}).items():
+            self.log_image(key, image, step=epoch)
+
+    def headline(self, metrics: Mapping[str, float]) -> None:
+        """The stage's final figures, at the last step logged (a value logged there already is not repeated)."""
+        step = max((s for s, _ in self.last.values()), default=0)
+        self.log_metrics({k: v for k, v in metrics.items() if self.last.get(k) != (step, v)}, step)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.logging:
@@ -124,7 +119,7 @@ class StageRun:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         content_hash = str(meta.get("content_hash", ""))
-        source = {"path": str(path) if path is not None else None, "origin": meta.get("source"),
+        source = {"path": None if path is None else str(path), "origin": meta.get("source"),
                   "description": meta.get("description"), "content_hash": content_hash}
         ds = Dataset(name=name, digest=content_hash[:36], source_type="local", source=json.dumps(source),
                      profile=json.dumps({"counts": meta.get("counts", {})}))
@@ -139,11 +134,3 @@ class StageRun:
         self.log_dataset(meta, "mnist-prepared", "prepared", out_dir)
         self.headline({f"{split}_images": n for split, n in meta.get("counts", {}).items()})
         self.log_artifact(Path(out_dir) / "meta.json")
-
-    def headline(self, metrics: Mapping[str, float]) -> None:
-        """The stage's final figures, at the last step logged (values already logged there are not repeated); the
-        parent gets them from the metrics files (`sync_parent_metrics`)."""
-        self.headline_metrics = self.finite(metrics)
-        step = max((s for s, _ in self.last.values()), default=0)
-        self.log_metrics({k: v for k, v in self.headline_metrics.items()
-                          if not (k in self.last and self.last[k][0] == step and same(self.last[k][1], v))}, step)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+os.environ["HF_HUB_OFFLINE"] = "1"  # as `test_env` gives the processes the tests start (commands run in-process too)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs pytest workers on the machine's two cores: one intra-op thread each, as the
     # pipeline processes they start get (`test_env`); set before anything imports torch
@@ -44,7 +45,7 @@ SHRUNK = {
 # pytest-xdist gives a worker another module while it has at most 2 tests pending, so the worker that
 # runs test_readme.py (2 tests, over a third of the suite's time) would take the next modules too and run
 # them after it, at the end, alone: the fourth module is a quick one of many tests, which stops that.
-LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_resume.py", "test_diffusion_math.py",
+LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_resume.py", "test_docs_api.py", "test_diffusion_math.py",
                  "test_bad_inputs.py", "test_dvc_semantics.py", "test_cli.py", "test_variants.py", "test_mlflow_ui.py",
                  "test_remotes.py", "test_distributed.py", "test_malicious_checkpoint.py", "test_evaluation.py",
                  "test_conditional.py", "test_serving.py", "test_bad_inputs_os.py", "test_pipeline.py")
@@ -94,7 +95,38 @@ def run(args: list[str], cwd: Path, check: bool = True, env: dict | None = None,
 
 
 def cli(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run([str(BIN / "mnist-ldm"), *args], cwd, check, env)
+    """`mnist-ldm args...` in `cwd`: in this process (`cli.main`, its output captured) unless `env` asks for
+    another environment, then as a subprocess. An uncaught exception becomes exit 1 with its traceback on stderr,
+    as a subprocess would end."""
+    if env is not None:
+        return run([str(BIN / "mnist-ldm"), *args], cwd, check, env)
+    import contextlib
+    import io
+    import traceback
+
+    import torch
+
+    from mnist_ldm.commands.cli import main
+
+    out, err, here, threads = io.StringIO(), io.StringIO(), os.getcwd(), torch.get_num_threads()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's --help and usage errors
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+    proc = subprocess.CompletedProcess(["mnist-ldm", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"mnist-ldm {' '.join(args)} exited {code}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr\n{proc.stderr[-4000:]}")
+    return proc
 
 
 def make_repo_copy(dest: Path, params: dict | None = None) -> Path:

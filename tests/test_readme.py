@@ -14,6 +14,7 @@ of the files: a stale one fails the test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -148,12 +149,11 @@ def prepared(block: Block, values: dict[str, str]) -> str:
     return text
 
 
-@pytest.fixture(scope="module")
-def workspace(trained_repo: Path, tmp_path_factory):
+@contextlib.contextmanager
+def docs_workspace(trained_repo: Path, root: Path):
     """A copy of the trained shrunk repository (tracking on: its own sqlite store) with a git remote
     `origin` and a local DVC remote, as a user's clone has; the servers the README starts are stopped
     at the end."""
-    root = tmp_path_factory.mktemp("readme")
     repo = root / "repo"
     shutil.copytree(trained_repo, repo, symlinks=True)
     origin, team = root / "origin.git", root / "dvc-remote"
@@ -175,6 +175,12 @@ def workspace(trained_repo: Path, tmp_path_factory):
                 os.killpg(int(pid), signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+@pytest.fixture(scope="module")
+def workspace(trained_repo: Path, tmp_path_factory):
+    with docs_workspace(trained_repo, tmp_path_factory.mktemp("readme")) as ws:
+        yield ws
 
 
 def run_block(block: Block, repo: Path, values: dict, env: dict) -> subprocess.CompletedProcess:
@@ -241,11 +247,17 @@ def test_every_relative_link_and_image_exists():
     assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
 
 
-def test_every_readme_block_runs(workspace):
+# the pages whose blocks run one after another in one workspace (README.md's servers serve docs/tracking.md's
+# client); the other pages' blocks run in tests/test_docs_api.py, in a workspace of their own, beside these
+FIRST_PAGES = ("README.md", "docs/tracking.md")
+
+
+def run_pages(pages: tuple[str, ...], workspace) -> list[str]:
+    """Run every block of `pages` (in the docs' order) that this machine can run; their first lines."""
     repo, values, env = workspace
     ran = []
     for block in readme_blocks():
-        if key_of(block, NOT_HERE):
+        if key_of(block, NOT_HERE) or block.file not in pages:
             continue
         base = logged_params(repo / "params.yaml")  # what a queued variant starts from
         proc = run_block(block, repo, values, env)
@@ -262,7 +274,11 @@ def test_every_readme_block_runs(workspace):
         if block.first.startswith("git clone <repo-url>"):
             clone = repo / "mnist-ldm-2"
             assert "Data and pipelines are up to date." in proc.stdout and (clone / "digits.png").exists()
-    assert len(ran) >= 10, ran
+    return ran
+
+
+def test_every_readme_block_runs(workspace):
+    assert len(run_pages(FIRST_PAGES, workspace)) >= 10
 
 
 def test_the_last_stage_names_the_ui_command(trained_repo):

@@ -95,10 +95,10 @@ def run(args: list[str], cwd: Path, check: bool = True, env: dict | None = None,
 
 
 def cli(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`mnist-ldm args...` in `cwd`: in this process (`cli.main`, its output captured) unless `env` asks for
-    another environment, then as a subprocess. An uncaught exception becomes exit 1 with its traceback on stderr,
-    as a subprocess would end."""
-    if env is not None:
+    """`mnist-ldm args...` in `cwd`, in this process (`cli.main` with `env` as its environment and its output
+    captured; a re-run under torchrun, `MNIST_LDM_NPROC`, needs a process of its own). An uncaught exception becomes
+    exit 1 with its traceback on stderr, as a process would end."""
+    if env is not None and "MNIST_LDM_NPROC" in env:
         return run([str(BIN / "mnist-ldm"), *args], cwd, check, env)
     import contextlib
     import io
@@ -109,6 +109,10 @@ def cli(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> s
     from mnist_ldm.commands.cli import main
 
     out, err, here, threads = io.StringIO(), io.StringIO(), os.getcwd(), torch.get_num_threads()
+    environ = dict(os.environ)
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -121,6 +125,8 @@ def cli(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> s
                 code = 1
     finally:
         os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environ)
         torch.set_num_threads(threads)
     proc = subprocess.CompletedProcess(["mnist-ldm", *args], code, out.getvalue(), err.getvalue())
     if check and code != 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 import subprocess
@@ -226,7 +225,7 @@ def test_stage_inputs_and_pipeline_key_follow_dep_files(tmp_path: Path) -> None:
     changed = stage_inputs(tmp_path, "prepare")
     assert changed["deps"][0]["md5"] != inputs["deps"][0]["md5"] and changed["deps"][1] == inputs["deps"][1]
     assert pipeline_key(tmp_path, PARAMS) != key
-    other = dataclasses.replace(PARAMS, tracking=dataclasses.replace(PARAMS.tracking, experiment="other"))
+    other = PARAMS.model_copy(update={"tracking": PARAMS.tracking.model_copy(update={"experiment": "other"})})
     assert pipeline_key(tmp_path, other) != pipeline_key(tmp_path, PARAMS)
 
 
@@ -314,7 +313,7 @@ def test_failure_marks_the_runs_failed_and_a_rerun_continues(repo: Path) -> None
 
 
 def test_tracking_off_logs_nothing(repo: Path) -> None:
-    off = dataclasses.replace(PARAMS, tracking=dataclasses.replace(PARAMS.tracking, enabled=False))
+    off = PARAMS.model_copy(update={"tracking": PARAMS.tracking.model_copy(update={"enabled": False})})
     with stage_run("prepare", off, {}) as run:
         assert not run.logging
         run.log_epoch(1, {"loss": 1.0})

@@ -88,13 +88,15 @@ def resolve_request(model_input: Any, defaults: dict[str, Any], max_images: int)
     n = given.pop("n", None)
     if n is None:
         raise bad_request(f"n is missing; give the number of images to generate (1 to {max_images})")
-    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= max_images):
-        raise bad_request(f"n={n!r} is not allowed; expected an integer from 1 to {max_images} images per request")
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise bad_request(f"n={n!r} is not allowed; expected an integer")
+    if not 1 <= n <= max_images:
+        raise bad_request(f"n={n} is not allowed; expected 1 to {max_images} images per request")
     try:
         request = SamplingRequest(**{**{k: defaults[k] for k in REQUEST_FIELDS if k in defaults}, **given})
     except ValidationError as e:
         raise bad_request(error_line(e, model=SamplingRequest)) from None
-    return {"n": n, "request": request, "given": list(given)}
+    return {"n": n, **request.model_dump()}
 
 
 class MnistGenerator(PythonModel):
@@ -110,8 +112,9 @@ class MnistGenerator(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         req = resolve_request(model_input, self.defaults, self.max_images)
+        given = [k for k in request_fields(model_input) if k != "n"]
         try:  # a given field that would change nothing (steps for ddpm, ...) is refused, not ignored
-            request = self.pipe.check(req["request"], req["given"])
+            request = self.pipe.check(SamplingRequest(**{k: req[k] for k in REQUEST_FIELDS}), given)
         except RequestError as e:  # named as the request names it: `eta=1.5 is not allowed; ...`
             raise bad_request(e.request_message) from None
         out = self.pipe.generate(req["n"], request, batch_size=int(self.defaults.get("batch_size") or 2500),

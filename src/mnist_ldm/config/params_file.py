@@ -1,9 +1,10 @@
 """Reading `params.yaml` as DVC reads it, and the values that change it for one command: `--set section.key=value`
 items and command flags.
 
-The file is parsed by DVC's own YAML 1.2 reader (`dvc.utils.serialize.loads_yaml`), so what a stage ran with is
-what `dvc params diff` and dvc.lock show (`010` is 10, `2e-4` a number, `yes` text); `--set` and flag values are
-read the same way. Every value is validated by the models of `sections`; each refusal is one `ConfigError` line
+The file is parsed as DVC parses it (ruamel's YAML 1.2 safe loader, `YAML(typ="safe")`, as in
+`dvc.utils.serialize.parse_yaml`; tests/test_config.py compares the two), so what a stage ran with is what
+`dvc params diff` and dvc.lock show (`010` is 10, `2e-4` a number, `yes` text); `--set` and flag values are read
+the same way. Every value is validated by the models of `sections`; each refusal is one `ConfigError` line
 naming where the value came from: the file, the `--set` item or the flag.
 """
 
@@ -21,13 +22,13 @@ SECTIONS = tuple(Params.model_fields)
 
 
 def parse_yaml(text: str) -> Any:
-    """`text` read by DVC's YAML reader; a `ConfigError` (prefix `params:`) for bad YAML or a duplicate key."""
-    from dvc.utils.serialize import loads_yaml
+    """`text` read as DVC reads YAML; a `ConfigError` (prefix `params:`) for bad YAML or a duplicate key."""
+    from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
     from ruamel.yaml.reader import ReaderError
 
     try:
-        return loads_yaml(text)
+        return YAML(typ="safe").load(text)
     except ReaderError as e:
         line = text.count("\n", 0, e.position) + 1
         raise ConfigError(f"params: not a text file: character {e.character:#04x} at line {line} is not allowed "

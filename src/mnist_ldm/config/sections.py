@@ -1,11 +1,10 @@
 """The params of `params.yaml`: one frozen pydantic model per section, each key's type, range, default (the
 file's value) and meaning written once; the rules between sections are validators of `Params`.
 
-A sampling request (`SamplingRequest`: sampler, steps, eta, guidance, digit, seed) is built from the `sample`
-section's fields, so it is validated by the same definitions; `request_problem` holds the rules that need the
-model a request meets (steps <= T, a digit needs a class-conditional model, a field that changes nothing), which
-`Params` applies with diffusion.T and diffusion.conditional. `error_line` words a `ValidationError` as the one
-line a user sees. Imports pydantic only (every DVC stage depends on this folder; it stays torch-free).
+A sampling request (`SamplingRequest`) is built from the `sample` section's fields; `request_problem` holds the
+rules that need the model a request meets (steps <= T, a digit needs a class-conditional model, a field that
+changes nothing), which `Params` applies with diffusion.T and diffusion.conditional. `error_line` words a
+`ValidationError` as the one line a user sees. Imports pydantic only: every stage depends on it, torch-free.
 """
 
 from __future__ import annotations
@@ -198,8 +197,8 @@ def request_problem(r: Any, T: int, num_classes: int, given: Iterable[str] = ())
 
 
 class RequestError(ConfigError):
-    """A sampling request that the model it meets refuses: its `field`, `value` and `problem` (the rest of the
-    line); the message names the field as the command line does (`--eta/sample.eta=...`, after `where`)."""
+    """A request's `field` that its model refuses, with `value` and `problem`, named as the command line names it
+    (`--eta/sample.eta=...`, after `where`); `request_message` names it as REST does."""
 
     def __init__(self, field: str, value: Any, problem: str, where: str = ""):
         self.field, self.value, self.problem = field, value, problem
@@ -208,7 +207,6 @@ class RequestError(ConfigError):
 
     @property
     def request_message(self) -> str:
-        """The line as a REST request names the field: `eta=1.5 is not allowed; ...`."""
         return f"{self.field}={self.value!r} {self.problem}"
 
 

@@ -277,7 +277,7 @@ def test_infer_unusable_checkpoint_is_one_error_line(trained_repo, tmp_path, cas
 # --------------------------------------------------------------------------- one entry path
 
 @pytest.mark.parametrize("extra,nproc,line", [
-    (["--epochs", "0"], "", "error: mnist-ldm train-ae: argument --epochs: expected a positive integer, got 0"),
+    (["--epochs", "0"], "", "error: --epochs 0: autoencoder.epochs=0 is not allowed; expected an integer >= 1"),
     ([], "two", "error: MNIST_LDM_NPROC='two' is not allowed; expected a number of processes >= 1"),
 ])
 def test_cli_and_stage_script_run_a_command_the_same_way(trained_repo, extra, nproc, line):

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from mnist_ldm.config.sections import DataConfig, Params, TrackingConfig
-from mnist_ldm.io.errors import UserError
 from mnist_ldm.data.prepared import DataError, Split, content_hash, limit, load_meta, load_split, write_prepared
 from mnist_ldm.data.sources import (
     IDX_FILES,

@@ -24,7 +24,7 @@ import yaml
 from code_deps import closure
 from conftest import BIN, REPO, copy_trained, run, write_params
 from conftest import test_env as user_env
-from test_pipeline import STAGES, downstream, extra_stages, pipeline
+from test_pipeline import downstream, extra_stages, pipeline
 
 OUTPUT_DIRS = ("models", "data/prepared", "data/latents", "outputs", "metrics", "plots")
 SKIPPED = "Stage '{}' didn't change, skipping"

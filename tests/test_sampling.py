@@ -12,12 +12,12 @@ import torch
 
 from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec
 from mnist_ldm.diffusion.denoiser import DenoiserSpec, LatentDenoiser
-from mnist_ldm.diffusion.schedule import NoiseSchedule, sample_loop
+from mnist_ldm.diffusion.samplers import sample_loop
+from mnist_ldm.diffusion.schedule import NoiseSchedule
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.data.latents import LatentScaler
-from mnist_ldm.config.sections import SampleConfig
+from mnist_ldm.config.sections import RequestError, SampleConfig, SamplingRequest
 from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline, Samples
-from mnist_ldm.diffusion.request import RequestError, SamplingRequest
 from mnist_ldm.diffusion.train import diffusion_loss
 from mnist_ldm.runtime.loop import EMA
 
@@ -252,14 +252,14 @@ def test_sample_returns_decoded_images_and_trajectory(toy_pipe):
 
 
 @pytest.mark.parametrize("kw, words", [
-    ({"sampler": "euler"}, "--sampler/sample.sampler='euler'"),
+    ({"sampler": "euler"}, "sampler='euler' is not allowed; expected one of ddpm, ddim"),
     ({"sampler": "ddim", "steps": 101}, "--steps/sample.steps=101"),
-    ({"sampler": "ddim", "steps": 0}, "--steps/sample.steps=0"),
-    ({"sampler": "ddim", "eta": 1.5}, "--eta/sample.eta=1.5"),
-    ({"sampler": "ddim", "eta": -0.5}, "--eta/sample.eta=-0.5"),
-    ({"guidance": -1.0}, "--guidance/sample.guidance=-1.0"),
-    ({"guidance": float("nan")}, "--guidance/sample.guidance=nan"),
-    ({"digit": 3}, "needs a class-conditional model"),
+    ({"sampler": "ddim", "steps": 0}, "steps=0 is not allowed"),
+    ({"sampler": "ddim", "eta": 1.5}, "eta=1.5 is not allowed"),
+    ({"sampler": "ddim", "eta": -0.5}, "eta=-0.5 is not allowed"),
+    ({"guidance": -1.0}, "guidance=-1.0 is not allowed"),
+    ({"guidance": float("nan")}, "guidance=nan is not allowed"),
+    ({"steps": 10, "digit": 3}, "needs a class-conditional model"),
 ])
 def test_sample_refuses_requests_the_model_cannot_serve(toy_pipe, kw, words):
     pipe, _ = toy_pipe
@@ -269,30 +269,39 @@ def test_sample_refuses_requests_the_model_cannot_serve(toy_pipe, kw, words):
 
 
 @pytest.mark.parametrize("kw, field, rest", [
-    ({"sampler": "euler"}, "sampler", "sampler='euler' is not a sampler; valid: ddpm, ddim"),
-    ({"sampler": "ddim", "steps": 11}, "steps", "steps=11 does not fit the T=10 diffusion steps of this model; "
-                                                "use 1 to 10"),
-    ({"eta": 1.5}, "eta", "eta=1.5 is not allowed; expected a number in [0, 1]"),
-    ({"guidance": float("inf")}, "guidance", "guidance=inf is not allowed; expected a finite number >= 0"),
-    ({"digit": 3}, "digit", "digit=3 needs a class-conditional model"),
-    ({"seed": -1}, "seed", "seed=-1 is not allowed; expected an integer in [0, 2^63)"),
+    ({"sampler": "ddim", "steps": 11}, "steps", "steps=11 is more than the T=10 diffusion steps of this model "
+                                                "(diffusion.T); expected 1 to 10"),
+    ({"steps": 5, "digit": 3}, "digit", "digit=3 needs a class-conditional model"),
+    ({"sampler": "ddpm", "eta": 0.0}, "eta", "eta=0.0 is not used by sampler ddpm"),
+    ({"steps": 5, "guidance": 3.0}, "guidance", "guidance=3.0 is not used by an unconditional model"),
 ])
 def test_a_refused_request_names_its_field_for_the_command_line_and_for_rest(kw, field, rest):
     """One check, one error: the CLI's message (`--eta/sample.eta=...`, after the checkpoint) and the REST
     one (`eta=...`) come from the same exception's field, not from rewording each other."""
     with pytest.raises(RequestError) as info:
-        SamplingRequest(**kw).checked(T=10, num_classes=0, where="models/diffusion.pt")
+        SamplingRequest(**kw).checked(T=10, num_classes=0, where="models/diffusion.pt", given=kw)
     e = info.value
     assert isinstance(e, UserError) and e.field == field and e.value == kw[field]
     assert e.request_message.startswith(rest) and "\n" not in e.request_message
     assert str(e) == f"models/diffusion.pt: --{field}/sample.{e.request_message}"
 
 
+def test_a_request_is_validated_by_the_sample_fields_and_defaults_to_them():
+    from pydantic import ValidationError
+
+    assert SamplingRequest() == SamplingRequest.of(SampleConfig())  # the packaged `sample` params' defaults
+    for kw in ({"eta": 1.5}, {"guidance": float("inf")}, {"seed": -1}, {"sampler": "euler"}, {"steps": 0}):
+        with pytest.raises(ValidationError):
+            SamplingRequest(**kw)
+        with pytest.raises(ValidationError):
+            SampleConfig(**kw)
+
+
 def test_a_request_is_checked_against_the_model_that_serves_it():
-    req = SamplingRequest.from_config(SampleConfig(digit=7, steps=5, seed=3))
+    req = SamplingRequest.of(SampleConfig(digit=7, steps=5, seed=3))
     assert (req.sampler, req.steps, req.eta, req.guidance, req.digit, req.seed) == ("ddim", 5, 1.0, 2.0, 7, 3)
     assert req.checked(T=5, num_classes=10) is req
-    with pytest.raises(RequestError, match=r"^--steps/sample\.steps=5 does not fit the T=4"):
+    with pytest.raises(RequestError, match=r"^--steps/sample\.steps=5 is more than the T=4"):
         req.checked(T=4, num_classes=10)
     with pytest.raises(RequestError, match=r"^--digit/sample\.digit=7 is not allowed; expected 0 to 4$"):
         req.checked(T=5, num_classes=5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -94,7 +93,7 @@ def test_params_refuse_a_second_evaluator_that_is_the_first_and_an_unknown_arch(
                                           r"expected another arch or seed"):
         params_from_dict(raw, require_all_sections=False)
     ok = params_from_dict({**raw, "second_evaluator": {"arch": "cnn", "seed": 4}}, require_all_sections=False)
-    assert ok.second_evaluator == dataclasses.replace(SecondEvaluatorConfig(), arch="cnn", seed=4)
+    assert ok.second_evaluator == SecondEvaluatorConfig(arch="cnn", seed=4)
     with pytest.raises(ConfigError, match=r"second_evaluator.arch='vit' is not allowed; expected one of cnn, allconv"):
         params_from_dict({"second_evaluator": {"arch": "vit"}}, require_all_sections=False)
     # left out, the second evaluator is the other architecture with its own seed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 import subprocess
@@ -303,7 +302,7 @@ def test_failure_marks_the_runs_failed_and_a_rerun_continues(repo: Path) -> None
 
 
 def test_tracking_off_logs_nothing(repo: Path) -> None:
-    off = dataclasses.replace(PARAMS, tracking=dataclasses.replace(PARAMS.tracking, enabled=False))
+    off = PARAMS.model_copy(update={"tracking": PARAMS.tracking.model_copy(update={"enabled": False})})
     with stage_run("prepare", off, {}) as run:
         assert not run.logging
         run.log_epoch(1, {"loss": 1.0})

@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mnist_ldm.io.checkpoint import load_model_checkpoint
-from mnist_ldm.config.sections import AUTOENCODER_KINDS as KINDS
 from mnist_ldm.runtime.device import autocast, model_device
 from mnist_ldm.runtime.memory import INFERENCE_BATCH
 from mnist_ldm.data.images import PIXELS, SIDE, as_batch, to_uint8
@@ -30,7 +29,7 @@ class AutoencoderSpec:
     hidden: tuple[int, int] = (512, 256)  # kind mlp: the two hidden layers
 
     def __post_init__(self):
-        if self.kind not in KINDS:
+        if self.kind not in KINDS:  # defined below, with the classes
             raise ValueError(f"autoencoder kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.kind == "none" and self.latent_dim != PIXELS:
             raise ValueError(f"autoencoder kind 'none' (pixel space) has {PIXELS} values, not {self.latent_dim}")
@@ -125,7 +124,8 @@ class PixelDecoder(nn.Module):
         return torch.logit(z.clamp(1e-6, 1 - 1e-6)).view(-1, 1, SIDE, SIDE)
 
 
-_PARTS = {"conv": (ConvEncoder, ConvDecoder), "mlp": (MLPEncoder, MLPDecoder), "none": (PixelEncoder, PixelDecoder)}
+# autoencoder.kind -> (encoder, decoder); config.sections.AutoencoderKind names the same (tests/test_config.py)
+KINDS = {"conv": (ConvEncoder, ConvDecoder), "mlp": (MLPEncoder, MLPDecoder), "none": (PixelEncoder, PixelDecoder)}
 
 
 class Autoencoder(nn.Module):
@@ -134,7 +134,7 @@ class Autoencoder(nn.Module):
     def __init__(self, spec: AutoencoderSpec):
         super().__init__()
         self.spec = spec
-        enc, dec = _PARTS[spec.kind]
+        enc, dec = KINDS[spec.kind]
         self.encoder, self.decoder = enc(spec), dec(spec)
 
     @property

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -57,4 +56,4 @@ def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_
 
 def _training_fields(cfg: AutoencoderConfig) -> dict:
     """The fields that change the weights (logging switches do not)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "generate_images"}
+    return {k: v for k, v in cfg.model_dump().items() if k != "generate_images"}

@@ -6,12 +6,11 @@ Also `mnist-ldm evaluate --no-tracking ...` to score any `.npz` of images outsid
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 from mnist_ldm.io.atomic import atomic_dir, write_json
-from mnist_ldm.config.sections import Params, override
+from mnist_ldm.config.sections import Params
 from mnist_ldm.data.prepared import load_meta, load_split
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.paths import check_paths
@@ -73,7 +72,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from mnist_ldm.evaluation.scoring import load_samples, score
 
     if args.no_tracking:
-        params = dataclasses.replace(params, tracking=override(params.tracking, "tracking", enabled=False))
+        params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
     cfg = params.evaluate
     inputs = {"samples": "a file", "evaluator": "a file", "data": "a folder", "ae_ckpt": "a file", "latents": "a folder"}
     inputs.update({name: "a file" for name in ("second_evaluator", "features", "second_features")

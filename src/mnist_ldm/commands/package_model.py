@@ -10,7 +10,6 @@ alias `champion`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -58,7 +57,7 @@ def _eval_metrics(path: Path) -> dict[str, float]:
 def run(params: Params, args: argparse.Namespace) -> dict:
     # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
-    from mnist_ldm.diffusion.request import SamplingRequest
+    from mnist_ldm.config.sections import SamplingRequest
     from mnist_ldm.diffusion.serving import MAX_IMAGES, save_generator
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log
@@ -66,8 +65,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     check_paths(args, {"ckpt": "a file", "ae_ckpt": "a file", "eval": "a file"}, folders=["out"])
     metrics = _eval_metrics(args.eval)
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema)
-    pipe.check(SamplingRequest.from_config(cfg))  # the packaged defaults must be a valid request for this model
-    defaults = dataclasses.asdict(cfg)
+    pipe.check(SamplingRequest.of(cfg))  # the packaged defaults must be a valid request for this model
+    defaults = cfg.model_dump()
     stage_params = {**tracking.section_params(params, "sample"), **tracking.section_params(params, "tracking")}
     with tracking.stage_run("package_model", params, stage_params) as run:
         with atomic_dir(args.out) as tmp, tempfile.TemporaryDirectory() as code_dir:

@@ -4,7 +4,6 @@ interpolation and, for a class-conditional model, a guidance sweep."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import time
 
@@ -32,7 +31,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from mnist_ldm import tracking
     from mnist_ldm.data.latents import check_producer, load_latents
     from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
-    from mnist_ldm.diffusion.request import SamplingRequest
+    from mnist_ldm.config.sections import SamplingRequest
 
     cfg = params.sample
     check_paths(args, {"ckpt": "a file", "ae_ckpt": "a file", "latents": "a folder"}, ["out", "metrics"],
@@ -40,11 +39,11 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     check_producer(args.latents, args.ae_ckpt)
     z_test, _ = load_latents(args.latents, "test")  # the reference set's size, and digits to interpolate
     if cfg.num_images == 0:  # as many as the test set, the reference that `evaluate` compares with
-        cfg = dataclasses.replace(cfg, num_images=len(z_test))
+        cfg = cfg.model_copy(update={"num_images": len(z_test)})
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema).to(runtime_for(args))
-    request = pipe.check(SamplingRequest.from_config(cfg))  # steps beyond T, a digit for an unconditional model
+    request = pipe.check(SamplingRequest.of(cfg))  # steps beyond T, a digit for an unconditional model
     check_sampling_memory(f"sample.num_images={cfg.num_images}", cfg.num_images, cfg.batch_size, pipe.latent_dim)
-    with tracking.stage_run("sample", params, tracking.section_params(dataclasses.replace(params, sample=cfg),
+    with tracking.stage_run("sample", params, tracking.section_params(params.model_copy(update={"sample": cfg}),
                                                                       "sample")) as run:
         run.set_tags({PRECISION_TAG: pipe.rt.precision})
         t0 = time.perf_counter()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from mnist_ldm.io.atomic import atomic_dir
-from mnist_ldm.config.sections import Params, override
+from mnist_ldm.config.sections import Params
 from mnist_ldm.data.prepared import load_meta, load_split
 from mnist_ldm.io.paths import check_paths
-from mnist_ldm.runtime.command import PRECISION_TAG, add_curves, add_paths, positive_float, positive_int, runtime_for
+from mnist_ldm.runtime.command import PRECISION_TAG, add_curves, add_param_flags, add_paths, runtime_for
 from mnist_ldm.runtime.command import publish, writes_outputs
 
 HELP = "train the autoencoder (conv or mlp; pixel space writes a pass-through one)"
@@ -19,12 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_paths(p, data="prepared data folder", out="checkpoint to write", metrics="metrics JSON to write",
               plots="folder for the PNG pictures")
     add_curves(p)
-    p.add_argument("--epochs", type=positive_int, help="autoencoder.epochs")
-    p.add_argument("--batch-size", type=positive_int, help="autoencoder.batch_size")
-    p.add_argument("--lr", type=positive_float, help="autoencoder.lr")
-    p.add_argument("--latent-dim", type=positive_int, help="autoencoder.latent_dim")
-    p.add_argument("--generate-images", action=argparse.BooleanOptionalAction, default=None,
-                   help="log a reconstruction grid to MLflow every epoch (autoencoder.generate_images)")
+    add_param_flags(p, **{k: f"autoencoder.{k}" for k in ("epochs", "batch_size", "lr", "latent_dim", "generate_images")})
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
@@ -36,9 +30,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from mnist_ldm.autoencoder.train import train_autoencoder
     from mnist_ldm.runtime.loop import count_parameters, resume_path_for
 
-    cfg = override(params.autoencoder, "autoencoder", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   latent_dim=args.latent_dim, generate_images=args.generate_images)
-    params = dataclasses.replace(params, autoencoder=cfg)
+    cfg = params.autoencoder
     check_paths(args, {"data": "a folder"}, ["out", "metrics", "curves"], ["plots"])
     rt = runtime_for(args)
     meta = load_meta(args.data)
@@ -61,7 +53,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         save_checkpoint(args.out, "mnist-ldm/autoencoder", {
             "model_config": model.spec.to_dict(),
             "state_dict": model.state_dict(),
-            "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "generate_images"},
+            "train_config": {k: v for k, v in cfg.model_dump().items() if k != "generate_images"},
             "trained_on": {k: meta[k] for k in ("source", "content_hash", "counts")},
             "runtime": rt.record(),
             "history": history,

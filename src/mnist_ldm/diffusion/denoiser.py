@@ -15,9 +15,7 @@ from mnist_ldm.diffusion.unet import UNetDenoiser
 
 def build_denoiser(spec: DenoiserSpec) -> Denoiser:
     """The network `spec.arch` names; both take (B, D) inputs, (B,) timesteps and optional (B,) labels."""
-    if spec.arch == "unet":
-        return UNetDenoiser(spec)
-    return LatentDenoiser(spec)
+    return DENOISERS[spec.arch](spec)
 
 
 class FiLMLayer(nn.Module):
@@ -84,3 +82,6 @@ class LatentDenoiser(Denoiser):
             h = block(h, emb)
         return self.out_proj(h.reshape(G * run, -1)[:B])
 
+
+# diffusion.denoiser -> network; config.sections.DenoiserArch names the same (tests/test_config.py)
+DENOISERS = {"mlp": LatentDenoiser, "unet": UNetDenoiser}

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mnist_ldm.config.sections import DENOISERS
+from mnist_ldm.config.sections import DenoiserArch
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class DenoiserSpec:
     channels: int = 16  # unet only: the width of its first level (widths c, 2c, 2c)
 
     def __post_init__(self):
-        if self.arch not in DENOISERS:
-            raise ValueError(f"denoiser {self.arch!r} is not one of {', '.join(DENOISERS)}")
+        if self.arch not in get_args(DenoiserArch):
+            raise ValueError(f"denoiser {self.arch!r} is not one of {', '.join(get_args(DenoiserArch))}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,6 +3,8 @@
     pipe = LatentDiffusionPipeline.from_checkpoints("models/diffusion.pt", "models/autoencoder.pt")
     samples = pipe.sample(64, sampler="ddim", steps=50, eta=0.0, seed=0)   # samples.images: (64, 28, 28) uint8
 
+A request's fields left out take the `sample` params' defaults (`config.sections.SamplingRequest`).
+
 `infer`, the `sample` stage, `evaluate`'s floors and the benchmarks all go through it. The denoiser
 works on standardized latents; the scaler maps them to the autoencoder's raw latents and back.
 """
@@ -11,22 +13,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from mnist_ldm.autoencoder.model import Autoencoder, decode_latents, encode_images, load_autoencoder
 from mnist_ldm.io.checkpoint import load_model_checkpoint
 from mnist_ldm.runtime.device import CPU, Runtime
 from mnist_ldm.diffusion.denoiser import DenoiserSpec, build_denoiser
-from mnist_ldm.diffusion.schedule import NoiseSchedule, ddim_invert_step, ddim_timesteps, guided_eps, sample_loop
+from mnist_ldm.config.sections import ConfigError, SamplingRequest, error_line
+from mnist_ldm.diffusion.samplers import sample_loop, sampler_for
+from mnist_ldm.diffusion.schedule import NoiseSchedule, ddim_invert_step, ddim_timesteps, guided_eps
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.hashing import file_md5
 from mnist_ldm.runtime.memory import INFERENCE_BATCH
 from mnist_ldm.data.latents import LatentScaler
 from mnist_ldm.runtime.progress import progress as progress_bar
-from mnist_ldm.diffusion.request import SamplingRequest
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,11 @@ class LatentDiffusionPipeline:
         return self.denoiser.spec.num_classes
 
     def network_evals(self, sampler: str, steps: Optional[int]) -> int:
-        return self.schedule.T if sampler == "ddpm" else int(steps or self.schedule.T)
+        return len(sampler_for(sampler, self.schedule, steps).timesteps)
 
     def check(self, request: SamplingRequest, given: Iterable[str] = ()) -> SamplingRequest:
         """`request`, if this model can serve it; else a `RequestError` naming the field (and this model's file).
-        `given`: the fields the user set, each refused if it would change nothing (`SamplingRequest.checked`)."""
+        `given`: the fields the user set, each refused if it would change nothing (`config.request_problem`)."""
         return request.checked(self.schedule.T, self.num_classes, self.source, given)
 
     def labels_for(self, n: int, digit: Optional[int]) -> Optional[torch.Tensor]:
@@ -149,13 +153,16 @@ class LatentDiffusionPipeline:
                             "settings (guidance, eta) are unusable")
         return z, traj
 
-    def sample(self, n: int, *, sampler: str = "ddpm", steps: Optional[int] = None, eta: float = 1.0,
-               guidance: float = 1.0, digit: Optional[int] = None, seed: int = 0, batch_size: int = 2500,
-               progress: bool = True, trajectory_points: int = 0) -> Samples:
-        """`generate` for the request these arguments make, once `check` accepts it."""
-        request = self.check(SamplingRequest(sampler=sampler, steps=steps, eta=eta, guidance=guidance, digit=digit,
-                                             seed=seed))
-        return self.generate(n, request, batch_size=batch_size, progress=progress, trajectory_points=trajectory_points)
+    def sample(self, n: int, *, batch_size: int = 2500, progress: bool = True, trajectory_points: int = 0,
+               **request: Any) -> Samples:
+        """`generate` for the request these fields make (sampler, steps, eta, guidance, digit, seed; the others
+        are the `sample` params' defaults), once it is valid and `check` accepts it."""
+        try:
+            req = SamplingRequest(**request)
+        except ValidationError as e:
+            raise ConfigError(error_line(e, self.source, SamplingRequest)) from None
+        return self.generate(n, self.check(req), batch_size=batch_size, progress=progress,
+                             trajectory_points=trajectory_points)
 
     def generate(self, n: int, request: SamplingRequest, *, batch_size: int = 2500, progress: bool = True,
                  trajectory_points: int = 0) -> Samples:

@@ -1,5 +1,5 @@
-"""Gaussian diffusion math (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM"). Imports torch, and from
-`sampling_rules` the sampler names and the DDIM rules (steps, eta) that the params and requests share.
+"""Gaussian diffusion math (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM"): the noise schedule, the forward
+process, one step of each sampler (`samplers.py` runs them) and classifier-free guidance.
 
 Coefficients are computed in float64 and cast to the sample dtype when used. Timesteps are
 0-based: t = 0 .. T-1, with beta[t] the variance added at step t.
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
-
-from mnist_ldm.config.sampling_rules import SAMPLERS, ddim_steps_ok, eta_ok
 
 
 def linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -135,20 +133,14 @@ def ddpm_step(s: NoiseSchedule, eps: torch.Tensor, xt: torch.Tensor, t: int, noi
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
     """Descending timesteps with "trailing" spacing: always starts at T-1 (Lin et al. 2024, table 2)."""
-    if not ddim_steps_ok(steps, T):
+    if not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
     return sorted({int(round(T - i * T / steps)) - 1 for i in range(steps)}, reverse=True)
 
 
-def check_eta(eta: float) -> None:
-    """Refuse an eta outside [0, 1] (`sampling_rules.eta_ok`), where eq. (16)'s step has no real solution."""
-    if not eta_ok(eta):
-        raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
-
-
 def ddim_sigma(s: NoiseSchedule, t: int, t_prev: int, eta: float) -> float:
-    """sigma_t(eta) of DDIM eq. (16); eta = 1 with t_prev = t-1 gives the DDPM posterior variance."""
-    check_eta(eta)
+    """sigma_t(eta) of DDIM eq. (16); eta = 1 with t_prev = t-1 gives the DDPM posterior variance (eta outside
+    [0, 1] has no real step: `DDIM` refuses it)."""
     ac = s.alphas_cumprod[t]
     ac_prev = s.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
     return float(eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt())
@@ -172,33 +164,6 @@ def ddim_invert_step(s: NoiseSchedule, eps: torch.Tensor, x: torch.Tensor, t_pre
     ac = float(s.alphas_cumprod[t])
     x0 = (x - (1 - ac_prev) ** 0.5 * eps) / ac_prev**0.5
     return ac**0.5 * x0 + (1 - ac) ** 0.5 * eps
-
-
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t (B,)) -> eps
-
-
-def sample_loop(eps_fn: EpsFn, s: NoiseSchedule, x_T: torch.Tensor, sampler: str = "ddpm", steps: Optional[int] = None,
-                eta: float = 1.0, generator: Optional[torch.Generator] = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yields (t, x_{t_next}, predicted x_0) after each network evaluation; the last x is the sample.
-
-    `ddpm` takes all T ancestral steps; `ddim` takes `steps` steps with trailing spacing and noise eta.
-    """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-    if sampler == "ddim":
-        check_eta(eta)  # before the first network evaluation
-    x = x_T
-    ts = list(range(s.T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(s.T, steps or s.T)
-    for i, t in enumerate(ts):
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        eps = eps_fn(x, tt)
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        if sampler == "ddpm":
-            x_next = ddpm_step(s, eps, x, t, noise)
-        else:
-            x_next = ddim_step(s, eps, x, t, ts[i + 1] if i + 1 < len(ts) else -1, eta, noise)
-        yield t, x_next, predict_x0(s, x, tt, eps)
-        x = x_next
 
 
 def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor], guidance: float) -> torch.Tensor:

@@ -18,7 +18,6 @@ checkpoint files, stored as model artifacts and read with `torch.load(weights_on
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,11 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+from pydantic import ValidationError
 
-from mnist_ldm.runtime.device import runtime
+from mnist_ldm.config.sections import REQUEST_FIELDS, RequestError, SamplingRequest, error_line
 from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
-from mnist_ldm.diffusion.request import RequestError, SamplingRequest, check_seed
-from mnist_ldm.config.sampling_rules import SAMPLERS
+from mnist_ldm.runtime.device import runtime
 
 MAX_IMAGES = 1000  # per request
 # The model is saved "from code" (no pickle): MLflow runs this file, with the packaged `mnist_ldm` on sys.path.
@@ -43,50 +42,27 @@ from mnist_ldm.diffusion.serving import MnistGenerator
 
 set_model(MnistGenerator())
 '''
-# request field -> (type, what it must be)
-FIELDS = {"n": (int, "an integer"), "digit": (int, "an integer digit"), "sampler": (str, "a sampler name"),
-          "steps": (int, "an integer"), "eta": (float, "a number"), "guidance": (float, "a number"),
-          "seed": (int, "an integer")}
-REQUEST_KEYS = tuple(f.name for f in dataclasses.fields(SamplingRequest))  # sampler, steps, eta, guidance, digit, seed
-DEFAULT_KEYS = ("digit", "sampler", "steps", "eta", "guidance", "seed", "use_ema", "batch_size")
+FIELDS = ("n", *REQUEST_FIELDS)
+DEFAULT_KEYS = (*REQUEST_FIELDS, "use_ema", "batch_size")
 
 
 def bad_request(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def _missing(name: str, v: Any) -> bool:
-    """A field left out: null, or NaN as `digit` (pandas' null of a numeric column: every digit). A NaN or
-    infinite number anywhere else is refused, never taken for the packaged default."""
-    return v is None or (name == "digit" and isinstance(v, float) and math.isnan(v))
-
-
 def _scalar(v: Any) -> Any:
-    """A plain Python value (numpy scalars and one-element lists unwrapped)."""
+    """A plain Python value: numpy scalars and one-element lists unwrapped, an integral float (a pandas column
+    with a null in it) an int; None for a field left out (null, or NaN as `digit`: pandas' null of a numeric
+    column). A NaN or infinite number anywhere else stays, to be refused, never taken for the default."""
     if isinstance(v, (list, tuple, np.ndarray)) and len(v) == 1:
         v = v[0]
-    return v.item() if isinstance(v, np.generic) else v
-
-
-def _show(v: Any, limit: int = 60) -> str:
-    """`repr(v)` on one line, shortened."""
-    text = " ".join(repr(v).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _typed(name: str, v: Any) -> Any:
-    kind, expected = FIELDS[name]
-    ok = (isinstance(v, str) if kind is str else
-          isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-          and (kind is float or float(v).is_integer()))
-    if not ok:
-        raise bad_request(f"{name}={_show(v)} is not allowed; expected {expected}")
-    return kind(v)
+    v = v.item() if isinstance(v, np.generic) else v
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def request_fields(model_input: Any) -> dict[str, Any]:
-    """The given fields of one request (a one-row DataFrame, a dict, or a one-element list of dicts),
-    type-checked; a missing or null optional field is left out (NaN and inf are refused)."""
+    """The given fields of one request (a one-row DataFrame, a dict, or a one-element list of dicts); a missing
+    or null field is left out."""
     if isinstance(model_input, pd.DataFrame):
         if len(model_input) != 1:
             raise bad_request(f"the request has {len(model_input)} rows; send one row (n asks for many images)")
@@ -97,26 +73,30 @@ def request_fields(model_input: Any) -> dict[str, Any]:
         row = model_input
     else:
         raise bad_request(f"the request is a {type(model_input).__name__}; send one record with the field n")
-    unknown = sorted(str(k) for k in row if k not in FIELDS)
-    if unknown:
-        raise bad_request(f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(FIELDS)}")
-    fields = {k: _scalar(v) for k, v in row.items()}
-    return {k: _typed(k, v) for k, v in fields.items() if not _missing(k, v)}
+    fields = {str(k): _scalar(v) for k, v in row.items()}
+    return {k: v for k, v in fields.items()
+            if not (v is None or (k == "digit" and isinstance(v, float) and math.isnan(v)))}
 
 
 def resolve_request(model_input: Any, defaults: dict[str, Any], max_images: int) -> dict[str, Any]:
-    """The request with the packaged defaults filled in; n and seed range-checked (`SamplingRequest` checks the
-    rest, for the model that serves it)."""
+    """The request with the packaged defaults filled in, validated by the `sample` params' own fields (n: 1 to
+    `max_images`); a refusal is one line naming the field."""
     given = request_fields(model_input)
-    if "n" not in given:
-        raise bad_request("n is missing; give the number of images to generate (1 to %d)" % max_images)
-    if not 1 <= given["n"] <= max_images:
-        raise bad_request(f"n={given['n']} is not allowed; expected 1 to {max_images} images per request")
+    unknown = sorted(k for k in given if k not in FIELDS)
+    if unknown:
+        raise bad_request(f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(FIELDS)}")
+    n = given.pop("n", None)
+    if n is None:
+        raise bad_request(f"n is missing; give the number of images to generate (1 to {max_images})")
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise bad_request(f"n={n!r} is not allowed; expected an integer")
+    if not 1 <= n <= max_images:
+        raise bad_request(f"n={n} is not allowed; expected 1 to {max_images} images per request")
     try:
-        check_seed(given.get("seed", 0))
-    except RequestError as e:
-        raise bad_request(e.request_message) from None
-    return {**{k: defaults.get(k) for k in REQUEST_KEYS}, **given}
+        request = SamplingRequest(**{**{k: defaults[k] for k in REQUEST_FIELDS if k in defaults}, **given})
+    except ValidationError as e:
+        raise bad_request(error_line(e, model=SamplingRequest)) from None
+    return {"n": n, **request.model_dump()}
 
 
 class MnistGenerator(PythonModel):
@@ -131,10 +111,10 @@ class MnistGenerator(PythonModel):
             use_ema=bool(self.defaults.get("use_ema", True))).to(runtime())
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        given = request_fields(model_input)
-        req = resolve_request(given, self.defaults, self.max_images)
+        req = resolve_request(model_input, self.defaults, self.max_images)
+        given = [k for k in request_fields(model_input) if k != "n"]
         try:  # a given field that would change nothing (steps for ddpm, ...) is refused, not ignored
-            request = self.pipe.check(SamplingRequest(**{k: req[k] for k in REQUEST_KEYS}), given)
+            request = self.pipe.check(SamplingRequest(**{k: req[k] for k in REQUEST_FIELDS}), given)
         except RequestError as e:  # named as the request names it: `eta=1.5 is not allowed; ...`
             raise bad_request(e.request_message) from None
         out = self.pipe.generate(req["n"], request, batch_size=int(self.defaults.get("batch_size") or 2500),
@@ -156,10 +136,8 @@ def signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-REQUEST = {"n": f"integer 1 to {MAX_IMAGES}, required", "digit": "integer 0-9, class-conditional models only",
-           "sampler": " or ".join(SAMPLERS), "steps": "integer 1 to T (ddim only)",
-           "eta": "number in [0, 1] (ddim only)",
-           "guidance": "number >= 0 (class-conditional models)", "seed": "integer in [0, 2^63)"}
+REQUEST = {"n": f"integer 1 to {MAX_IMAGES}, required",  # what each field must be, from the `sample` params' fields
+           **{k: f.description or "" for k, f in SamplingRequest.model_fields.items()}}
 
 
 def save_generator(path, diffusion_ckpt, ae_ckpt, defaults: dict[str, Any], package_dir, pip_requirements: list[str],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -15,7 +14,7 @@ from mnist_ldm.diffusion.denoiser import build_denoiser
 from mnist_ldm.runtime.device import CPU, Dist, Runtime, autocast
 from mnist_ldm.diffusion.schedule import NoiseSchedule, draw_timesteps, local_run, min_snr_weights, q_sample
 from mnist_ldm.diffusion.layers import Denoiser, DenoiserSpec
-from mnist_ldm.config.sampling_rules import DIGIT_CLASSES
+from mnist_ldm.config.sections import DIGIT_CLASSES
 from mnist_ldm.runtime.loop import EMA, EPOCH_TEST_ITEMS, adam, fingerprint, run_training, total_steps
 
 HELD_OUT_CHUNK = 2_000_000  # values per forward pass of the held-out loss
@@ -112,7 +111,7 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
             on_epoch(epoch, {"train_loss": train_loss, **metrics}, grids)
         return metrics
 
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "generate_images"}
+    fields = {k: v for k, v in cfg.model_dump().items() if k != "generate_images"}
     history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(z_train),
                            batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
                            checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, ema=ema,

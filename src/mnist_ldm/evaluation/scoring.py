@@ -21,7 +21,7 @@ from mnist_ldm.evaluation import metrics
 from mnist_ldm.autoencoder.model import decode_latents
 from mnist_ldm.evaluator.model import features_and_probs, reference_features
 from mnist_ldm.io.errors import UserError
-from mnist_ldm.config.params_rules import min_images
+from mnist_ldm.config.sections import min_images
 
 
 def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:

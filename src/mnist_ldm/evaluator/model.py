@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from mnist_ldm.io.atomic import write_npz
 from mnist_ldm.io.checkpoint import load_model_checkpoint
-from mnist_ldm.config.sections import EVALUATOR_ARCHS
 from mnist_ldm.runtime.device import autocast, model_device
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.runtime.memory import INFERENCE_BATCH
@@ -73,14 +72,14 @@ class EvaluatorAllConv(nn.Module):
 
 
 Evaluator = EvaluatorCNN | EvaluatorAllConv
-_ARCHS = {"cnn": EvaluatorCNN, "allconv": EvaluatorAllConv}
-assert tuple(_ARCHS) == EVALUATOR_ARCHS
+# evaluator.arch -> network; config.sections.EvaluatorArch names the same (tests/test_config.py)
+ARCHS = {"cnn": EvaluatorCNN, "allconv": EvaluatorAllConv}
 
 
 def build_evaluator(arch: str) -> Evaluator:
-    if arch not in _ARCHS:
-        raise ValueError(f"evaluator arch {arch!r} is not one of {', '.join(EVALUATOR_ARCHS)}")
-    return _ARCHS[arch]()
+    if arch not in ARCHS:
+        raise ValueError(f"evaluator arch {arch!r} is not one of {', '.join(ARCHS)}")
+    return ARCHS[arch]()
 
 
 @torch.no_grad()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -43,5 +42,5 @@ def train_evaluator(cfg: EvaluatorConfig, train: Split, test: Split, resume_path
     history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(images),
                            batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
                            checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, desc=stage,
-                           run_fingerprint=fingerprint("evaluator", dataclasses.asdict(cfg), data_hash), rt=rt)
+                           run_fingerprint=fingerprint("evaluator", cfg.model_dump(), data_hash), rt=rt)
     return model.to(memory_format=torch.contiguous_format), history

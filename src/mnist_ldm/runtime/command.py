@@ -5,7 +5,6 @@ torchrun, one-line errors and exit codes, and what a finished stage writes."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -14,8 +13,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from mnist_ldm.config.params_file import apply_overrides, load_params
-from mnist_ldm.config.sections import Params
+from mnist_ldm.config.params_file import apply_overrides, load_params, parse_yaml, with_changes
+from mnist_ldm.config.sections import ConfigError, Params
 from mnist_ldm.io.atomic import write_json
 from mnist_ldm.io.errors import UserError, os_error_line
 from mnist_ldm.io.hashing import arrays_digest
@@ -25,24 +24,11 @@ if TYPE_CHECKING:
     from mnist_ldm.runtime.device import Runtime
 
 
-def checked(cast, ok, expected: str):
-    """An argparse type: `cast` the text, then require `ok(value)`; errors say what was expected."""
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
-        return value
-    return parse
-
-
-digit = checked(int, lambda v: 0 <= v <= 9, "a digit 0-9")
-positive_int = checked(int, lambda v: v >= 1, "a positive integer")
-positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-finite_float = checked(float, math.isfinite, "a finite number")
-seed = checked(int, lambda v: 0 <= v < 2**63, "an integer seed in [0, 2^63)")
+def positive_int(text: str) -> int:
+    """An argparse type for a flag that is not a param (a port, a version)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 class Parser(argparse.ArgumentParser):
@@ -74,10 +60,39 @@ def add_paths(p: argparse.ArgumentParser, **flags: str) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=Path, required=True, help=text)
 
 
+def add_param_flags(p: argparse.ArgumentParser, **keys: str) -> None:
+    """One flag per param, named by keyword: `add_param_flags(p, epochs="autoencoder.epochs")` adds `--epochs`
+    (`--x/--no-x` for a bool). Its value, read as YAML, overrides params.yaml's and is validated by the param's
+    own section model, so a refusal names the flag and the key (`--epochs 0: autoencoder.epochs=0 ...`)."""
+    for dest, key in keys.items():
+        section, _, name = key.partition(".")
+        field = Params.model_fields[section].annotation.model_fields[name]
+        flag, text = "--" + dest.replace("_", "-"), f"{key}: {field.description}" if field.description else key
+        if dest in {a.dest for a in p._actions}:  # a flag of the command's own making (infer's --ema)
+            continue
+        if field.annotation is bool:
+            p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            p.add_argument(flag, dest=dest, metavar=name.upper(), help=text)
+    p.set_defaults(param_flags={**(p.get_default("param_flags") or {}), **keys})
+
+
 def load(args: argparse.Namespace) -> Params:
-    """The params file with the `--set` overrides given before and after the subcommand, in that order."""
+    """The params file with the `--set` overrides given before and after the subcommand, in that order, then
+    the command's param flags (each validated with its section)."""
     items = [*(getattr(args, "set", None) or []), *(getattr(args, "set_after", None) or [])]
-    return apply_overrides(load_params(args.params), items)
+    params = apply_overrides(load_params(args.params), items)
+    changes = []
+    for dest, key in (getattr(args, "param_flags", None) or {}).items():
+        value, flag = getattr(args, dest, None), "--" + dest.replace("_", "-")
+        if isinstance(value, str):
+            try:
+                value = parse_yaml(value)
+            except ConfigError as e:
+                raise ConfigError(f"{flag} {getattr(args, dest)}: {str(e).removeprefix('params: ')}") from None
+        if value is not None:
+            changes.append((f"{flag} {getattr(args, dest)}", key, value))
+    return with_changes(params, changes, sections_only=True)
 
 
 # the MLflow tag of every stage run that computes: DVC does not see the precision (see device.py)
@@ -183,19 +198,20 @@ def guarded(fn: Callable[[], object]) -> int:
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     """Run the command that `parser` (built with `add_command`) reads from `argv`; the exit status.
 
-    A parse error exits 2 before anything runs. A training stage with `MNIST_LDM_NPROC=N` (N > 1) then
-    re-runs this program under torchrun; otherwise the command runs with the params file and `--set`
-    overrides, glibc keeping freed memory (`memory.py`), errors as one line (`guarded`), and leaves the
-    torchrun process group, if it joined one."""
+    A parse error or a refused param exits 2 before anything runs. A training stage with `MNIST_LDM_NPROC=N`
+    (N > 1) then re-runs this program under torchrun; otherwise the command runs with the params (`load`),
+    glibc keeping freed memory (`memory.py`), errors as one line (`guarded`), and leaves the torchrun process
+    group, if it joined one."""
     argv = list(argv)
     args = parser.parse_args(argv)
-    command = args.command_module
-    code = guarded(lambda: relaunch_under_torchrun(stage_name(command), argv))
+    command, loaded = args.command_module, []
+    code = guarded(lambda: loaded.append(load(args))) or guarded(
+        lambda: relaunch_under_torchrun(stage_name(command), argv))
     if code:
         return code
     keep_freed_memory()
     try:
-        return guarded(lambda: command.run(load(args), args))
+        return guarded(lambda: command.run(loaded[0], args))
     finally:
         dist = sys.modules.get("torch.distributed")  # torch is not imported by every command
         if dist is not None and dist.is_available() and dist.is_initialized():

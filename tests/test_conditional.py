@@ -8,6 +8,7 @@ import torch
 
 from conftest import BIN, cli, copy_trained, run, write_params
 from mnist_ldm.io.checkpoint import save_checkpoint
+from mnist_ldm.config.sections import ConfigError
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.hashing import file_md5
 from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
@@ -79,7 +80,7 @@ def test_pipeline_samples_every_digit_or_the_requested_one(conditional_repo):
     assert every.labels.dtype == np.uint8 and every.labels.tolist() == list(range(10)) * 2
     sevens = pipe.sample(5, sampler="ddim", steps=5, eta=0.0, guidance=2.0, digit=7, seed=0, progress=False)
     assert sevens.labels.tolist() == [7] * 5
-    with pytest.raises(UserError, match="digit=10 is not allowed"):
+    with pytest.raises(ConfigError, match="digit=10 is not allowed"):
         pipe.sample(2, digit=10, progress=False)
     sweep = pipe.guidance_sweep((0.0, 1.0, 3.0), steps=5)
     assert sweep.shape == (10 * 3, 28, 28) and sweep.dtype == np.uint8

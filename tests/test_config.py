@@ -13,7 +13,6 @@ from typing import get_args
 import pytest
 
 from mnist_ldm.config.sections import AutoencoderConfig, ConfigError, DiffusionConfig, Params, SampleConfig
-from mnist_ldm.io.errors import UserError
 from mnist_ldm.config.params_file import (SECTIONS, apply_overrides, dotted_value, load_params, params_from_dict,
                                           parse_yaml, with_changes)
 
@@ -26,7 +25,7 @@ def refused(fn, *args, **kwargs) -> str:
     with pytest.raises(ConfigError) as info:
         fn(*args, **kwargs)
     msg = str(info.value)
-    assert isinstance(info.value, UserError) and "\n" not in msg and msg.strip() == msg, msg
+    assert isinstance(info.value, ConfigError) and "\n" not in msg and msg.strip() == msg, msg
     return msg
 
 

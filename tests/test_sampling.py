@@ -16,7 +16,7 @@ from mnist_ldm.diffusion.samplers import sample_loop
 from mnist_ldm.diffusion.schedule import NoiseSchedule
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.data.latents import LatentScaler
-from mnist_ldm.config.sections import RequestError, SampleConfig, SamplingRequest
+from mnist_ldm.config.sections import ConfigError, RequestError, SampleConfig, SamplingRequest
 from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline, Samples
 from mnist_ldm.diffusion.train import diffusion_loss
 from mnist_ldm.runtime.loop import EMA
@@ -263,7 +263,7 @@ def test_sample_returns_decoded_images_and_trajectory(toy_pipe):
 ])
 def test_sample_refuses_requests_the_model_cannot_serve(toy_pipe, kw, words):
     pipe, _ = toy_pipe
-    with pytest.raises(UserError) as info:
+    with pytest.raises(ConfigError) as info:
         pipe.sample(2, progress=False, **kw)
     assert words in str(info.value) and "\n" not in str(info.value)
 
@@ -281,7 +281,7 @@ def test_a_refused_request_names_its_field_for_the_command_line_and_for_rest(kw,
     with pytest.raises(RequestError) as info:
         SamplingRequest(**kw).checked(T=10, num_classes=0, where="models/diffusion.pt", given=kw)
     e = info.value
-    assert isinstance(e, UserError) and e.field == field and e.value == kw[field]
+    assert isinstance(e, ConfigError) and e.field == field and e.value == kw[field]
     assert e.request_message.startswith(rest) and "\n" not in e.request_message
     assert str(e) == f"models/diffusion.pt: --{field}/sample.{e.request_message}"
 

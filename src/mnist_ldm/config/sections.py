@@ -14,7 +14,6 @@ from typing import Annotated, Any, Iterable, Literal, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from mnist_ldm.io.errors import UserError
 
 # Names whose code lives in torch modules, which config must not import: tests/test_config.py checks that each
 # choice equals its registry's keys (diffusion/samplers.py SAMPLERS, autoencoder/model.py KINDS,
@@ -33,8 +32,10 @@ Positive = Annotated[int, Field(ge=1)]
 Digit = Optional[Annotated[int, Field(ge=0, le=9)]]
 
 
-class ConfigError(UserError):
-    pass
+class ConfigError(ValueError):
+    """A refused param or request field, as one line naming it; the commands print it as `error: ...`, exit 2."""
+
+    exit_code = 2
 
 
 class Section(BaseModel):

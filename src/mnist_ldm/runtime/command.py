@@ -176,7 +176,7 @@ def guarded(fn: Callable[[], object]) -> int:
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     try:
         fn()
-    except UserError as e:
+    except (UserError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:

@@ -28,11 +28,9 @@ class TrackingError(UserError):
 
 def git(args: list[str], cwd: Path) -> Optional[str]:
     """What `git args` prints in `cwd`, stripped; None if git fails."""
-    try:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
         out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+        return out.stdout.strip() if out.returncode == 0 else None
 
 
 def repo_root() -> Path:

@@ -36,9 +36,7 @@ def git(args: list[str], cwd: Path) -> Optional[str]:
 def repo_root() -> Path:
     """`DVC_ROOT`, else the git top level; a copy under `.dvc/tmp/exps/` (`dvc exp run --temp`) maps to its origin."""
     root = Path(os.environ.get("DVC_ROOT") or git(["rev-parse", "--show-toplevel"], Path.cwd()) or Path.cwd()).resolve()
-    parts = root.parts
-    at = next((i for i in range(len(parts) - 2) if parts[i:i + 3] == (".dvc", "tmp", "exps")), None)
-    return root if at is None else Path(*parts[:at])
+    return Path(f"{root}/".split("/.dvc/tmp/exps/")[0])
 
 
 def tracking_uri(root: Path) -> str:

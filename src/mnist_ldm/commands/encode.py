@@ -32,7 +32,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     splits = {split: load_split(args.data, split) for split in ("train", "test")}  # both usable before any write
     with tracking.stage_run("encode", params, {"encode.data": str(args.data), "encode.ae_ckpt": str(args.ae_ckpt)},
                             meta) as trun:
-        trun.set_tags({PRECISION_TAG: rt.precision})
+        trun.set_tag(PRECISION_TAG, rt.precision)
         latents = {split: encode_images(model, data.images, precision=rt.precision) for split, data in splits.items()}
         stats = {**latent_stats(latents["train"], model.fixed_scale), "ae_checkpoint_md5": file_md5(args.ae_ckpt),
                  "runtime": rt.record()}

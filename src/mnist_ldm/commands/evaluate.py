@@ -98,7 +98,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     stage_params = {**tracking.section_params(params, "evaluate"), "evaluate.samples": str(args.samples)}
     second_fcd = {}  # the second evaluator's FCDs, once scored
     with tracking.stage_run("evaluate", params, stage_params) as run:
-        run.set_tags({PRECISION_TAG: rt.precision})
+        run.set_tag(PRECISION_TAG, rt.precision)
         result = score(images, labels, evaluator, train.images, test.images, ae, z_train, cfg.n, cfg.k, cfg.seed,
                        precision=rt.precision, second=second, references=references)
         result["evaluator_test_accuracy"] = ev_meta["metrics"]["test_accuracy"]

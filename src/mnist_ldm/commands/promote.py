@@ -40,19 +40,19 @@ def metric_of(version: Any, metric: str) -> Optional[float]:
 def choose(versions: list, name: str, metric: str, version: Optional[int]) -> Any:
     """`version`, or else the version with the best `metric` tag, the newest first on a tie."""
     if version is not None:
-        chosen = next((v for v in versions if int(v.version) == version), None)
-        if chosen is None:
+        chosen = [v for v in versions if int(v.version) == version]
+        if not chosen:
             have = ", ".join(sorted((str(v.version) for v in versions), key=int))
             raise UserError(f"--version {version}: '{name}' has no such version; it has {have}")
-        return chosen
-    scored = [(m, v) for v in versions if (m := metric_of(v, metric)) is not None]
+        return chosen[0]
+    sign = -1 if metric.startswith(HIGHER_IS_BETTER) else 1
+    scored = [(sign * m, -int(v.version), v) for v in versions if (m := metric_of(v, metric)) is not None]
     if not scored:
         latest = max(versions, key=lambda v: int(v.version))
         numeric = sorted(k for k in latest.tags if metric_of(latest, k) is not None)
         raise UserError(f"--metric {metric}: no version of '{name}' has a number under this tag; "
                         f"version {latest.version} has {', '.join(numeric) or 'none'}")
-    sign = -1 if metric.startswith(HIGHER_IS_BETTER) else 1
-    return min(scored, key=lambda mv: (sign * mv[0], -int(mv[1].version)))[1]
+    return min(scored, key=lambda s: s[:2])[2]
 
 
 def describe(version: Optional[Any], metric: str) -> str:
@@ -87,10 +87,9 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     moved = previous is None or str(previous.version) != str(chosen.version)
     if moved:
         client.set_registered_model_alias(name, CHAMPION, str(chosen.version))
-        print(f"promote: {name} {describe(chosen, args.metric)} is now @{CHAMPION} ({how}); "
-              f"previous champion: {describe(previous, args.metric)}")
-    else:
-        print(f"promote: {name} {describe(chosen, args.metric)} is @{CHAMPION} already ({how}); nothing changed")
+    print(f"promote: {name} {describe(chosen, args.metric)} " + (
+        f"is now @{CHAMPION} ({how}); previous champion: {describe(previous, args.metric)}" if moved else
+        f"is @{CHAMPION} already ({how}); nothing changed"))
     print(f"  load it with mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\") ({uri})")
     return {"version": str(chosen.version), "previous": None if previous is None else str(previous.version),
             "moved": moved}

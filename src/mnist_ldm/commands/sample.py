@@ -45,7 +45,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     check_sampling_memory(f"sample.num_images={cfg.num_images}", cfg.num_images, cfg.batch_size, pipe.latent_dim)
     with tracking.stage_run("sample", params, tracking.section_params(params.model_copy(update={"sample": cfg}),
                                                                       "sample")) as run:
-        run.set_tags({PRECISION_TAG: pipe.rt.precision})
+        run.set_tag(PRECISION_TAG, pipe.rt.precision)
         t0 = time.perf_counter()
         out = pipe.generate(cfg.num_images, request, batch_size=cfg.batch_size, trajectory_points=10)
         seconds = time.perf_counter() - t0
@@ -63,7 +63,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                                {"images": out.images, "labels": out.labels}))
         summary = {"num_images": int(len(out.images)), "sampler": cfg.sampler, "network_evals": int(n_evals),
                    "seconds": round(seconds, 2), "images_per_second": round(len(out.images) / seconds, 1)}
-        run.log_image("samples", plots.grid_array(out.images[:64], 8), 0)
+        run.log_image(plots.grid_array(out.images[:64], 8), key="samples", step=0)
         publish(run, {k: v for k, v in summary.items() if isinstance(v, (int, float))}, args.metrics,
                 sorted(args.plots.glob("*.png")) + [args.metrics], metrics_file=summary)
     print(f"sample: {len(out.images)} images with {cfg.sampler} ({n_evals} network evaluations) in {seconds:.1f} s "

@@ -36,7 +36,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     meta = load_meta(args.data)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
     with tracking.training_run("train_ae", params, "autoencoder", meta, "mnist-train", args.data) as run:
-        run.set_tags({PRECISION_TAG: rt.precision})
+        run.set_tag(PRECISION_TAG, rt.precision)
         model, history = train_autoencoder(cfg, train, test, resume_path_for(args.out), meta["content_hash"],
                                            on_epoch=run.log_epoch, previews=cfg.generate_images and run.logging, rt=rt)
         if not writes_outputs(rt, "train_ae", model):

@@ -62,7 +62,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                         f"{args.ae_ckpt} makes {ae.spec.latent_dim}-d latents; re-run 'encode'")
     ae_md5 = file_md5(args.ae_ckpt)
     with tracking.training_run("train_diffusion", params, "diffusion", meta, "mnist-train-latents", args.latents) as run:
-        run.set_tags({PRECISION_TAG: rt.precision})
+        run.set_tag(PRECISION_TAG, rt.precision)
 
         def preview(model, s, epoch):
             pipe = LatentDiffusionPipeline(ae, model, s, scaler).to(rt)

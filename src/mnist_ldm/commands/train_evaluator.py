@@ -42,7 +42,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     with tracking.training_run(stage, params, args.section, meta, "mnist-train", args.data) as run:
         model, history = train_evaluator(cfg, train, test, resume_path_for(args.out), meta["content_hash"],
                                          on_epoch=run.log_epoch, rt=rt, stage=stage)
-        run.set_tags({PRECISION_TAG: rt.precision})
+        run.set_tag(PRECISION_TAG, rt.precision)
         if not writes_outputs(rt, stage, model):
             return {}
         weights_hash = weights_digest(model)

@@ -1,12 +1,7 @@
-"""`mnist-ldm ui`: the MLflow UI on the repository's tracking store, with the addresses of what to look at.
-
-It starts `mlflow ui` (the `mlflow` beside this Python) on `MLFLOW_TRACKING_URI`, else the repository's
-`mlflow.db`, on 127.0.0.1 and `--port`, without MLflow's GenAI job runner (nothing here uses it, and it costs
-several processes at every start). Once the server answers it prints the addresses of the experiment's runs
-table, the compare view of the latest two pipeline runs and the registered model's page, then waits; Ctrl-C stops
-the server. With `MLFLOW_TRACKING_URI` set to an http(s) server, that server already serves the UI: it prints the
-addresses on it and exits.
-"""
+"""`mnist-ldm ui`: the MLflow UI on the repository's tracking store (`MLFLOW_TRACKING_URI`, else `mlflow.db`) on
+127.0.0.1:`--port`, without MLflow's GenAI job runner; once it answers, the addresses of the runs table, the compare
+view of the latest two pipeline runs and the registered model. Ctrl-C stops it. An http(s) tracking server serves
+its own UI: only the addresses on it are printed."""
 
 from __future__ import annotations
 
@@ -36,28 +31,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=positive_int, default=5000, help="port on 127.0.0.1 (default: 5000)")
 
 
-def addresses(base: str, client, params: Params) -> list[str]:
+def addresses(base: str, uri: str, params: Params) -> str:
     """The lines to print: the runs table, the compare view of the latest two parent runs, the model's page."""
-    exp = client.get_experiment_by_name(params.tracking.experiment)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp, name = client.get_experiment_by_name(params.tracking.experiment), params.tracking.registered_model
     if exp is None:
-        raise UserError(f"tracking.experiment={params.tracking.experiment!r}: no such experiment in "
-                        f"{client.tracking_uri}; run the pipeline first (dvc repro)")
-    # MLflow 3 opens on its GenAI overview without `workflowType`
-    lines = [f"runs:    {base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"]
+        raise UserError(f"tracking.experiment={params.tracking.experiment!r}: no such experiment in {uri}; run the "
+                        f"pipeline first (dvc repro)")
     parents = client.search_runs([exp.experiment_id], "tags.`mnist_ldm.kind` = 'pipeline'", max_results=2,
                                  order_by=["start_time DESC"])
-    if len(parents) == 2:
-        runs, experiments = (quote(json.dumps(ids, separators=(",", ":")), safe="")
-                             for ids in ([r.info.run_id for r in parents], [exp.experiment_id]))
-        lines.append(f"compare: {base}/#/compare-runs?runs={runs}&experiments={experiments}")
-    else:
-        lines.append(f"compare: needs two pipeline runs; {len(parents)} so far (try a variant: dvc exp run -S ...)")
-    name = params.tracking.registered_model
-    if client.search_registered_models(f"name = '{name}'"):
-        lines.append(f"model:   {base}/#/models/{quote(name, safe='')}")
-    else:
-        lines.append(f"model:   no registered model {name!r} yet (tracking.registered_model; package_model adds it)")
-    return lines
+    ids = [quote(json.dumps(x, separators=(",", ":")), safe="") for x in ([r.info.run_id for r in parents],
+                                                                          [exp.experiment_id])]
+    return "\n".join([
+        f"runs:    {base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning",  # else GenAI pages
+        f"compare: {base}/#/compare-runs?runs={ids[0]}&experiments={ids[1]}" if len(parents) == 2 else
+        f"compare: needs two pipeline runs; {len(parents)} so far (try a variant: dvc exp run -S ...)",
+        f"model:   {base}/#/models/{quote(name, safe='')}" if client.search_registered_models(f"name = '{name}'") else
+        f"model:   no registered model {name!r} yet (tracking.registered_model; package_model adds it)"])
 
 
 def answers(base: str) -> bool:
@@ -69,23 +61,20 @@ def answers(base: str) -> bool:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    from mlflow import MlflowClient
-
     uri = tracking.tracking_uri(tracking.repo_root())
     if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
         if not answers(uri.rstrip("/")):
             raise UserError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not answering; start it, or "
                             f"unset MLFLOW_TRACKING_URI")
-        print("\n".join(addresses(uri.rstrip("/"), MlflowClient(tracking_uri=uri), params)), flush=True)
+        print(addresses(uri.rstrip("/"), uri, params), flush=True)
         return {"uri": uri, "started": False}
-    with socket.socket() as s:
+    with socket.socket() as s:  # a server already there would answer in place of ours
         try:
             s.bind(("127.0.0.1", args.port))
         except OSError:
             raise UserError(f"--port {args.port}: something already listens on 127.0.0.1:{args.port}; pass another "
                             f"--port") from None
-    base = f"http://127.0.0.1:{args.port}"
-    log = Path(tempfile.mkstemp(prefix="mnist-ldm-ui-", suffix=".log")[1])
+    base, log = f"http://127.0.0.1:{args.port}", Path(tempfile.mkstemp(prefix="mnist-ldm-ui-", suffix=".log")[1])
     mlflow = Path(sys.executable).parent / "mlflow"
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and `kill` stop the server (also when started with &)
         signal.signal(sig, signal.default_int_handler)
@@ -104,22 +93,16 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                 raise UserError(f"mlflow ui did not answer on {base} within {START_TIMEOUT_S} s (its log: {log})")
             time.sleep(0.3)
         print(f"ui: MLflow UI on {uri} at {base} (server log: {log}); Ctrl-C stops it", flush=True)
-        print("\n".join(addresses(base, MlflowClient(tracking_uri=uri), params)), flush=True)
+        print(addresses(base, uri, params), flush=True)
         raise UserError(f"mlflow ui stopped with status {proc.wait()} (its log: {log})")
     except KeyboardInterrupt:
         log.unlink(missing_ok=True)  # a clean stop: the log holds nothing to look at
         raise
-    finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Terminate the server and the workers it started (its own process group)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            continue
+    finally:  # the server and the workers it started: its own process group
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=10)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue

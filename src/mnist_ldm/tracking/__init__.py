@@ -1,9 +1,5 @@
-"""MLflow tracking: one parent run per pipeline state, one child run per stage executed (docs/tracking.md).
-
-`store` (where runs go), `runs` (the parent and the stage's run, identified by DVC's hashes), `stagerun`
-(`StageRun`, what a stage logs), `registry` (the packaged generator as a registered model version). Not a code dep
-of any stage: it decides how a run is logged, never what a stage writes.
-"""
+"""MLflow tracking: one parent run per pipeline state, one child run per stage executed (docs/tracking.md). Not a
+code dep of any stage: it decides how a run is logged, never what a stage writes."""
 
 from mnist_ldm.tracking.runs import section_params, stage_run, training_run
 from mnist_ldm.tracking.stagerun import StageRun

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from mnist_ldm.tracking.runs import dotted, git_tags
 from mnist_ldm.tracking.stagerun import StageRun
@@ -34,27 +34,31 @@ def headline(result: dict) -> dict[str, float]:
 def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float]) -> Optional[str]:
     """Log `model_dir` (an MLflow model folder) as a logged model of the stage's run and register it as a new
     version of `name` (a linked run's version is kept); its number, or None if tracking is off or logging failed."""
-    client, run_id = run.client, run.run_id
-    if client is None or run_id is None:
+    if run.client is None or run.run_id is None:
         return None
     if not run.active:
-        done = []
         with contextlib.suppress(Exception):  # no such registered model yet
-            done = list(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
-        if done:
-            print(f"mlflow: {run.stage}: run {run_id} is registered already as version {done[0].version} of "
-                  f"'{name}'; no new version", file=sys.stderr)
-            return str(done[0].version)
+            for mv in run.client.search_model_versions(f"name = '{name}' and run_id = '{run.run_id}'"):
+                print(f"mlflow: {run.stage}: run {run.run_id} is registered already as version {mv.version} of "
+                      f"'{name}'; no new version", file=sys.stderr)
+                return str(mv.version)
+    mv = run.call("model registry", new_version, run.client, run.run_id, run.stage, model_dir, name, metrics)
+    if mv is None:
+        return None
+    fcd = f", fcd.generated {metrics['fcd.generated']:.4f}" if "fcd.generated" in metrics else ""
+    print(f"mlflow: {run.stage}: registered version {mv.version} of '{name}' (models:/{name}/{mv.version}{fcd}); "
+          f"`mnist-ldm promote` makes the best version @{CHAMPION}", file=sys.stderr)
+    return str(mv.version)
+
+
+def new_version(client: Any, run_id: str, stage: str, model_dir: Path, name: str, metrics: dict[str, float]) -> Any:
     from mlflow.entities import LoggedModelOutput
 
-    info = run.call("run", client.get_run, run_id)
-    model = info and run.call("logged model", client.create_logged_model, info.info.experiment_id,
-                              name="generator", source_run_id=run_id, tags={TAG + "stage": run.stage})
-    if model is None:
-        return None
-    run.call("run outputs", client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step=0)])
-    run.call("model files", client.log_model_artifacts, model.model_id, str(model_dir))
-    run.call("model status", client.finalize_logged_model, model.model_id, "READY")
+    model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="generator",
+                                       source_run_id=run_id, tags={TAG + "stage": stage})
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    client.log_model_artifacts(model.model_id, str(model_dir))
+    client.finalize_logged_model(model.model_id, "READY")
     with contextlib.suppress(Exception):  # there already
         client.create_registered_model(name, description=DESCRIPTION)
     git = git_tags(Path.cwd())
@@ -64,11 +68,4 @@ def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float
             "mlflow_run": run_id, **{k: repr(v) for k, v in metrics.items()}}
     # the source is the logged model's own location: a `models:/<model_id>` source would make MLflow look the
     # model up in the process-wide default store, not in this client's
-    mv = run.call("model version", client.create_model_version, name, model.artifact_location, run_id=run_id,
-                  tags=tags, model_id=model.model_id)
-    if mv is None:
-        return None
-    fcd = f", fcd.generated {metrics['fcd.generated']:.4f}" if "fcd.generated" in metrics else ""
-    print(f"mlflow: {run.stage}: registered version {mv.version} of '{name}' (models:/{name}/{mv.version}{fcd}); "
-          f"`mnist-ldm promote` makes the best version @{CHAMPION}", file=sys.stderr)
-    return str(mv.version)
+    return client.create_model_version(name, model.artifact_location, run_id=run_id, tags=tags, model_id=model.model_id)

@@ -1,5 +1,5 @@
-"""The runs of a pipeline: one parent run per pipeline state, a child run per stage executed, both identified by
-what DVC hashes (each dep as dvc.lock records it, the params)."""
+"""The runs of a pipeline: one parent run per pipeline state and, nested under it, one run per stage executed,
+both identified by what DVC hashes (each dep as dvc.lock records it, the params)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 
 from mnist_ldm.config.sections import Params
 from mnist_ldm.io.errors import first_line
-from mnist_ldm.tracking.stagerun import StageRun, data_tags, log_params
+from mnist_ldm.tracking.stagerun import StageRun, data_tags
 from mnist_ldm.tracking.store import TAG, TrackingError, connect, experiment_id, git, repo_root, tracking_uri
 
 # what the parent run shows of the metrics files, in this order (MLflow's compare view plots the first metric a
@@ -84,56 +84,26 @@ def git_tags(workdir: Path) -> dict[str, str]:
     return {**tags, **{TAG + v.lower(): os.environ[v] for v in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if os.environ.get(v)}}
 
 
-def find_run(client: Any, exp_id: str, tags: dict[str, str]) -> Any:
-    """The newest run of `exp_id` with these tags, or None."""
-    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([exp_id], filter_string=flt, max_results=1, order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
-
-
-def parent_run(client: Any, exp_id: str, key: str, params: Params, tags: dict[str, str], under_dvc: bool):
-    """The parent run of this pipeline state (found or created), and whether this stage sets its status: a stage
-    that DVC runs does; a stage run by hand leaves a parent that finished alone."""
-    found = find_run(client, exp_id, {TAG + "pipeline_key": key, TAG + "kind": "pipeline"})
-    if found is not None:
-        own = under_dvc or found.info.status != "FINISHED"
-        if own and found.info.status != "RUNNING":
-            client.update_run(found.info.run_id, status="RUNNING")
-        return found.info.run_id, own
-    name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{key[:6]}"
-    run_id = client.create_run(exp_id, run_name=name, tags={**tags, TAG + "pipeline_key": key,
-                                                             TAG + "kind": "pipeline"}).info.run_id
-    log_params(client, run_id, params.flat())
-    return run_id, True
-
-
-def child_run(client: Any, exp_id: str, stage: str, input_hash: str, parent_id: str, tags: dict[str, str]):
-    """The run of `stage` with these inputs under `parent_id`, and how it is used: "new"; "continued", the
-    interrupted run with the same inputs; or "linked", the finished one (tagged, and named on the parent)."""
-    existing = find_run(client, exp_id, {TAG + "stage": stage, TAG + "input_hash": input_hash})
-    if existing is None:
-        return client.create_run(exp_id, run_name=stage, tags={
-            **tags, "mlflow.parentRunId": parent_id, TAG + "stage": stage, TAG + "input_hash": input_hash,
-            TAG + "kind": "stage"}).info.run_id, "new"
-    run_id = existing.info.run_id
-    if existing.info.status == "FINISHED":
-        client.set_tag(run_id, TAG + "last_relinked", time.strftime("%Y-%m-%dT%H:%M:%S"))
-        client.set_tag(parent_id, f"{TAG}linked.{stage}", run_id)
-        return run_id, "linked"
-    client.update_run(run_id, status="RUNNING")
-    client.set_tag(run_id, "mlflow.parentRunId", parent_id)
-    return run_id, "continued"
+def open_run(client: Any, exp_id: str, key: dict[str, str], name: str, tags: dict[str, str]) -> tuple[Any, bool]:
+    """The newest run of `exp_id` tagged with `key`, else a new one named `name`, tagged `key` and `tags`; and
+    whether it is new."""
+    found = client.search_runs([exp_id], " and ".join(f"tags.`{k}` = '{v}'" for k, v in key.items()), max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    return (found[0], False) if found else (client.create_run(exp_id, run_name=name, tags={**tags, **key}), True)
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_meta: Optional[dict] = None,
               workdir: Optional[Path] = None) -> Iterator[StageRun]:
-    """The run of `stage` (`child_run`) under the pipeline's parent run; both are marked FAILED if the stage raises
-    (KILLED on Ctrl-C or SIGTERM, e.g. `dvc queue kill`)."""
+    """The run of `stage` under the parent run of the pipeline's state: a new one; the interrupted one with the same
+    inputs, continued; or the finished one, linked to (tagged, and named on the parent) instead of a twin. Both are
+    marked FAILED if the stage raises (KILLED on Ctrl-C or SIGTERM, e.g. `dvc queue kill`). A stage run by hand
+    leaves a parent that finished alone; one that DVC runs sets the parent's status and headline metrics."""
     if not params.tracking.enabled or os.environ.get("RANK", "0") != "0":
         yield StageRun(active=False)
         return
     from dvc.utils import dict_md5
+    from mlflow.entities import Param, RunTag
 
     workdir = (workdir or Path.cwd()).resolve()
     root = repo_root()
@@ -149,25 +119,38 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
         exp_id = experiment_id(client, params.tracking.experiment, uri, root)
         tags = {**git_tags(workdir), **data_tags(data_meta)}
         key = dict_md5(json.loads(json.dumps({"params": params.flat(), "sources": sources}, default=str)))
-        parent_id, own_parent = parent_run(client, exp_id, key, params, tags, under_dvc)
-        for k, v in data_tags(data_meta).items():
-            client.set_tag(parent_id, k, v)
-        run_id, mode = child_run(client, exp_id, stage, input_hash, parent_id, tags)
+        name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{key[:6]}"
+        parent, new_parent = open_run(client, exp_id, {TAG + "pipeline_key": key, TAG + "kind": "pipeline"}, name, tags)
+        parent_id = parent.info.run_id
+        own_parent = new_parent or under_dvc or parent.info.status != "FINISHED"
+        client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in params.flat().items()] if new_parent else [],
+                         tags=[RunTag(k, v) for k, v in data_tags(data_meta).items()])
+        child, new = open_run(client, exp_id, {TAG + "stage": stage, TAG + "input_hash": input_hash}, stage,
+                              {**tags, "mlflow.parentRunId": parent_id, TAG + "kind": "stage"})
+        run_id, linked = child.info.run_id, child.info.status == "FINISHED"
+        for rid, run_info, own in ((parent_id, parent.info, own_parent), (run_id, child.info, not linked)):
+            if own and run_info.status != "RUNNING":
+                client.update_run(rid, status="RUNNING")
+        if linked:
+            client.set_tag(run_id, TAG + "last_relinked", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            client.set_tag(parent_id, f"{TAG}linked.{stage}", run_id)
+        elif not new:
+            client.set_tag(run_id, "mlflow.parentRunId", parent_id)
     except TrackingError:
         raise
     except Exception as e:
         raise TrackingError(f"MLflow store {uri} could not be used ({type(e).__name__}: {first_line(e)})") from None
 
-    run = StageRun(client, run_id, parent_id, stage, uri, active=mode != "linked")
-    if mode == "new":
-        run.log_params(stage_params)
-        run.call("file dvc_inputs.yaml", client.log_dict, run_id, inputs, "dvc_inputs.yaml")
-    if mode == "linked":
+    run = StageRun(client, run_id, parent_id, stage, uri, active=not linked)
+    if new:
+        run.log_batch(params=[Param(k, str(v)) for k, v in stage_params.items()])
+        run.log_dict(inputs, "dvc_inputs.yaml")
+    if linked:
         print(f"mlflow: {stage}: inputs identical to finished run {run_id} (hash {input_hash}); linked to it "
               f"instead of logging a duplicate", file=sys.stderr)
     else:
         where = f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}" if uri.startswith("http") else uri
-        print(f"mlflow: {stage}: {'continuing interrupted' if mode == 'continued' else 'logging to'} run {run_id} "
+        print(f"mlflow: {stage}: {'logging to' if new else 'continuing interrupted'} run {run_id} "
               f"(parent {parent_id}) at {where}", file=sys.stderr)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None  # SIGTERM: KeyboardInterrupt
@@ -182,7 +165,7 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
             signal.signal(signal.SIGTERM, previous)
         if own_parent and under_dvc:  # a failed stage's own figures are not taken
             parent_metrics(run, workdir, stage if status == "FINISHED" else "")
-        for rid, own in ((run_id, mode != "linked"), (parent_id, own_parent)):
+        for rid, own in ((run_id, not linked), (parent_id, own_parent)):
             if own:
                 run.call("run status", client.set_terminated, rid, status)
 
@@ -205,15 +188,14 @@ def dotted(d: dict, key: str) -> Any:
 
 def parent_metrics(run: StageRun, workdir: Path, finished: str) -> None:
     """Put `PARENT_METRICS` on the parent, in that order, from the metrics files `current_metrics` names (the
-    running stage's only if it `finished`)."""
-    files = run.call("dvc stage status", current_metrics, workdir, finished)
+    running stage's only if it `finished`); each value once."""
     found = {}
-    for path in sorted(files or ()):
+    for path in sorted(run.call("dvc stage status", current_metrics, workdir, finished) or ()):
         with contextlib.suppress(OSError, ValueError):
             data = json.loads((workdir / path).read_text())
             found.update({k: dotted(data, k.split(".", 1)[1]) for k in PARENT_METRICS
                           if k.split(".", 1)[0] == Path(path).stem})
     parent = run.call("parent metrics", run.client.get_run, run.parent_id) if found else None
-    if parent is not None:  # each value once
+    if parent is not None:
         run.log_metrics({k: found[k] for k in PARENT_METRICS if k in found and parent.data.metrics.get(k) != found[k]},
                         run_id=run.parent_id)

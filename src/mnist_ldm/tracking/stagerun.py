@@ -1,4 +1,5 @@
-"""`StageRun`: what a stage logs to its MLflow run; every call is safe and warns once if the store goes away."""
+"""`StageRun`: a stage's MLflow run, where every call is safe: the first failure of the store warns once and the
+stage goes on without logging."""
 
 from __future__ import annotations
 
@@ -18,30 +19,22 @@ def data_tags(meta: Optional[dict]) -> dict[str, str]:
     return {TAG + "data_source": str(meta.get("source")), TAG + "data_hash": str(meta.get("content_hash"))} if meta else {}
 
 
-def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
-    """Log `params` (values as text) to run `run_id`, 100 a batch (MLflow's limit)."""
-    from mlflow.entities import Param
-
-    items = [Param(k, str(v)) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
-
-
 class StageRun:
-    """Logging for one stage; after the first failure it warns once and stops. `active` is False when tracking is
-    off or the run is a finished one linked to (nothing more goes into it; the parent is still updated)."""
+    """An MlflowClient bound to one run: `run.set_tag(k, v)` is `client.set_tag(run_id, k, v)`, and so on for each
+    client method. `active` is False when tracking is off or the run is a finished one linked to: nothing goes into
+    it (the parent is still updated)."""
 
     def __init__(self, client: Any = None, run_id: Optional[str] = None, parent_id: Optional[str] = None,
                  stage: str = "", uri: str = "", active: bool = True):
         self.client, self.run_id, self.parent_id, self.stage, self.uri = client, run_id, parent_id, stage, uri
         self.active = active and client is not None and run_id is not None
-        self.lost: Optional[str] = None
+        self.lost: Optional[str] = None  # what failed first
         self.last: dict[str, tuple[int, float]] = {}  # key -> (step, value) last logged to this run
         self.not_finite: set[str] = set()  # keys already warned about
 
     @property
     def logging(self) -> bool:
-        """Whether child-run logging still happens (callers skip work, such as preview images, if not)."""
+        """Whether logging to this run still happens (callers skip work, such as preview images, if not)."""
         return self.active and not self.lost
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -56,57 +49,38 @@ class StageRun:
                  f"the stage goes on and writes its outputs, the rest of its MLflow logging is skipped")
             return None
 
-    def finite(self, metrics: Mapping[str, Any]) -> dict[str, float]:
-        """The numbers MLflow may get: a NaN or infinite value is dropped, with one warning per key."""
-        out = {}
-        for k, v in metrics.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                continue
-            if math.isfinite(v):
-                out[k] = float(v)
-            elif k not in self.not_finite:
-                self.not_finite.add(k)
-                warn(f"warning: mlflow: {self.stage}: metric {k} is {v}; not logged")
-        return out
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kw: (self.call(name, getattr(self.client, name), self.run_id, *args, **kw)
+                                    if self.logging else None)
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        if self.logging:
-            self.call("params", log_params, self.client, self.run_id, params)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, run_id: Optional[str] = None) -> None:
-        """Log the finite numbers of `metrics` at `step` to this run (or to `run_id`, e.g. the parent)."""
-        if not (self.logging or (run_id is not None and self.client is not None)):
+    def log_metrics(self, metrics: Mapping[str, Any], step: int = 0, run_id: Optional[str] = None) -> None:
+        """The finite numbers of `metrics` at `step`, to this run or to `run_id` (the parent); a NaN or infinite
+        value is dropped with one warning per key."""
+        if self.client is None or not (self.logging or run_id):
             return
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        items = [Metric(k, v, ts, step) for k, v in self.finite(metrics).items()]
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for k in sorted(k for k, v in numbers.items() if not math.isfinite(v) and k not in self.not_finite):
+            self.not_finite.add(k)
+            warn(f"warning: mlflow: {self.stage}: metric {k} is {numbers[k]}; not logged")
+        items = [Metric(k, v, int(time.time() * 1000), step) for k, v in numbers.items() if math.isfinite(v)]
         if run_id is None:
             self.last.update({m.key: (step, m.value) for m in items})
-        for i in range(0, len(items), 500):
-            self.call("metrics", self.client.log_batch, run_id or self.run_id, metrics=items[i:i + 500])
+        self.call("metrics", self.client.log_batch, run_id or self.run_id, metrics=items)
 
-    def log_epoch(self, epoch: int, metrics: Mapping[str, float],
-                  images: Optional[Mapping[str, Any]] = None) -> None:
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float], images: Optional[Mapping[str, Any]] = None) -> None:
         """One epoch's numbers at step `epoch`, and its pictures (uint8 HxW or HxWxC); the training loops' callback."""
         self.log_metrics(metrics, step=epoch)
         for key, image in (images or {}).items():
-            self.log_image(key, image, step=epoch)
+            self.log_image(image, key=key, step=epoch)
 
     def headline(self, metrics: Mapping[str, float]) -> None:
         """The stage's final figures, at the last step logged (a value logged there already is not repeated)."""
         step = max((s for s, _ in self.last.values()), default=0)
         self.log_metrics({k: v for k, v in metrics.items() if self.last.get(k) != (step, v)}, step)
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if self.logging:
-            from mlflow.entities import RunTag
-
-            self.call("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_image(self, key: str, image: Any, step: int) -> None:
-        if self.logging:
-            self.call(f"image {key}", self.client.log_image, self.run_id, image, key=key, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         if self.logging and Path(path).exists():
@@ -114,23 +88,23 @@ class StageRun:
 
     def log_dataset(self, meta: dict, name: str, context: str, path: Optional[str | Path] = None) -> None:
         """The data as an MLflow dataset input, its digest the content hash of `meta.json` (MLflow keeps 36 chars)."""
-        if not self.logging:
-            return
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        content_hash = str(meta.get("content_hash", ""))
+        digest = str(meta.get("content_hash", ""))
         source = {"path": None if path is None else str(path), "origin": meta.get("source"),
-                  "description": meta.get("description"), "content_hash": content_hash}
-        ds = Dataset(name=name, digest=content_hash[:36], source_type="local", source=json.dumps(source),
-                     profile=json.dumps({"counts": meta.get("counts", {})}))
-        tags = [InputTag(key="mlflow.data.context", value=context), InputTag(key=TAG + "content_hash", value=content_hash)]
-        self.call("dataset input", self.client.log_inputs, self.run_id, datasets=[DatasetInput(ds, tags)])
+                  "description": meta.get("description"), "content_hash": digest}
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps(source),
+                          profile=json.dumps({"counts": meta.get("counts", {})}))
+        self.log_inputs(datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context),
+                                                         InputTag(TAG + "content_hash", digest)])])
 
     def log_prepared(self, meta: dict, out_dir: Path) -> None:
         """What `prepare` made: data tags (also on the parent), the dataset, its counts and meta.json."""
-        for k, v in data_tags(meta).items():
-            for run_id in ([self.run_id] if self.logging else []) + ([self.parent_id] if self.parent_id else []):
-                self.call(f"tag {k}", self.client.set_tag, run_id, k, v)
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(k, v) for k, v in data_tags(meta).items()]
+        for run_id in ([self.run_id] if self.logging else []) + ([self.parent_id] if self.parent_id else []):
+            self.call("data tags", self.client.log_batch, run_id, tags=tags)
         self.log_dataset(meta, "mnist-prepared", "prepared", out_dir)
         self.headline({f"{split}_images": n for split, n in meta.get("counts", {}).items()})
         self.log_artifact(Path(out_dir) / "meta.json")

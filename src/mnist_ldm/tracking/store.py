@@ -28,19 +28,15 @@ class TrackingError(UserError):
 
 def git(args: list[str], cwd: Path) -> Optional[str]:
     """What `git args` prints in `cwd`, stripped; None if git fails."""
-    try:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
         out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+        return out.stdout.strip() if out.returncode == 0 else None
 
 
 def repo_root() -> Path:
     """`DVC_ROOT`, else the git top level; a copy under `.dvc/tmp/exps/` (`dvc exp run --temp`) maps to its origin."""
     root = Path(os.environ.get("DVC_ROOT") or git(["rev-parse", "--show-toplevel"], Path.cwd()) or Path.cwd()).resolve()
-    parts = root.parts
-    at = next((i for i in range(len(parts) - 2) if parts[i:i + 3] == (".dvc", "tmp", "exps")), None)
-    return root if at is None else Path(*parts[:at])
+    return Path(f"{root}/".split("/.dvc/tmp/exps/")[0])
 
 
 def tracking_uri(root: Path) -> str:

@@ -344,22 +344,8 @@ def test_nearest_neighbour_search_in_float32_returns_the_float64_distances():
 # --------------------------------------------------------------------------- bad inputs
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: frechet_classifier_distance(np.zeros((10, 4)), np.zeros((10, 5))), "feature dims differ"),
-    (lambda: frechet_classifier_distance(np.zeros((1, 4)), np.zeros((10, 4))), "at least 2 samples"),
-    (lambda: feature_statistics(np.zeros((10, 4, 4))), "must be 2-D"),
-    (lambda: feature_statistics(np.full((10, 4), np.nan)), "NaN"),
-    (lambda: frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4)), "mean vectors"),
-    (lambda: frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4)), r"covariances must be \(3, 3\)"),
-    (lambda: prdc(np.zeros((5, 4)), np.zeros((10, 4)), k=5), "at least 6 samples"),
-    (lambda: prdc(np.zeros((10, 4)), np.zeros((10, 3))), "feature dims differ"),
-    (lambda: prdc(np.zeros((10, 4)), np.zeros((10, 4)), k=0), "k must be a positive integer"),
     (lambda: prdc(np.zeros((10, 4)), np.zeros((10, 4)), block_rows=0), "block_rows"),
-    (lambda: class_balance(np.full((4, 9), 1 / 9)), "expected num_classes=10"),
-    (lambda: class_balance(np.random.default_rng(0).normal(size=(4, 10))), "not logits"),
-    (lambda: class_balance(np.zeros((0, 10))), "no samples"),
-    (lambda: memorization_ratio(np.zeros((4, 8)), np.zeros((4, 9)), np.ones((4, 9))), "feature dims differ"),
     (lambda: memorization_ratio(np.zeros((4, 8)), np.zeros((4, 8)), np.zeros((2, 8))), "undefined"),
-    (lambda: memorization_ratio(np.zeros((4, 8)), np.zeros((0, 8)), np.zeros((2, 8))), "train needs at least 1"),
 ])
 def test_bad_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):

@@ -14,23 +14,8 @@ from mnist_ldm.evaluator.nearest import cdist, distances_to_train, rows_per_bloc
 _sqrtm = scipy.linalg.sqrtm  # the principal square root (Schur method), as the reference FID code takes it
 
 
-def _float64(x: Any, name: str, ndim: int | None = None, min_samples: int = 0) -> np.ndarray:
-    """`x` as a finite float64 array (`ndim` dims; 2: N >= `min_samples` rows and D >= 1 columns)."""
-    a = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
-    if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    if ndim == 2 and a.shape[1] < 1:
-        raise ValueError(f"{name} has no feature dimensions: shape {a.shape}")
-    if ndim == 2 and a.shape[0] < min_samples:
-        raise ValueError(f"{name} needs at least {min_samples} samples, got {a.shape[0]}")
-    return a
-
-
-def _same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature dims differ: {name_a} has {a.shape[1]}, {name_b} has {b.shape[1]}")
+def _float64(x: Any) -> np.ndarray:
+    return np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
 
 
 def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6) -> float:
@@ -39,14 +24,9 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
     square root is taken again with `eps * I` added to both covariances, and a complex one is accepted only
     if the imaginary part of its diagonal is within 1e-3 of 0. FCD is this on classifier features, so it is
     comparable only across runs that use the same classifier."""
-    mu1, mu2 = np.atleast_1d(_float64(mu1, "mu1")), np.atleast_1d(_float64(mu2, "mu2"))
-    sigma1, sigma2 = np.atleast_2d(_float64(sigma1, "sigma1")), np.atleast_2d(_float64(sigma2, "sigma2"))
-    if mu1.ndim != 1 or mu1.shape != mu2.shape:
-        raise ValueError(f"mean vectors must be 1-D of equal length, got {mu1.shape} and {mu2.shape}")
-    d = mu1.shape[0]
-    if sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"covariances must be ({d}, {d}) to match the means, got {sigma1.shape} and {sigma2.shape}")
-    diff = mu1 - mu2
+    mu1, mu2 = np.atleast_1d(_float64(mu1)), np.atleast_1d(_float64(mu2))
+    sigma1, sigma2 = np.atleast_2d(_float64(sigma1)), np.atleast_2d(_float64(sigma2))
+    d, diff = mu1.shape[0], mu1 - mu2
     covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # a nearly singular product
         offset = np.eye(d) * eps
@@ -63,16 +43,14 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
 
 def feature_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and unbiased covariance (D, D) of features (N, D)."""
-    f = _float64(features, "features", 2, min_samples=2)
+    f = _float64(features)
     return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
 def frechet_classifier_distance(feats_a: Any, feats_b: Any) -> float:
     """FCD of two feature sets (N, D) and (M, D); its small-sample bias grows with D / N, so compare values
     at equal sample sizes."""
-    a, b = _float64(feats_a, "feats_a", 2, min_samples=2), _float64(feats_b, "feats_b", 2, min_samples=2)
-    _same_dim(a, b, "feats_a", "feats_b")
-    return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    return frechet_distance(*feature_statistics(feats_a), *feature_statistics(feats_b))
 
 
 def _kth_neighbour_radii(x: torch.Tensor, k: int, block_rows: int | None) -> torch.Tensor:
@@ -88,12 +66,7 @@ def prdc(real_features: Any, fake_features: Any, k: int = 5, *, block_rows: int 
     """Precision, recall, density and coverage (Naeem et al. 2020) as in their reference code
     (clovaai/generative-evaluation-prdc): each sample's ball reaches its k-th nearest neighbour in its own set,
     "inside" is strictly closer. The distance matrices are computed in row blocks of `block_rows`."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    k = int(k)
-    real = _float64(real_features, "real_features", 2, min_samples=k + 1)
-    fake = _float64(fake_features, "fake_features", 2, min_samples=k + 1)
-    _same_dim(real, fake, "real_features", "fake_features")
+    real, fake = _float64(real_features), _float64(fake_features)
     centre = real.mean(axis=0)  # distances do not change under a shift; centring keeps ||x||^2 small in `cdist`
     r, f = torch.from_numpy(real - centre), torch.from_numpy(fake - centre)
     real_radii, fake_radii = _kth_neighbour_radii(r, k, block_rows), _kth_neighbour_radii(f, k, block_rows)
@@ -119,10 +92,7 @@ def memorization_ratio(generated: Any, train: Any, test: Any, *, block_rows: int
                        test_to_train: np.ndarray | None = None) -> dict[str, float]:
     """The median distance of generated samples to their nearest training item over that of held-out test items
     (given as `test_to_train`, or computed): near 1 for a model that generalizes, 0 for exact copies."""
-    gen, tr, te = (_float64(x, name, 2, min_samples=1) for x, name in ((generated, "generated"), (train, "train"),
-                                                                       (test, "test")))
-    _same_dim(gen, tr, "generated", "train")
-    _same_dim(te, tr, "test", "train")
+    gen, tr, te = _float64(generated), _float64(train), _float64(test)
     median_gen = float(np.median(distances_to_train(gen, tr, block_rows=block_rows)))
     test_d = distances_to_train(te, tr, block_rows=block_rows) if test_to_train is None else test_to_train
     median_test = float(np.median(np.asarray(test_d, dtype=np.float64)))
@@ -136,15 +106,8 @@ def class_balance(probs: Any, num_classes: int = 10) -> dict[str, Any]:
     """How evenly samples spread over the classes, from softmax outputs (N, C): the argmax histogram, the total
     variation distance of its frequencies to uniform, the classes holding at least a tenth of their uniform
     share (so a few stray predictions do not count), and the mean top probability."""
-    p = _float64(probs, "probs", 2)
-    if p.shape[0] < 1:
-        raise ValueError("probs holds no samples")
-    if p.shape[1] != num_classes:
-        raise ValueError(f"probs has {p.shape[1]} classes per row, expected num_classes={num_classes}")
-    if (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, rtol=0.0, atol=1e-3):
-        raise ValueError("probs rows must be probabilities (non-negative, summing to 1); pass softmax outputs, "
-                         "not logits")
-    n, c = p.shape
+    p = _float64(probs)
+    n, c = len(p), num_classes
     counts = np.bincount(p.argmax(axis=1), minlength=c)
     return {
         "class_counts": [int(v) for v in counts],

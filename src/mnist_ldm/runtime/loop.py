@@ -176,12 +176,11 @@ def _resume(path: Path, fp: str, model, optimizer, ema, gen, desc: str) -> tuple
     except CheckpointError as e:
         print(f"warning: {desc}: ignoring unusable resume state: {e}", file=sys.stderr)
         return 0, 0.0, []
-    if ckpt.get("generator_device", "cpu") != gen.device.type:
-        print(f"{desc}: {path} was saved on {ckpt.get('generator_device', 'cpu')}, this run uses {gen.device.type}; "
-              f"starting from scratch", file=sys.stderr)
-        return 0, 0.0, []
-    if ckpt["fingerprint"] != fp:
-        print(f"{desc}: {path} was saved for other params or data; starting from scratch", file=sys.stderr)
+    saved_on = ckpt.get("generator_device", "cpu")
+    why = (f"was saved on {saved_on}, this run uses {gen.device.type}" if saved_on != gen.device.type
+           else "was saved for other params or data" if ckpt["fingerprint"] != fp else None)
+    if why:
+        print(f"{desc}: {path} {why}; starting from scratch", file=sys.stderr)
         return 0, 0.0, []
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])

@@ -58,7 +58,7 @@ def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> di
                        if "unsupported global" in ln.lower() or "unsupported operand" in ln.lower()), None)
         with open(path, "rb") as f:
             pickle_or_zip = f.read(4).startswith((b"PK\x03\x04", b"\x80"))  # torch's zip, or a protocol-2+ pickle
-        if unsafe is None and not pickle_or_zip:
+        if "unsupported global" not in (unsafe or "").lower() and not pickle_or_zip:
             raise CheckpointError(f"{path}: not a readable {what} (neither a zip archive nor a pickle: truncated, "
                                   f"corrupt or another kind of file)") from None
         reason = unsafe or (lines[0] if lines and "weights_only" not in lines[0] else "") or "unsafe pickle"

@@ -17,18 +17,24 @@ import numpy as np
 import pytest
 
 from mnist_ldm.config.sections import DataConfig, Params, TrackingConfig
-from mnist_ldm.data.prepared import DataError, Split, content_hash, limit, load_meta, load_split, write_prepared
-from mnist_ldm.data.sources import (
-    IDX_FILES,
-    find_idx_files,
-    load_idx,
-    load_mnist,
-    read_idx_images,
-    read_idx_labels,
-)
+from mnist_ldm.data.prepared import DataError, Split, limit, load_meta, load_split, write_prepared
+from mnist_ldm.data.sources import IDX_FILES, load_idx, load_mnist, read_idx, require_idx_files
+from mnist_ldm.io.hashing import arrays_digest
 from mnist_ldm.commands import prepare as prepare_stage
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def content_hash(*arrays: np.ndarray) -> str:  # meta.json's content_hash of the arrays
+    return arrays_digest(arrays)
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    return read_idx(path, "images")
+
+
+def read_idx_labels(path: Path) -> np.ndarray:
+    return read_idx(path, "labels")
 
 
 # --------------------------------------------------------------------------- writing IDX files
@@ -72,8 +78,8 @@ def write_idx_dir(d: Path, gz: bool, n_train: int = 50, n_test: int = 20, seed: 
 @pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "plain"])
 def test_good_idx_files_round_trip(tmp_path, gz):
     arrays = write_idx_dir(tmp_path, gz)
-    files = find_idx_files(tmp_path)
-    assert files is not None and all(p.name.endswith(".gz") == gz for p in files.values())
+    files = require_idx_files(tmp_path)
+    assert all(p.name.endswith(".gz") == gz for p in files.values())
     data = load_idx(tmp_path)
     assert data.source == "idx" and str(tmp_path) in data.description
     for split in ("train", "test"):
@@ -199,11 +205,11 @@ def test_compression_is_decided_by_content_not_name(tmp_path):
 def test_missing_idx_files(tmp_path):
     write_idx_dir(tmp_path, gz=False)
     (tmp_path / IDX_FILES["test_labels"]).unlink()
-    assert find_idx_files(tmp_path) is None
-    with pytest.raises(DataError) as info:
-        load_mnist(DataConfig(source="idx", idx_dir=str(tmp_path)))
-    msg = str(info.value)
-    assert "\n" not in msg and str(tmp_path) in msg and "t10k-labels-idx1-ubyte[.gz]" in msg
+    for load in (lambda: require_idx_files(tmp_path), lambda: load_mnist(DataConfig(source="idx", idx_dir=str(tmp_path)))):
+        with pytest.raises(DataError) as info:
+            load()
+        msg = str(info.value)
+        assert "\n" not in msg and str(tmp_path) in msg and "t10k-labels-idx1-ubyte[.gz]" in msg
 
 
 # --------------------------------------------------------------------------- source selection

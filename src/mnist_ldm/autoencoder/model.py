@@ -1,8 +1,6 @@
-"""The autoencoders, one per `autoencoder.kind`: `conv` (the default), a convolutional encoder
-(1, 28, 28) -> 28->14->7->4 -> 16-d latent and its mirror decoder; `mlp`, an MLP with the same latent
-(784 -> 512 -> 256 -> latent and back); and `none`, pixel space: no weights, encoding flattens an image to
-its 784 pixels and decoding reshapes them, so the pixel-space DDPM goes through the same stages (what the
-stages, files and params call latents are then these 784 pixels)."""
+"""The autoencoders, one per `autoencoder.kind`: `conv` (28->14->7->4 -> a 16-d latent, and its mirror), `mlp`
+(784 -> 512 -> 256 -> latent and back) and `none`, pixel space without weights, whose "latents" are the 784
+pixels, so the pixel-space DDPM goes through the same stages."""
 
 from __future__ import annotations
 
@@ -51,81 +49,49 @@ class AutoencoderSpec:
                    hidden=tuple(d.get("hidden", (512, 256))))
 
 
-class ConvEncoder(nn.Module):
-    def __init__(self, spec: AutoencoderSpec):
+class _Part(nn.Module):
+    """An encoder or decoder: `net`, after `fc` and a reshape to `shape` when given (the names checkpoints hold)."""
+
+    def __init__(self, net: nn.Module, fc: Optional[nn.Module] = None, shape: tuple = ()):
         super().__init__()
-        c1, c2, c3 = spec.channels
-        self.net = nn.Sequential(
-            nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.SiLU(),   # 28 -> 14
-            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.SiLU(),  # 14 -> 7
-            nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.SiLU(),  # 7 -> 4
-            nn.Flatten(),
-            nn.Linear(c3 * 4 * 4, spec.latent_dim),
-        )
+        self.fc, self.shape, self.net = fc, shape, net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) in [0, 1] -> (B, latent)
-        return self.net(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x if self.fc is None else self.fc(x).view(-1, *self.shape))
 
 
-class ConvDecoder(nn.Module):
-    def __init__(self, spec: AutoencoderSpec):
-        super().__init__()
-        c1, c2, c3 = spec.channels
-        self.c3 = c3
-        self.fc = nn.Linear(spec.latent_dim, c3 * 4 * 4)
-        self.net = nn.Sequential(
-            nn.SiLU(),
-            nn.ConvTranspose2d(c3, c2, 3, stride=2, padding=1), nn.SiLU(),                    # 4 -> 7
-            nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.SiLU(),  # 7 -> 14
-            nn.ConvTranspose2d(c1, 1, 3, stride=2, padding=1, output_padding=1),              # 14 -> 28
-        )
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, latent) -> logits (B, 1, 28, 28)
-        return self.net(self.fc(z).view(-1, self.c3, 4, 4))
-
-
-class MLPEncoder(nn.Module):
-    def __init__(self, spec: AutoencoderSpec):
-        super().__init__()
-        h1, h2 = spec.hidden
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, h1), nn.SiLU(), nn.Linear(h1, h2), nn.SiLU(),
-                                 nn.Linear(h2, spec.latent_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) in [0, 1] -> (B, latent)
-        return self.net(x)
-
-
-class MLPDecoder(nn.Module):
-    def __init__(self, spec: AutoencoderSpec):
-        super().__init__()
-        h1, h2 = spec.hidden
-        self.net = nn.Sequential(nn.Linear(spec.latent_dim, h2), nn.SiLU(), nn.Linear(h2, h1), nn.SiLU(),
-                                 nn.Linear(h1, 28 * 28))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, latent) -> logits (B, 1, 28, 28)
-        return self.net(z).view(-1, 1, 28, 28)
-
-
-class PixelEncoder(nn.Module):
-    def __init__(self, spec: AutoencoderSpec):
-        super().__init__()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) in [0, 1] -> (B, 784), unchanged
-        return x.flatten(1)
-
-
-class PixelDecoder(nn.Module):
-    """The logits whose sigmoid is the pixel itself (clamped into (0, 1) so the logit is finite)."""
-
-    def __init__(self, spec: AutoencoderSpec):
-        super().__init__()
+class _Logit(nn.Module):
+    """Pixel space's decoder: the logits whose sigmoid is the pixel (clamped into (0, 1) so they are finite)."""
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.logit(z.clamp(1e-6, 1 - 1e-6)).view(-1, 1, SIDE, SIDE)
 
 
-# autoencoder.kind -> (encoder, decoder); config.sections.AutoencoderKind names the same (tests/test_config.py)
-KINDS = {"conv": (ConvEncoder, ConvDecoder), "mlp": (MLPEncoder, MLPDecoder), "none": (PixelEncoder, PixelDecoder)}
+def _parts(spec: AutoencoderSpec) -> tuple[nn.Module, nn.Module]:
+    """Encoder (B, 1, 28, 28) in [0, 1] -> (B, latent) and decoder (B, latent) -> logits (B, 1, 28, 28), built in
+    this order (keyword arguments evaluate in order: `fc` before `net`, as the weights were always drawn)."""
+    if spec.kind == "none":
+        return nn.Flatten(), _Logit()
+    if spec.kind == "mlp":
+        (h1, h2), d = spec.hidden, spec.latent_dim
+        return (_Part(net=nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, h1), nn.SiLU(), nn.Linear(h1, h2), nn.SiLU(),
+                                        nn.Linear(h2, d))),
+                _Part(net=nn.Sequential(nn.Linear(d, h2), nn.SiLU(), nn.Linear(h2, h1), nn.SiLU(), nn.Linear(h1, PIXELS),
+                                        nn.Unflatten(1, (1, SIDE, SIDE)))))
+    c1, c2, c3 = spec.channels
+    encoder = _Part(net=nn.Sequential(
+        nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.SiLU(),   # 28 -> 14
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.SiLU(),  # 14 -> 7
+        nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.SiLU(),  # 7 -> 4
+        nn.Flatten(), nn.Linear(c3 * 4 * 4, spec.latent_dim)))
+    return encoder, _Part(fc=nn.Linear(spec.latent_dim, c3 * 4 * 4), shape=(c3, 4, 4), net=nn.Sequential(
+        nn.SiLU(),
+        nn.ConvTranspose2d(c3, c2, 3, stride=2, padding=1), nn.SiLU(),                    # 4 -> 7
+        nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.SiLU(),  # 7 -> 14
+        nn.ConvTranspose2d(c1, 1, 3, stride=2, padding=1, output_padding=1)))             # 14 -> 28
+
+
+KINDS = ("conv", "mlp", "none")  # what `_parts` builds; config.sections.AutoencoderKind names the same (tests/test_config.py)
 
 
 class Autoencoder(nn.Module):
@@ -134,8 +100,7 @@ class Autoencoder(nn.Module):
     def __init__(self, spec: AutoencoderSpec):
         super().__init__()
         self.spec = spec
-        enc, dec = KINDS[spec.kind]
-        self.encoder, self.decoder = enc(spec), dec(spec)
+        self.encoder, self.decoder = _parts(spec)
 
     @property
     def trainable(self) -> bool:
@@ -143,24 +108,19 @@ class Autoencoder(nn.Module):
 
     @property
     def fixed_scale(self) -> Optional[tuple[float, float]]:
-        """Pixel space uses DDPM's fixed map of [0, 1] to [-1, 1] (mean 0.5, std 0.5 for every pixel: the
-        corners of MNIST never change, so a fitted per-pixel scaler would divide by 0); latents are fitted."""
+        """Pixel space maps [0, 1] to [-1, 1] as DDPMs do (MNIST's corners never change: a fitted per-pixel scaler
+        would divide by 0); latents are fitted."""
         return (0.5, 0.5) if self.spec.kind == "none" else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents to images in [0, 1]: the sigmoid of the decoder's logits; pixel space clamps its pixels."""
-        if not self.trainable:
-            return z.clamp(0, 1).view(-1, 1, 28, 28)
-        return torch.sigmoid(self.decoder(z))
+        return torch.sigmoid(self.decoder(z)) if self.trainable else z.clamp(0, 1).view(-1, 1, SIDE, SIDE)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode_logits(self.encode(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # logits
+        return self.decoder(self.encode(x))
 
 
 def load_autoencoder(path: str | Path) -> tuple[Autoencoder, dict]:
@@ -172,8 +132,7 @@ def load_autoencoder(path: str | Path) -> tuple[Autoencoder, dict]:
 @torch.no_grad()
 def encode_images(model: Autoencoder, images: np.ndarray, batch_size: int = INFERENCE_BATCH,
                   precision: str = "fp32") -> np.ndarray:
-    """uint8 (N, 28, 28) -> raw latents (N, latent_dim) float32 (pixel space: the 784 pixels in [0, 1]);
-    `precision` bf16 encodes under autocast."""
+    """uint8 (N, 28, 28) -> raw latents (N, latent_dim) float32."""
     model.eval()
     dev = model_device(model)
     with autocast(dev, precision):
@@ -185,7 +144,7 @@ def encode_images(model: Autoencoder, images: np.ndarray, batch_size: int = INFE
 @torch.no_grad()
 def decode_latents(model: Autoencoder, z: torch.Tensor, batch_size: int = INFERENCE_BATCH,
                    precision: str = "fp32") -> np.ndarray:
-    """Raw latents (N, latent_dim) -> uint8 images (N, 28, 28); `precision` bf16 decodes under autocast."""
+    """Raw latents (N, latent_dim) -> uint8 images (N, 28, 28)."""
     model.eval()
     dev = model_device(model)
     with autocast(dev, precision):
@@ -196,8 +155,7 @@ def decode_latents(model: Autoencoder, z: torch.Tensor, batch_size: int = INFERE
 @torch.no_grad()
 def reconstruction_metrics(model: Autoencoder, images: np.ndarray, batch_size: int = 1000,
                            precision: str = "fp32") -> dict:
-    """Per-pixel BCE and MSE of the reconstructions of `images` (the network under `precision`, the
-    errors in fp32)."""
+    """Per-pixel BCE and MSE of the reconstructions (the errors in fp32)."""
     model.eval()
     bce = mse = 0.0
     for i in range(0, len(images), batch_size):
@@ -206,13 +164,12 @@ def reconstruction_metrics(model: Autoencoder, images: np.ndarray, batch_size: i
             logits = model(x).float()
         bce += F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item()
         mse += F.mse_loss(torch.sigmoid(logits), x, reduction="sum").item()
-    n = len(images) * 28 * 28
-    return {"test_bce": bce / n, "test_mse": mse / n}
+    return {"test_bce": bce / (len(images) * PIXELS), "test_mse": mse / (len(images) * PIXELS)}
 
 
 @torch.no_grad()
 def reconstructions(model: Autoencoder, images: np.ndarray, precision: str = "fp32") -> torch.Tensor:
-    """Rows of originals above their reconstructions: (2N, 1, 28, 28)."""
+    """Originals above their reconstructions: (2N, 1, 28, 28)."""
     model.eval()
     x = as_batch(images, model_device(model))
     with autocast(x.device, precision):

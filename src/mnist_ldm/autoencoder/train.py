@@ -1,4 +1,4 @@
-"""Training the autoencoder (conv or MLP) with BCE on every training digit; pixel space has nothing to train."""
+"""Training the autoencoder with BCE on every training digit (pixel space has nothing to train)."""
 
 from __future__ import annotations
 
@@ -8,30 +8,27 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from mnist_ldm.io import plots
 from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec, reconstruction_metrics, reconstructions
 from mnist_ldm.config.sections import AutoencoderConfig
-from mnist_ldm.data.prepared import Split
-from mnist_ldm.runtime.device import CPU, Runtime
 from mnist_ldm.data.images import as_batch
+from mnist_ldm.data.prepared import Split
+from mnist_ldm.io import plots
+from mnist_ldm.runtime.device import CPU, Runtime
 from mnist_ldm.runtime.loop import EPOCH_TEST_ITEMS, adam, fingerprint, run_training
-
-EpochCallback = Callable[[int, dict, dict], None]  # (epoch, metrics, {name: grid image}) -> None
 
 
 def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_path: Path, data_hash: str,
-                      on_epoch: Optional[EpochCallback] = None, previews: bool = False, rt: Runtime = CPU):
-    """The trained model and its per-epoch history; `on_epoch` gets each epoch's figures (and a
-    reconstruction grid when `previews`)."""
+                      on_epoch: Optional[Callable[[int, dict, dict], None]] = None, previews: bool = False,
+                      rt: Runtime = CPU):
+    """The trained model and its per-epoch history; `on_epoch(epoch, metrics, {name: grid})` gets a
+    reconstruction grid when `previews`."""
     torch.manual_seed(cfg.seed)
     model = Autoencoder(AutoencoderSpec.for_kind(cfg.kind, cfg.latent_dim)).to(rt.device)
-    if not model.trainable:  # pixel space: nothing to learn, the stage writes the pass-through checkpoint
+    if not model.trainable:
         return model, []
-    # channels-last convolutions (measured 1.1x faster steps on CPU here at batch 128); the returned model is
-    # converted back, so checkpoints and every later stage see the usual layout
+    # channels-last convolutions (measured 1.1x faster steps on CPU here at batch 128); converted back at the end
     model.to(memory_format=torch.channels_last)
     net = rt.wrap(model)
-    optimizer = adam(model, cfg.lr)
     images = torch.from_numpy(train.images).to(rt.device)  # all of MNIST fits on any device: no per-batch copies
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -46,14 +43,11 @@ def train_autoencoder(cfg: AutoencoderConfig, train: Split, test: Split, resume_
             on_epoch(epoch, {"train_bce": train_loss, **metrics}, grids)
         return metrics
 
-    history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(images),
+    fields = {k: v for k, v in cfg.model_dump().items() if k != "generate_images"}  # what changes the weights
+    history = run_training(model=model, optimizer=adam(model, cfg.lr), loss_fn=loss_fn, n_items=len(images),
                            batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
                            checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, desc="train_ae",
                            lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
-                           run_fingerprint=fingerprint("autoencoder", _training_fields(cfg), data_hash), rt=rt)
+                           run_fingerprint=fingerprint("autoencoder", fields, data_hash), rt=rt)
     return model.to(memory_format=torch.contiguous_format), history
 
-
-def _training_fields(cfg: AutoencoderConfig) -> dict:
-    """The fields that change the weights (logging switches do not)."""
-    return {k: v for k, v in cfg.model_dump().items() if k != "generate_images"}

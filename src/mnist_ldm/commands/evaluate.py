@@ -1,7 +1,5 @@
-"""Stage `evaluate`: FCD with floors, precision/recall, class balance and memorization, as `metrics/eval.json`.
-
-Also `mnist-ldm evaluate --no-tracking ...` to score any `.npz` of images outside the pipeline.
-"""
+"""Stage `evaluate`: FCD with floors, precision/recall, class balance and memorization, as `metrics/eval.json`
+(`mnist-ldm evaluate --no-tracking ...` scores any `.npz` of images outside the pipeline)."""
 
 from __future__ import annotations
 
@@ -35,24 +33,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _charts(result: dict, plots_dir: Path) -> None:
     from mnist_ldm.io import plots
 
-    names = list(result["fcd"])
-    second = result.get("second_evaluator")
-    series = {"evaluator": [result["fcd"][k] for k in names]}
-    if second:
-        series[f"second evaluator ({second['arch']})"] = [second["fcd"][k] for k in names]
-    fig = plots.grouped_bar_chart(names, series, f"FCD vs MNIST test (n = {result['n']})",
-                                  "Fréchet classifier distance (log scale, lower is better)", log=True)
-    plots.save_figure(fig, plots_dir / "fcd.png")
+    series = {"evaluator": list(result["fcd"].values())}
+    if "second_evaluator" in result:
+        second = result["second_evaluator"]
+        series[f"second evaluator ({second['arch']})"] = [second["fcd"][k] for k in result["fcd"]]
+    plots.save_figure(plots.grouped_bar_chart(list(result["fcd"]), series, f"FCD vs MNIST test (n = {result['n']})",
+                                              "Fréchet classifier distance (log scale, lower is better)"),
+                      plots_dir / "fcd.png")
     counts = result["class_counts"]
-    fig = plots.bar_chart(list(counts), list(counts.values()),
-                          f"predicted class of generated digits (TV to uniform "
-                          f"{result['class_balance']['tv_to_uniform']:.3f})", "samples")
-    plots.save_figure(fig, plots_dir / "class_histogram.png")
+    plots.save_figure(plots.bar_chart(list(counts), list(counts.values()), f"predicted class of generated digits "
+                                      f"(TV to uniform {result['class_balance']['tv_to_uniform']:.3f})", "samples"),
+                      plots_dir / "class_histogram.png")
 
 
 def reference_for(path, meta: dict, data_hash: str, precision: str):
-    """The reference features at `path` when they match the evaluator, the data and the precision; None (after a
-    note) when only the precision differs, or when no file was given: `score` then computes them."""
+    """The reference features at `path` if given and computed at this precision (else `score` computes them)."""
     if path is None:
         return None
     from mnist_ldm.evaluator.model import load_reference
@@ -82,14 +77,13 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     check_paths(args, inputs, ["output"], ["plots"])
     images, labels = load_samples(args.samples)
     rt = runtime_for(args)
-    device = rt.device
     evaluator, ev_meta = load_evaluator(args.evaluator)
-    evaluator.to(device)
+    evaluator.to(rt.device)
     second, second_meta = load_evaluator(args.second_evaluator) if args.second_evaluator else (None, {})
     if second is not None:
-        second.to(device)
+        second.to(rt.device)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
-    ae = load_autoencoder(args.ae_ckpt)[0].to(device)
+    ae = load_autoencoder(args.ae_ckpt)[0].to(rt.device)
     check_producer(args.latents, args.ae_ckpt)
     z_train = load_latents(args.latents, "train")[0]
     data_hash = load_meta(args.data)["content_hash"]

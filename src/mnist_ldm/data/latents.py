@@ -1,9 +1,5 @@
-"""The latent cache (`data/latents`) and the per-dimension scaler that standardizes latents for diffusion.
-
-`encode` writes `{train,test}.npz` (z, labels) and `stats.json` (mean/std of the training latents and
-the md5 of the autoencoder that produced them); every reader checks that md5 against the
-autoencoder it is given, so latents of another autoencoder are never mixed in silently.
-"""
+"""The latent cache that `encode` writes (`{train,test}.npz`: z, labels; `stats.json`: the scaler, and the md5
+of the autoencoder that produced it, which every reader checks) and the scaler that standardizes latents."""
 
 from __future__ import annotations
 
@@ -62,8 +58,8 @@ class LatentScaler:
 
 
 def latent_stats(z: np.ndarray, fixed: Optional[tuple[float, float]] = None) -> dict:
-    """What `stats.json` holds besides the producer: the scaler (fitted, or `fixed` (mean, std) for every
-    dimension) and the overall raw std."""
+    """`stats.json` without the producer: the scaler (fitted, or `fixed` (mean, std) for every dimension) and
+    the overall raw std."""
     scaler = LatentScaler.fit(z) if fixed is None else LatentScaler((fixed[0],) * z.shape[1], (fixed[1],) * z.shape[1])
     return {**scaler.to_dict(), "raw_std_overall": float(z.astype(np.float64).std())}
 
@@ -78,27 +74,18 @@ def load_latents(latent_dir: str | Path, split: str) -> tuple[np.ndarray, np.nda
     return z, labels
 
 
-def load_stats(latent_dir: str | Path) -> dict:
+def check_producer(latent_dir: str | Path, ae_ckpt: str | Path) -> dict:
+    """The cache's `stats.json`, after checking it was encoded by the autoencoder in `ae_ckpt`."""
     path = Path(latent_dir) / "stats.json"
     try:
         stats = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         raise UserError(f"{path}: latent statistics missing or not JSON; run the 'encode' stage first") from None
-    if not isinstance(stats, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    LatentScaler.from_dict(stats, str(path))
-    return stats
-
-
-def check_producer(latent_dir: str | Path, ae_ckpt: str | Path) -> dict:
-    """The cache's stats, after checking it was encoded by the autoencoder in `ae_ckpt`."""
-    stats = load_stats(latent_dir)
-    recorded, actual = stats.get("ae_checkpoint_md5"), file_md5(ae_ckpt)
+    recorded, actual = stats.get("ae_checkpoint_md5") if isinstance(stats, dict) else None, file_md5(ae_ckpt)
     if not recorded:
-        raise UserError(f"{Path(latent_dir) / 'stats.json'}: records no autoencoder md5 (ae_checkpoint_md5), so "
-                        f"it cannot be checked against {ae_ckpt}; re-run 'encode' (dvc repro -f encode)")
+        raise UserError(f"{path}: records no autoencoder md5 (ae_checkpoint_md5), so it cannot be checked against "
+                        f"{ae_ckpt}; re-run 'encode' (dvc repro -f encode)")
     if recorded != actual:
-        raise UserError(f"{Path(latent_dir) / 'stats.json'}: these latents were encoded by another autoencoder "
-                        f"(md5 {recorded[:12]}) than {ae_ckpt} (md5 {actual[:12]}); re-run 'encode' "
-                        f"(dvc repro encode)")
+        raise UserError(f"{path}: these latents were encoded by another autoencoder (md5 {recorded[:12]}) than "
+                        f"{ae_ckpt} (md5 {actual[:12]}); re-run 'encode' (dvc repro encode)")
     return stats

@@ -1,7 +1,5 @@
-"""The prepared data set: `data/prepared/{train,test}.npz` (uint8 images and labels) and `meta.json`.
-
-`prepare` writes it (from one of the sources in `mnist_sources`); every other stage reads it here.
-"""
+"""The prepared data set that `prepare` writes and every other stage reads: `{train,test}.npz` (uint8 images
+and labels) and `meta.json`."""
 
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ import numpy as np
 from mnist_ldm.io.atomic import write_json, write_npz
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.hashing import arrays_digest
-from mnist_ldm.io.paths import input_error, path_problem
+from mnist_ldm.io.paths import input_error
 
 
 class DataError(UserError):
@@ -27,29 +25,22 @@ class Split:
     labels: np.ndarray  # (N,) uint8
 
 
-def content_hash(*arrays: np.ndarray) -> str:
-    return arrays_digest(arrays)
-
-
 def limit(split: Split, n: int) -> Split:
     """The first n images (0 keeps all)."""
     return split if n == 0 else Split(split.images[:n], split.labels[:n])
 
 
 def write_prepared(out_dir: Path, train: Split, test: Split, source: str, description: str) -> dict:
-    """Write the two splits and `meta.json` (source, counts, per-class counts, content hash) into `out_dir`."""
     if len(train.labels) == 0 or len(test.labels) == 0:
         raise DataError(f"{out_dir}: no images to write ({len(train.labels)} train / {len(test.labels)} test); "
                         f"check data.limit_train, data.limit_test and the source files")
-    meta = {
-        "source": source,
-        "description": description,
-        "counts": {"train": int(len(train.labels)), "test": int(len(test.labels))},
-        "class_counts": {s: np.bincount(p.labels, minlength=10).tolist() for s, p in (("train", train), ("test", test))},
-        "content_hash": content_hash(train.images, train.labels, test.images, test.labels),
-    }
-    write_npz(out_dir / "train.npz", images=train.images, labels=train.labels)
-    write_npz(out_dir / "test.npz", images=test.images, labels=test.labels)
+    splits = {"train": train, "test": test}
+    meta = {"source": source, "description": description,
+            "counts": {s: int(len(p.labels)) for s, p in splits.items()},
+            "class_counts": {s: np.bincount(p.labels, minlength=10).tolist() for s, p in splits.items()},
+            "content_hash": arrays_digest((train.images, train.labels, test.images, test.labels))}
+    for s, p in splits.items():
+        write_npz(out_dir / f"{s}.npz", images=p.images, labels=p.labels)
     write_json(out_dir / "meta.json", meta)
     return meta
 
@@ -71,7 +62,7 @@ def read_npz(path: Path, keys: tuple[str, ...], what: str, stage: str) -> tuple[
 def load_split(prepared_dir: Path, split: str) -> Split:
     path = Path(prepared_dir) / f"{split}.npz"
     images, labels = read_npz(path, ("images", "labels"), "prepared-data file", "prepare")
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels) != len(images):
+    if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or len(labels) != len(images):
         raise DataError(f"{path}: expected uint8 images (N, 28, 28) and N labels, got {images.dtype} {images.shape}")
     if len(images) == 0:
         raise DataError(f"{path}: holds no images; re-run 'prepare' "
@@ -81,10 +72,11 @@ def load_split(prepared_dir: Path, split: str) -> Split:
 
 def load_meta(prepared_dir: Path) -> dict:
     path = Path(prepared_dir) / "meta.json"
-    problem = path_problem(path, "a file")
-    if problem not in (None, "not found"):
-        raise DataError(f"{path}: {problem}; expected the JSON file that 'prepare' writes")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise DataError(f"{path}: missing or not JSON; run the 'prepare' stage first") from None
+    error = input_error(path, "a file", "missing or not JSON; run the 'prepare' stage first",
+                        "expected the JSON file that 'prepare' writes")
+    if error is None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            error = f"{path}: missing or not JSON; run the 'prepare' stage first"
+    raise DataError(error)

@@ -1,14 +1,6 @@
-"""The evaluators: digit classifiers whose features and softmax score generated digits.
-
-Each is trained on the training split only, with a fixed seed; its penultimate layer (128-d) is the
-feature space of the Fréchet classifier distance (FCD) and of precision/recall. Two architectures, so that
-two independently trained networks can score the same images (`evaluator` and `second_evaluator` in
-params.yaml); a change counts as better only when both agree:
-
-* `cnn`: two 3x3 convolutions with max pooling (28 -> 14 -> 7), a 128-unit layer (the project's evaluator);
-* `allconv`: four 3x3 convolutions, three of them strided (28 -> 14 -> 7 -> 4), batch norm, and a global
-  average over the 4x4 positions as the 128-d feature (no fully connected layer before the head).
-"""
+"""The evaluators: digit classifiers trained on the training split whose 128-d penultimate features (FCD,
+precision/recall) and softmax score generated digits. Two architectures, so that two independently trained
+networks score the same images (`evaluator`, `second_evaluator`): a change counts as better only when both agree."""
 
 from __future__ import annotations
 
@@ -32,46 +24,43 @@ from mnist_ldm.evaluator.nearest import distances_to_train
 FEATURE_DIM = 128
 
 
-class EvaluatorCNN(nn.Module):
-    """`cnn`: the project's evaluator."""
+class Evaluator(nn.Module):
+    """`features` (to the 128-d feature) and a linear head over the 10 digits."""
+
+    def __init__(self, features: nn.Sequential):
+        super().__init__()
+        self.features, self.head = features, nn.Linear(FEATURE_DIM, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class EvaluatorCNN(Evaluator):
+    """`cnn`: two 3x3 convolutions with max pooling (28 -> 14 -> 7) and a 128-unit layer."""
 
     arch = "cnn"
 
     def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 14
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14 -> 7
-            nn.Flatten(), nn.Linear(32 * 7 * 7, FEATURE_DIM), nn.ReLU(),
-        )
-        self.head = nn.Linear(FEATURE_DIM, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        super().__init__(nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 7 * 7, FEATURE_DIM), nn.ReLU()))
 
 
-class EvaluatorAllConv(nn.Module):
-    """`allconv`: strided convolutions with batch norm and a global average pool (16, 32, 64, 128 channels)."""
+class EvaluatorAllConv(Evaluator):
+    """`allconv`: four 3x3 convolutions with batch norm, three strided (28 -> 14 -> 7 -> 4), and a global
+    average over the 4x4 positions as the feature (no fully connected layer before the head)."""
 
     arch = "allconv"
 
     def __init__(self):
-        super().__init__()
-
         def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
-        self.features = nn.Sequential(
-            *block(1, 16, 1), *block(16, 32, 2), *block(32, 64, 2), *block(64, FEATURE_DIM, 2),  # 28, 14, 7, 4
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.head = nn.Linear(FEATURE_DIM, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        super().__init__(nn.Sequential(*block(1, 16, 1), *block(16, 32, 2), *block(32, 64, 2),
+                                       *block(64, FEATURE_DIM, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
 
 
-Evaluator = EvaluatorCNN | EvaluatorAllConv
 # evaluator.arch -> network; config.sections.EvaluatorArch names the same (tests/test_config.py)
 ARCHS = {"cnn": EvaluatorCNN, "allconv": EvaluatorAllConv}
 
@@ -85,8 +74,7 @@ def build_evaluator(arch: str) -> Evaluator:
 @torch.no_grad()
 def features_and_probs(model: Evaluator, images: np.ndarray, batch_size: int = INFERENCE_BATCH,
                        precision: str = "fp32"):
-    """uint8 (N, 28, 28) -> penultimate features (N, 128) float64 and softmax (N, 10) float64; `precision`
-    bf16 runs the network under autocast (the softmax and the float64 copies stay exact)."""
+    """uint8 (N, 28, 28) -> features (N, 128) and softmax (N, 10), float64; bf16 runs the network under autocast."""
     model.eval()
     feats, probs = [], []
     dev = model_device(model)
@@ -102,32 +90,27 @@ def features_and_probs(model: Evaluator, images: np.ndarray, batch_size: int = I
 
 
 def accuracy(model: Evaluator, images: np.ndarray, labels: np.ndarray, precision: str = "fp32") -> float:
-    _, p = features_and_probs(model, images, precision=precision)
-    return float((p.argmax(1) == labels).mean())
+    return float((features_and_probs(model, images, precision=precision)[1].argmax(1) == labels).mean())
 
 
 def load_evaluator(path: str | Path) -> tuple[Evaluator, dict]:
-    """The evaluator a checkpoint holds (checkpoints from before `allconv` existed hold a `cnn`) and its payload."""
+    """The evaluator a checkpoint holds (those from before `allconv` existed hold a `cnn`) and its payload."""
     return load_model_checkpoint(path, "mnist-ldm/evaluator", "evaluator checkpoint",
                                  lambda cfg: build_evaluator(str(cfg.get("arch", "cnn"))))
 
 
-# ------------------------------------------------------------------ what `evaluate` compares with, kept per evaluator
-
 def reference_features(model: Evaluator, train_images: np.ndarray, test_images: np.ndarray,
                        precision: str = "fp32", distances: bool = True) -> dict[str, np.ndarray]:
-    """What every `evaluate` of one evaluator on one dataset recomputes: the features of the whole training and
-    test splits (float64, (N, 128) and (T, 128)) and, with `distances`, each test item's distance to its nearest
-    training item in that space ((T,), the memorization ratio's reference). `train_<section>` keeps them beside
-    the checkpoint."""
+    """What every `evaluate` with one evaluator on one dataset needs: the features of both splits and, with
+    `distances`, each test item's distance to its nearest training item (the memorization ratio's reference)."""
     train = features_and_probs(model, train_images, precision=precision)[0]
     test = features_and_probs(model, test_images, precision=precision)[0]
     return {"train": train, "test": test, **({"test_to_train": distances_to_train(test, train)} if distances else {})}
 
 
 def save_reference(path: str | Path, ref: dict[str, np.ndarray], **meta: str) -> None:
-    """`ref` as an .npz: the features as float32 (they are float32 or bf16 values, so nothing is lost; checked),
-    the distances as float64, and `meta` (weights_sha256, data_hash, precision) as JSON."""
+    """`ref` as an .npz (features as float32, which holds their float32 or bf16 values exactly; checked) with
+    `meta` (weights_sha256, data_hash, precision) as JSON."""
     f32 = {k: ref[k].astype(np.float32) for k in ("train", "test")}
     assert all(np.array_equal(f32[k], ref[k]) for k in f32), "features that float32 does not hold exactly"
     write_npz(path, compress=False, **f32, test_to_train=ref["test_to_train"],
@@ -135,8 +118,8 @@ def save_reference(path: str | Path, ref: dict[str, np.ndarray], **meta: str) ->
 
 
 def load_reference(path: str | Path, **expected: str) -> tuple[dict[str, np.ndarray] | None, str]:
-    """The reference of `save_reference` as float64, checked against the evaluator's weights and the data
-    (a mismatch is an error naming the file); (None, why) when it was computed at another precision."""
+    """`save_reference`'s file as float64, checked against the evaluator's weights and the data; (None, why)
+    when it was computed at another precision."""
     try:
         with np.load(path) as f:
             meta = json.loads(str(f["meta"]))
@@ -144,11 +127,11 @@ def load_reference(path: str | Path, **expected: str) -> tuple[dict[str, np.ndar
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"{path}: not an evaluator's reference features file ({type(e).__name__}); re-run its "
                         f"train_evaluator stage") from None
-    for key in ("weights_sha256", "data_hash"):
+    for key, what in (("weights_sha256", "evaluator"), ("data_hash", "dataset")):
         if meta.get(key) != expected[key]:
-            raise UserError(f"{path}: computed for another {'evaluator' if key == 'weights_sha256' else 'dataset'} "
-                            f"({key} {str(meta.get(key))[:12]}, expected {expected[key][:12]}); re-run the stage "
-                            f"that trains this evaluator (dvc repro), or leave the file out")
+            raise UserError(f"{path}: computed for another {what} ({key} {str(meta.get(key))[:12]}, expected "
+                            f"{expected[key][:12]}); re-run the stage that trains this evaluator (dvc repro), or "
+                            f"leave the file out")
     if meta.get("precision") != expected["precision"]:
         return None, f"computed at {meta.get('precision')}, this run is {expected['precision']}"
     return ref, ""

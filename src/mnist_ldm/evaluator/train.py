@@ -8,24 +8,23 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from mnist_ldm.evaluator.model import accuracy, build_evaluator
 from mnist_ldm.config.sections import EvaluatorConfig
-from mnist_ldm.data.prepared import Split
-from mnist_ldm.runtime.device import CPU, Runtime
 from mnist_ldm.data.images import as_batch
+from mnist_ldm.data.prepared import Split
+from mnist_ldm.evaluator.model import accuracy, build_evaluator
+from mnist_ldm.runtime.device import CPU, Runtime
 from mnist_ldm.runtime.loop import adam, fingerprint, run_training
 
 
 def train_evaluator(cfg: EvaluatorConfig, train: Split, test: Split, resume_path: Path, data_hash: str,
-                     on_epoch: Optional[Callable[[int, dict, dict], None]] = None, rt: Runtime = CPU,
+                    on_epoch: Optional[Callable[[int, dict, dict], None]] = None, rt: Runtime = CPU,
                     stage: str = "train_evaluator"):
     """The trained classifier (`cfg.arch`) and its per-epoch history (train loss, test accuracy)."""
     torch.manual_seed(cfg.seed)
     model = build_evaluator(cfg.arch).to(rt.device)
-    # channels-last convolutions (measured 1.4x faster steps on CPU here); the returned model is converted back
+    # channels-last convolutions (measured 1.4x faster steps on CPU here); converted back at the end
     model.to(memory_format=torch.channels_last)
     net = rt.wrap(model)
-    optimizer = adam(model, cfg.lr)
     images = torch.from_numpy(train.images).to(rt.device)
     labels = torch.from_numpy(train.labels).long().to(rt.device)
 
@@ -39,7 +38,7 @@ def train_evaluator(cfg: EvaluatorConfig, train: Split, test: Split, resume_path
             on_epoch(epoch, {"train_loss": train_loss, "test_accuracy": acc}, {})
         return {"test_accuracy": acc}
 
-    history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(images),
+    history = run_training(model=model, optimizer=adam(model, cfg.lr), loss_fn=loss_fn, n_items=len(images),
                            batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
                            checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, desc=stage,
                            run_fingerprint=fingerprint("evaluator", cfg.model_dump(), data_hash), rt=rt)

@@ -1,9 +1,6 @@
-"""Self-describing checkpoints, saved atomically and loaded without running code from the file.
-
-Every checkpoint is a plain dict of tensors, numbers, strings, lists and dicts with a `format`
-(which kind of checkpoint) and `format_version`, so `torch.load(weights_only=True)` reads it and a
-file of the wrong kind is refused with one line naming the file.
-"""
+"""Checkpoints: plain dicts of tensors and plain data with a `format` (which kind) and `format_version`, saved
+atomically and loaded with `torch.load(weights_only=True)`, so loading runs no code from the file; a file of
+the wrong kind is refused with one line naming it."""
 
 from __future__ import annotations
 
@@ -30,26 +27,24 @@ class CheckpointError(UserError):
     pass
 
 
-def save_checkpoint(path: str | Path, kind: str, payload: dict[str, Any]) -> None:
-    assert kind in KINDS, kind
-    payload = _to_cpu({"format": kind, "format_version": FORMAT_VERSION, **payload})  # loads on any device
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:  # a file object: the archive is not named after the (pid-stamped) temp file
-            torch.save(payload, f)
-
-
 def _to_cpu(obj: Any) -> Any:
     if torch.is_tensor(obj):
         return obj.detach().cpu()
     if isinstance(obj, dict):
         return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
+    return type(obj)(_to_cpu(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def save_checkpoint(path: str | Path, kind: str, payload: dict[str, Any]) -> None:
+    """`payload` on the CPU (it loads on any device) as a checkpoint of `kind`."""
+    payload = _to_cpu({"format": kind, "format_version": FORMAT_VERSION, **payload})
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: the archive is not named after the (pid-stamped) temp file
+            torch.save(payload, f)
 
 
 def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> dict[str, Any]:
-    """Load `path`, which must be a checkpoint of `kind`; anything else is a CheckpointError naming the file."""
+    """`path`, which must be a checkpoint of `kind`; anything else is a CheckpointError naming the file."""
     path = Path(path)
     error = input_error(path, "a file", f"{what} not found", f"expected {KINDS[kind]}")
     if error:
@@ -57,16 +52,18 @@ def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> di
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0] if "weights_only" not in str(e).splitlines()[0] else ""
-        for line in str(e).splitlines():  # torch words it "Unsupported global: GLOBAL x" or "unsupported GLOBAL x"
-            if "unsupported global" in line.lower() or "unsupported operand" in line.lower():
-                reason = line.strip().split(" was not an allowed global")[0]  # not torch's advice to allowlist it
-                break
-        if "unsupported global" not in reason.lower() and not _pickle_or_zip(path):
+        lines = str(e).splitlines()
+        # torch words it "Unsupported global: GLOBAL x" or "unsupported GLOBAL x"; not its advice to allowlist it
+        unsafe = next((ln.strip().split(" was not an allowed global")[0] for ln in lines
+                       if "unsupported global" in ln.lower() or "unsupported operand" in ln.lower()), None)
+        with open(path, "rb") as f:
+            pickle_or_zip = f.read(4).startswith((b"PK\x03\x04", b"\x80"))  # torch's zip, or a protocol-2+ pickle
+        if "unsupported global" not in (unsafe or "").lower() and not pickle_or_zip:
             raise CheckpointError(f"{path}: not a readable {what} (neither a zip archive nor a pickle: truncated, "
                                   f"corrupt or another kind of file)") from None
+        reason = unsafe or (lines[0] if lines and "weights_only" not in lines[0] else "") or "unsafe pickle"
         raise CheckpointError(f"{path}: refused to load: the file holds pickled Python objects, not only tensors and "
-                              f"plain data, and loading it could run code ({reason or 'unsafe pickle'})") from None
+                              f"plain data, and loading it could run code ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt: {first_line(e)})") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
@@ -80,40 +77,22 @@ def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> di
     return ckpt
 
 
-def _pickle_or_zip(path: Path) -> bool:
-    """Whether the file starts like a torch zip archive or a protocol-2+ pickle (torch's legacy format)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")
-
-
-def state_dict_mismatch(e: RuntimeError) -> str:
-    """The first concrete problem in torch's load_state_dict error (its first line is only a heading)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[1] if len(lines) > 1 else lines[0] if lines else "mismatch")[:200]
-
-
-def check_finite(state_dict: dict, path: str | Path, which: str = "weights") -> None:
-    """Refuse weights holding NaN or infinity (they decode to blank images without any error)."""
-    for name, t in state_dict.items():
-        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{path}: {which} '{name}' hold NaN or infinite values; the checkpoint is "
-                                  f"unusable (retrain it, e.g. dvc repro -f, or restore it with dvc checkout)")
-
-
 def load_model_checkpoint(path: str | Path, kind: str, what: str, build: Callable[[dict], torch.nn.Module],
                           weights: str = "state_dict") -> tuple[Any, dict]:
-    """Build the model that `path` describes, load its `weights` (finite, fitting), eval mode, CPU."""
+    """The model that `path` describes with its `weights` (finite, fitting), in eval mode on the CPU."""
     ckpt = load_checkpoint(path, kind, what)
     try:
-        model = build(ckpt.get("model_config", {}))
-        state = ckpt[weights]
+        model, state = build(ckpt.get("model_config", {})), ckpt[weights]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: incomplete {what} (missing or malformed field {e})") from None
-    check_finite(state, path)
+    for name, t in state.items():  # NaN weights would decode to blank images without any error
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: weights '{name}' hold NaN or infinite values; the checkpoint is "
+                                  f"unusable (retrain it, e.g. dvc repro -f, or restore it with dvc checkout)")
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
+    except RuntimeError as e:  # its first line is only a heading
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise CheckpointError(f"{path}: weights do not fit the model config it records "
-                              f"({state_dict_mismatch(e)})") from None
+                              f"({(lines[1] if len(lines) > 1 else lines[0] if lines else 'mismatch')[:200]})") from None
     return model.eval(), ckpt

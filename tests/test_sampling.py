@@ -234,8 +234,6 @@ def test_sample_latents_is_seeded_batched_and_returns_a_trajectory(toy_pipe):
     assert len(traj) == 10 // 5 + 1
     assert all(x.shape == (4, 2) for x in traj)
     assert torch.equal(traj[-1], z[:4])
-    with pytest.raises(UserError, match="unconditional"):
-        pipe.sample_latents(2, labels=torch.tensor([1, 2]), progress=False)
 
 
 def test_sample_returns_decoded_images_and_trajectory(toy_pipe):

@@ -3,10 +3,9 @@
     pipe = LatentDiffusionPipeline.from_checkpoints("models/diffusion.pt", "models/autoencoder.pt")
     samples = pipe.sample(64, sampler="ddim", steps=50, eta=0.0, seed=0)   # samples.images: (64, 28, 28) uint8
 
-A request's fields left out take the `sample` params' defaults (`config.sections.SamplingRequest`).
-
-`infer`, the `sample` stage, `evaluate`'s floors and the benchmarks all go through it. The denoiser
-works on standardized latents; the scaler maps them to the autoencoder's raw latents and back.
+A request's fields left out take the `sample` params' defaults (`config.sections.SamplingRequest`). `infer`,
+the `sample` stage, `evaluate`'s floors and the benchmarks all go through it. The denoiser works on
+standardized latents; the scaler maps them to the autoencoder's raw latents and back.
 """
 
 from __future__ import annotations
@@ -20,16 +19,16 @@ import torch
 from pydantic import ValidationError
 
 from mnist_ldm.autoencoder.model import Autoencoder, decode_latents, encode_images, load_autoencoder
-from mnist_ldm.io.checkpoint import load_model_checkpoint
-from mnist_ldm.runtime.device import CPU, Runtime
+from mnist_ldm.config.sections import ConfigError, DiffusionConfig, SamplingRequest, error_line
+from mnist_ldm.data.latents import LatentScaler
 from mnist_ldm.diffusion.denoiser import DenoiserSpec, build_denoiser
-from mnist_ldm.config.sections import ConfigError, SamplingRequest, error_line
-from mnist_ldm.diffusion.samplers import sample_loop, sampler_for
+from mnist_ldm.diffusion.samplers import SAMPLERS, sample_loop
 from mnist_ldm.diffusion.schedule import NoiseSchedule, ddim_invert_step, ddim_timesteps, guided_eps
+from mnist_ldm.io.checkpoint import load_model_checkpoint
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.hashing import file_md5
+from mnist_ldm.runtime.device import CPU, Runtime
 from mnist_ldm.runtime.memory import INFERENCE_BATCH
-from mnist_ldm.data.latents import LatentScaler
 from mnist_ldm.runtime.progress import progress as progress_bar
 
 
@@ -45,12 +44,13 @@ def load_denoiser(path: str | Path, use_ema: bool = True) -> tuple[torch.nn.Modu
     model, ckpt = load_model_checkpoint(path, "mnist-ldm/diffusion", "diffusion checkpoint",
                                         lambda cfg: build_denoiser(DenoiserSpec.from_dict(cfg)),
                                         weights="ema_state_dict" if use_ema else "state_dict")
-    try:
-        sch = ckpt["schedule"]
-        schedule = NoiseSchedule.linear(int(sch["T"]), float(sch["beta_start"]), float(sch["beta_end"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: the noise schedule it records is unusable ({e})") from None
-    return model, schedule, ckpt
+    try:  # the `diffusion` params' own rules for T and the betas
+        sch = DiffusionConfig.model_validate({k: ckpt["schedule"][k] for k in ("T", "beta_start", "beta_end")},
+                                             strict=False)
+    except (KeyError, TypeError, ValidationError) as e:
+        why = error_line(e, model=DiffusionConfig) if isinstance(e, ValidationError) else e
+        raise UserError(f"{path}: the noise schedule it records is unusable ({why})") from None
+    return model, NoiseSchedule.linear(sch.T, sch.beta_start, sch.beta_end), ckpt
 
 
 class LatentDiffusionPipeline:
@@ -69,8 +69,7 @@ class LatentDiffusionPipeline:
         """Run on `rt`'s device and precision (the one call that places the whole pipeline)."""
         self.autoencoder.to(rt.device)
         self.denoiser.to(rt.device)
-        self.schedule = self.schedule.to(rt.device)
-        self.rt = rt
+        self.schedule, self.rt = self.schedule.to(rt.device), rt
         return self
 
     @classmethod
@@ -103,11 +102,11 @@ class LatentDiffusionPipeline:
         return self.denoiser.spec.num_classes
 
     def network_evals(self, sampler: str, steps: Optional[int]) -> int:
-        return len(sampler_for(sampler, self.schedule, steps).timesteps)
+        return len(SAMPLERS[sampler](self.schedule, steps).timesteps)
 
     def check(self, request: SamplingRequest, given: Iterable[str] = ()) -> SamplingRequest:
         """`request`, if this model can serve it; else a `RequestError` naming the field (and this model's file).
-        `given`: the fields the user set, each refused if it would change nothing (`config.request_problem`)."""
+        `given`: the fields the user set, each refused if it would change nothing."""
         return request.checked(self.schedule.T, self.num_classes, self.source, given)
 
     def labels_for(self, n: int, digit: Optional[int]) -> Optional[torch.Tensor]:
@@ -121,24 +120,21 @@ class LatentDiffusionPipeline:
                        guidance: float = 1.0, labels: Optional[torch.Tensor] = None, seed: int = 0,
                        batch_size: int = 2500, progress: bool = True, trajectory_every: int = 0):
         """Standardized latents (n, D) and the predicted x_0 of the first batch every `trajectory_every` evals."""
-        if labels is not None and not self.num_classes:
-            raise UserError("a digit was requested, but this diffusion model is unconditional "
-                            "(train with diffusion.conditional=true, or use diffusion.only_digit)")
         rt = self.rt
         gen = rt.generator(seed)
-        model, s, n_evals = self.denoiser, self.schedule, self.network_evals(sampler, steps)
+        n_evals = self.network_evals(sampler, steps)
         labels = labels.to(rt.device) if labels is not None else None
         out, traj = [], []
 
         def eps(xt, t, y):
             with rt.autocast():
-                return guided_eps(model, xt, t, y, guidance).float()
+                return guided_eps(self.denoiser, xt, t, y, guidance).float()
 
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             x = torch.randn((b, self.latent_dim), generator=gen, device=rt.device)
             y = labels[start:start + b] if labels is not None else None
-            loop = sample_loop(lambda xt, t, y=y: eps(xt, t, y), s, x, sampler, n_evals, eta, gen)
+            loop = sample_loop(lambda xt, t, y=y: eps(xt, t, y), self.schedule, x, sampler, n_evals, eta, gen)
             for i, (_, x, x0) in enumerate(progress_bar(loop, total=n_evals, desc=f"sample {sampler}", unit="step",
                                                         leave=False, disable=not progress)):
                 rt.tick()
@@ -164,11 +160,10 @@ class LatentDiffusionPipeline:
         return self.generate(n, self.check(req), batch_size=batch_size, progress=progress,
                              trajectory_points=trajectory_points)
 
-    def generate(self, n: int, request: SamplingRequest, *, batch_size: int = 2500, progress: bool = True,
+    def generate(self, n: int, r: SamplingRequest, *, batch_size: int = 2500, progress: bool = True,
                  trajectory_points: int = 0) -> Samples:
         """n decoded digits for a request that `check` returned; with `trajectory_points`, also the denoising
         of the first 10 at that many moments."""
-        r = request
         every = max(1, self.network_evals(r.sampler, r.steps) // trajectory_points) if trajectory_points else 0
         labels = self.labels_for(n, r.digit)
         z, traj = self.sample_latents(n, sampler=r.sampler, steps=r.steps, eta=r.eta, guidance=r.guidance,
@@ -205,8 +200,7 @@ class LatentDiffusionPipeline:
         xa, xb = self.invert(z_a, steps), self.invert(z_b, steps)
         rows = []
         for w in np.linspace(0, 1, points):
-            x = slerp(xa, xb, float(w))
-            for _, x, _ in sample_loop(lambda xt, t: self.denoiser(xt, t), self.schedule, x, "ddim", steps, 0.0):
+            for _, x, _ in sample_loop(self.denoiser, self.schedule, slerp(xa, xb, float(w)), "ddim", steps, 0.0):
                 pass
             rows.append(x)
         return self.decode(torch.stack(rows, 1).reshape(-1, self.latent_dim))

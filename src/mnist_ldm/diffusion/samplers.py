@@ -8,9 +8,7 @@ from __future__ import annotations
 from typing import Callable, Iterator, Optional
 
 import torch
-from pydantic import ValidationError
 
-from mnist_ldm.config.sections import SamplingRequest, error_line
 from mnist_ldm.diffusion.schedule import NoiseSchedule, ddim_step, ddim_timesteps, ddpm_step, predict_x0
 
 
@@ -29,11 +27,7 @@ class DDIM:
     """`steps` steps with trailing spacing (Song et al. 2021), noise `eta`: 0 deterministic, 1 DDPM's."""
 
     def __init__(self, schedule: NoiseSchedule, steps: Optional[int] = None, eta: float = 1.0):
-        self.schedule, self.timesteps = schedule, ddim_timesteps(schedule.T, steps or schedule.T)
-        try:  # sample.eta's own range: above 1 a step has no real solution, below 0 sigma is negative
-            self.eta = SamplingRequest(eta=eta).eta
-        except ValidationError as e:
-            raise ValueError(f"DDIM {error_line(e, model=SamplingRequest)}") from None
+        self.schedule, self.timesteps, self.eta = schedule, ddim_timesteps(schedule.T, steps or schedule.T), eta
 
     def step(self, eps: torch.Tensor, x: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
         ts = self.timesteps
@@ -41,21 +35,14 @@ class DDIM:
 
 
 SAMPLERS = {"ddpm": DDPM, "ddim": DDIM}
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t (B,)) -> eps
 
 
-def sampler_for(name: str, schedule: NoiseSchedule, steps: Optional[int] = None, eta: float = 1.0):
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](schedule, steps, eta)
-
-
-def sample_loop(eps_fn: EpsFn, s: NoiseSchedule, x_T: torch.Tensor, sampler: str = "ddpm", steps: Optional[int] = None,
-                eta: float = 1.0, generator: Optional[torch.Generator] = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yields (t, x after the step, predicted x_0) after each network evaluation; the last x is the sample. One
-    `torch.randn` per evaluation (the last step's included), so every sampler draws the same noise."""
-    scheduler = sampler_for(sampler, s, steps, eta)  # before the first network evaluation
-    x = x_T
+def sample_loop(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s: NoiseSchedule, x_T: torch.Tensor,
+                sampler: str = "ddpm", steps: Optional[int] = None, eta: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yields (t, x after the step, predicted x_0) after each evaluation of `eps_fn(x_t, t (B,))`; the last x is
+    the sample. One `torch.randn` per evaluation (the last step's included), so every sampler draws alike."""
+    scheduler, x = SAMPLERS[sampler](s, steps, eta), x_T
     for i, t in enumerate(scheduler.timesteps):
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         eps = eps_fn(x, tt)

@@ -1,8 +1,8 @@
 """Gaussian diffusion math (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM"): the noise schedule, the forward
 process, one step of each sampler (`samplers.py` runs them) and classifier-free guidance.
 
-Coefficients are computed in float64 and cast to the sample dtype when used. Timesteps are
-0-based: t = 0 .. T-1, with beta[t] the variance added at step t.
+Coefficients are computed in float64 and cast to the sample dtype when used. Timesteps are 0-based:
+t = 0 .. T-1, with beta[t] the variance added at step t. The params models check T, the betas, steps and eta.
 """
 
 from __future__ import annotations
@@ -14,15 +14,6 @@ from typing import Optional
 import torch
 
 
-def linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
-    """The linear schedule of Ho et al.: T betas from beta_start to beta_end, float64."""
-    if T < 2:
-        raise ValueError(f"T must be >= 2, got {T}")
-    if not 0 < beta_start < beta_end < 1:
-        raise ValueError(f"need 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
-    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-
-
 @dataclass(frozen=True)
 class NoiseSchedule:
     betas: torch.Tensor  # (T,) float64; every field below is derived from it
@@ -31,7 +22,6 @@ class NoiseSchedule:
     sqrt_alphas_cumprod: torch.Tensor
     sqrt_one_minus_alphas_cumprod: torch.Tensor
     posterior_variance: torch.Tensor
-    posterior_log_variance_clipped: torch.Tensor
     posterior_mean_coef1: torch.Tensor
     posterior_mean_coef2: torch.Tensor
 
@@ -40,32 +30,21 @@ class NoiseSchedule:
         return self.betas.shape[0]
 
     @classmethod
-    def from_betas(cls, betas: torch.Tensor) -> "NoiseSchedule":
-        betas = betas.to(torch.float64)
+    def linear(cls, T: int, beta_start: float, beta_end: float) -> "NoiseSchedule":
+        """The linear schedule of Ho et al.: T betas from beta_start to beta_end."""
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, dim=0)  # alpha-bar_t
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)  # beta-tilde_t, eq. (7)
-        return cls(
-            betas=betas,
-            alphas_cumprod=ac,
-            alphas_cumprod_prev=ac_prev,
-            sqrt_alphas_cumprod=ac.sqrt(),
-            sqrt_one_minus_alphas_cumprod=(1.0 - ac).sqrt(),
-            posterior_variance=post_var,
-            # beta-tilde_0 is 0; use beta-tilde_1 for the log so it stays finite (improved-diffusion)
-            posterior_log_variance_clipped=torch.log(torch.cat([post_var[1:2], post_var[1:]])),
-            posterior_mean_coef1=betas * ac_prev.sqrt() / (1.0 - ac),
-            posterior_mean_coef2=(1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
-        )
+        return cls(betas=betas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev, sqrt_alphas_cumprod=ac.sqrt(),
+                   sqrt_one_minus_alphas_cumprod=(1.0 - ac).sqrt(),
+                   posterior_variance=betas * (1.0 - ac_prev) / (1.0 - ac),  # beta-tilde_t, eq. (7)
+                   posterior_mean_coef1=betas * ac_prev.sqrt() / (1.0 - ac),
+                   posterior_mean_coef2=(1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac))
 
     def to(self, device: torch.device | str) -> "NoiseSchedule":
         """The same schedule with its coefficients on `device` (no per-step copies while sampling)."""
         return NoiseSchedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-    @classmethod
-    def linear(cls, T: int, beta_start: float, beta_end: float) -> "NoiseSchedule":
-        return cls.from_betas(linear_betas(T, beta_start, beta_end))
 
 
 def _at(coef: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -79,14 +58,10 @@ def q_sample(s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.T
 
 
 def draw_timesteps(T: int, batch: int, gen: torch.Generator, device, run: int = 1) -> torch.Tensor:
-    """Training timesteps for a batch of `batch` rows, each uniform on 0..T-1.
-
-    `run` = 1: independent draws, as in DDPM. `run` > 1: runs of `run` consecutive rows share one timestep
-    (the last run may be shorter), and the G runs take the evenly spaced values floor(T * ((u + g / G) mod 1)),
-    g = 0..G-1, for one uniform u (the low-discrepancy draw of Kingma et al. 2021, per run): every row's t
-    is still uniform, every batch spans the schedule, and the denoiser computes its time embedding once
-    per run. Under torchrun a process takes rows rank, rank + world, ...: its rows come in runs of
-    run / world when world divides run (`local_run`)."""
+    """Training timesteps, each uniform on 0..T-1: independent (`run` = 1, as in DDPM), or in runs of `run`
+    consecutive rows sharing one (the last run may be shorter), the G runs taking the evenly spaced values
+    floor(T * ((u + g / G) mod 1)) for one uniform u (the low-discrepancy draw of Kingma et al. 2021): every
+    batch spans the schedule, and the denoiser embeds each run's timestep once."""
     if run <= 1:
         return torch.randint(0, T, (batch,), generator=gen, device=device)
     runs = math.ceil(batch / run)
@@ -96,15 +71,15 @@ def draw_timesteps(T: int, batch: int, gen: torch.Generator, device, run: int = 
 
 
 def local_run(run: int, world: int) -> int:
-    """Consecutive rows that share a timestep in one process's strided shard of a batch drawn with `run`:
-    run / world when world divides run, else 1 (the rows are then passed one by one, with the same result)."""
+    """Rows sharing a timestep in one process's strided shard (rows rank, rank + world, ...) of a batch drawn
+    with `run`: run / world when world divides run, else 1 (rows passed one by one, with the same result)."""
     return run // world if run % world == 0 else 1
 
 
 def min_snr_weights(s: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-sample loss weights min(SNR_t, gamma) / SNR_t for noise prediction (Hang et al. 2023, "min-SNR-gamma"),
-    with SNR_t = abar_t / (1 - abar_t); gamma <= 0 gives 1 everywhere (DDPM's L_simple). It lowers the
-    weight of the nearly clean timesteps, whose easy targets otherwise dominate the gradient."""
+    SNR_t = abar_t / (1 - abar_t); gamma <= 0 gives 1 everywhere (L_simple). It lowers the weight of the nearly
+    clean timesteps, whose easy targets otherwise dominate the gradient."""
     if gamma <= 0:
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     ac = s.alphas_cumprod[t]
@@ -126,21 +101,18 @@ def q_posterior(s: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: torch.T
 def ddpm_step(s: NoiseSchedule, eps: torch.Tensor, xt: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
     """One ancestral step x_t -> x_{t-1} (Algorithm 2, with sigma_t^2 = beta-tilde_t)."""
     tt = torch.full((xt.shape[0],), t, dtype=torch.long, device=xt.device)
-    x0 = predict_x0(s, xt, tt, eps)                 # 1. predicted clean latent
-    mean, var = q_posterior(s, x0, xt, tt)          # 2. posterior mean and variance
-    return mean + (var.sqrt() * noise if t > 0 else 0.0)  # 3. add noise except at the last step
+    mean, var = q_posterior(s, predict_x0(s, xt, tt, eps), xt, tt)
+    return mean + (var.sqrt() * noise if t > 0 else 0.0)  # no noise at the last step
 
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
     """Descending timesteps with "trailing" spacing: always starts at T-1 (Lin et al. 2024, table 2)."""
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in 1..{T}, got {steps}")
     return sorted({int(round(T - i * T / steps)) - 1 for i in range(steps)}, reverse=True)
 
 
 def ddim_sigma(s: NoiseSchedule, t: int, t_prev: int, eta: float) -> float:
     """sigma_t(eta) of DDIM eq. (16); eta = 1 with t_prev = t-1 gives the DDPM posterior variance (eta outside
-    [0, 1] has no real step: `DDIM` refuses it)."""
+    [0, 1] has no real step)."""
     ac = s.alphas_cumprod[t]
     ac_prev = s.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
     return float(eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt())
@@ -149,13 +121,11 @@ def ddim_sigma(s: NoiseSchedule, t: int, t_prev: int, eta: float) -> float:
 def ddim_step(s: NoiseSchedule, eps: torch.Tensor, xt: torch.Tensor, t: int, t_prev: int, eta: float,
               noise: Optional[torch.Tensor]) -> torch.Tensor:
     """One DDIM step x_t -> x_{t_prev} (eq. (12)); t_prev = -1 means "to x_0"."""
-    tt = torch.full((xt.shape[0],), t, dtype=torch.long, device=xt.device)
-    x0 = predict_x0(s, xt, tt, eps)                                        # 1. predicted x_0
+    x0 = predict_x0(s, xt, torch.full((xt.shape[0],), t, dtype=torch.long, device=xt.device), eps)
     ac_prev = float(s.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
     sigma = ddim_sigma(s, t, t_prev, eta)
-    direction = (1.0 - ac_prev - sigma**2) ** 0.5 * eps                    # 2. direction pointing to x_t
-    x_prev = ac_prev**0.5 * x0 + direction                                 # 3. deterministic part
-    return x_prev + sigma * noise if (sigma > 0 and noise is not None) else x_prev  # 4. random part
+    x_prev = ac_prev**0.5 * x0 + (1.0 - ac_prev - sigma**2) ** 0.5 * eps  # the direction pointing to x_t
+    return x_prev + sigma * noise if (sigma > 0 and noise is not None) else x_prev
 
 
 def ddim_invert_step(s: NoiseSchedule, eps: torch.Tensor, x: torch.Tensor, t_prev: int, t: int) -> torch.Tensor:
@@ -167,10 +137,8 @@ def ddim_invert_step(s: NoiseSchedule, eps: torch.Tensor, x: torch.Tensor, t_pre
 
 
 def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor], guidance: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w * (eps_c - eps_u).
-
-    w = 0 is the unconditional model, w = 1 the conditional one, w > 1 sharpens towards the label.
-    """
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w * (eps_c - eps_u); w = 0 is the
+    unconditional model, w = 1 the conditional one, w > 1 sharpens towards the label."""
     if y is None or getattr(model, "label_emb", None) is None:
         return model(x, t)
     if guidance == 0.0:

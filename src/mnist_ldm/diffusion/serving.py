@@ -4,16 +4,10 @@
     out = model.predict({"n": 8, "seed": 0})                       # one row per image
     images = np.stack(out["image"]).reshape(-1, 28, 28)            # (8, 28, 28) uint8
 
-Input: one request per call, as a one-row DataFrame, a dict or (over REST) `{"dataframe_records":
-[{"n": 8, "seed": 0}]}`. `n` is required (1 to `max_images`, stored with the model); `digit`, `sampler`,
-`steps`, `eta`, `guidance` and `seed` are optional, and default to the `sample` params the model was
-packaged with (`model_config`). Output: a DataFrame with one row per image, `label` (the requested
-digit of a class-conditional model, else None) and `image` (784 uint8, a 28x28 image row by row).
-
-A bad request (NaN or inf in a number, or a field that would change nothing: `steps` or `eta` with sampler
-ddpm, `guidance` for an unconditional model) raises `MlflowException` with error code INVALID_PARAMETER_VALUE
-and a one-line message naming the field, which `mlflow models serve` answers with HTTP 400. The weights are the two
-checkpoint files, stored as model artifacts and read with `torch.load(weights_only=True)`.
+One request per call (a one-row DataFrame, a dict, or over REST `{"dataframe_records": [{"n": 8}]}`): `n`
+(1 to `max_images`) and the `sample` params' request fields, which default to those the model was packaged with.
+A bad request raises `MlflowException` INVALID_PARAMETER_VALUE with one line naming the field: HTTP 400 from
+`mlflow models serve`. The weights are the two checkpoint files, read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -52,8 +46,7 @@ def bad_request(message: str) -> MlflowException:
 
 def _scalar(v: Any) -> Any:
     """A plain Python value: numpy scalars and one-element lists unwrapped, an integral float (a pandas column
-    with a null in it) an int; None for a field left out (null, or NaN as `digit`: pandas' null of a numeric
-    column). A NaN or infinite number anywhere else stays, to be refused, never taken for the default."""
+    with a null in it) an int. A NaN or infinite number stays, to be refused, never taken for the default."""
     if isinstance(v, (list, tuple, np.ndarray)) and len(v) == 1:
         v = v[0]
     v = v.item() if isinstance(v, np.generic) else v
@@ -61,8 +54,8 @@ def _scalar(v: Any) -> Any:
 
 
 def request_fields(model_input: Any) -> dict[str, Any]:
-    """The given fields of one request (a one-row DataFrame, a dict, or a one-element list of dicts); a missing
-    or null field is left out."""
+    """The given fields of one request; a null field (or NaN as `digit`: pandas' null of a numeric column) is
+    left out."""
     if isinstance(model_input, pd.DataFrame):
         if len(model_input) != 1:
             raise bad_request(f"the request has {len(model_input)} rows; send one row (n asks for many images)")
@@ -79,8 +72,7 @@ def request_fields(model_input: Any) -> dict[str, Any]:
 
 
 def resolve_request(model_input: Any, defaults: dict[str, Any], max_images: int) -> dict[str, Any]:
-    """The request with the packaged defaults filled in, validated by the `sample` params' own fields (n: 1 to
-    `max_images`); a refusal is one line naming the field."""
+    """The request with the packaged defaults filled in, validated by the `sample` params' own fields."""
     given = request_fields(model_input)
     unknown = sorted(k for k in given if k not in FIELDS)
     if unknown:
@@ -100,8 +92,6 @@ def resolve_request(model_input: Any, defaults: dict[str, Any], max_images: int)
 
 
 class MnistGenerator(PythonModel):
-    """Loads both checkpoints through `LatentDiffusionPipeline.from_checkpoints` (`torch.load(weights_only=True)`)."""
-
     def load_context(self, context) -> None:
         cfg = context.model_config or {}
         self.defaults = dict(cfg.get("defaults") or {})
@@ -125,9 +115,8 @@ class MnistGenerator(PythonModel):
 
 
 def signature():
-    """Input columns of any type (this module checks them, so that a wrong type gets a one-line message naming
-    the field, as any other bad request; `REQUEST` in the model's metadata says what each must be); output:
-    one row per image."""
+    """Input columns of any type (checked here, so that a wrong type gets a one-line message naming the field;
+    `REQUEST` in the model's metadata says what each must be); output: one row per image."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, Array, ColSpec, Schema
 

@@ -9,83 +9,67 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mnist_ldm.config.sections import DiffusionConfig
-from mnist_ldm.diffusion.denoiser import build_denoiser
-from mnist_ldm.runtime.device import CPU, Dist, Runtime, autocast
+from mnist_ldm.config.sections import DIGIT_CLASSES, DiffusionConfig
+from mnist_ldm.diffusion.denoiser import Denoiser, DenoiserSpec, build_denoiser
 from mnist_ldm.diffusion.schedule import NoiseSchedule, draw_timesteps, local_run, min_snr_weights, q_sample
-from mnist_ldm.diffusion.layers import Denoiser, DenoiserSpec
-from mnist_ldm.config.sections import DIGIT_CLASSES
+from mnist_ldm.runtime.device import CPU, Dist, Runtime, autocast
 from mnist_ldm.runtime.loop import EMA, EPOCH_TEST_ITEMS, adam, fingerprint, run_training, total_steps
 
 HELD_OUT_CHUNK = 2_000_000  # values per forward pass of the held-out loss
 
-# (EMA model, schedule, epoch) -> a preview grid image, made only when the stage logs it
-PreviewFn = Callable[[Denoiser, NoiseSchedule, int], np.ndarray]
-
 
 def select_digit(z: np.ndarray, labels: np.ndarray, only_digit: Optional[int]):
     """`diffusion.only_digit`: keep one digit's rows (the autoencoder still saw every digit)."""
-    if only_digit is None:
-        return z, labels
     keep = labels == only_digit
-    return z[keep], labels[keep]
+    return (z, labels) if only_digit is None else (z[keep], labels[keep])
 
 
 def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, gen: torch.Generator, *,
                    y: Optional[torch.Tensor] = None, cond_drop_prob: float = 0.0, null_label: int = -1,
                    min_snr_gamma: float = 0.0, run: int = 1, dist: Dist = Dist()) -> torch.Tensor:
-    """L_simple of Ho et al.: || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t) ||^2 for the batch
-    `z0` (B, D), each sample weighted by min(SNR_t, gamma) / SNR_t when `min_snr_gamma` > 0; t and the noise
-    come from `gen`. With labels `y` (B,), each is replaced by `null_label` with probability `cond_drop_prob`
-    (classifier-free guidance training).
-
-    t, the noise and the label drops are drawn for the whole batch `z0`, then `dist.shard` keeps this
-    process's rows, so every process of a torchrun job draws the same numbers and the global batch is the
-    same at any process count. `run` > 1 shares each timestep among that many consecutive rows of the
-    batch (`draw_timesteps`)."""
+    """L_simple of Ho et al. on the batch `z0` (B, D), each sample weighted by min(SNR_t, gamma) / SNR_t when
+    `min_snr_gamma` > 0; with labels `y`, each is dropped to `null_label` with probability `cond_drop_prob`
+    (classifier-free guidance training). t, the noise and the drops are drawn from `gen` for the whole batch,
+    then `dist.shard` keeps this process's rows: the global batch is the same at any process count."""
     B, dev = z0.shape[0], z0.device
     t = draw_timesteps(s.T, B, gen, dev, run)
     noise = torch.randn(z0.shape, generator=gen, device=dev)
-    if y is not None:  # classifier-free guidance training: drop labels to the null token
+    if y is not None:
         drop = torch.rand(B, generator=gen, device=dev) < cond_drop_prob
         y = dist.shard(torch.where(drop, torch.full_like(y, null_label), y))
     z0, t, noise = dist.shard(z0), dist.shard(t), dist.shard(noise)
-    zt = q_sample(s, z0, t, noise)
-    rows_per_t = local_run(run, dist.world)
-    pred = (model(zt, t, y) if rows_per_t <= 1 else model(zt, t, y, run=rows_per_t)).float()  # an fp32 loss
+    pred = model(q_sample(s, z0, t, noise), t, y, run=local_run(run, dist.world)).float()  # an fp32 loss
     if min_snr_gamma <= 0:
         return F.mse_loss(pred, noise)
-    per_sample = (pred - noise).pow(2).mean(dim=1)
-    return (min_snr_weights(s, t, min_snr_gamma) * per_sample).mean()
+    return (min_snr_weights(s, t, min_snr_gamma) * (pred - noise).pow(2).mean(dim=1)).mean()
 
 
 @torch.no_grad()
 def held_out_loss(model: Denoiser, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor],
                   precision: str = "fp32") -> float:
-    """The same loss on held-out latents with fixed t and noise, so epochs are comparable; in chunks of
-    about 2M values (one chunk for 16-d latents, 2,551 images in pixel space); the network under `precision`."""
+    """The loss on held-out latents with fixed t and noise, so epochs are comparable; in chunks of about 2M
+    values (one chunk for 16-d latents, 2,551 images in pixel space)."""
     model.eval()
     gen = torch.Generator(device=z0.device).manual_seed(1234)
     rows = max(1, HELD_OUT_CHUNK // z0.shape[1])
     total = 0.0
     for i in range(0, len(z0), rows):
-        chunk = z0[i:i + rows]
         with autocast(z0.device, precision):
-            loss = diffusion_loss(model, s, chunk, gen, y=y[i:i + rows] if y is not None else None,
+            loss = diffusion_loss(model, s, z0[i:i + rows], gen, y=y[i:i + rows] if y is not None else None,
                                   null_label=model.null_label)
-        total += loss.item() * len(chunk)
+        total += loss.item() * len(z0[i:i + rows])
     return total / len(z0)
 
 
 def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.Tensor, z_test: torch.Tensor,
                    y_test: torch.Tensor, resume_path: Path, data_hash: str,
-                   on_epoch: Optional[Callable[[int, dict, dict], None]] = None, preview: Optional[PreviewFn] = None,
-                   rt: Runtime = CPU):
-    """Model, EMA, optimizer, schedule and per-epoch history; `on_epoch` gets each epoch's figures
-    and, when `preview` is given, a sample grid from the EMA weights."""
+                   on_epoch: Optional[Callable[[int, dict, dict], None]] = None,
+                   preview: Optional[Callable[[Denoiser, NoiseSchedule, int], np.ndarray]] = None, rt: Runtime = CPU):
+    """Model, EMA, optimizer, schedule and per-epoch history; `on_epoch` gets each epoch's figures and, when
+    `preview` is given, its (EMA model, schedule, epoch) -> sample grid."""
     torch.manual_seed(cfg.seed)
-    spec = DenoiserSpec(z_train.shape[1], cfg.hidden_dim, cfg.num_blocks, num_classes=DIGIT_CLASSES if cfg.conditional else 0,
-                        arch=cfg.denoiser, channels=cfg.unet_channels)
+    spec = DenoiserSpec(z_train.shape[1], cfg.hidden_dim, cfg.num_blocks, DIGIT_CLASSES if cfg.conditional else 0,
+                        cfg.denoiser, cfg.unet_channels)
     model = build_denoiser(spec).to(rt.device)
     net = rt.wrap(model)
     steps = total_steps(len(z_train), cfg.batch_size, cfg.epochs)

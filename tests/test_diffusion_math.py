@@ -5,7 +5,6 @@ on a data distribution whose optimal denoiser is known exactly, and classifier-f
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pytest

@@ -31,7 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> Path:
-    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from mnist_ldm.io import plots
     from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
 

@@ -1,11 +1,6 @@
-"""Stage `package_model`: the trained pair of checkpoints as an MLflow pyfunc model (`models/generator`, the
-DVC artifact `mnist-ldm-generator`) and, with tracking on, a new version of `tracking.registered_model`.
-
-The model folder holds both checkpoints as artifacts, the `sample` params as the request defaults, a
-signature and an input example, pinned pip requirements, and (as `code_paths`) the `mnist_ldm` modules that
-serving runs, so it loads where this package is not installed. `mnist-ldm promote`, never this stage, moves the
-alias `champion`.
-"""
+"""Stage `package_model`: the trained checkpoints as an MLflow pyfunc model (`models/generator`, the DVC artifact
+`mnist-ldm-generator`) with the `sample` params as request defaults and the `mnist_ldm` modules that serving runs,
+and, with tracking on, a new version of `tracking.registered_model` (`mnist-ldm promote` moves `champion`)."""
 
 from __future__ import annotations
 
@@ -37,11 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               out="folder of the MLflow model to write")
 
 
-def requirements() -> list[str]:
-    """Pinned requirements of the serving code (local version labels such as `+cu130` dropped)."""
-    return [f"{name}=={re.sub(r'[+].*$', '', metadata.version(name))}" for name in REQUIREMENTS]
-
-
 def _eval_metrics(path: Path) -> dict[str, float]:
     try:
         result = json.loads(Path(path).read_text())
@@ -55,7 +45,6 @@ def _eval_metrics(path: Path) -> dict[str, float]:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
     from mnist_ldm.config.sections import SamplingRequest
     from mnist_ldm.diffusion.serving import MAX_IMAGES, save_generator
@@ -66,15 +55,14 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     metrics = _eval_metrics(args.eval)
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema)
     pipe.check(SamplingRequest.of(cfg))  # the packaged defaults must be a valid request for this model
-    defaults = cfg.model_dump()
     stage_params = {**tracking.section_params(params, "sample"), **tracking.section_params(params, "tracking")}
     with tracking.stage_run("package_model", params, stage_params) as run:
         with atomic_dir(args.out) as tmp, tempfile.TemporaryDirectory() as code_dir:
             pkg_root = Path(__file__).resolve().parents[1]  # the package without what serving never runs
             shutil.copytree(pkg_root, Path(code_dir) / pkg_root.name, ignore=shutil.ignore_patterns(*NOT_SERVED))
-            save_generator(tmp, args.ckpt, args.ae_ckpt, defaults, Path(code_dir) / pkg_root.name,
-                           requirements(), {"num_classes": pipe.num_classes, "T": pipe.schedule.T,
-                                            "latent_dim": pipe.latent_dim})
+            save_generator(tmp, args.ckpt, args.ae_ckpt, cfg.model_dump(), Path(code_dir) / pkg_root.name,
+                           [f"{n}=={re.sub(r'[+].*$', '', metadata.version(n))}" for n in REQUIREMENTS],  # no +cu130
+                           {"num_classes": pipe.num_classes, "T": pipe.schedule.T, "latent_dim": pipe.latent_dim})
         version = registry.register(run, args.out, params.tracking.registered_model, metrics)
     summary = {"out": str(args.out), "registered_model": params.tracking.registered_model if version else None,
                "version": version, "max_images": MAX_IMAGES}

@@ -1,16 +1,11 @@
-"""`mnist-ldm promote`: give a version of the registered model (`tracking.registered_model`) the alias `champion`.
-
-Without `--version`, the version with the best `--metric` tag wins (default `fcd.generated`, lowest; for
-`prdc.*` the highest), the newest on a tie. It prints what it did and the previous champion. Nothing else moves
-the alias: the pipeline registers versions, a person promotes one. The store is `MLFLOW_TRACKING_URI`, else the
-repository's `mlflow.db`.
-"""
+"""`mnist-ldm promote`: give a version of the registered model (`tracking.registered_model`) the alias `champion`:
+`--version N`, else the one with the best `--metric` tag (lowest; highest for `prdc.*`), the newest on a tie. Nothing
+else moves the alias: the pipeline registers versions, a person promotes one."""
 
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Optional
 
 from mnist_ldm import tracking
 from mnist_ldm.config.sections import Params
@@ -28,8 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", type=positive_int, help="promote this version instead of the best one")
 
 
-def metric_of(version: Any, metric: str) -> Optional[float]:
-    """A version's tag `metric` as a finite number, else None."""
+def metric_of(version, metric: str) -> float | None:
     try:
         value = float(version.tags.get(metric, "nan"))
     except (TypeError, ValueError):
@@ -37,39 +31,21 @@ def metric_of(version: Any, metric: str) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-def choose(versions: list, name: str, metric: str, version: Optional[int]) -> Any:
-    """`version`, or else the version with the best `metric` tag, the newest first on a tie."""
-    if version is not None:
-        chosen = [v for v in versions if int(v.version) == version]
-        if not chosen:
-            have = ", ".join(sorted((str(v.version) for v in versions), key=int))
-            raise UserError(f"--version {version}: '{name}' has no such version; it has {have}")
-        return chosen[0]
-    sign = -1 if metric.startswith(HIGHER_IS_BETTER) else 1
-    scored = [(sign * m, -int(v.version), v) for v in versions if (m := metric_of(v, metric)) is not None]
-    if not scored:
-        latest = max(versions, key=lambda v: int(v.version))
-        numeric = sorted(k for k in latest.tags if metric_of(latest, k) is not None)
-        raise UserError(f"--metric {metric}: no version of '{name}' has a number under this tag; "
-                        f"version {latest.version} has {', '.join(numeric) or 'none'}")
-    return min(scored, key=lambda s: s[:2])[2]
-
-
-def describe(version: Optional[Any], metric: str) -> str:
-    value = None if version is None else metric_of(version, metric)
-    return "none" if version is None else f"version {version.version}" + (
-        "" if value is None else f" ({metric} {value:.4f})")
+def describe(version, metric: str) -> str:
+    if version is None:
+        return "none"
+    value = metric_of(version, metric)
+    return f"version {version.version}" + ("" if value is None else f" ({metric} {value:.4f})")
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
     if not params.tracking.enabled:  # the registry is part of tracking: never move an alias the user turned off
         raise UserError(f"tracking.enabled is false in {args.params}, so promote leaves the Model Registry alone; "
                         f"enable tracking (or pass --set tracking.enabled=true) to move @{CHAMPION}")
-    uri = tracking.tracking_uri(tracking.repo_root())
-    name = params.tracking.registered_model
-    client = tracking.connect(uri)
     from mlflow.exceptions import MlflowException
 
+    uri, name = tracking.tracking_uri(tracking.repo_root()), params.tracking.registered_model
+    client = tracking.connect(uri)
     try:
         versions = list(client.search_model_versions(f"name = '{name}'", max_results=10000))
     except MlflowException as e:
@@ -77,13 +53,26 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     if not versions:
         raise tracking.TrackingError(f"model registry: no registered model '{name}' has versions yet; run the "
                                      f"pipeline with tracking.enabled=true (dvc repro) first")
-    chosen = choose(versions, name, args.metric, args.version)
+    higher = args.metric.startswith(HIGHER_IS_BETTER)
+    if args.version is not None:
+        chosen = next((v for v in versions if int(v.version) == args.version), None)
+        if chosen is None:
+            have = ", ".join(sorted((str(v.version) for v in versions), key=int))
+            raise UserError(f"--version {args.version}: '{name}' has no such version; it has {have}")
+    else:
+        scored = [((-m if higher else m), -int(v.version), v) for v in versions
+                  if (m := metric_of(v, args.metric)) is not None]
+        if not scored:
+            latest = max(versions, key=lambda v: int(v.version))
+            numeric = sorted(k for k in latest.tags if metric_of(latest, k) is not None)
+            raise UserError(f"--metric {args.metric}: no version of '{name}' has a number under this tag; "
+                            f"version {latest.version} has {', '.join(numeric) or 'none'}")
+        chosen = min(scored, key=lambda s: s[:2])[2]
     try:
         previous = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         previous = None
-    how = (f"--version {args.version}" if args.version else
-           f"{'highest' if args.metric.startswith(HIGHER_IS_BETTER) else 'lowest'} {args.metric}")
+    how = f"--version {args.version}" if args.version else f"{'highest' if higher else 'lowest'} {args.metric}"
     moved = previous is None or str(previous.version) != str(chosen.version)
     if moved:
         client.set_registered_model_alias(name, CHAMPION, str(chosen.version))

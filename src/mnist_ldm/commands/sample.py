@@ -25,7 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     import numpy as np
     from mnist_ldm.io import plots
     from mnist_ldm import tracking

@@ -1,11 +1,11 @@
-"""`mnist-ldm ui`: the MLflow UI on the repository's tracking store (`MLFLOW_TRACKING_URI`, else `mlflow.db`) on
-127.0.0.1:`--port`, without MLflow's GenAI job runner; once it answers, the addresses of the runs table, the compare
-view of the latest two pipeline runs and the registered model. Ctrl-C stops it. An http(s) tracking server serves
-its own UI: only the addresses on it are printed."""
+"""`mnist-ldm ui`: the MLflow UI on the repository's tracking store on 127.0.0.1:`--port` (without MLflow's GenAI
+job runner), then the addresses of the runs, the compare view of the latest two pipeline runs and the registered
+model; Ctrl-C stops it. An http(s) tracking server serves its own UI: only the addresses on it are printed."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -32,7 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def addresses(base: str, uri: str, params: Params) -> str:
-    """The lines to print: the runs table, the compare view of the latest two parent runs, the model's page."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -99,10 +98,10 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         log.unlink(missing_ok=True)  # a clean stop: the log holds nothing to look at
         raise
     finally:  # the server and the workers it started: its own process group
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=10)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

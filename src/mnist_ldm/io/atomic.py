@@ -1,10 +1,5 @@
-"""Atomic outputs: everything is written beside its target under a temporary name, then renamed into place.
-
-An interrupted or failing stage therefore never leaves a file that looks finished (DVC would cache it)
-or mixes old and new contents, and every file that was there before stays as it was. An output folder is
-written beside it and its entries moved in at the end: the command replaces the entries it writes and
-never deletes anything else, so a user's folder given as an output keeps every file of its own.
-"""
+"""Atomic outputs: written beside their target under a temporary name, then renamed into place, so an interrupted
+stage never leaves a file that looks finished and a folder given as an output keeps every file of its own."""
 
 from __future__ import annotations
 
@@ -19,8 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 
-def _target(path: str | Path) -> Path:
-    """Where an output is written: a symlink's target (the link stays), else the path itself."""
+def _target(path: str | Path) -> Path:  # a symlink's target (the link stays), else the path itself
     path = Path(path)
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
@@ -80,9 +74,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def finite_json(obj: Any) -> Any:
-    """`obj` with every non-finite float replaced by None and its key listed under `"absent"` with why.
-
-    A metrics file must never carry NaN (DVC, MLflow and JSON readers disagree on it)."""
+    """`obj` with every non-finite float as None, its key listed under `"absent"` (JSON readers disagree on NaN)."""
     absent: dict[str, str] = {}
 
     def walk(node: Any, key: str) -> Any:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import errno
 
 HINTS = {
-    errno.EACCES: "check the permissions of the file and its folder",
-    errno.EPERM: "check the permissions of the file and its folder",
+    **dict.fromkeys((errno.EACCES, errno.EPERM), "check the permissions of the file and its folder"),
     errno.ENOSPC: "free some disk space and run again",
     errno.EDQUOT: "free some disk space (quota) and run again",
     errno.EISDIR: "it is a folder; give a file path",
@@ -18,9 +17,7 @@ HINTS = {
 
 
 class UserError(Exception):
-    """A problem with something the user gave us (a file, a param, a flag), stated in one line."""
-
-    exit_code = 2
+    """A problem with something the user gave (a file, a param, a flag), stated in one line."""
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

@@ -1,10 +1,5 @@
-"""The paths a command is given, checked before any work.
-
-An input must be the kind of thing it names (a file or a folder, not a device or a symlink loop). An
-output must not be, hold or sit inside an input or another output, an output folder must not be the root
-or hold the current folder, and where an output goes must be writable. A command writes its outputs'
-files into their folders (atomic.py) and deletes nothing else there.
-"""
+"""The paths a command is given, checked before any work: an input is the kind of thing it names; an output is not,
+holds or sits inside an input or another output, is not the root or the current folder, and can be written."""
 
 from __future__ import annotations
 

@@ -1,17 +1,13 @@
 """Where the work runs: the device, the precision, the CPU threads, and the process group under `torchrun`.
 
-Device and precision are run-time choices, not params (`--device`/`MNIST_LDM_DEVICE`,
-`--precision`/`MNIST_LDM_PRECISION`): they say how a stage computes, not what, so choosing them never
-makes DVC call an output stale. Checkpoints hold fp32 CPU tensors and record the device type and
-precision that made them. bf16 (CUDA, or a CPU with AMX or AVX-512 BF16) is autocast around the forward
+Device and precision are run-time choices, not params (`--device`/`MNIST_LDM_DEVICE`, `--precision`/
+`MNIST_LDM_PRECISION`), so choosing them never makes DVC call an output stale. bf16 is autocast around the forward
 passes; weights, optimizer, losses and metrics stay fp32.
 
-A CPU job sizes torch's thread pool to its share of the cores: the cores divided by the mnist-ldm jobs
-alive now, re-checked every 2 s. Two jobs with a pool of all cores each spin against each other
-(benchmarks/results/concurrent_jobs.json, 2 cores: 6.98 training steps/s together against 34.83 with
-shared pools, 3.39 against 14.56 sampling). Each job holds an exclusive `flock` on its own file in a
-folder of the temp directory; a file whose lock can be taken belongs to a dead job and goes.
-`MNIST_LDM_THREADS=N` (or `OMP_NUM_THREADS`) fixes the pool instead.
+A CPU job sizes torch's thread pool to the cores divided by the mnist-ldm jobs alive now, re-counted every 2 s: two
+jobs with a pool of all cores each spin against each other (benchmarks/results/concurrent_jobs.json). Each job holds
+an exclusive `flock` on its own file in a folder of the temp directory; a file whose lock can be taken belongs to a
+dead job and goes. `MNIST_LDM_THREADS=N` (or `OMP_NUM_THREADS`) fixes the pool instead.
 """
 
 from __future__ import annotations
@@ -31,13 +27,8 @@ import torch
 from mnist_ldm.io.errors import UserError
 
 DEVICE_ENV, PRECISION_ENV, THREADS_ENV = "MNIST_LDM_DEVICE", "MNIST_LDM_PRECISION", "MNIST_LDM_THREADS"
-JOBS_DIR_ENV = "MNIST_LDM_JOBS_DIR"  # where CPU jobs register (default: a folder of the temp directory)
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 RECHECK_S = 2.0
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def resolve_device(spec: str | None = None) -> torch.device:
@@ -51,7 +42,7 @@ def resolve_device(spec: str | None = None) -> torch.device:
         raise UserError(f"{source}={text!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps")
     if text.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(text[5:]) if ":" in text else local_rank() % max(count, 1)
+        index = int(text[5:]) if ":" in text else int(os.environ.get("LOCAL_RANK", "0")) % max(count, 1)
         if index >= count:
             raise UserError(f"{source}={text}: this machine has {count} CUDA device(s); use --device cpu or auto")
         return torch.device("cuda", index)
@@ -61,7 +52,7 @@ def resolve_device(spec: str | None = None) -> torch.device:
 
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU computes bf16 matmuls in hardware (AMX or AVX-512 BF16, read from the kernel's flags)."""
+    """Whether the kernel lists AMX or AVX-512 BF16 among the CPU's flags."""
     try:
         flags = re.search(r"^flags\s*:(.*)$", Path(cpuinfo).read_text(), re.M)
     except OSError:
@@ -83,7 +74,6 @@ def resolve_precision(spec: str | None, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast when asked for (weights stay fp32); otherwise plain fp32."""
     return torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
@@ -94,7 +84,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def live_jobs(folder: Path) -> int:
-    """How many registered jobs are alive: a file whose lock can be taken belongs to a dead job and goes."""
+    """How many registered jobs are alive; the file of a dead one (its lock can be taken) goes."""
     alive = 0
     for path in folder.glob("*.job"):
         try:
@@ -112,14 +102,14 @@ class CpuShare:
     """This process's registration among the CPU jobs (held while the object lives) and its thread count."""
 
     def __init__(self, cores: Optional[int] = None, folder: Optional[Path] = None):
-        text = os.environ.get(THREADS_ENV, "").strip() or None
-        if text is not None and not (text.isdigit() and int(text) >= 1):
+        text = os.environ.get(THREADS_ENV, "").strip()
+        if text and not (text.isdigit() and int(text) >= 1):
             raise UserError(f"{THREADS_ENV}={text!r} is not a thread count; expected an integer >= 1")
         omp = os.environ.get("OMP_NUM_THREADS", "").strip()
         self.fixed = int(text) if text else int(omp) if omp.isdigit() and int(omp) >= 1 else None
-        self.cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-        self.folder = folder or Path(os.environ.get(JOBS_DIR_ENV) or Path(tempfile.gettempdir()) /
-                                     f"mnist-ldm-jobs-{os.getuid()}")
+        self.cores = cores or len(os.sched_getaffinity(0))
+        self.folder = folder or Path(os.environ.get("MNIST_LDM_JOBS_DIR") or
+                                     Path(tempfile.gettempdir()) / f"mnist-ldm-jobs-{os.getuid()}")
         if self.fixed is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = self.folder / f".{os.getpid()}.tmp"  # locked before it gets the name other jobs count
@@ -151,8 +141,8 @@ class Dist:
         return self.rank == 0
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a global batch: rows rank, rank + world, ... (all of them when alone)."""
-        return x if self.world == 1 else x[self.rank::self.world]
+        """This rank's rows of a global batch: rows rank, rank + world, ..."""
+        return x[self.rank::self.world]
 
 
 @dataclass(frozen=True)
@@ -177,11 +167,10 @@ class Runtime:
         return {"device": self.device.type, "precision": self.precision}
 
     def generator(self, seed: int) -> torch.Generator:
-        """A generator on this device, seeded from the params (reproducible on one device type)."""
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module to run forward passes through: DistributedDataParallel under torchrun, else the model."""
+        """DistributedDataParallel under torchrun, else the model."""
         if self.dist.world == 1:
             return model
         return torch.nn.parallel.DistributedDataParallel(
@@ -197,8 +186,8 @@ CPU = Runtime()
 
 
 def runtime(device: str | None = None, precision: str | None = None) -> Runtime:
-    """The runtime from flags and environment; joins the process group `torchrun` describes, if any (NCCL on
-    CUDA, Gloo on CPU)."""
+    """The runtime from flags and environment; joins the process group `torchrun` describes (NCCL on CUDA, Gloo
+    on CPU)."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     if dev.type == "cuda":  # TF32 matmuls: fp32 accuracy is ample for this model

@@ -1,12 +1,10 @@
 """Where a command's memory comes from, and whether what it is asked to build fits, checked before any work.
 
-glibc's malloc hands large blocks to fresh `mmap`s and trims freed memory at the top of the heap, so
-every training step page-faults its activations back in (about 14,000 faults a step for the conv
-autoencoder at batch 256; tests/test_heap.py). Every command therefore keeps up to 1 GiB of freed
-memory and serves blocks up to 32 MiB from the heap: 1.23x the autoencoder's training rate
-(`heap` in benchmarks/results/speed.json), nothing computed changes. A user's own `MALLOC_TRIM_THRESHOLD_`
-or `MALLOC_MMAP_THRESHOLD_` wins. Forward passes without gradients run in batches of `INFERENCE_BATCH`
-for the same reason (their activations stay under the mmap threshold), with bit-identical results.
+glibc's malloc trims freed memory and hands large blocks to fresh `mmap`s, so every training step page-faults its
+activations back in (tests/test_heap.py). Every command keeps up to 1 GiB of freed memory and serves blocks up to
+32 MiB from the heap (1.23x the autoencoder's training rate, benchmarks/results/speed.json); a user's own
+`MALLOC_TRIM_THRESHOLD_` or `MALLOC_MMAP_THRESHOLD_` wins. Forward passes without gradients run in batches of
+`INFERENCE_BATCH` so their activations stay under that threshold, with bit-identical results.
 """
 
 from __future__ import annotations

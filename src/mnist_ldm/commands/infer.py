@@ -35,6 +35,8 @@ def run(params: Params, args: argparse.Namespace) -> Path:
     from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
 
     cfg = params.sample  # with the flags given
+    if args.num_images is not None and cfg.num_images == 0:  # 0 means "the test set's size" to the sample stage
+        raise UserError(f"--num-images {args.num_images}: expected an integer >= 1 (the images to draw)")
     n = cfg.num_images or cfg.grid_size
     suffix = args.output.suffix.lower()
     if suffix not in (".png", ".npz"):

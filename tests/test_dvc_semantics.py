@@ -185,8 +185,8 @@ def importers(repo: Path, rel: str) -> set[str]:
 
 
 def test_a_code_change_marks_exactly_the_stages_that_import_it(built, repo):
-    metrics = changed_stages(repo, "src/mnist_ldm/evaluation/metrics/frechet.py")
-    assert importers(repo, "src/mnist_ldm/evaluation/metrics/frechet.py") == {"evaluate"}
+    metrics = changed_stages(repo, "src/mnist_ldm/evaluation/metrics.py")
+    assert importers(repo, "src/mnist_ldm/evaluation/metrics.py") == {"evaluate"}
     assert metrics == {"evaluate": [{"changed deps": {"src/mnist_ldm/evaluation": "modified"}}]}, metrics
 
     denoiser = changed_stages(repo, "src/mnist_ldm/diffusion/denoiser.py")
@@ -208,7 +208,7 @@ def test_a_code_change_marks_exactly_the_stages_that_import_it(built, repo):
 
 def test_a_code_change_reruns_only_its_stage_and_undoing_it_is_served_by_the_run_cache(built, repo):
     files = built[1]
-    path = repo / "src/mnist_ldm/evaluation/metrics/frechet.py"
+    path = repo / "src/mnist_ldm/evaluation/metrics.py"
     original = path.read_bytes()
     path.write_bytes(original + b"\n# edited by test_dvc_semantics\n")
     try:

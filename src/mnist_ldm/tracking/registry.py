@@ -10,18 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from mnist_ldm.tracking.runs import dotted, git_tags
+from mnist_ldm.tracking.runs import HEADLINE, dotted, git_tags
 from mnist_ldm.tracking.stagerun import StageRun
 from mnist_ldm.tracking.store import TAG
 
 CHAMPION = "champion"
 DESCRIPTION = ("MNIST latent-diffusion generator (mnist-ldm): pyfunc model, input n/digit/sampler/steps/eta/guidance/"
                "seed, output one row per image")
-# eval.json's numbers that a comparison is about, those of the first evaluator first: the tags of each version
-HEADLINE = ("fcd.generated", "second_evaluator.fcd.generated", "fcd_ratio_to_ae_reconstruction",
-            "second_evaluator.fcd_ratio_to_ae_reconstruction", "fcd_ratio_to_single_gaussian", "fcd.train_vs_test",
-            "fcd.single_gaussian", "prdc.precision", "prdc.recall", "prdc.density", "prdc.coverage",
-            "class_balance.tv_to_uniform", "class_balance.classes_present", "memorization.ratio", "n")
 
 
 def headline(result: dict) -> dict[str, float]:

@@ -18,13 +18,17 @@ from mnist_ldm.io.errors import first_line
 from mnist_ldm.tracking.stagerun import StageRun, data_tags
 from mnist_ldm.tracking.store import TAG, TrackingError, connect, experiment_id, git, repo_root, tracking_uri
 
-# what the parent run shows of the metrics files, in this order (MLflow's compare view plots the first metric a
-# run received): the rest stays on the stage runs
-PARENT_METRICS = ("eval.fcd.generated", "eval.second_evaluator.fcd.generated", "eval.fcd_ratio_to_ae_reconstruction",
-                  "eval.second_evaluator.fcd_ratio_to_ae_reconstruction", "eval.fcd.train_vs_test",
-                  "eval.prdc.precision", "eval.prdc.recall", "eval.class_balance.tv_to_uniform",
-                  "autoencoder.test_bce", "diffusion.test_loss", "evaluator.test_accuracy",
-                  "second_evaluator.test_accuracy")
+# eval.json's numbers that a comparison is about, those of the first evaluator first: tracking/registry.py tags each
+# registered version with them, and the first `PARENT_EVAL` go on the parent run, so a new headline metric is one
+# line here. What the parent shows, in this order (MLflow's compare view plots the first metric a run received);
+# the rest stays on the stage runs:
+HEADLINE = ("fcd.generated", "second_evaluator.fcd.generated", "fcd_ratio_to_ae_reconstruction",
+            "second_evaluator.fcd_ratio_to_ae_reconstruction", "fcd.train_vs_test", "prdc.precision", "prdc.recall",
+            "class_balance.tv_to_uniform", "fcd_ratio_to_single_gaussian", "fcd.single_gaussian", "prdc.density",
+            "prdc.coverage", "class_balance.classes_present", "memorization.ratio", "n")
+PARENT_EVAL = 8
+PARENT_METRICS = (*(f"eval.{k}" for k in HEADLINE[:PARENT_EVAL]), "autoencoder.test_bce", "diffusion.test_loss",
+                  "evaluator.test_accuracy", "second_evaluator.test_accuracy")
 
 
 def dvc_inputs(workdir: Path, stage: str) -> tuple[dict, dict]:

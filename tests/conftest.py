@@ -38,17 +38,16 @@ SHRUNK = {
 
 # The modules that drive whole pipelines, longest first: `make test` hands whole modules to the
 # pytest-xdist workers in this order (--no-loadscope-reorder), so the long ones start early and the
-# workers finish together instead of one waiting on a long module picked up last. The third,
-# test_resume.py, builds its own repository: its worker does not wait for `trained_repo`, which the
-# first worker is building.
+# workers finish together instead of one waiting on a long module picked up last.
 #
 # pytest-xdist gives a worker another module while it has at most 2 tests pending, so the worker that
 # runs test_readme.py (2 tests, over a third of the suite's time) would take the next modules too and run
 # them after it, at the end, alone: the fourth module is a quick one of many tests, which stops that.
-LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_resume.py", "test_docs_api.py", "test_diffusion_math.py",
-                 "test_bad_inputs.py", "test_dvc_semantics.py", "test_cli.py", "test_variants.py", "test_mlflow_ui.py",
-                 "test_remotes.py", "test_distributed.py", "test_malicious_checkpoint.py", "test_evaluation.py",
-                 "test_conditional.py", "test_serving.py", "test_bad_inputs_os.py", "test_pipeline.py")
+LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_mlflow_ui.py", "test_diffusion_math.py",
+                 "test_docs_tracking.py", "test_variants.py", "test_dvc_semantics.py", "test_resume.py",
+                 "test_docs_api.py", "test_bad_inputs.py", "test_cli.py", "test_remotes.py", "test_distributed.py",
+                 "test_malicious_checkpoint.py", "test_evaluation.py", "test_conditional.py", "test_serving.py",
+                 "test_bad_inputs_os.py", "test_pipeline.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

@@ -13,6 +13,7 @@ from mnist_ldm.io.paths import check_paths
 from mnist_ldm.runtime.command import add_paths
 
 HELP = "check every param in the params file (the pipeline's first stage)"
+COMPUTES = False  # no --device/--precision: nothing here runs a network
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -21,7 +21,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command, module in COMMANDS.items():
         mod = importlib.import_module(f"{__package__}.{module}")
-        add_common(s := sub.add_parser(command, help=mod.HELP), suppress=True)
+        s = sub.add_parser(command, help=mod.HELP, description=mod.HELP)
+        add_common(s, suppress=True, computes=getattr(mod, "COMPUTES", True))
         add_command(s, mod)
     return run_command(p, sys.argv[1:] if argv is None else argv)
 

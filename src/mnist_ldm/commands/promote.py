@@ -14,6 +14,7 @@ from mnist_ldm.tracking.registry import CHAMPION
 from mnist_ldm.runtime.command import positive_int
 
 HELP = "set the registry alias 'champion' on the best version by generated FCD (or on --version N)"
+COMPUTES = False  # no --device/--precision: nothing here runs a network
 HIGHER_IS_BETTER = ("prdc.", "class_balance.classes_present")
 
 

@@ -24,6 +24,7 @@ from mnist_ldm.io.errors import UserError
 from mnist_ldm.runtime.command import positive_int
 
 HELP = "start the MLflow UI on the repository's runs and print the addresses of the runs, the compare view and the model"
+COMPUTES = False  # no --device/--precision: nothing here runs a network
 START_TIMEOUT_S = 180
 
 

@@ -29,6 +29,8 @@ DIGIT_CLASSES = 10  # the classes of a class-conditional (diffusion.conditional)
 
 Seed = Annotated[int, Field(ge=0, lt=2**63, description="integer seed in [0, 2^63)")]
 Positive = Annotated[int, Field(ge=1)]
+Schedule = Annotated[LrSchedule, Field(description="constant | cosine (to 0 at the last step)")]
+Warmup = Annotated[int, Field(ge=0, description="linear learning-rate warm-up, in optimizer steps")]
 Digit = Optional[Annotated[int, Field(ge=0, le=9)]]
 
 
@@ -61,8 +63,8 @@ class AutoencoderConfig(Section):
     epochs: Positive = 19
     batch_size: Positive = 256
     lr: float = Field(0.006, gt=0)
-    lr_schedule: LrSchedule = Field("cosine", description="constant | cosine (to 0 at the last step)")
-    warmup_steps: int = Field(200, ge=0, description="linear learning-rate warm-up, in optimizer steps")
+    lr_schedule: Schedule = "cosine"
+    warmup_steps: Warmup = 200
     generate_images: bool = Field(True, description="a reconstruction grid per epoch in MLflow")
     seed: Seed = 0
     checkpoint_every: Positive = Field(200, description="steps between resumable checkpoints")
@@ -79,8 +81,8 @@ class DiffusionConfig(Section):
     epochs: Positive = 60
     batch_size: Positive = 512
     lr: float = Field(0.0016, gt=0)
-    lr_schedule: LrSchedule = Field("cosine", description="constant | cosine (to 0 at the last step)")
-    warmup_steps: int = Field(200, ge=0, description="linear learning-rate warm-up, in optimizer steps")
+    lr_schedule: Schedule = "cosine"
+    warmup_steps: Warmup = 200
     only_digit: Digit = Field(None, description="0-9 trains on one digit only")
     conditional: bool = Field(False, description="one class-conditional model with classifier-free guidance")
     cond_drop_prob: float = Field(0.1, ge=0, lt=1)

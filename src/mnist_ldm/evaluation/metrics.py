@@ -3,6 +3,7 @@ class balance, computed in a classifier's feature space or from its softmax outp
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,13 @@ import torch
 
 from mnist_ldm.evaluator.nearest import cdist, distances_to_train, rows_per_block
 
-_sqrtm = scipy.linalg.sqrtm  # the principal square root (Schur method), as the reference FID code takes it
+
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    """The principal square root (Schur method), as the reference FID code takes it; SciPy's warning about a
+    singular matrix (features a network never activates) is not printed: the result is checked below."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        return scipy.linalg.sqrtm(a)
 
 
 def _float64(x: Any) -> np.ndarray:

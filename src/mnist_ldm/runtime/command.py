@@ -37,15 +37,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}\n")
 
 
-def add_common(p: argparse.ArgumentParser, suppress: bool = False) -> None:
-    """`--params`, `--set` (repeatable), `--device`, `--precision`; `suppress` for a subcommand's copy, so that
-    they work before and after the subcommand."""
+def add_common(p: argparse.ArgumentParser, suppress: bool = False, computes: bool = True) -> None:
+    """`--params`, `--set` (repeatable) and, for a command that computes, `--device`, `--precision`; `suppress` for
+    a subcommand's copy, so that they work before and after the subcommand."""
     default = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     p.add_argument("--params", type=Path, default=default(Path("params.yaml")), help="params file (default: params.yaml)")
     # the subcommand's copy appends to a list of its own: argparse would otherwise drop the items given before it
     p.add_argument("--set", action="append", dest="set_after" if suppress else "set", default=default([]),
                    metavar="SECTION.KEY=VALUE",
                    help="override one param for this command (repeatable), e.g. --set diffusion.lr=0.0005")
+    if not computes:
+        return
     p.add_argument("--device", default=default(None), metavar="DEVICE",
                    help="auto, cpu, cuda, cuda:N or mps (default: $MNIST_LDM_DEVICE, else auto: CUDA, else MPS, "
                         "else CPU); not a param, so choosing one never makes outputs look stale")
@@ -111,8 +113,8 @@ def add_command(p: argparse.ArgumentParser, command: ModuleType) -> None:
 
 def command_parser(command: ModuleType) -> Parser:
     """The parser of `stages/<name>.py`: the flags of `mnist-ldm <name>`."""
-    p = Parser(prog="mnist-ldm " + command.__name__.rpartition(".")[2].replace("_", "-"))
-    add_common(p)
+    p = Parser(prog="mnist-ldm " + command.__name__.rpartition(".")[2].replace("_", "-"), description=command.HELP)
+    add_common(p, computes=getattr(command, "COMPUTES", True))
     add_command(p, command)
     return p
 

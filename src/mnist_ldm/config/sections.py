@@ -10,7 +10,7 @@ changes nothing), which `Params` applies with diffusion.T and diffusion.conditio
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Iterable, Literal, Optional, get_args
+from typing import Annotated, Any, Iterable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
@@ -23,13 +23,11 @@ IGNORED_BY_SAMPLER = {"ddpm": ("steps", "eta")}  # request fields a sampler does
 AutoencoderKind = Literal["conv", "mlp", "none"]
 DenoiserArch = Literal["mlp", "unet"]
 EvaluatorArch = Literal["cnn", "allconv"]
-LrSchedule = Literal["constant", "cosine"]
-LR_SCHEDULES = get_args(LrSchedule)  # runtime/loop.py's lr_factor
 DIGIT_CLASSES = 10  # the classes of a class-conditional (diffusion.conditional) model: the ten digits
 
 Seed = Annotated[int, Field(ge=0, lt=2**63, description="integer seed in [0, 2^63)")]
 Positive = Annotated[int, Field(ge=1)]
-Schedule = Annotated[LrSchedule, Field(description="constant | cosine (to 0 at the last step)")]
+Schedule = Annotated[Literal["constant", "cosine"], Field(description="constant | cosine (to 0 at the last step)")]
 Warmup = Annotated[int, Field(ge=0, description="linear learning-rate warm-up, in optimizer steps")]
 Digit = Optional[Annotated[int, Field(ge=0, le=9)]]
 

@@ -19,6 +19,7 @@ from mnist_ldm.io.atomic import write_json
 from mnist_ldm.io.errors import UserError, os_error_line
 from mnist_ldm.io.hashing import arrays_digest
 from mnist_ldm.runtime.memory import keep_freed_memory
+from mnist_ldm.runtime.progress import close_bars
 
 NPROC_ENV = "MNIST_LDM_NPROC"
 TRAINING_STAGES = ("train_ae", "train_diffusion", "train_evaluator")
@@ -150,12 +151,15 @@ def guarded(fn) -> int:
     try:
         fn()
     except (UserError, ConfigError) as e:
+        close_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
+        close_bars()
         print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_bars()
         print(interrupted_line(), file=sys.stderr)
         return 130
     finally:

@@ -16,3 +16,9 @@ def progress(iterable=None, **kwargs):
 def warn(message: str) -> None:
     """One line on stderr, on a line of its own even while a progress bar is drawn."""
     tqdm.write(message, file=sys.stderr)
+
+
+def close_bars() -> None:
+    """Close every open bar, so that a line printed next (an error, `interrupted`) starts a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from mnist_ldm.tracking.runs import HEADLINE, dotted, git_tags
+from mnist_ldm.config.params_file import dotted_value
+from mnist_ldm.tracking.runs import HEADLINE, git_tags
 from mnist_ldm.tracking.stagerun import StageRun
 from mnist_ldm.tracking.store import TAG
 
@@ -21,7 +22,7 @@ DESCRIPTION = ("MNIST latent-diffusion generator (mnist-ldm): pyfunc model, inpu
 
 def headline(result: dict) -> dict[str, float]:
     """The finite numbers of `HEADLINE` found in an eval.json dict."""
-    found = {key: dotted(result, key) for key in HEADLINE}
+    found = {key: dotted_value(result, key) for key in HEADLINE}
     return {k: float(v) for k, v in found.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from mnist_ldm.config.params_file import dotted_value
 from mnist_ldm.config.sections import Params
 from mnist_ldm.io.errors import first_line
 from mnist_ldm.tracking.stagerun import StageRun, data_tags
@@ -184,12 +185,6 @@ def training_run(stage: str, params: Params, section: str, data_meta: dict, data
         yield run
 
 
-def dotted(d: dict, key: str) -> Any:
-    for part in key.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
-
-
 def parent_metrics(run: StageRun, workdir: Path, finished: str) -> None:
     """Put `PARENT_METRICS` on the parent, in that order, from the metrics files `current_metrics` names (the
     running stage's only if it `finished`); each value once."""
@@ -197,7 +192,7 @@ def parent_metrics(run: StageRun, workdir: Path, finished: str) -> None:
     for path in sorted(run.call("dvc stage status", current_metrics, workdir, finished) or ()):
         with contextlib.suppress(OSError, ValueError):
             data = json.loads((workdir / path).read_text())
-            found.update({k: dotted(data, k.split(".", 1)[1]) for k in PARENT_METRICS
+            found.update({k: dotted_value(data, k.split(".", 1)[1]) for k in PARENT_METRICS
                           if k.split(".", 1)[0] == Path(path).stem})
     parent = run.call("parent metrics", run.client.get_run, run.parent_id) if found else None
     if parent is not None:

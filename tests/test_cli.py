@@ -1,5 +1,5 @@
 """The `mnist-ldm` command line on the shrunk, trained repository: `infer` outputs and seeding, the
-design's training flags, and one-line errors for checkpoints that cannot be used."""
+reference design's training flags, and one-line errors for checkpoints that cannot be used."""
 
 from __future__ import annotations
 
@@ -79,12 +79,14 @@ def test_infer_png_is_the_grid_of_the_same_images(trained_repo, tmp_path, seed3)
     raw = (tmp_path / "grid.png").read_bytes()
     assert raw.startswith(PNG_SIGNATURE)
     images = load_images(seed3)
-    ncol = int(np.ceil(np.sqrt(8)))  # 3 columns, 3 rows, 28 px cells with 2 px padding
+    ncol = int(np.ceil(np.sqrt(8)))  # 3 columns, 3 rows, 28 px cells with 2 px padding: 92 px, too small to see
     nrow = int(np.ceil(8 / ncol))
     with Image.open(tmp_path / "grid.png") as im:
         assert im.format == "PNG"
-        assert im.size == (2 + ncol * 30, 2 + nrow * 30)
-        grid = np.asarray(im.convert("L"))
+        assert im.size == (5 * (2 + ncol * 30), 5 * (2 + nrow * 30))  # each pixel 5x5: 460 px, at least GRID_PX
+        big = np.asarray(im.convert("L"))
+    grid = big[::5, ::5]
+    np.testing.assert_array_equal(big, grid.repeat(5, axis=0).repeat(5, axis=1))  # nearest: no blur
     for i, img in enumerate(images):
         r, c = divmod(i, ncol)
         np.testing.assert_array_equal(grid[2 + 30 * r: 30 + 30 * r, 2 + 30 * c: 30 + 30 * c], img)
@@ -131,7 +133,7 @@ def test_infer_defaults_come_from_the_sample_params(trained_repo, tmp_path):
     assert f"infer: 2 images (ddim, seed 4) -> {tmp_path / 's.npz'}" in proc.stdout
 
 
-# --------------------------------------------------------------------------- the design's training flags
+# --------------------------------------------------------------------------- the reference design's training flags
 
 def test_train_commands_accept_the_design_flags(trained_repo, tmp_path):
     repo = make_repo_copy(tmp_path / "repo")

@@ -39,6 +39,15 @@ def test_save_grid_writes_the_grid_as_a_grayscale_png(tmp_path):
         assert np.array_equal(np.asarray(im), plots.grid_array(images, 4))
 
 
+@pytest.mark.parametrize("min_side, k", [(0, 1), (122, 1), (123, 2), (256, 3)])
+def test_save_grid_scales_up_by_whole_pixels_to_min_side(tmp_path, min_side, k):
+    images = np.random.default_rng(1).integers(0, 256, (16, 28, 28), dtype=np.uint8)  # 4 x 4: 122 px
+    plots.save_grid(images, tmp_path / "g.png", nrow=4, min_side=min_side)
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.size == (122 * k, 122 * k)
+        np.testing.assert_array_equal(np.asarray(im), plots.grid_array(images, 4).repeat(k, 0).repeat(k, 1))
+
+
 def test_no_images_is_an_error_not_an_empty_file(tmp_path):
     with pytest.raises(ValueError, match="no images"):
         plots.save_grid(np.zeros((0, 28, 28), np.uint8), tmp_path / "g.png", nrow=4)

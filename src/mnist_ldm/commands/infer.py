@@ -17,11 +17,13 @@ from mnist_ldm.io.paths import check_paths
 from mnist_ldm.runtime.command import add_param_flags, add_paths, runtime_for
 
 HELP = "generate digits from a trained pair of checkpoints"
+GRID_PX = 384  # a .png grid is scaled up (whole pixels) to at least this width or height, so 16 digits can be seen
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_paths(p, ckpt="diffusion checkpoint", ae_ckpt="autoencoder checkpoint")
-    p.add_argument("--output", type=Path, default=Path("generated_digits.png"), help=".png grid or .npz arrays")
+    p.add_argument("--output", type=Path, default=Path("generated_digits.png"),
+                   help=f".png grid (at least {GRID_PX} px) or .npz arrays")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--ema", dest="use_ema", action="store_const", const=True,
                          help="sample with the EMA of the weights (sample.use_ema: true)")
@@ -54,6 +56,6 @@ def run(params: Params, args: argparse.Namespace) -> Path:
         write_npz(args.output, **({"images": out.images} if out.labels is None else
                                   {"images": out.images, "labels": out.labels}))
     else:
-        plots.save_grid(out.images, args.output, nrow=max(1, int(math.ceil(math.sqrt(n)))))
+        plots.save_grid(out.images, args.output, nrow=max(1, int(math.ceil(math.sqrt(n)))), min_side=GRID_PX)
     print(f"infer: {n} images ({cfg.sampler}, seed {cfg.seed}) -> {args.output}")
     return args.output

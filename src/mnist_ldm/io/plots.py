@@ -27,12 +27,15 @@ def grid_array(images, nrow: int, pad: int = 2) -> np.ndarray:
     return np.rint(out * 255).astype(np.uint8)
 
 
-def save_grid(images, path: str | Path, nrow: int) -> None:
-    """`grid_array` as a grayscale PNG."""
+def save_grid(images, path: str | Path, nrow: int, min_side: int = 0) -> None:
+    """`grid_array` as a grayscale PNG, each pixel a k×k block for the smallest whole k that makes the longer side
+    at least `min_side` pixels (a few 28-px digits are too small to look at)."""
     from PIL import Image
 
+    grid = grid_array(images, nrow)
+    k = max(1, -(-min_side // max(grid.shape)))
     with atomic_path(path) as tmp:
-        Image.fromarray(grid_array(images, nrow), mode="L").save(tmp, format="png")
+        Image.fromarray(grid.repeat(k, axis=0).repeat(k, axis=1), mode="L").save(tmp, format="png")
 
 
 def _figure():

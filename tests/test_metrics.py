@@ -3,8 +3,11 @@ brute-force full-matrix version and its known calibration, class balance, memori
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from mnist_ldm.evaluation.metrics import (
@@ -97,6 +100,21 @@ def test_fcd_singular_covariance_is_finite():
     b = rng.normal(size=(30, 64)) + 0.2
     got = frechet_classifier_distance(a, b)
     assert np.isfinite(got)
+    assert got == pytest.approx(reference_frechet(*reference_stats(a), *reference_stats(b)), rel=1e-6)
+
+
+def test_fcd_of_features_a_network_never_activates_is_exact_and_quiet():
+    # ReLU features that are 0 for every image (dead units, as in the evaluators' 128-unit layer) make both
+    # covariances exactly singular; SciPy's sqrtm then warns "Matrix is singular", yet its result is exact.
+    rng = np.random.default_rng(5)
+    shift = np.linspace(-1, 6, 128)  # the units past about 4 standard deviations never fire in 1,000 rows
+    a, b = (np.maximum(rng.normal(size=(1000, 128)) - shift, 0) for _ in range(2))
+    assert (a.std(axis=0) == 0).sum() > 20
+    with pytest.warns(scipy.linalg.LinAlgWarning, match="singular"):
+        scipy.linalg.sqrtm(np.cov(a, rowvar=False) @ np.cov(b, rowvar=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = frechet_classifier_distance(a, b)
     assert got == pytest.approx(reference_frechet(*reference_stats(a), *reference_stats(b)), rel=1e-6)
 
 

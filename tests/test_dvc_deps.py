@@ -7,9 +7,11 @@ tests/code_deps.py), so editing a module re-runs exactly the stages whose folder
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 from pathlib import Path
 
+import networkx as nx
 import pytest
 import yaml
 
@@ -20,14 +22,18 @@ from dvc.repo import Repo
 CODE_PREFIXES = ("stages/", "src/")
 
 
-def _pipeline() -> dict:
-    """Each stage's definition as DVC resolves dvc.yaml (its `${lib}` variable expanded)."""
+def _pipeline() -> tuple[dict, dict, set]:
+    """Each stage's definition as DVC resolves dvc.yaml (its `${lib}` variable expanded), the stages each stage
+    runs after, directly or not, and the (upstream, downstream) pairs that `dvc dag` draws."""
     with Repo(str(REPO), uninitialized=True) as repo:
-        return {s.addressing: {"deps": [str(d.def_path) for d in s.deps],
-                               "outs": [str(o.def_path) for o in s.outs]} for s in repo.index.stages}
+        graph = repo.index.graph  # an edge from each stage to the stages whose outputs it reads
+        return ({s.addressing: {"deps": [str(d.def_path) for d in s.deps],
+                                "outs": [str(o.def_path) for o in s.outs]} for s in repo.index.stages},
+                {s.addressing: {u.addressing for u in nx.descendants(graph, s)} for s in repo.index.stages},
+                {(u.addressing, d.addressing) for d, u in graph.edges})
 
 
-PIPELINE = _pipeline()
+PIPELINE, UPSTREAM, ARROWS = _pipeline()
 RAW = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
@@ -67,11 +73,24 @@ def test_the_closure_follows_every_kind_of_import_and_skips_tracking():
 
 
 def test_every_stage_has_an_entry_and_checks_params_first():
+    """DVC runs a stage after everything upstream of it, so `check_params` upstream of every stage stops a bad
+    value before DVC deletes any output; one stage reading its marker keeps `dvc dag` one edge wide there."""
     entries = {p.stem for p in (REPO / "stages").glob("*.py")}
     assert entries == set(PIPELINE)
-    for name, stage in PIPELINE.items():
-        if name != "check_params":
-            assert "data/params_ok.json" in stage["deps"], f"{name} must depend on check_params' output"
+    for name in set(PIPELINE) - {"check_params"}:
+        assert "check_params" in UPSTREAM[name], f"{name} must run after check_params (through its output)"
+    assert [n for n, s in PIPELINE.items() if "data/params_ok.json" in s["deps"]] == ["prepare"]
+
+
+def test_the_chart_in_the_docs_is_dvc_dag():
+    """docs/pipeline.md's Mermaid chart (`a --> b & c` lines) has exactly the arrows of DVC's graph."""
+    chart = re.search(r"```mermaid\nflowchart TD\n(.*?)```", (REPO / "docs" / "pipeline.md").read_text(), re.S)
+    assert chart, "docs/pipeline.md: the ```mermaid chart of the stages is missing"
+    drawn = set()
+    for line in chart.group(1).splitlines():
+        up, _, downs = line.partition("-->")
+        drawn |= {(up.strip(), d.strip()) for d in downs.split("&")}
+    assert drawn == ARROWS, f"docs/pipeline.md's chart: draw {sorted(ARROWS - drawn)}, remove {sorted(drawn - ARROWS)}"
 
 
 def test_every_output_is_cached():

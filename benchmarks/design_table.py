@@ -1,4 +1,4 @@
-"""The design's comparison table, measured: pixel-space DDPM (U-Net) beside the latent models (conv and MLP
+"""The reference design's comparison table, measured: pixel-space DDPM (U-Net) beside the latent models (conv and MLP
 autoencoders), same data, same machine, one run.
 
 Each variant is trained by the pipeline's own training functions with the default params (the pixel model:
@@ -201,7 +201,7 @@ def _spread(values: list[float]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """The README table: one column per variant, then each latent variant's ratio to pixel space."""
+    """The table in docs/results.md: one column per variant, then each latent variant's ratio to pixel space."""
     rows = result["rows"]
     pixel = next(r for r in rows if r["diffusion.denoiser"] == "unet")
     latent = [r for r in rows if r is not pixel]

@@ -226,7 +226,7 @@ def main() -> None:
             add(f"autoencoder ({kind}) training, batch {batch}", "images/s",
                 *autoencoder_training(kind, batch, seconds=sec, precision=precision), precision)
     if "fp32" in wanted:
-        unet = build_denoiser(DenoiserSpec(784, arch="unet"))  # pixel space, the design's ~150K U-Net
+        unet = build_denoiser(DenoiserSpec(784, arch="unet"))  # pixel space, the reference design's ~150K U-Net
         add("pixel U-Net training, batch 128", "images/s", *denoiser_training(unet, 128, seconds=sec * 10 / 3))
         add("pixel U-Net DDPM sampling, batch 2500", "images*steps/s",
             *denoiser_sampling(unet, "ddpm", 2500, sec * 10 / 3)[:2])

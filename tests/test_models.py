@@ -184,7 +184,7 @@ def test_denoiser_parameter_count_of_the_default_config():
     model = LatentDenoiser(DenoiserSpec(latent_dim=16, hidden_dim=256, num_blocks=4))
     n = count_parameters(model)
     assert n == expected_denoiser_params(16, 256, 4) == 1_723_152
-    # The design's comparison table lists this model as ~50K parameters; the architecture it describes
+    # The reference design's comparison table lists this model as ~50K parameters; the architecture it describes
     # (hidden 256, 4 FiLM residual blocks) has about 1.72M, which is what this model has.
     assert 1.70e6 < n < 1.75e6
     assert not 40_000 < n < 60_000
@@ -329,7 +329,7 @@ def test_unet_has_the_designs_size_and_shapes():
 
     spec = DenoiserSpec(latent_dim=784, arch="unet", channels=16)
     model = build_denoiser(spec).eval()
-    assert count_parameters(model) == 144_593  # the design's "~150K"
+    assert count_parameters(model) == 144_593  # the reference design's "~150K"
     z, t = torch.randn(3, 784), torch.tensor([0, 500, 999])
     eps = model(z, t)
     assert eps.shape == (3, 784) and torch.isfinite(eps).all()

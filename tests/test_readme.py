@@ -66,7 +66,7 @@ EDITS = {
                                          ("5001", "{port_b}", "a free port")],
     "mnist-ldm train-ae --data data/prepared": [
         ("--epochs 100 --generate-images", "--epochs 3 --generate-images",
-         "the design's 100 epochs log 100 image grids: 3 exercise the same flags"),
+         "the reference design's 100 epochs log 100 image grids: 3 exercise the same flags"),
         ("--epochs 30 --generate-images", "--epochs 3 --generate-images", "likewise, 30 DDIM preview grids"),
         ("mnist-ldm infer ...", "mnist-ldm infer --ckpt models/diffusion.pt --ae-ckpt models/autoencoder.pt",
          "the flags the first infer line spells out"),

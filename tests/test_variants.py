@@ -1,4 +1,4 @@
-"""The design's sibling systems through the same stages: `dvc exp run -S` switches to the MLP autoencoder
+"""The reference design's sibling systems through the same stages: `dvc exp run -S` switches to the MLP autoencoder
 and to pixel-space diffusion (pass-through autoencoder + U-Net), and `evaluate` scores each with its floors."""
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ reference design's training flags, and one-line errors for checkpoints that cann
 from __future__ import annotations
 
 import hashlib
+import importlib
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from PIL import Image
 from conftest import cli, make_repo_copy
 from conftest import test_env as base_env  # aliased: pytest would collect a `test_*` name
 from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec
+from mnist_ldm.commands.cli import COMMANDS
 from mnist_ldm.io.checkpoint import save_checkpoint
 from mnist_ldm.diffusion.denoiser import DenoiserSpec, LatentDenoiser
 
@@ -291,6 +293,24 @@ def test_cli_and_stage_script_run_a_command_the_same_way(trained_repo, extra, np
     for entry in ([str(BIN / "mnist-ldm"), "train-ae"], [str(BIN / "python"), "stages/train_ae.py"]):
         proc = run([*entry, *args], trained_repo, check=False, env=env(MNIST_LDM_NPROC=nproc))
         assert (proc.returncode, proc.stderr.strip()) == (2, line), entry
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_says_what_the_command_does_and_lists_only_the_flags_it_uses(tmp_path, command):
+    """Each subcommand's --help opens with what it does; one that runs no network neither lists nor takes
+    --device and --precision (given before the subcommand, they are refused in one line)."""
+    module = importlib.import_module(f"mnist_ldm.commands.{COMMANDS[command]}")
+    shown = cli(command, "--help", cwd=tmp_path, env=env(COLUMNS="200")).stdout
+    assert shown.split("\n\n")[1].strip() == module.HELP, shown
+    computes = command not in ("check-params", "promote", "ui")
+    assert ("--device" in shown, "--precision" in shown) == (computes, computes), shown
+    if not computes:
+        for flag, value in (("--device", "cpu"), ("--precision", "fp32")):
+            proc = cli(flag, value, command, *(["--out", "ok.json"] if command == "check-params" else []),
+                       cwd=tmp_path, check=False)
+            assert (proc.returncode, proc.stderr.strip()) == (
+                2, f"error: mnist-ldm: {flag}: {command} runs no network; expected it without {flag}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_promote_with_tracking_off_is_refused_before_the_store_is_opened(tmp_path):

@@ -14,7 +14,7 @@ from mnist_ldm.io.paths import check_paths
 from mnist_ldm.runtime.command import PRECISION_TAG, add_paths, runtime_for
 from mnist_ldm.runtime.command import publish
 
-HELP = "the pipeline's sampling stage"
+HELP = "generate the digits evaluate scores (sample.num_images) and their grids, trajectory and interpolation"
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
 
 

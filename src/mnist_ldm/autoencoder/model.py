@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from pydantic import TypeAdapter
 
 from mnist_ldm.config.sections import AutoencoderKind, Width
-
 from mnist_ldm.io.checkpoint import load_model_checkpoint
 from mnist_ldm.runtime.device import autocast, model_device
 from mnist_ldm.runtime.memory import INFERENCE_BATCH

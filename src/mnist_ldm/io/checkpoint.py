@@ -13,7 +13,6 @@ import torch
 from pydantic import ValidationError
 
 from mnist_ldm.config.sections import error_line
-
 from mnist_ldm.io.atomic import atomic_path
 from mnist_ldm.io.errors import UserError, first_line
 from mnist_ldm.io.paths import input_error

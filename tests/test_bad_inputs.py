@@ -619,6 +619,127 @@ def _prepare_here_params_elsewhere(repo, tmp):
     return ["--params", params_file(repo, tmp, {}), *stage("prepare", out=".")], ["--out .", "the current folder"]
 
 
+# --------------------------------------------------------------------------- files trusted past their type
+
+def _samples(make: Callable[[np.ndarray], dict]) -> Case:
+    """evaluate --samples: the repository's samples as `make(images)` writes them."""
+    def build(repo, tmp):
+        with np.load(repo / "outputs/samples.npz") as f:
+            images = f["images"]
+        path = tmp / "samples.npz"
+        np.savez(path, **make(images))
+        return stage("evaluate", "--no-tracking", samples=path), [str(path)]
+    return build
+
+
+def _nan_pixel(images: np.ndarray) -> dict:
+    x = images.astype(np.float32) / 255
+    x[0, 0, 0] = np.nan  # `min() < 0` is False with a NaN: a range check that compares misses it
+    return {"images": x}
+
+
+def _meta(text: str, culprit: str) -> Case:
+    def build(repo, tmp):
+        prep = tmp / "prepared"
+        shutil.copytree(repo / "data/prepared", prep)
+        (prep / "meta.json").write_text(text)
+        return stage("train-evaluator", data=prep, out="OUT/x.pt", metrics="OUT/x.json"), \
+            [str(prep / "meta.json"), culprit]
+    return build
+
+
+def _prepared_labels(labels: Callable[[np.ndarray], np.ndarray]) -> Case:
+    """A prepared folder whose train.npz holds `labels(its labels)`."""
+    def build(repo, tmp):
+        prep = tmp / "prepared"
+        shutil.copytree(repo / "data/prepared", prep)
+        with np.load(prep / "train.npz") as f:
+            images, old = f["images"], f["labels"]
+        np.savez(prep / "train.npz", images=images, labels=labels(old))
+        return stage("train-evaluator", data=prep, out="OUT/x.pt", metrics="OUT/x.json"), \
+            [str(prep / "train.npz"), "uint8 labels 0-9"]
+    return build
+
+
+def _ckpt_field(name: str, change: Callable[[dict], None], *culprits: str) -> Case:
+    """A copy of models/`name` with `change` applied, used where infer reads it."""
+    def build(repo, tmp):
+        ckpt = real_ckpt(repo, name)
+        change(ckpt)
+        path = tmp / name
+        torch.save(ckpt, path)
+        argv = infer(str(path)) if name == "diffusion.pt" else infer("models/diffusion.pt", str(path))
+        return argv, [str(path), *culprits]
+    return build
+
+
+def _truncated_features(repo, tmp):
+    from mnist_ldm.evaluator.model import save_reference
+
+    path = tmp / "features.npz"
+    save_reference(path, {k: np.zeros((100, 128)) for k in ("train", "test", "test_to_train")}, weights_sha256="0")
+    path.write_bytes(path.read_bytes()[:3000])
+    return stage("evaluate", "--no-tracking", "--features", str(path), output="OUT/x.json", plots="OUT/plots"), \
+        [str(path), "reference features"]
+
+
+def _fifo_params(repo, tmp):
+    os.mkfifo(tmp / "params.fifo")  # nobody writes to it: reading it would wait for ever
+    return ["--params", str(tmp / "params.fifo"), *infer()], [str(tmp / "params.fifo"), "not a regular file"]
+
+
+def _alias_bomb(repo: Path) -> str:
+    """diffusion.lr as nine levels of YAML aliases, 9^9 numbers once expanded: the error must not expand it."""
+    value = "&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"
+    for i in range(1, 9):
+        value = f"&a{i} [{value}, " + ", ".join([f"*a{i - 1}"] * 8) + "]"
+    return _written(repo, "diffusion", "lr", value)
+
+
+TRUSTED = {
+    "samples-nan-pixel": _samples(_nan_pixel),
+    "samples-labels-shorter": _samples(lambda im: {"images": im, "labels": np.zeros(3, np.int64)}),
+    "samples-labels-12": _samples(lambda im: {"images": im, "labels": np.full(len(im), 12)}),
+    "samples-labels-text": _samples(lambda im: {"images": im, "labels": np.array(["7"] * len(im))}),
+    "prepared-labels-shorter": _prepared_labels(lambda y: y[:-1]),
+    "prepared-labels-12": _prepared_labels(lambda y: np.where(y == 3, 12, y).astype(np.uint8)),
+    "prepared-labels-text": _prepared_labels(lambda y: y.astype(str)),
+    "meta-json-list": _meta("[]", "expected a mapping"),
+    "meta-json-empty": _meta("{}", "missing key 'source'"),
+    "meta-json-bad-hash": _meta(json.dumps({"source": "x", "description": "y", "counts": {"train": 1, "test": 1},
+                                            "content_hash": 5}), "content_hash=5"),
+    "features-truncated": _truncated_features,
+    "ckpt-negative-width": _ckpt_field("diffusion.pt", lambda c: c["model_config"].update(hidden_dim=-4),
+                                       "model_config.hidden_dim=-4", ">= 1"),
+    "ckpt-T-1e12": _ckpt_field("diffusion.pt", lambda c: c["schedule"].update(T=10 ** 12), "T=1000000000000"),
+    "ckpt-schedule-kind-unknown": _ckpt_field("diffusion.pt", lambda c: c["schedule"].update(kind="cosine"),
+                                              "schedule.kind='cosine'"),
+    "ckpt-autoencoder-negative-channels": _ckpt_field("autoencoder.pt",
+                                                      lambda c: c["model_config"].update(channels=[-1, 64, 128]),
+                                                      "model_config.channels.0=-1"),
+    "ckpt-autoencoder-kind-unknown": _ckpt_field("autoencoder.pt", lambda c: c["model_config"].update(kind="vae"),
+                                                 "model_config.kind='vae'"),
+    # values taken and not used, or reported as what they are not
+    "device-empty": _fixed([*infer(), "--device", ""], ["--device=''", "not a device"]),
+    "second-evaluator-is-evaluator": _fixed([*EVALUATE, "--second-evaluator", "models/evaluator.pt"],
+                                            ["--second-evaluator models/evaluator.pt", "weights of --evaluator"]),
+    "infer-output-onto-pipeline-output": _fixed(infer(output="outputs/samples.npz"),
+                                                ["--output outputs/samples.npz", "stage 'sample'"]),
+    "sample-out-png": _fixed(stage("sample", out="OUT/x.png", plots="OUT/plots", metrics="OUT/x.json"),
+                             ["--out", "x.png", ".npz"]),
+    # what the operating system hands over
+    "params-dev-zero": _fixed(["--params", "/dev/zero", *infer()], ["/dev/zero", "not a regular file"]),
+    "params-fifo": _fifo_params,
+    "params-alias-bomb": _params_text(_alias_bomb, TRAIN_DIFFUSION, ("diffusion.lr=[[", "expected a number")),
+    # training that goes wrong but finishes
+    "train-ae-diverges": _fixed(["--set", "autoencoder.lr=1", *stage("train-ae", out="OUT/x.pt", metrics="OUT/x.json",
+                                                                      plots="OUT/plots")],
+                                ["train_ae: loss became", "1000x its first", "lower lr"]),
+}
+FAST.update({name: 20.0 for name in TRUSTED if name.startswith(("params-", "device-", "infer-", "sample-"))})
+CASES.update(TRUSTED)
+
+
 HOSTILE: dict[str, Case] = {
     "evaluate-output-is-samples": _fixed(stage("evaluate", "--no-tracking", output="outputs/samples.npz",
                                                plots="OUT/plots"),
@@ -692,6 +813,60 @@ def test_bad_input_is_one_line_error_and_changes_nothing(name: str, repo: Path, 
     assert not list(tmp_path.glob("x.*")), "an output file was written despite the error"
     if name in FAST:  # refused before loading models or sampling, not after
         assert seconds < FAST[name], f"took {seconds:.1f} s to fail\n{context}"
+
+
+def test_an_environment_variable_is_checked_like_a_flag(repo: Path, tmp_path: Path):
+    """WORLD_SIZE (torchrun's) that is not a number: one line naming it, before any work."""
+    proc = cli(*infer(output=str(tmp_path / "x.npz")), cwd=repo, check=False, env={**os.environ, "WORLD_SIZE": "abc"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-1] == "error: WORLD_SIZE='abc' is not allowed; expected a whole number >= 0 (torchrun sets it)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_stage_under_dvc_ends_with_how_to_get_its_outputs_back(repo: Path, tmp_path: Path):
+    """As DVC runs a stage (DVC_STAGE set), a refusal is the `error:` line, then the `dvc checkout` line."""
+    proc = cli(*stage("sample", out=str(tmp_path / "x.png")), cwd=repo, check=False,
+               env={**os.environ, "DVC_STAGE": "sample"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines[-2].startswith("error: --out"), proc.stderr[-2000:]
+    assert lines[-1] == ("DVC removed the previous outputs of stage 'sample' before running it; `dvc checkout "
+                         "sample` brings them back from the cache"), proc.stderr[-2000:]
+
+
+def test_a_locked_tracking_store_is_one_line(repo: Path, tmp_path: Path):
+    """Another process holds mlflow.db's write lock: the stage says so in one line, before its work."""
+    import sqlite3
+
+    before = snapshot(repo)
+    db = md5(repo / "mlflow.db")
+    holder = sqlite3.connect(repo / "mlflow.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        proc = cli("--set", "tracking.enabled=true", *stage("evaluate", output=str(tmp_path / "x.json"),
+                                                            plots=str(tmp_path / "plots")), cwd=repo, check=False)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-1].startswith(f"error: MLflow store {repo / 'mlflow.db'} cannot be written (database is locked)")
+    assert sum(line.startswith("error:") for line in lines) == 1 and len(lines[-1]) < 300, proc.stderr[-2000:]
+    assert snapshot(repo) == before and md5(repo / "mlflow.db") == db and list(tmp_path.iterdir()) == []
+
+
+def test_samples_per_timestep_above_the_batch_warns_and_trains_the_same(repo: Path, tmp_path: Path):
+    """diffusion.samples_per_timestep=100000 with batches of 64: a warning, and the weights of 64 (no padded rows:
+    it ran 60x slower)."""
+    out = {}
+    for spt in (100000, 64):
+        proc = cli("--set", f"diffusion.samples_per_timestep={spt}", "--set", "diffusion.generate_images=false",
+                   *stage("train-diffusion", out=tmp_path / f"{spt}.pt", metrics=tmp_path / f"{spt}.json",
+                          plots=tmp_path / f"plots{spt}"), cwd=repo)
+        out[spt] = (proc.stderr, torch.load(tmp_path / f"{spt}.pt", weights_only=True)["state_dict"])
+    assert "warning: diffusion.samples_per_timestep=100000 is more than diffusion.batch_size=64" in out[100000][0]
+    assert "warning" not in out[64][0]
+    assert all(torch.equal(out[100000][1][k], out[64][1][k]) for k in out[64][1])
 
 
 def test_metrics_json_never_holds_nan(tmp_path: Path):

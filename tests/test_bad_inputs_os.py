@@ -179,6 +179,31 @@ def test_encode_on_full_disk(repo: Path, tmp_path: Path):
     assert left == [], left
 
 
+def test_checkpoint_on_full_disk_leaves_no_plots(repo: Path, tmp_path: Path):
+    """The checkpoint does not fit (torch's writer raised `RuntimeError: [enforce fail at inline_container.cc]`
+    after the whole training, and the new plots were already in place): one line naming it, no plots, no metrics."""
+    full = tmp_path / "full"
+    full.mkdir()
+    proc, left = mnist_ldm(repo, "full", full, "--set", "autoencoder.checkpoint_every=100000", "train-ae", "--data",
+                           "data/prepared", "--out", str(full / "ae.pt"), "--metrics", str(tmp_path / "ae.json"),
+                           "--plots", str(tmp_path / "plots"))
+    assert_one_error(proc, f"{full / 'ae.pt'}: {FULL}")
+    assert left == [] and sorted(p.name for p in tmp_path.iterdir()) == ["full"], left
+
+
+def test_a_read_only_tracking_store_is_one_line(repo: Path, tmp_path: Path):
+    """mlflow.db on a read-only mount: one line (it was SQLAlchemy's 60), before any output is written."""
+    db = repo / "mlflow.db"
+    cmd = ["unshare", "-m", "sh", "-c", SCRIPT, "sh", "ro", str(db), str(BIN / "mnist-ldm"), "evaluate", "--samples",
+           "outputs/samples.npz", "--evaluator", "models/evaluator.pt", "--data", "data/prepared", "--ae-ckpt",
+           "models/autoencoder.pt", "--latents", "data/latents", "--output", str(tmp_path / "e.json"), "--plots",
+           str(tmp_path / "plots")]
+    proc = run(cmd, repo, check=False)
+    assert_one_error(proc, f"MLflow store {db} cannot be written (attempt to write a readonly database); make it "
+                           f"writable, wait for the process holding it, or set tracking.enabled: false")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_infer_through_a_symlink_into_read_only_folder_fails_before_sampling(repo: Path, ro: Path, tmp_path: Path):
     """`--output link.npz` whose target is in a read-only folder: refused before sampling, naming the target
     (where the file would be written); the link and the folder stay as they were."""

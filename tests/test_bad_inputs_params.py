@@ -103,6 +103,29 @@ def test_dvc_repro_stops_at_check_params_and_deletes_nothing(name: str, repo: Pa
     assert not (repo / MARKER).exists() or json.loads((repo / MARKER).read_text())["valid"] is True
 
 
+def test_a_diverging_stage_under_dvc_repro_names_dvc_checkout(repo: Path):
+    """autoencoder.lr=1 trains to a loss of 10^7 at its second step (it used to finish, and replace a good
+    autoencoder): the stage stops with one line, then says how to bring back what DVC removed, which works."""
+    params = repo / "params.yaml"
+    text, before = params.read_text(), md5s(repo)
+    params.write_text(yaml.safe_dump(merge(yaml.safe_load(text), {"autoencoder": {"lr": 1.0}}), sort_keys=False))
+    try:
+        proc = run([str(BIN / "dvc"), "repro", "train_ae"], repo, check=False,
+                   env=shell_env(PYTHONPATH=str(repo / "src")))
+    finally:
+        params.write_text(text)
+    line = one_error(proc, "dvc repro train_ae with autoencoder.lr=1")
+    assert line.startswith("error: train_ae: loss became") and "1000x its first" in line, line
+    lines = [ln.split("\r")[-1] for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[lines.index(line) + 1] == ("DVC removed the previous outputs of stage 'train_ae' before running "
+                                            "it; `dvc checkout train_ae` brings them back from the cache"), lines
+    assert not (repo / "models/autoencoder.pt").exists()
+    run(["git", "checkout", "dvc.lock"], repo)  # check_params passed with the changed params: its entry changed
+    run([str(BIN / "dvc"), "checkout", "train_ae"], repo)
+    kept = lambda md5: {k: v for k, v in md5.items() if not k.startswith(("mlflow.db", "mlartifacts"))}  # the failed run
+    assert kept(md5s(repo)) == kept(before)
+
+
 # --------------------------------------------------------------------------- the same rules, without DVC
 
 CHECK_CASES = {
@@ -112,6 +135,12 @@ CHECK_CASES = {
     "registered-model-percent": ({"tracking": {"registered_model": "a%b"}}, ["tracking.registered_model='a%b'"]),
     "registered-model-dotdot": ({"tracking": {"registered_model": "..x"}}, ["tracking.registered_model='..x'"]),
     "idx-one-file-missing": (None, ["data.idx_dir", "missing (t10k-labels-idx1-ubyte)"]),
+    # the bundled set (auto without IDX files, offline) has 1,000 test images, fewer than evaluate.n's 10,000
+    "k-above-bundled-test-set": ({"evaluate": {"k": 999}}, ["evaluate.k=999", "data.source=auto", "leaves 1000"]),
+    "hidden-dim-1e9": ({"diffusion": {"hidden_dim": 10 ** 9}}, ["diffusion.hidden_dim=1000000000", "<= 8192"]),
+    "denoiser-beyond-memory": ({"diffusion": {"hidden_dim": 8192, "num_blocks": 64}},
+                               ["diffusion.hidden_dim=8192", "num_blocks=64", "of memory to train"]),
+    "T-1e12": ({"diffusion": {"T": 10 ** 12}}, ["diffusion.T=1000000000000", "<= 100000"]),
 }
 
 

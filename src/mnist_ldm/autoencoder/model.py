@@ -12,7 +12,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import TypeAdapter
 
+from mnist_ldm.config.sections import AutoencoderKind, Width
 from mnist_ldm.io.checkpoint import load_model_checkpoint
 from mnist_ldm.runtime.device import autocast, model_device
 from mnist_ldm.runtime.memory import INFERENCE_BATCH
@@ -21,14 +23,12 @@ from mnist_ldm.data.images import PIXELS, SIDE, as_batch, to_uint8
 
 @dataclass(frozen=True)
 class AutoencoderSpec:
-    latent_dim: int = 16
-    channels: tuple[int, int, int] = (32, 64, 128)  # kind conv: the three stride-2 convolutions
-    kind: str = "conv"
-    hidden: tuple[int, int] = (512, 256)  # kind mlp: the two hidden layers
+    latent_dim: Width = 16
+    channels: tuple[Width, Width, Width] = (32, 64, 128)  # kind conv: the three stride-2 convolutions
+    kind: AutoencoderKind = "conv"
+    hidden: tuple[Width, Width] = (512, 256)  # kind mlp: the two hidden layers
 
     def __post_init__(self):
-        if self.kind not in KINDS:  # defined below, with the classes
-            raise ValueError(f"autoencoder kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.kind == "none" and self.latent_dim != PIXELS:
             raise ValueError(f"autoencoder kind 'none' (pixel space) has {PIXELS} values, not {self.latent_dim}")
 
@@ -44,9 +44,9 @@ class AutoencoderSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderSpec":
-        """Checkpoints written before the MLP kind existed hold a conv autoencoder without `kind`."""
-        return cls(latent_dim=int(d["latent_dim"]), channels=tuple(d["channels"]), kind=d.get("kind", "conv"),
-                   hidden=tuple(d.get("hidden", (512, 256))))
+        """A checkpoint's `model_config`, checked (a ValidationError names the field); checkpoints written before
+        the MLP kind existed hold a conv autoencoder without `kind`."""
+        return TypeAdapter(cls).validate_python(d)
 
 
 class _Part(nn.Module):

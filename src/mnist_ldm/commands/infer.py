@@ -13,7 +13,7 @@ from mnist_ldm.io.atomic import write_npz
 from mnist_ldm.config.sections import REQUEST_FIELDS, Params, SamplingRequest
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.runtime.memory import check_sampling_memory
-from mnist_ldm.io.paths import check_paths
+from mnist_ldm.io.paths import check_paths, pipeline_stage_of
 from mnist_ldm.runtime.command import add_param_flags, add_paths, runtime_for
 
 HELP = "generate digits from a trained pair of checkpoints"
@@ -45,6 +45,9 @@ def run(params: Params, args: argparse.Namespace) -> Path:
         raise UserError(f"--output {args.output}: unsupported file type '{args.output.suffix}'; "
                         f"use .png (a grid) or .npz (arrays)")
     check_paths(args, {"ckpt": "a file", "ae_ckpt": "a file"}, ["output"])
+    if owner := pipeline_stage_of(args.output):
+        raise UserError(f"--output {args.output}: is an output of the pipeline's stage '{owner}' (dvc.lock); "
+                        f"write elsewhere")
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema).to(runtime_for(args))
     given = [name for name in REQUEST_FIELDS if getattr(args, name) is not None]  # the flags given: used, or refused
     request = pipe.check(SamplingRequest.of(cfg), given)  # steps beyond T, --steps for ddpm, ...

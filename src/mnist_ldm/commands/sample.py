@@ -10,6 +10,7 @@ import time
 from mnist_ldm.io.atomic import atomic_dir, write_npz
 from mnist_ldm.config.sections import Params
 from mnist_ldm.runtime.memory import check_sampling_memory
+from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.paths import check_paths
 from mnist_ldm.runtime.command import PRECISION_TAG, add_paths, runtime_for
 from mnist_ldm.runtime.command import publish
@@ -33,6 +34,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from mnist_ldm.config.sections import SamplingRequest
 
     cfg = params.sample
+    if args.out.suffix != ".npz":
+        raise UserError(f"--out {args.out}: expected a file name ending in .npz (sample writes NumPy arrays there)")
     check_paths(args, {"ckpt": "a file", "ae_ckpt": "a file", "latents": "a folder"}, ["out", "metrics"],
                 ["plots"])
     check_producer(args.latents, args.ae_ckpt)

@@ -50,15 +50,16 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             if history:
                 plots.save_figure(plots.line_chart(history, ["train_loss", "test_bce"], "autoencoder BCE"),
                                   tmp / "loss.png")
-        save_checkpoint(args.out, "mnist-ldm/autoencoder", {
-            "model_config": model.spec.to_dict(),
-            "state_dict": model.state_dict(),
-            "train_config": {k: v for k, v in cfg.model_dump().items() if k != "generate_images"},
-            "trained_on": {k: meta[k] for k in ("source", "content_hash", "counts")},
-            "runtime": rt.record(),
-            "history": history,
-            "metrics": final,
-        })
+            # inside: a checkpoint that cannot be written (a full disk) leaves the plots as they were
+            save_checkpoint(args.out, "mnist-ldm/autoencoder", {
+                "model_config": model.spec.to_dict(),
+                "state_dict": model.state_dict(),
+                "train_config": {k: v for k, v in cfg.model_dump().items() if k != "generate_images"},
+                "trained_on": {k: meta[k] for k in ("source", "content_hash", "counts")},
+                "runtime": rt.record(),
+                "history": history,
+                "metrics": final,
+            })
         resume_path_for(args.out).unlink(missing_ok=True)  # the checkpoint is written: drop the resume state
         publish(run, final, args.metrics, [*(args.plots / p for p in pictures), args.metrics, args.data / "meta.json"],
                 curves=args.curves, history=history)

@@ -88,23 +88,24 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         with atomic_dir(args.plots) as tmp:
             plots.save_figure(plots.line_chart(history, ["train_loss", "test_loss", "test_loss_ema"],
                                                f"{'pixel' if ae.spec.kind == 'none' else 'latent'} diffusion loss (MSE on noise)"), tmp / "loss.png")
-        save_checkpoint(args.out, "mnist-ldm/diffusion", {
-            "model_config": model.spec.to_dict(),
-            "state_dict": model.state_dict(),
-            "ema_state_dict": ema.model.state_dict(),
-            "ema": {"decay": cfg.ema_decay, "warmup_steps": cfg.ema_warmup_steps, "updates": ema.updates},
-            "optimizer": optimizer.state_dict(),
-            "step": ema.updates,
-            "schedule": {"kind": "linear", "T": cfg.T, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end},
-            "latent_stats": scaler.to_dict(),
-            "train_config": {k: v for k, v in cfg.model_dump().items() if k != "generate_images"},
-            "trained_on": {"data_source": meta["source"], "data_hash": meta["content_hash"],
-                           "autoencoder_md5": ae_md5, "autoencoder_config": ae.spec.to_dict(),
-                           "only_digit": cfg.only_digit, "latents": int(len(z_tr))},
-            "runtime": rt.record(),
-            "history": history,
-            "metrics": final,
-        })
+            # inside: a checkpoint that cannot be written (a full disk) leaves the plots as they were
+            save_checkpoint(args.out, "mnist-ldm/diffusion", {
+                "model_config": model.spec.to_dict(),
+                "state_dict": model.state_dict(),
+                "ema_state_dict": ema.model.state_dict(),
+                "ema": {"decay": cfg.ema_decay, "warmup_steps": cfg.ema_warmup_steps, "updates": ema.updates},
+                "optimizer": optimizer.state_dict(),
+                "step": ema.updates,
+                "schedule": {"kind": "linear", "T": cfg.T, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end},
+                "latent_stats": scaler.to_dict(),
+                "train_config": {k: v for k, v in cfg.model_dump().items() if k != "generate_images"},
+                "trained_on": {"data_source": meta["source"], "data_hash": meta["content_hash"],
+                               "autoencoder_md5": ae_md5, "autoencoder_config": ae.spec.to_dict(),
+                               "only_digit": cfg.only_digit, "latents": int(len(z_tr))},
+                "runtime": rt.record(),
+                "history": history,
+                "metrics": final,
+            })
         resume_path_for(args.out).unlink(missing_ok=True)  # the checkpoint is written: drop the resume state
         publish(run, final, args.metrics, [args.plots / "loss.png", args.metrics], curves=args.curves, history=history)
     print(f"train_diffusion: {final['params']:,}-parameter denoiser, held-out loss {final['test_loss']:.4f} "

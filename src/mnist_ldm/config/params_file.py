@@ -71,6 +71,8 @@ def _read_text(path: Path) -> str:
         raise ConfigError(f"{path}: is a directory, not a params file; pass the YAML file itself "
                           f"(e.g. {path / 'params.yaml'})")
     try:
+        if path.exists() and not path.is_file():  # a device or a named pipe: endless, or waiting for a writer
+            raise ConfigError(f"{path}: is not a regular file (a device, named pipe or socket); pass a YAML file")
         data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found; check the path, or run from the project "

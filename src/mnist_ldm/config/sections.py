@@ -10,6 +10,7 @@ changes nothing), which `Params` applies with diffusion.T and diffusion.conditio
 from __future__ import annotations
 
 import re
+import reprlib
 from typing import Annotated, Any, Iterable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -27,6 +28,7 @@ DIGIT_CLASSES = 10  # the classes of a class-conditional (diffusion.conditional)
 
 Seed = Annotated[int, Field(ge=0, lt=2**63, description="integer seed in [0, 2^63)")]
 Positive = Annotated[int, Field(ge=1)]
+Width = Annotated[int, Field(ge=1, le=8192)]  # a layer's size, in params and the checkpoints that record it
 Schedule = Annotated[Literal["constant", "cosine"], Field(description="constant | cosine (to 0 at the last step)")]
 Warmup = Annotated[int, Field(ge=0, description="linear learning-rate warm-up, in optimizer steps")]
 Digit = Optional[Annotated[int, Field(ge=0, le=9)]]
@@ -57,7 +59,7 @@ class DataConfig(Section):
 
 class AutoencoderConfig(Section):
     kind: AutoencoderKind = Field("conv", description="conv (28->14->7->4) | mlp (784-512-256) | none (pixels)")
-    latent_dim: Positive = 16
+    latent_dim: Width = 16
     epochs: Positive = 19
     batch_size: Positive = 256
     lr: float = Field(0.006, gt=0)
@@ -70,10 +72,10 @@ class AutoencoderConfig(Section):
 
 class DiffusionConfig(Section):
     denoiser: DenoiserArch = Field("mlp", description="mlp (FiLM residual MLP) | unet (pixel space)")
-    hidden_dim: Positive = Field(256, description="mlp only")
-    num_blocks: Positive = Field(4, description="mlp only")
-    unet_channels: Positive = Field(16, description="unet only: width of the 28x28 level (then 2x, 2x)")
-    T: int = Field(1000, ge=2, description="diffusion steps")
+    hidden_dim: Width = Field(256, description="mlp only")
+    num_blocks: Annotated[int, Field(ge=1, le=64)] = Field(4, description="mlp only")
+    unet_channels: Width = Field(16, description="unet only: width of the 28x28 level (then 2x, 2x)")
+    T: int = Field(1000, ge=2, le=100_000, description="diffusion steps")
     beta_start: float = Field(0.0001, gt=0, lt=1)
     beta_end: float = Field(0.02, lt=1)
     epochs: Positive = 60
@@ -96,8 +98,7 @@ class DiffusionConfig(Section):
     @field_validator("beta_end")
     @classmethod
     def _above_beta_start(cls, v: float, info) -> float:
-        start = info.data.get("beta_start")
-        if start is not None and not v > start:
+        if (start := info.data.get("beta_start")) is not None and not v > start:
             raise ValueError(f"a number in (beta_start={start}, 1)")
         return v
 
@@ -144,8 +145,7 @@ class EvaluateConfig(Section):
     @field_validator("k")
     @classmethod
     def _fits_n(cls, k: int, info) -> int:
-        n = info.data.get("n")
-        if n is not None and min_images(k) > n:
+        if (n := info.data.get("n")) is not None and min_images(k) > n:
             raise ValueError(f"an integer <= {n - 2} (k neighbours need k + 2 images to compare, and evaluate.n={n})")
         return k
 
@@ -203,8 +203,7 @@ class RequestError(ConfigError):
 
     def __init__(self, field: str, value: Any, problem: str, where: str = ""):
         self.field, self.value, self.problem = field, value, problem
-        line = f"--{field}/sample.{self.request_message}"
-        super().__init__(f"{where}: {line}" if where else line)
+        super().__init__(f"{where}: " * bool(where) + f"--{field}/sample.{self.request_message}")
 
     @property
     def request_message(self) -> str:
@@ -248,8 +247,7 @@ class Params(Section):
         then unused included), the U-Net on latents, a second evaluator that is the first."""
         s, d = self.sample, self.diffusion
         changed = [f for f in REQUEST_FIELDS if getattr(s, f) != SampleConfig.model_fields[f].default]
-        problem = request_problem(s, d.T, DIGIT_CLASSES if d.conditional else 0, changed)
-        if problem:
+        if problem := request_problem(s, d.T, DIGIT_CLASSES if d.conditional else 0, changed):
             raise ValueError(f"sample.{problem[0]}={getattr(s, problem[0])!r} {problem[1]}")
         if d.denoiser == "unet" and self.autoencoder.kind != "none":
             raise ValueError(f"diffusion.denoiser='unet' is not allowed with autoencoder.kind="
@@ -290,11 +288,13 @@ def error_line(e: ValidationError, where: str = "", model: type[BaseModel] = Par
         line = f"unknown {noun} '{key}'; valid {noun}s{inside if len(loc) > 1 else ''}: {', '.join(model.model_fields)}"
     elif err["type"] == "value_error" and not loc:
         line = str(ctx["error"])  # a rule between sections words its own line
+    elif err["type"] == "missing":
+        line = f"missing key '{key}'"
     else:
         if err["type"] == "literal_error":
             ctx["expected"] = re.sub(r"'|\"", "", ctx["expected"]).replace(" or ", ", ")
         kind = "an integer" if isinstance(value, int) else "a number"
         expected = str(ctx["error"]) if err["type"] == "value_error" else \
             EXPECTED.get(err["type"], err["msg"][:1].lower() + err["msg"][1:]).format(kind=kind, **ctx)
-        line = f"{key}={value!r} is not allowed; expected {expected}"
+        line = f"{key + '=' if key else ''}{reprlib.repr(value)[:100]} is not allowed; expected {expected}"
     return f"{where}: {line}" if where else line

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mnist_ldm.config.sections import error_line
 from mnist_ldm.io.atomic import write_json, write_npz
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.hashing import arrays_digest
@@ -62,12 +65,24 @@ def read_npz(path: Path, keys: tuple[str, ...], what: str, stage: str) -> tuple[
 def load_split(prepared_dir: Path, split: str) -> Split:
     path = Path(prepared_dir) / f"{split}.npz"
     images, labels = read_npz(path, ("images", "labels"), "prepared-data file", "prepare")
-    if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or len(labels) != len(images):
-        raise DataError(f"{path}: expected uint8 images (N, 28, 28) and N labels, got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or labels.dtype != np.uint8 or \
+            labels.shape != images.shape[:1] or labels.max(initial=0) > 9:
+        raise DataError(f"{path}: expected uint8 images (N, 28, 28) and N uint8 labels 0-9, got {images.dtype} "
+                        f"{images.shape} and {labels.dtype} {labels.shape}")
     if len(images) == 0:
         raise DataError(f"{path}: holds no images; re-run 'prepare' "
                         f"(dvc repro -f prepare; data.limit_train / data.limit_test = 0 keeps every image)")
     return Split(images, labels)
+
+
+class Meta(BaseModel):
+    """`meta.json`'s fields that the stages read (other keys are kept as they are)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    source: str
+    description: str
+    counts: dict[Literal["train", "test"], Annotated[int, Field(ge=1)]]
+    content_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 def load_meta(prepared_dir: Path) -> dict:
@@ -76,7 +91,11 @@ def load_meta(prepared_dir: Path) -> dict:
                         "expected the JSON file that 'prepare' writes")
     if error is None:
         try:
-            return json.loads(path.read_text())
+            meta = json.loads(path.read_bytes())
+            Meta.model_validate(meta)
+            return meta
+        except ValidationError as e:
+            error = error_line(e, str(path), Meta) + "; re-run the 'prepare' stage (dvc repro -f prepare)"
         except (OSError, ValueError):
             error = f"{path}: missing or not JSON; run the 'prepare' stage first"
     raise DataError(error)

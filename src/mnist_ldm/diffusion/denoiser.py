@@ -11,31 +11,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field, TypeAdapter
 
+from mnist_ldm.config.sections import DIGIT_CLASSES, DenoiserArch, Width
 from mnist_ldm.data.images import PIXELS, SIDE
 
 
 @dataclass(frozen=True)
 class DenoiserSpec:
-    latent_dim: int = 16  # D: the latent size, or 784 when the network denoises pixels
-    hidden_dim: int = 256
-    num_blocks: int = 4
-    num_classes: int = 0  # 0 = unconditional
-    arch: str = "mlp"  # a key of DENOISERS
-    channels: int = 16  # unet only: the width of its first level (widths c, 2c, 2c)
+    latent_dim: Width = 16  # D: the latent size, or 784 when the network denoises pixels
+    hidden_dim: Width = 256
+    num_blocks: Annotated[int, Field(ge=1, le=64)] = 4
+    num_classes: Annotated[int, Field(ge=0, le=DIGIT_CLASSES)] = 0  # 0 = unconditional
+    arch: DenoiserArch = "mlp"  # a key of DENOISERS
+    channels: Width = 16  # unet only: the width of its first level (widths c, 2c, 2c)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DenoiserSpec":
-        """Checkpoints written before the U-Net existed hold an MLP without `arch`."""
-        ints = {k: int(d[k]) for k in ("latent_dim", "hidden_dim", "num_blocks", "num_classes")}
-        return cls(**ints, arch=str(d.get("arch", "mlp")), channels=int(d.get("channels", 16)))
+        """A checkpoint's `model_config`, checked (a ValidationError names the field); checkpoints written before
+        the U-Net existed hold an MLP without `arch`."""
+        return TypeAdapter(cls).validate_python(d)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

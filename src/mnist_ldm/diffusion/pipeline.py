@@ -44,9 +44,11 @@ def load_denoiser(path: str | Path, use_ema: bool = True) -> tuple[torch.nn.Modu
     model, ckpt = load_model_checkpoint(path, "mnist-ldm/diffusion", "diffusion checkpoint",
                                         lambda cfg: build_denoiser(DenoiserSpec.from_dict(cfg)),
                                         weights="ema_state_dict" if use_ema else "state_dict")
-    try:  # the `diffusion` params' own rules for T and the betas
+    try:  # the `diffusion` params' own rules for T and the betas; the one kind of schedule there is
         sch = DiffusionConfig.model_validate({k: ckpt["schedule"][k] for k in ("T", "beta_start", "beta_end")},
                                              strict=False)
+        if ckpt["schedule"].get("kind", "linear") != "linear":
+            raise TypeError(f"schedule.kind={ckpt['schedule']['kind']!r} is not allowed; expected linear")
     except (KeyError, TypeError, ValidationError) as e:
         why = error_line(e, model=DiffusionConfig) if isinstance(e, ValidationError) else e
         raise UserError(f"{path}: the noise schedule it records is unusable ({why})") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -76,13 +77,16 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_steps, max_horizon=cfg.ema_max_fraction * steps)
     optimizer = adam(model, cfg.lr)
     s = NoiseSchedule.linear(cfg.T, cfg.beta_start, cfg.beta_end).to(rt.device)
-    cond = cfg.conditional
+    cond, run = cfg.conditional, min(cfg.samples_per_timestep, cfg.batch_size)  # a longer run pads every batch
+    if run < cfg.samples_per_timestep:
+        print(f"warning: diffusion.samples_per_timestep={cfg.samples_per_timestep} is more than diffusion.batch_size="
+              f"{cfg.batch_size}: every batch shares one timestep, as with {run}", file=sys.stderr)
     z_train, y_train, z_test, y_test = (t.to(rt.device) for t in (z_train, y_train, z_test, y_test))
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return diffusion_loss(net, s, z_train[idx], gen, y=y_train[idx] if cond else None,
                               cond_drop_prob=cfg.cond_drop_prob, null_label=model.null_label,
-                              min_snr_gamma=cfg.min_snr_gamma, run=cfg.samples_per_timestep, dist=rt.dist)
+                              min_snr_gamma=cfg.min_snr_gamma, run=run, dist=rt.dist)
 
     z_epoch, y_epoch = z_test[:EPOCH_TEST_ITEMS], (y_test[:EPOCH_TEST_ITEMS] if cond else None)
 

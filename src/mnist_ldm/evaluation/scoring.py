@@ -34,10 +34,14 @@ def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise UserError(f"{path}: 'images' has shape {images.shape}; expected (N, 28, 28)")
     if images.dtype != np.uint8:
-        if images.min() < 0 or images.max() > 1:
-            raise UserError(f"{path}: 'images' must be uint8 0-255 or floats in [0, 1], got {images.dtype} "
-                            f"in [{images.min():.3g}, {images.max():.3g}]")
+        if images.dtype.kind not in "fiub" or not ((images >= 0) & (images <= 1)).all():  # a NaN is neither
+            got = "" if images.dtype.kind not in "fiu" else f" in [{np.min(images):.3g}, {np.max(images):.3g}]"
+            raise UserError(f"{path}: 'images' must be uint8 0-255 or floats in [0, 1], got {images.dtype}{got}")
         images = (images * 255).round().astype(np.uint8)
+    if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in "iu"
+                               or not ((labels >= 0) & (labels <= 9)).all()):
+        raise UserError(f"{path}: 'labels' must be {len(images)} integers 0-9 (one digit per image), got "
+                        f"{labels.dtype} {labels.shape}")
     return images, labels
 
 

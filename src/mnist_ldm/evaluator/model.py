@@ -122,9 +122,9 @@ def load_reference(path: str | Path, **expected: str) -> tuple[dict[str, np.ndar
     when it was computed at another precision."""
     try:
         with np.load(path) as f:
-            meta = json.loads(str(f["meta"]))
+            meta = dict(json.loads(str(f["meta"])))
             ref = {k: f[k].astype(np.float64) for k in ("train", "test", "test_to_train")}
-    except (OSError, KeyError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any unreadable file (truncated: BadZipFile, EOFError) is one line
         raise UserError(f"{path}: not an evaluator's reference features file ({type(e).__name__}); re-run its "
                         f"train_evaluator stage") from None
     for key, what in (("weights_sha256", "evaluator"), ("data_hash", "dataset")):

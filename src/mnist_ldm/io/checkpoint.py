@@ -4,12 +4,15 @@ the wrong kind is refused with one line naming it."""
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from pydantic import ValidationError
 
+from mnist_ldm.config.sections import error_line
 from mnist_ldm.io.atomic import atomic_path
 from mnist_ldm.io.errors import UserError, first_line
 from mnist_ldm.io.paths import input_error
@@ -38,9 +41,10 @@ def _to_cpu(obj: Any) -> Any:
 def save_checkpoint(path: str | Path, kind: str, payload: dict[str, Any]) -> None:
     """`payload` on the CPU (it loads on any device) as a checkpoint of `kind`."""
     payload = _to_cpu({"format": kind, "format_version": FORMAT_VERSION, **payload})
+    data = io.BytesIO()  # serialized in memory, then written: a full disk is an OSError (ENOSPC), not torch's
+    torch.save(payload, data)  # RuntimeError; and the archive is not named after the (pid-stamped) temp file
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:  # a file object: the archive is not named after the (pid-stamped) temp file
-            torch.save(payload, f)
+        tmp.write_bytes(data.getbuffer())
 
 
 def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> dict[str, Any]:
@@ -83,6 +87,8 @@ def load_model_checkpoint(path: str | Path, kind: str, what: str, build: Callabl
     ckpt = load_checkpoint(path, kind, what)
     try:
         model, state = build(ckpt.get("model_config", {})), ckpt[weights]
+    except ValidationError as e:  # a spec's own checks (config.sections' types)
+        raise CheckpointError(error_line(e, str(path), prefix="model_config")) from None
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: incomplete {what} (missing or malformed field {e})") from None
     for name, t in state.items():  # NaN weights would decode to blank images without any error

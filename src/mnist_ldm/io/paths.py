@@ -106,3 +106,16 @@ def check_writable(path: Path, folder: bool) -> None:
     if not os.access(path.parent, os.W_OK):
         code = errno.EROFS if os.statvfs(path.parent).f_flag & os.ST_RDONLY else errno.EACCES
         raise UserError(os_error_line(OSError(code, os.strerror(code)), path))
+
+
+def pipeline_stage_of(path: str | Path, lock: str | Path = "dvc.lock") -> Optional[str]:
+    """The stage of the pipeline (`lock`) that writes `path` or a folder holding it; None if none does."""
+    import yaml
+
+    try:
+        stages = yaml.safe_load(Path(lock).read_text())["stages"]
+        outs = {os.path.realpath(o["path"]): name for name, st in stages.items() for o in st.get("outs", [])}
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return None
+    real = os.path.realpath(path)
+    return next((name for out, name in outs.items() if real == out or _inside(real, out)), None)

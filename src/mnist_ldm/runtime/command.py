@@ -137,11 +137,25 @@ def relaunch_under_torchrun(name: str, argv: Sequence[str]) -> None:
         os.execv(sys.executable, cmd)
 
 
-def interrupted_line() -> str:
-    """What an interrupted command says last; under `dvc repro` (DVC_STAGE set) how to bring the outputs back."""
+def dvc_line() -> str:
+    """Under `dvc repro` (DVC_STAGE set), how to bring back the outputs DVC removed before running the stage."""
     name = os.environ.get("DVC_STAGE", "").strip()
-    return (f"interrupted: DVC removed the previous outputs of stage '{name}' before running it; "
-            f"`dvc checkout {name}` brings them back from the cache") if name else "interrupted"
+    return (f"DVC removed the previous outputs of stage '{name}' before running it; `dvc checkout {name}` brings "
+            f"them back from the cache") if name else ""
+
+
+def interrupted_line() -> str:
+    """What an interrupted command says last."""
+    return f"interrupted: {dvc_line()}" if dvc_line() else "interrupted"
+
+
+def failed(line: str, code: int) -> int:
+    """Print `line` (after the progress bars), and under `dvc repro` how to get the stage's outputs back: `code`."""
+    close_bars()
+    print(line, file=sys.stderr)
+    if dvc_line() and code != 130:  # the interrupted line says it already
+        print(dvc_line(), file=sys.stderr)
+    return code
 
 
 def guarded(fn) -> int:
@@ -151,17 +165,11 @@ def guarded(fn) -> int:
     try:
         fn()
     except (UserError, ConfigError) as e:
-        close_bars()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return failed(f"error: {e}", 2)
     except OSError as e:
-        close_bars()
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
-        return 2
+        return failed(f"error: {os_error_line(e)}", 2)
     except KeyboardInterrupt:
-        close_bars()
-        print(interrupted_line(), file=sys.stderr)
-        return 130
+        return failed(interrupted_line(), 130)
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)

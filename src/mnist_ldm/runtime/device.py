@@ -31,10 +31,18 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 RECHECK_S = 2.0
 
 
+def env_int(name: str, default: int) -> int:
+    """A whole number >= 0 that torchrun (or a user) set in the environment variable `name`."""
+    text = os.environ.get(name, str(default)).strip()
+    if not text.isdigit():
+        raise UserError(f"{name}={text!r} is not allowed; expected a whole number >= 0 (torchrun sets it)")
+    return int(text)
+
+
 def resolve_device(spec: str | None = None) -> torch.device:
     """`auto` (CUDA if available, else MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`; default from the env."""
-    text = (spec or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
-    source = DEVICE_ENV if not spec and os.environ.get(DEVICE_ENV) else "--device"
+    text = (spec if spec is not None else os.environ.get(DEVICE_ENV) or "auto").strip().lower()  # --device '': refused
+    source = DEVICE_ENV if spec is None and os.environ.get(DEVICE_ENV) else "--device"
     mps = torch.backends.mps.is_available()
     if text == "auto":
         text = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
@@ -42,7 +50,7 @@ def resolve_device(spec: str | None = None) -> torch.device:
         raise UserError(f"{source}={text!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps")
     if text.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(text[5:]) if ":" in text else int(os.environ.get("LOCAL_RANK", "0")) % max(count, 1)
+        index = int(text[5:]) if ":" in text else env_int("LOCAL_RANK", 0) % max(count, 1)
         if index >= count:
             raise UserError(f"{source}={text}: this machine has {count} CUDA device(s); use --device cpu or auto")
         return torch.device("cuda", index)
@@ -194,7 +202,7 @@ def runtime(device: str | None = None, precision: str | None = None) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.cuda.set_device(dev)
     dist = Dist()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if env_int("WORLD_SIZE", 1) > 1:
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                                  device_id=dev if dev.type == "cuda" else None)

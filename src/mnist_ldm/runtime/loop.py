@@ -25,6 +25,7 @@ from mnist_ldm.runtime.progress import progress
 # held-out items behind the per-epoch curves of the autoencoder and the diffusion model (on all 10,000 they took
 # 1.8 s and 1 s an epoch on 2 CPU cores); the stages' final figures use the whole test split
 EPOCH_TEST_ITEMS = 2000
+DIVERGED = 1000.0  # a training loss this many times its first value has run away: the stage stops
 
 
 def fingerprint(*parts) -> str:
@@ -116,6 +117,7 @@ def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer,
     loss_sum = torch.tensor(epoch_loss_sum if rt.dist.main else 0.0, dtype=torch.float64, device=rt.device)
 
     bar = progress(total=total, initial=step, desc=desc, unit="step", disable=not rt.dist.main)
+    first = None  # the first loss this run checks: one DIVERGED times as large stops it
     order_epoch, order = -1, None
     try:  # close the bar before any error is printed, so the error stays the last line
         while step < total:
@@ -129,10 +131,15 @@ def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer,
             with rt.autocast():
                 loss = loss_fn(idx, gen)
             last_step = i + 1 == steps_per_epoch
-            if (step % check_every == 0 or last_step) and not torch.isfinite(loss):
-                last = f"{resume_path} (left as it was)" if resume_path.exists() else "none written yet"
-                raise UserError(f"{desc}: loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
-                                f"training stopped; last good checkpoint: {last}")
+            if step % check_every == 0 or last_step:
+                value = loss.item()
+                first = first if first is not None else abs(value)
+                if not value <= DIVERGED * max(first, 1e-12):  # NaN, or a loss that ran away
+                    last = f"{resume_path} (left as it was)" if resume_path.exists() else "none written yet"
+                    grew = f", over {DIVERGED:g}x its first {first:.4g} (a lower lr may help)" \
+                        if math.isfinite(value) else ""
+                    raise UserError(f"{desc}: loss became {value:.4g} at step {step + 1} (epoch {epoch + 1}){grew}; "
+                                    f"training stopped; last good checkpoint: {last}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             factor = lr_factor(step, total, lr_schedule, warmup_steps)

@@ -40,14 +40,16 @@ SHRUNK = {
 # pytest-xdist workers in this order (--no-loadscope-reorder), so the long ones start early and the
 # workers finish together instead of one waiting on a long module picked up last.
 #
-# pytest-xdist gives a worker another module while it has at most 2 tests pending, so the worker that
-# runs test_readme.py (2 tests, over a third of the suite's time) would take the next modules too and run
-# them after it, at the end, alone: the fourth module is a quick one of many tests, which stops that.
-LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_mlflow_ui.py", "test_diffusion_math.py",
-                 "test_docs_tracking.py", "test_variants.py", "test_dvc_semantics.py", "test_resume.py",
-                 "test_docs_api.py", "test_bad_inputs.py", "test_cli.py", "test_remotes.py", "test_distributed.py",
-                 "test_malicious_checkpoint.py", "test_evaluation.py", "test_conditional.py", "test_serving.py",
-                 "test_bad_inputs_os.py", "test_pipeline.py")
+# The first three go to the three workers at once: two that wait for `trained_repo` and test_resume.py, which
+# builds its own pipeline, so that both cores work while the first worker builds `trained_repo`. pytest-xdist
+# gives a worker another module while it has at most 2 tests pending, so a worker that starts with test_readme.py
+# or test_docs_tracking.py (one or two long tests each) takes the next module at once and runs it after: the
+# fourth and fifth are quick modules of many tests, which stops that.
+LONGEST_FIRST = ("test_readme.py", "test_docs_tracking.py", "test_resume.py", "test_diffusion_math.py",
+                 "test_data.py", "test_mlflow_ui.py", "test_tracking.py", "test_dvc_semantics.py", "test_variants.py",
+                 "test_docs_api.py", "test_distributed.py", "test_remotes.py", "test_heap.py", "test_bad_inputs.py",
+                 "test_cli.py", "test_malicious_checkpoint.py", "test_evaluation.py", "test_conditional.py",
+                 "test_serving.py", "test_bad_inputs_os.py", "test_pipeline.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
@@ -202,28 +204,36 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def trained_repo(tmp_path_factory) -> Path:
-    """One shrunk `dvc repro` with tracking on (its own sqlite store, one registered model version; what it
-    printed is kept for `first_build`),
-    shared by the tests that only read its outputs (do not modify it; `copy_trained` gives a private copy).
-    Under pytest-xdist the workers share one: the first to ask builds it, the others wait for it."""
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A repository that `build(repo)` makes once per session (in `<name>/repo`) and tests only read: under
+    pytest-xdist the workers share it, the first to ask builds it and the others wait for it."""
     from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained"
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
     root.mkdir(exist_ok=True)
     repo, done = root / "repo", root / "built"
     with FileLock(str(root / "lock")):
         if not done.exists():
             shutil.rmtree(repo, ignore_errors=True)  # a build that failed on another worker
-            root.joinpath("repo").mkdir()
-            make_repo_copy(repo)
-            proc = run([str(BIN / "dvc"), "repro"], repo)
-            (root / "repro.stdout").write_text(proc.stdout)
-            (root / "repro.stderr").write_text(proc.stderr)
+            build(repo)
             done.touch()
     return repo
+
+
+@pytest.fixture(scope="session")
+def trained_repo(tmp_path_factory) -> Path:
+    """One shrunk `dvc repro` with tracking on (its own sqlite store, one registered model version; what it
+    printed is kept for `first_build`), built once (`built_once`) and
+    shared by the tests that only read its outputs (do not modify it; `copy_trained` gives a private copy)."""
+    def build(repo: Path) -> None:
+        repo.mkdir()
+        make_repo_copy(repo)
+        proc = run([str(BIN / "dvc"), "repro"], repo)
+        (repo.parent / "repro.stdout").write_text(proc.stdout)
+        (repo.parent / "repro.stderr").write_text(proc.stderr)
+
+    return built_once(tmp_path_factory, "trained", build)
 
 
 def first_build(trained_repo: Path) -> tuple[str, str]:
@@ -231,19 +241,56 @@ def first_build(trained_repo: Path) -> tuple[str, str]:
     return (trained_repo.parent / "repro.stdout").read_text(), (trained_repo.parent / "repro.stderr").read_text()
 
 
-def copy_trained(trained_repo: Path, dest: Path, params: dict | None = None) -> Path:
-    """A private copy of the trained repository with its git history, DVC cache and MLflow store (which
-    re-points its artifact locations to the copy), and its outputs committed. With `params`, those
-    values are changed first and `dvc repro` brings the outputs up to date (only the stages that read
-    them re-run)."""
-    shutil.copytree(trained_repo, dest, symlinks=True)
+def copy_repo(source: Path, dest: Path) -> Path:
+    """A copy of a repository built here with its git history, DVC cache and MLflow store (which re-points its
+    artifact locations to the copy)."""
+    shutil.copytree(source, dest, symlinks=True)
     if (dest / "mlflow.db").exists():  # what the first stage run in the copy would do, done before tests read it
         from mnist_ldm.tracking.store import repoint
 
-        repoint(dest / "mlflow.db", (trained_repo / "mlartifacts").as_uri(), (dest / "mlartifacts").as_uri())
+        repoint(dest / "mlflow.db", (source / "mlartifacts").as_uri(), (dest / "mlartifacts").as_uri())
+    return dest
+
+
+def copy_trained(trained_repo: Path, dest: Path, params: dict | None = None) -> Path:
+    """A private copy of the trained repository (`copy_repo`) with its outputs committed. With `params`, those
+    values are changed first and `dvc repro` brings the outputs up to date (only the stages that read
+    them re-run)."""
+    copy_repo(trained_repo, dest)
     if params:
         write_params(dest, params)
         run([str(BIN / "dvc"), "repro"], dest)
     for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "pipeline outputs"]):
         run(cmd, dest)
     return dest
+
+
+# the learning-rate experiments of `lr_experiments`: DVC experiment name -> diffusion.lr
+LR_VARIANTS = {"lr-5e-4": "0.0005", "lr-1e-3": "0.001"}
+
+
+@pytest.fixture(scope="session")
+def untracked_repo(trained_repo, tmp_path_factory) -> Path:
+    """The trained repository with `tracking.enabled: false` (MLflow only adds time where a test looks at DVC),
+    brought up to date and committed (`copy_trained`); built once (`built_once`), read only (`copy_repo` gives a
+    private copy)."""
+    return built_once(tmp_path_factory, "untracked",
+                      lambda repo: copy_trained(trained_repo, repo, {"tracking": {"enabled": False}}))
+
+
+@pytest.fixture(scope="session")
+def lr_experiments(trained_repo, tmp_path_factory) -> Path:
+    """The committed trained repository, its MLflow store emptied, after `dvc exp run -n <name> -S diffusion.lr=<lr>`
+    for each of `LR_VARIANTS` (the stages from train_diffusion on, each experiment registering a generator version
+    in the repository's default sqlite store, which holds these two experiments' runs only) and `mnist-ldm promote`
+    (what it printed is in `promoted.txt` beside the repository). Built once (`built_once`), read only (`copy_repo`
+    gives a private copy)."""
+    def build(repo: Path) -> None:
+        copy_trained(trained_repo, repo)
+        (repo / "mlflow.db").unlink()
+        shutil.rmtree(repo / "mlartifacts")
+        for name, lr in LR_VARIANTS.items():  # the whole pipeline after train_diffusion
+            run([str(BIN / "dvc"), "exp", "run", "-n", name, "-S", f"diffusion.lr={lr}"], repo, timeout=400)
+        (repo.parent / "promoted.txt").write_text(run([str(BIN / "mnist-ldm"), "promote"], repo).stdout)
+
+    return built_once(tmp_path_factory, "lr_experiments", build)

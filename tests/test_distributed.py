@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import conftest
-from conftest import BIN, copy_trained, run
+from conftest import BIN, cli, copy_trained, run
 
 DIGEST = re.compile(r"(train_\w+): rank (\d)/2 final weights ([0-9a-f]{16})")
 
@@ -111,8 +111,9 @@ def test_device_cpu_and_auto_agree_on_a_cpu_only_machine(repo):
     if torch.cuda.is_available():
         pytest.skip("auto picks CUDA on this machine")
     args = ["--data", "data/prepared", "--out", "dev/{d}.pt", "--metrics", "dev/{d}.json", "--set", "tracking.enabled=false"]
-    for device in ("cpu", "auto"):
-        _stage(repo, "train_evaluator", [a.format(d=device) for a in args] + ["--device", device])
+    for device in ("cpu", "auto"):  # in this process: the choice is made per command, not at start-up
+        cli("train-evaluator", *[a.format(d=device) for a in args], "--device", device, cwd=repo,
+            env=conftest.test_env())
     assert (repo / "dev/cpu.pt").read_bytes() == (repo / "dev/auto.pt").read_bytes()
 
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from code_deps import closure
-from conftest import BIN, REPO, copy_trained, run, write_params
+from conftest import BIN, REPO, copy_repo, run, write_params
 from conftest import test_env as user_env
 from test_pipeline import downstream, extra_stages, pipeline
 
@@ -68,10 +68,10 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def built(trained_repo, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+def built(untracked_repo, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """Run A: the shrunk `dvc repro` of every stage, with MLflow then turned off (it only adds time here),
-    committed; and its outputs' md5s."""
-    repo = copy_trained(trained_repo, tmp_path_factory.mktemp("semantics") / "repo", {"tracking": {"enabled": False}})
+    committed (a private copy of `untracked_repo`); and its outputs' md5s."""
+    repo = copy_repo(untracked_repo, tmp_path_factory.mktemp("semantics") / "repo")
     assert status(repo) == {}
     files = snapshot(repo)
     assert any(f.startswith("models/") for f in files) and any(f.startswith("plots/") for f in files)

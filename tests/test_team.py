@@ -1,7 +1,8 @@
 """A team on real servers (docs/team.md, run as written): PostgreSQL, SeaweedFS's S3 API and `mlflow server` on both,
 started by `tools/team.py`; Alice and Bob in two clones of one git remote share experiments (git + the S3 DVC remote)
 and runs (the tracking server: parent and stage runs, metrics, artifacts served from S3, the registry). Then the
-faults a team meets: a wrong S3 secret, the S3 server stopped during `dvc push`."""
+faults a team meets: a wrong S3 secret, the S3 server down at `dvc push`, PostgreSQL stopped for 10 s while a stage
+trains. What the user saw is printed (pytest -s)."""
 
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def test_two_clones_share_experiments_runs_and_the_registry(workspace):
     assert champion.run_id in {r.info.run_id for r in client.search_runs([exp.experiment_id], "")}
 
 
-def test_wrong_s3_secret_is_one_line_naming_the_remote(workspace, tmp_path: Path):
+def test_wrong_s3_secret_fails_the_push_and_writes_nothing(workspace, tmp_path: Path):
+    """DVC's line names the S3 call and its 403, not the remote (docs/team.md says what to check)."""
     alice, values, env = workspace
     run([*TEAM, "up", "--root", str(alice / ".team")], alice, env=env)
     (alice / "extra.txt").write_text("extra\n")
@@ -103,7 +105,7 @@ def test_wrong_s3_secret_is_one_line_naming_the_remote(workspace, tmp_path: Path
              settings(alice.parent / "team.env")["secret"]], alice, env=env)
     print("wrong secret:", proc.stderr.strip())
     assert proc.returncode != 0
-    assert "shared" in proc.stderr or "SignatureDoesNotMatch" in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("ERROR: ") and "Forbidden" in proc.stderr.splitlines()[0], proc.stderr
     assert run([str(BIN / "dvc"), "status", "-c"], alice, env=env).stdout == before  # nothing half-written
 
 
@@ -134,7 +136,7 @@ def test_postgres_stopped_during_training_warns_once_and_the_stage_finishes(work
     proc = subprocess.Popen(
         [str(BIN / "mnist-ldm"), "train-diffusion", "--ae-ckpt", "models/autoencoder.pt", "--latents", "data/latents",
          "--data", "data/prepared", "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--plots",
-         str(tmp_path / "plots"), "--epochs", "400"], cwd=alice, env=env, stdout=subprocess.PIPE,
+         str(tmp_path / "plots"), "--epochs", "60"], cwd=alice, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     lines = []

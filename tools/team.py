@@ -167,9 +167,10 @@ class Stack:
         cfg.chmod(0o600)
         (self.root / "s3").mkdir(exist_ok=True)
         p = self.ports
+        # small volumes (each bucket grows its own), and no wait before the volume server stops
         proc = self.spawn("s3", [str(BIN / "weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                                  f"-dir={self.root / 's3'}", "-master.telemetry=false",
-                                 "-master.volumeSizeLimitMB=256", "-volume.max=100",  # small volumes, grown per bucket
+                                 "-master.volumeSizeLimitMB=256", "-volume.max=100", "-volume.preStopSeconds=0",
                                  f"-master.port={p['master']}", f"-master.port.grpc={free_port()}",
                                  f"-volume.port={p['volume']}", f"-volume.port.grpc={free_port()}",
                                  f"-filer.port={p['filer']}", f"-filer.port.grpc={free_port()}", "-s3",

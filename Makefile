@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test bench quality gpu-check install clean-outputs plots-template
+.PHONY: run test bench quality gpu-check install clean-outputs plots-template team-up team-down
 
 # PyTorch build: cuda where nvidia-smi answers, else cpu (requirements-cuda.lock / requirements-cpu.lock);
 # `make install TORCH=cuda` chooses it. pip installs without byte-compiling, and compileall then does it on
@@ -51,3 +51,10 @@ gpu-check:  # on a machine with CUDA: the full-MNIST pipeline and the speed figu
 # `dvc plots show/diff` draw offline: .dvc/plots_offline.html inlines pinned Vega builds from the npm registry
 plots-template:
 	python3 tools/plots_template.py
+
+# the team's stack on this machine (docs/team.md): PostgreSQL, SeaweedFS's S3 and mlflow server, data under .team/
+team-up: install
+	$(BIN)/python tools/team.py up
+
+team-down:
+	$(BIN)/python tools/team.py down

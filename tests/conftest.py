@@ -46,7 +46,7 @@ SHRUNK = {
 # or test_docs_tracking.py (one or two long tests each) takes the next module at once and runs it after: the
 # fourth and fifth are quick modules of many tests, which stops that.
 LONGEST_FIRST = ("test_readme.py", "test_docs_tracking.py", "test_resume.py", "test_diffusion_math.py",
-                 "test_data.py", "test_mlflow_ui.py", "test_tracking.py", "test_dvc_semantics.py", "test_variants.py",
+                 "test_data.py", "test_team.py", "test_mlflow_ui.py", "test_tracking.py", "test_dvc_semantics.py", "test_variants.py",
                  "test_docs_api.py", "test_distributed.py", "test_remotes.py", "test_heap.py", "test_bad_inputs.py",
                  "test_cli.py", "test_malicious_checkpoint.py", "test_evaluation.py", "test_conditional.py",
                  "test_serving.py", "test_bad_inputs_os.py", "test_pipeline.py")
@@ -191,6 +191,29 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
         self.log.close()
+
+
+class TeamServer:
+    """The team's stack (`tools/team.py up`: `mlflow server` on PostgreSQL with its artifacts in SeaweedFS's S3) with
+    its data under `root`, started in the background; `MlflowServer`'s interface."""
+
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self.team = [str(BIN / "python"), str(REPO / "tools" / "team.py")]
+        self.root = root / ".team"
+        self.proc = subprocess.Popen([*self.team, "up", "--root", str(self.root)], cwd=root, env=test_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.uri = ""
+
+    def wait_healthy(self, timeout: float = 240) -> None:
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, f"tools/team.py up: {err[-2000:]}"
+        self.uri = out.split("MLFLOW_TRACKING_URI=", 1)[1].split()[0]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        subprocess.run([*self.team, "down", "--root", str(self.root)], capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
 ANY_FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 # the pages of docs/, in the order their blocks run (after README.md's): each page must be listed
-DOCS = ["tracking.md", "pipeline.md", "results.md", "hardware.md", "troubleshooting.md", "testing.md"]
+DOCS = ["tracking.md", "pipeline.md", "results.md", "hardware.md", "troubleshooting.md", "testing.md", "team.md"]
 
 # first line of a block -> why it does not run here
 NOT_HERE = {
@@ -78,8 +78,9 @@ EDITS = {
          "--ae-ckpt models/autoencoder.pt", "the flags the first infer line spells out")],
     "dvc remote add -d storage s3://my-bucket/mnist-ldm": [
         ("s3://my-bucket/mnist-ldm", "{storage}", "a local folder: no S3 bucket here (tests/test_remotes.py "
-                                                  "round-trips the S3 API on a local moto server)"),
+                                                  "round-trips the S3 API on a local SeaweedFS server)"),
         ("dvc remote modify storage endpointurl https://s3.example.com", "true", "an S3-only option")],
+    "git clone -q <repo-url> ../bob": [("<repo-url>", "{origin}", "the repository's git remote")],
     "git clone <repo-url> mnist-ldm-2": [
         ("<repo-url>", "{origin}", "the repository's git remote"),
         (" && make install && source .venv/bin/activate", "", "this test runs in the installed environment")],
@@ -249,8 +250,8 @@ def test_every_relative_link_and_image_exists():
 
 
 # Each group of pages runs in a workspace of its own, on its own worker: README.md here, docs/tracking.md in
-# tests/test_docs_tracking.py, the other pages in tests/test_docs_api.py.
-GROUPS = {"readme": ("README.md",), "tracking": ("docs/tracking.md",)}
+# tests/test_docs_tracking.py, docs/team.md in tests/test_team.py, the other pages in tests/test_docs_api.py.
+GROUPS = {"readme": ("README.md",), "tracking": ("docs/tracking.md",), "team": ("docs/team.md",)}
 
 # first line of a block -> what it needs that an earlier page's block provides when the docs are read in order, and
 # the bash that provides it when that page runs in another workspace

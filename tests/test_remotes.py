@@ -1,7 +1,7 @@
 """DVC remotes round trip: push the pipeline's outputs, clone the git repository elsewhere, pull, and
 get byte-identical models, data, samples, metrics and plots, with nothing left to re-run and
 `mnist-ldm infer` giving the same digits as in the source repository (a teammate's path). Remotes: a
-local directory, and the S3 API of a moto server on loopback.
+local directory, and the S3 API of a SeaweedFS server on loopback (as the team's stack runs it).
 
 Every output is DVC-cached (metrics and plots included), so git carries none of them and a clone gets
 all of them from the remote."""
@@ -9,17 +9,17 @@ all of them from the remote."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import BIN, free_port, run
+from conftest import BIN, REPO, run
 from conftest import test_env as user_env
 from test_pipeline import pipeline as stages_of  # the stages of a repository's dvc.yaml
 
@@ -155,58 +155,44 @@ def test_repro_pull_fetches_instead_of_running(pipeline, tmp_path: Path):
     assert seconds < 60, f"dvc repro --pull took {seconds:.0f} s; did it train?"
 
 
-@pytest.fixture
-def s3_server(tmp_path: Path):
-    """moto's S3 API on 127.0.0.1, stopped when the test ends."""
-    port, log = free_port(), open(tmp_path / "moto.log", "w")
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory) -> tuple[str, str]:
+    """SeaweedFS's S3 API on 127.0.0.1 as the team's stack runs it (`tools/team.py up s3`, its buckets made), stopped
+    when the module ends: (endpoint, secret)."""
+    root = tmp_path_factory.mktemp("s3") / ".team"
+    team = [str(BIN / "python"), str(REPO / "tools" / "team.py")]
+    run([*team, "up", "s3", "--root", str(root)], root.parent)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "moto.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "moto_server did not answer"
-            time.sleep(0.2)
-        yield url
+        state = json.loads((root / "stack.json").read_text())
+        yield f"http://127.0.0.1:{state['ports']['s3']}", state["secret"]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        run([*team, "down", "s3", "--root", str(root)], root.parent)
 
 
-def test_s3_remote_round_trip(pipeline, s3_server: str, tmp_path: Path):
+def test_s3_remote_round_trip(pipeline, s3_server: tuple[str, str], tmp_path: Path):
     import boto3
 
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    env = user_env(**creds, AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
-                   AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"), NO_PROXY="127.0.0.1",
-                   no_proxy="127.0.0.1")
-    s3 = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
+    endpoint, secret = s3_server
+    env = user_env(AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
+                   AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"))
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="mnist-ldm", aws_secret_access_key=secret,
                       region_name="us-east-1")
-    s3.create_bucket(Bucket="mnist-ldm")
 
     src = working_copy(pipeline, tmp_path / "src")
-    add_remote(src, "s3remote", "s3://mnist-ldm/pipeline", ("endpointurl", s3_server))
+    add_remote(src, "s3remote", "s3://dvc-remote/pipeline", ("endpointurl", endpoint))
+    for key, value in (("access_key_id", "mnist-ldm"), ("secret_access_key", secret)):  # per clone, not in git
+        dvc(src, "remote", "modify", "--local", "s3remote", key, value)
     dvc(src, "push", env=env)
-    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mnist-ldm", Prefix="pipeline/")
+    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="dvc-remote", Prefix="pipeline/")
             for o in page.get("Contents", [])}
     assert_pushed({k.removeprefix("pipeline/files/md5/") for k in keys}, src, pipeline[1])
 
     dst = clone(src, tmp_path / "clone")
     config = (dst / ".dvc/config").read_text()
-    assert "s3://mnist-ldm/pipeline" in config and s3_server in config
-    assert "testing" not in config and not (dst / ".dvc/config.local").exists()
+    assert "s3://dvc-remote/pipeline" in config and endpoint in config
+    assert secret not in config and not (dst / ".dvc/config.local").exists()
+    for key, value in (("access_key_id", "mnist-ldm"), ("secret_access_key", secret)):
+        dvc(dst, "remote", "modify", "--local", "s3remote", key, value)
     dvc(dst, "pull", env=env)
     assert md5s(dst) == pipeline[1]
     assert_up_to_date(dst, env)

@@ -1,4 +1,5 @@
-"""MLflow tracking end to end: real `dvc repro` / `dvc exp run`, the real sqlite store, a real `mlflow server`.
+"""MLflow tracking end to end: real `dvc repro` / `dvc exp run`, the real sqlite store, a real `mlflow server` (the
+team's stack: PostgreSQL, artifacts in S3).
 
 The runs are read back with MlflowClient, the way a user would look at them.
 """
@@ -100,9 +101,10 @@ def tracked_repo(request, trained_repo, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A server, and (in a background thread, so that it overlaps the sqlite tests) the pipeline up to the
-    latent cache logged to it with `dvc repro encode`."""
-    srv = conftest.MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    """The team's server (PostgreSQL store, artifacts in S3; the tests above use the sqlite store), and (in a
+    background thread, so that it overlaps the sqlite tests) the pipeline up to the latent cache logged to it with
+    `dvc repro encode`."""
+    srv = conftest.TeamServer(tmp_path_factory.mktemp("mlflow-server"))
     repo = make_repo_copy(tmp_path_factory.mktemp("served") / "repo")
 
     def pipeline() -> Path:
@@ -123,7 +125,7 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(served) -> conftest.MlflowServer:
+def server(served) -> conftest.TeamServer:
     return served[0]
 
 

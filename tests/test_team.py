@@ -1,0 +1,154 @@
+"""A team on real servers (docs/team.md, run as written): PostgreSQL, SeaweedFS's S3 API and `mlflow server` on both,
+started by `tools/team.py`; Alice and Bob in two clones of one git remote share experiments (git + the S3 DVC remote)
+and runs (the tracking server: parent and stage runs, metrics, artifacts served from S3, the registry). Then the
+faults a team meets: a wrong S3 secret, the S3 server down at `dvc push`, PostgreSQL stopped for 10 s while a stage
+trains. What the user saw is printed (pytest -s)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, REPO, run
+from test_readme import GROUPS, docs_workspace, run_pages
+
+TEAM = [str(BIN / "python"), str(REPO / "tools" / "team.py")]
+
+
+@pytest.fixture(scope="module")
+def workspace(trained_repo: Path, tmp_path_factory):
+    """Alice's clone (docs_workspace's), the team stack under its .team/ once the first block starts it."""
+    with docs_workspace(trained_repo, tmp_path_factory.mktemp("team")) as ws:
+        try:
+            yield ws
+        finally:
+            subprocess.run([*TEAM, "down", "--root", str(ws[0] / ".team")], capture_output=True, timeout=120)
+
+
+def settings(env_file: Path) -> dict[str, str]:
+    lines = env_file.read_text().splitlines()
+    uri = next(line.split("=", 1)[1] for line in lines if line.startswith("export MLFLOW_TRACKING_URI="))
+    secret = next(line.split()[-1] for line in lines if "secret_access_key" in line)
+    endpoint = next(line.split()[-1] for line in lines if "endpointurl" in line)
+    return {"uri": uri, "secret": secret, "endpoint": endpoint}
+
+
+def test_two_clones_share_experiments_runs_and_the_registry(workspace):
+    alice, values, env = workspace
+    t0 = time.monotonic()
+    ran = run_pages(GROUPS["team"], workspace)
+    print(f"docs/team.md round trip: {time.monotonic() - t0:.0f} s")
+    assert len(ran) == 4, ran
+    bob, team = alice.parent / "bob", settings(alice.parent / "team.env")
+
+    # the secret is in each clone's .dvc/config.local (git-ignored), never in git
+    for clone in (alice, bob):
+        assert team["secret"] in (clone / ".dvc/config.local").read_text()
+        assert team["secret"] not in (clone / ".dvc/config").read_text()
+        tracked = run(["git", "grep", "-l", team["secret"]], clone, check=False, env=env)
+        assert tracked.returncode == 1, tracked.stdout
+    # each sees the other's experiment
+    for clone in (alice, bob):
+        names = run([str(BIN / "dvc"), "exp", "list", "--name-only", "--all-commits"], clone, env=env).stdout.split()
+        assert {"alice-steps", "bob-steps"} <= set(names), names
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=team["uri"])
+    exp = client.get_experiment_by_name("mnist-ldm")
+    parents = client.search_runs([exp.experiment_id], "tags.`mnist_ldm.kind` = 'pipeline'")
+    by_steps = {r.data.params.get("sample.steps"): r for r in parents}
+    assert {"10", "3"} <= set(by_steps), sorted(by_steps)
+    for steps in ("10", "3"):
+        parent = by_steps[steps]
+        stages = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert {"sample", "evaluate", "package_model"} <= {r.data.tags["mnist_ldm.stage"] for r in stages}
+        assert parent.info.status == "FINISHED" and "eval.fcd.generated" in parent.data.metrics, parent.data.metrics
+    # an artifact of a stage run, served by the tracking server from the S3 bucket
+    sample = next(r for r in client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = "
+                                                f"'{by_steps['10'].info.run_id}'")
+                  if r.data.tags["mnist_ldm.stage"] == "sample")
+    assert sample.info.artifact_uri.startswith("mlflow-artifacts:"), sample.info.artifact_uri
+    files = [f.path for f in client.list_artifacts(sample.info.run_id)]
+    assert files, "the sample run has no artifacts"
+    got = Path(client.download_artifacts(sample.info.run_id, files[0], str(alice.parent)))
+    assert got.exists()
+
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=team["endpoint"], aws_access_key_id="mnist-ldm",
+                      aws_secret_access_key=team["secret"], region_name="us-east-1")
+    keys = lambda bucket: [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                           for o in p.get("Contents", [])]
+    assert keys("mlflow-artifacts") and keys("dvc-remote")
+    # the champion Bob chose, on the shared registry
+    champion = client.get_model_version_by_alias("mnist-ldm", "champion")
+    assert champion.run_id in {r.info.run_id for r in client.search_runs([exp.experiment_id], "")}
+
+
+def test_wrong_s3_secret_fails_the_push_and_writes_nothing(workspace, tmp_path: Path):
+    """DVC's line names the S3 call and its 403, not the remote (docs/team.md says what to check)."""
+    alice, values, env = workspace
+    run([*TEAM, "up", "--root", str(alice / ".team")], alice, env=env)
+    (alice / "extra.txt").write_text("extra\n")
+    run([str(BIN / "dvc"), "add", "extra.txt"], alice, env=env)
+    before = run([str(BIN / "dvc"), "status", "-c"], alice, env=env).stdout
+    run([str(BIN / "dvc"), "remote", "modify", "--local", "shared", "secret_access_key", "wrong"], alice, env=env)
+    try:
+        proc = run([str(BIN / "dvc"), "push"], alice, check=False, env=env)
+    finally:
+        run([str(BIN / "dvc"), "remote", "modify", "--local", "shared", "secret_access_key",
+             settings(alice.parent / "team.env")["secret"]], alice, env=env)
+    print("wrong secret:", proc.stderr.strip())
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("ERROR: ") and "Forbidden" in proc.stderr.splitlines()[0], proc.stderr
+    assert run([str(BIN / "dvc"), "status", "-c"], alice, env=env).stdout == before  # nothing half-written
+
+
+def test_s3_down_during_push_then_the_next_push_completes(workspace):
+    alice, values, env = workspace
+    root = str(alice / ".team")
+    run([*TEAM, "up", "--root", root], alice, env=env)
+    (alice / "more.txt").write_text("more\n" * 1000)
+    run([str(BIN / "dvc"), "add", "more.txt"], alice, env=env)
+    run([*TEAM, "down", "s3", "--root", root], alice, env=env)
+    try:
+        proc = run([str(BIN / "dvc"), "push"], alice, check=False, env=env, timeout=300)
+    finally:
+        run([*TEAM, "up", "s3", "--root", root], alice, env=env)
+    print("S3 down at push:", proc.stderr.strip())
+    assert proc.returncode != 0 and "ERROR" in proc.stderr, proc.stderr
+    run([str(BIN / "dvc"), "push"], alice, env=env)
+    status = run([str(BIN / "dvc"), "status", "-c"], alice, env=env).stdout
+    assert "Cache and remote 'shared' are in sync." in status, status
+
+
+def test_postgres_stopped_during_training_warns_once_and_the_stage_finishes(workspace, tmp_path: Path):
+    alice, values, env = workspace
+    root = str(alice / ".team")
+    run([*TEAM, "up", "--root", root], alice, env=env)
+    env = {**env, "MLFLOW_TRACKING_URI": settings(alice.parent / "team.env")["uri"]}
+    out = tmp_path / "diffusion.pt"
+    proc = subprocess.Popen(
+        [str(BIN / "mnist-ldm"), "train-diffusion", "--ae-ckpt", "models/autoencoder.pt", "--latents", "data/latents",
+         "--data", "data/prepared", "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--plots",
+         str(tmp_path / "plots"), "--epochs", "60"], cwd=alice, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    lines = []
+    while not any("logging to run" in line for line in lines):  # the run exists: training starts
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines) + proc.stderr.read()
+        lines.append(proc.stderr.readline())
+    run([*TEAM, "down", "postgres", "--root", root], alice, env=env)
+    time.sleep(10)
+    run([*TEAM, "up", "postgres", "--root", root], alice, env=env)
+    stdout, stderr = proc.communicate(timeout=600)
+    stderr = "".join(lines) + stderr
+    print("PostgreSQL stopped 10 s:", stderr.strip())
+    assert proc.returncode == 0, stderr
+    assert stderr.count("warning: mlflow: train_diffusion") == 1, stderr
+    assert out.stat().st_size > 0 and json.loads((tmp_path / "m.json").read_text())

@@ -62,7 +62,8 @@ def describe(metrics: dict[str, float], experiment: str, commit: str, dirty: str
             f"second evaluator FCD {fig('second_evaluator.fcd.generated')} "
             f"({fig('second_evaluator.fcd_ratio_to_ae_reconstruction', 3)} x); precision {fig('prdc.precision', 3)}, "
             f"recall {fig('prdc.recall', 3)}; n = {fig('n', 0)}.\n\nDVC experiment `{experiment}` on commit "
-            f"`{commit[:12]}`{' (uncommitted changes)' if dirty == 'true' else ''}: {changed}.")
+            f"`{commit[:12]}`{' (uncommitted changes)' if dirty == 'true' and experiment == 'workspace' else ''}: "
+            f"{changed}.")
 
 
 def store_once(model_dir: Path, location: str, cache: Any) -> bool:

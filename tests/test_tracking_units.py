@@ -330,13 +330,11 @@ def test_parent_gets_the_headline_of_current_stages_fcd_first(repo: Path, monkey
 
 def test_a_registered_models_files_that_dvc_caches_are_stored_once(tmp_path: Path) -> None:
     """A model file whose bytes DVC's cache holds becomes a hard link to the cache file; the others are copied."""
-    from dvc.repo import Repo
-
     from mnist_ldm.tracking.registry import dvc_cache, store_once
 
-    Repo.init(str(tmp_path), no_scm=True)
     (tmp_path / "ckpt.pt").write_bytes(b"weights" * 1000)
-    Repo(str(tmp_path)).add(str(tmp_path / "ckpt.pt"))
+    for args in (["init", "--no-scm", "-q"], ["add", "-q", "ckpt.pt"]):  # the CLI: DVC's logger stays its own
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp_path, check=True, capture_output=True)
     model = tmp_path / "model"
     (model / "artifacts").mkdir(parents=True)
     shutil.copy(tmp_path / "ckpt.pt", model / "artifacts/ckpt.pt")

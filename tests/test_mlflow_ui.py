@@ -1,7 +1,8 @@
 """The MLflow UI in a real browser: two variants of a shrunk pipeline, served by a real `mlflow server`,
 found in the runs view, compared side by side, and found in the Model Registry with the champion that
-`mnist-ldm promote` chose, the way a user does it; and `mnist-ldm ui`, whose printed runs address opens
-the runs table of both variants.
+`mnist-ldm promote` chose, the way a user does it; and `mnist-ldm ui`, whose printed runs address opens,
+in a fresh browser profile, the runs table of both variants with their changed param and FCD, and whose
+compare address opens the charts of both, an FCD first.
 
 The browser is Debian's `chromium` package driven by Playwright (never a downloaded browser build);
 without it the module is skipped. Screenshots go to a temporary folder (printed); with
@@ -164,6 +165,8 @@ def test_parent_runs_carry_params_and_results_not_sizes(logged, parents):
         assert data.params["diffusion.lr"] == lr and data.tags["mnist_ldm.dvc_exp_name"] == name
         assert FCD in data.metrics and "autoencoder.test_bce" in data.metrics and "eval.prdc.recall" in data.metrics
         assert set(data.metrics) <= set(PARENT_METRICS), sorted(data.metrics)  # results, never a size
+        note = data.tags["mlflow.note.content"]  # what differs from the baseline, in the run's description
+        assert name in note and "`diffusion.lr`" in note and f"-> {lr}" in note, note
 
 
 # --------------------------------------------------------------------------- the browser
@@ -187,10 +190,9 @@ def test_runs_view_lists_both_variants_with_their_lr_and_fcd(logged, parents, pa
             name)
         cells = " ".join(page.locator(f"[role=row][row-index='{index}']").all_inner_texts())
         assert lr in cells.split() and str(parents[name].data.metrics[FCD]) in cells, (name, cells)
-    page.screenshot(path=shots / "mlflow_runs.png", clip={"x": 0, "y": 0, "width": 1400, "height": 330})
 
 
-def test_compare_view_shows_both_lr_values_and_the_fcd(logged, parents, page, shots):
+def test_compare_view_shows_both_lr_values_and_the_fcd(logged, parents, page):
     uri, exp, _ = logged
     page.set_viewport_size({"width": 1400, "height": 1500})
     page.goto(f"{uri}/#/experiments/{exp.experiment_id}{RUNS_VIEW}")
@@ -221,9 +223,6 @@ def test_compare_view_shows_both_lr_values_and_the_fcd(logged, parents, page, sh
     for parent in parents.values():
         shown = shown_number(parent.data.metrics[FCD])
         assert shown in metrics.split(), (shown, metrics)
-    left = page.get_by_text("Comparing 2 Runs from 1 Experiment").bounding_box()["x"] - 16  # past the side bar
-    bottom = page.get_by_text("Artifacts", exact=True).bounding_box()["y"] - 8  # the metrics table's end
-    page.screenshot(path=shots / "mlflow_compare.png", clip={"x": left, "y": 0, "width": 1400 - left, "height": bottom})
 
 
 def test_registry_page_lists_a_version_per_variant_and_the_champion(logged, page, shots):
@@ -233,6 +232,9 @@ def test_registry_page_lists_a_version_per_variant_and_the_champion(logged, page
     client = MlflowClient(tracking_uri=uri)
     versions = {v.tags["dvc_experiment"]: v for v in client.search_model_versions(f"name='{EXPERIMENT}'")}
     assert set(versions) == set(VARIANTS), sorted(versions)
+    for name, version in versions.items():  # a handful of tags; the headline in the description
+        assert len(version.tags) <= 8 and version.description.startswith("FCD "), (version.tags, version.description)
+        assert f"`{name}`" in version.description and f"diffusion.lr={VARIANTS[name]}" in version.description
     champion = client.get_model_version_by_alias(EXPERIMENT, "champion")
     best = min(versions.values(), key=lambda v: (float(v.tags["fcd.generated"]), -int(v.version)))
     assert champion.version == best.version and f"version {best.version} " in promoted, promoted
@@ -263,7 +265,7 @@ def printed_addresses(proc: subprocess.Popen, out: Path, timeout: float = 240) -
     raise AssertionError(f"mnist-ldm ui printed no addresses in {timeout} s:\n{out.read_text()}")
 
 
-def test_mnist_ldm_ui_opens_the_runs_table_of_both_variants(logged, parents, server, page, tmp_path):
+def test_mnist_ldm_ui_opens_the_runs_table_of_both_variants(logged, parents, server, browser, tmp_path, shots):
     uri, exp, _ = logged
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -274,25 +276,53 @@ def test_mnist_ldm_ui_opens_the_runs_table_of_both_variants(logged, parents, ser
                                 env=env, stdout=o, stderr=e, stdin=subprocess.DEVNULL)
     try:
         urls = printed_addresses(proc, out)
-        assert urls["runs"] == f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning", urls
+        runs = f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+        assert urls["runs"] == f"{runs}&viewStateShareKey=mnist-ldm-runs", urls
+        assert urls["compare"] == f"{runs}&viewStateShareKey=mnist-ldm-compare&compareRunsMode=CHART", urls
         assert urls["model"] == f"{base}/#/models/{EXPERIMENT}", urls
-        query = parse_qs(unquote(urls["compare"]).split("?", 1)[1])
-        assert urls["compare"].startswith(f"{base}/#/compare-runs?runs="), urls
-        assert sorted(json.loads(query["runs"][0])) == sorted(r.info.run_id for r in parents.values()), urls
-        assert json.loads(query["experiments"][0]) == [exp.experiment_id], urls
 
-        page.goto(urls["runs"])  # the runs table, found without a click
+        page = fresh_page(browser, 1400, 720)  # the runs table: each variant's lr and FCD, without a click
+        page.goto(urls["runs"])
         for name in VARIANTS:
             expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
         expect(page.get_by_text("Token Usage")).to_have_count(0)
-        page.goto(urls["compare"])  # the printed compare address opens the compare view of both
-        expect(page.get_by_text("Comparing 2 Runs from 1 Experiment")).to_be_visible()
+        for column in ("diffusion.lr", FCD, "eval.second_evaluator.fcd.generated"):
+            expect(page.get_by_role("columnheader", name=column, exact=True).first).to_be_in_viewport()
+        rows = page.locator("[role=row]").filter(has=page.get_by_role("link"))
+        for name, lr in VARIANTS.items():
+            row = rows.filter(has=page.get_by_role("link", name=name, exact=True)).first
+            index = row.get_attribute("row-index")
+            cells = " ".join(page.locator(f"[role=row][row-index='{index}']").all_inner_texts())
+            assert lr in cells.split() and str(parents[name].data.metrics[FCD]) in cells, (name, cells)
+        expect(rows).to_have_count(len(VARIANTS))  # the pipeline runs only, lowest FCD first
+        assert [n for n in page.locator("[role=row] a").all_inner_texts() if n in VARIANTS] == sorted(
+            VARIANTS, key=lambda n: parents[n].data.metrics[FCD])
+        page.screenshot(path=shots / "mlflow_runs.png")
+        page.context.close()
+
+        page = fresh_page(browser, 1400, 900)  # the charts of both: the FCD first
+        page.goto(urls["compare"])
+        expect(page.get_by_text("FCD (lower is better)")).to_be_visible()
+        charts = page.inner_text("body").split("FCD (lower is better)", 1)[1]
+        first = next(line.strip() for line in charts.splitlines() if line.strip().startswith(("eval.", "second")))
+        assert first == FCD, charts[:500]
+        for name in VARIANTS:
+            expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+        page.screenshot(path=shots / "mlflow_compare.png")
+        page.context.close()
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         proc.wait(timeout=60)
     assert proc.returncode in (0, 130) and "Traceback" not in err.read_text(), (proc.returncode, err.read_text())
     with pytest.raises(OSError):  # the server it started is gone with it
         urllib.request.urlopen(base + "/health", timeout=5)
+
+
+def fresh_page(browser, width: int, height: int) -> Page:
+    """A page in a browser context of its own: a fresh profile, nothing remembered."""
+    pg = browser.new_context(viewport={"width": width, "height": height}).new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    return pg
 
 
 # the curve plots of dvc.yaml (chart title -> the per-epoch file and fields it draws)

@@ -1,6 +1,7 @@
 """`mnist-ldm ui`: the MLflow UI on the repository's tracking store on 127.0.0.1:`--port` (without MLflow's GenAI
-job runner), then the addresses of the runs, the compare view of the latest two pipeline runs and the registered
-model; Ctrl-C stops it. An http(s) tracking server serves its own UI: only the addresses on it are printed."""
+job runner), then the addresses of the runs table (one row per pipeline run: the params that differ between them
+and the FCDs, best first), of the charts comparing them (the FCD first) and of the registered model; Ctrl-C stops it.
+An http(s) tracking server serves its own UI: only the addresses on it are printed."""
 
 from __future__ import annotations
 
@@ -26,10 +27,40 @@ from mnist_ldm.runtime.command import positive_int
 HELP = "start the MLflow UI on the repository's runs and print the addresses of the runs, the compare view and the model"
 COMPUTES = False  # no --device/--precision: nothing here runs a network
 START_TIMEOUT_S = 180
+# the parent runs' columns after the params that differ: the FCD and its ratio to the autoencoder floor, both evaluators
+HEADLINE = ("eval.fcd.generated", "eval.fcd_ratio_to_ae_reconstruction", "eval.second_evaluator.fcd.generated",
+            "eval.second_evaluator.fcd_ratio_to_ae_reconstruction")
+MAX_PARAMS = 6  # changed params shown as columns
+VIEWS = {"runs": "mnist-ldm-runs", "compare": "mnist-ldm-compare"}  # the experiment's shared views
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=positive_int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+
+
+def save_views(client, exp_id: str) -> bool:
+    """Write the runs view and the compare view as shared views of the experiment: the tag
+    `mlflow.sharedViewState.<key>` that the UI's *Share* button writes and `?viewStateShareKey=<key>` opens (MLflow's
+    URL sets no columns). Both list the pipeline runs only, lowest FCD first; False if the store refuses the tag."""
+    parents = client.search_runs([exp_id], "tags.`mnist_ldm.kind` = 'pipeline'", max_results=500)
+    changed = sorted({k for r in parents for k, v in r.data.params.items()
+                      if any(p.data.params.get(k) != v for p in parents)})[:MAX_PARAMS]
+    columns = [f"params.`{k}`" for k in changed] + [f"metrics.`{k}`" for k in HEADLINE]
+    table = {"searchFilter": "tags.`mnist_ldm.kind` = 'pipeline'", "orderByKey": f"metrics.`{HEADLINE[0]}`",
+             "orderByAsc": True, "selectedColumns": columns, "columnOrder": columns}
+    chart = {"metricSectionId": "headline", "deleted": False, "isGenerated": True}
+    charts = [*({"uuid": k, "type": "BAR", "metricKey": k, **chart} for k in HEADLINE),
+              {"uuid": "params", "type": "PARALLEL", "selectedParams": changed, "selectedMetrics": list(HEADLINE[::2]),
+               **chart}]
+    sections = [{"uuid": "headline", "name": "FCD (lower is better)", "display": True, "isReordered": False,
+                 "deleted": False, "isGenerated": True}]
+    try:
+        for view, state in ((VIEWS["runs"], table),
+                            (VIEWS["compare"], {**table, "compareRunCharts": charts, "compareRunSections": sections})):
+            client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{view}", json.dumps(state))
+    except Exception:  # a read-only server: the plain addresses
+        return False
+    return True
 
 
 def addresses(base: str, uri: str, params: Params) -> str:
@@ -42,12 +73,16 @@ def addresses(base: str, uri: str, params: Params) -> str:
                         f"pipeline first (dvc repro)")
     parents = client.search_runs([exp.experiment_id], "tags.`mnist_ldm.kind` = 'pipeline'", max_results=2,
                                  order_by=["start_time DESC"])
+    runs = f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"  # else the GenAI pages
+    shared = save_views(client, exp.experiment_id)
     ids = [quote(json.dumps(x, separators=(",", ":")), safe="") for x in ([r.info.run_id for r in parents],
                                                                           [exp.experiment_id])]
     return "\n".join([
-        f"runs:    {base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning",  # else GenAI pages
-        f"compare: {base}/#/compare-runs?runs={ids[0]}&experiments={ids[1]}" if len(parents) == 2 else
-        f"compare: needs two pipeline runs; {len(parents)} so far (try a variant: dvc exp run -S ...)",
+        f"runs:    {runs}" + (f"&viewStateShareKey={VIEWS['runs']}" if shared else ""),
+        f"compare: needs two pipeline runs; {len(parents)} so far (try a variant: dvc exp run -S ...)"
+        if len(parents) < 2 else
+        f"compare: {runs}&viewStateShareKey={VIEWS['compare']}&compareRunsMode=CHART" if shared else
+        f"compare: {base}/#/compare-runs?runs={ids[0]}&experiments={ids[1]}",
         f"model:   {base}/#/models/{quote(name, safe='')}" if client.search_registered_models(f"name = '{name}'") else
         f"model:   no registered model {name!r} yet (tracking.registered_model; package_model adds it)"])
 

@@ -1,23 +1,29 @@
-"""The Model Registry: the packaged generator logged into its stage's run and registered as a new version, tagged
-with its DVC experiment, git commit, run and `HEADLINE` numbers (which `mnist-ldm promote` compares)."""
+"""The Model Registry: the packaged generator logged into its stage's run and registered as a new version whose
+description gives its headline and what it was trained from, tagged with its DVC experiment, git commit and the
+`VERSION_TAGS` numbers (which `mnist-ldm promote` compares). In a local store each file of the model whose bytes
+DVC's cache holds (the checkpoints, the packaged code of an earlier version) is a hard link to that cache file."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from mnist_ldm.config.params_file import dotted_value
-from mnist_ldm.tracking.runs import HEADLINE, git_tags
+from mnist_ldm.tracking.runs import HEADLINE, changes, git_tags
 from mnist_ldm.tracking.stagerun import StageRun
 from mnist_ldm.tracking.store import TAG
 
 CHAMPION = "champion"
 DESCRIPTION = ("MNIST latent-diffusion generator (mnist-ldm): pyfunc model, input n/digit/sampler/steps/eta/guidance/"
                "seed, output one row per image")
+# the numbers each version is tagged with (the FCDs, their ratios to the autoencoder floor, recall); the rest of
+# HEADLINE is in its description
+VERSION_TAGS = HEADLINE[:4] + ("prdc.recall",)
 
 
 def headline(result: dict) -> dict[str, float]:
@@ -47,21 +53,73 @@ def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float
     return str(mv.version)
 
 
+def describe(metrics: dict[str, float], experiment: str, commit: str, dirty: str, changed: str) -> str:
+    """A version's description: its headline figures and where it comes from."""
+    def fig(key: str, digits: int = 4) -> str:
+        return f"{metrics[key]:.{digits}f}" if key in metrics else "-"
+
+    return (f"FCD {fig('fcd.generated')} ({fig('fcd_ratio_to_ae_reconstruction', 3)} x the autoencoder floor); "
+            f"second evaluator FCD {fig('second_evaluator.fcd.generated')} "
+            f"({fig('second_evaluator.fcd_ratio_to_ae_reconstruction', 3)} x); precision {fig('prdc.precision', 3)}, "
+            f"recall {fig('prdc.recall', 3)}; n = {fig('n', 0)}.\n\nDVC experiment `{experiment}` on commit "
+            f"`{commit[:12]}`{' (uncommitted changes)' if dirty == 'true' and experiment == 'workspace' else ''}: "
+            f"{changed}.")
+
+
+def store_once(model_dir: Path, location: str, cache: Any) -> bool:
+    """Put `model_dir` at the local artifact `location` (file://), each file whose md5 DVC's `cache` holds as a hard
+    link to the cache file, the others copied; False if `location` is not local or a link cannot be made there."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from dvc_data.hashfile.hash import file_md5
+
+    if not location.startswith("file://") or cache is None:
+        return False
+    dest = Path(url2pathname(urlparse(location).path))
+    try:
+        for src in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+            target = dest / src.relative_to(model_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            cached = Path(cache.oid_to_path(file_md5(str(src))))
+            if cached.is_file() and cached.stat().st_size == src.stat().st_size:
+                os.link(cached, target)
+            else:
+                shutil.copy2(src, target)
+    except OSError:  # another file system, no hard links: MLflow copies
+        shutil.rmtree(dest, ignore_errors=True)
+        return False
+    return True
+
+
+def dvc_cache(workdir: Path) -> Any:
+    """The repository's DVC cache of md5-named files, or None."""
+    with contextlib.suppress(Exception):
+        from dvc.repo import Repo
+
+        with Repo(str(workdir), uninitialized=True) as repo:
+            return repo.cache.local
+    return None
+
+
 def new_version(client: Any, run_id: str, stage: str, model_dir: Path, name: str, metrics: dict[str, float]) -> Any:
     from mlflow.entities import LoggedModelOutput
 
     model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="generator",
                                        source_run_id=run_id, tags={TAG + "stage": stage})
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
-    client.log_model_artifacts(model.model_id, str(model_dir))
+    if not store_once(model_dir, model.artifact_location, dvc_cache(Path.cwd())):
+        client.log_model_artifacts(model.model_id, str(model_dir))
     client.finalize_logged_model(model.model_id, "READY")
     with contextlib.suppress(Exception):  # there already
         client.create_registered_model(name, description=DESCRIPTION)
     git = git_tags(Path.cwd())
-    tags = {"dvc_experiment": os.environ.get("DVC_EXP_NAME") or "workspace",
-            "git_commit": git.get(TAG + "git_commit", "unknown"), "git_dirty": git.get(TAG + "git_dirty", "unknown"),
-            **({"dvc_baseline": os.environ["DVC_EXP_BASELINE_REV"]} if os.environ.get("DVC_EXP_BASELINE_REV") else {}),
-            "mlflow_run": run_id, **{k: repr(v) for k, v in metrics.items()}}
+    experiment = os.environ.get("DVC_EXP_NAME") or "workspace"
+    commit, dirty = git.get(TAG + "git_commit", "unknown"), git.get(TAG + "git_dirty", "unknown")
+    changed = ", ".join(f"{k}={v}" for k, (_, v) in changes(Path.cwd()).items()) or "the params of that commit"
+    tags = {"dvc_experiment": experiment, "git_commit": commit,
+            **{k: repr(metrics[k]) for k in VERSION_TAGS if k in metrics}}
     # the source is the logged model's own location: a `models:/<model_id>` source would make MLflow look the
     # model up in the process-wide default store, not in this client's
-    return client.create_model_version(name, model.artifact_location, run_id=run_id, tags=tags, model_id=model.model_id)
+    return client.create_model_version(name, model.artifact_location, run_id=run_id, tags=tags, model_id=model.model_id,
+                                       description=describe(metrics, experiment, commit, dirty, changed))

@@ -19,10 +19,10 @@ from mnist_ldm.io.errors import first_line
 from mnist_ldm.tracking.stagerun import StageRun, data_tags
 from mnist_ldm.tracking.store import TAG, TrackingError, connect, experiment_id, git, repo_root, tracking_uri
 
-# eval.json's numbers that a comparison is about, those of the first evaluator first: tracking/registry.py tags each
-# registered version with them, and the first `PARENT_EVAL` go on the parent run, so a new headline metric is one
-# line here. What the parent shows, in this order (MLflow's compare view plots the first metric a run received);
-# the rest stays on the stage runs:
+# eval.json's numbers that a comparison is about, those of the first evaluator first: tracking/registry.py describes
+# each registered version with them (and tags it with the first four), and the first `PARENT_EVAL` go on the parent
+# run, so a new headline metric is one line here. What the parent shows, in this order (MLflow's compare page plots
+# the first metric a run received); the rest stays on the stage runs:
 HEADLINE = ("fcd.generated", "second_evaluator.fcd.generated", "fcd_ratio_to_ae_reconstruction",
             "second_evaluator.fcd_ratio_to_ae_reconstruction", "fcd.train_vs_test", "prdc.precision", "prdc.recall",
             "class_balance.tv_to_uniform", "fcd_ratio_to_single_gaussian", "fcd.single_gaussian", "prdc.density",
@@ -89,6 +89,28 @@ def git_tags(workdir: Path) -> dict[str, str]:
     return {**tags, **{TAG + v.lower(): os.environ[v] for v in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if os.environ.get(v)}}
 
 
+def changes(workdir: Path) -> dict[str, tuple[Any, Any]]:
+    """`{"section.key": (baseline value, value)}` for each param of `workdir`'s params.yaml that differs from the
+    params.yaml of the commit it starts from (the DVC experiment's baseline, else HEAD); {} if either is unreadable."""
+    from mnist_ldm.config.params_file import load_params, params_from_dict, parse_yaml
+
+    base = git(["show", f"{os.environ.get('DVC_EXP_BASELINE_REV') or 'HEAD'}:params.yaml"], workdir)
+    try:
+        old, new = params_from_dict(parse_yaml(base)).flat(), load_params(workdir / "params.yaml").flat()
+    except Exception:  # no commit, no params.yaml in it, or one this version cannot read
+        return {}
+    return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+
+
+def note(workdir: Path) -> str:
+    """A parent run's description (`mlflow.note.content`): the DVC experiment and the params it changes."""
+    diff = changes(workdir)
+    rev = os.environ.get("DVC_EXP_BASELINE_REV") or git(["rev-parse", "HEAD"], workdir) or "no commit"
+    name = f"DVC experiment `{os.environ['DVC_EXP_NAME']}`" if os.environ.get("DVC_EXP_NAME") else "The workspace"
+    return (f"{name} against commit `{rev[:12]}`: " + (", ".join(f"`{k}` {a} -> {b}" for k, (a, b) in diff.items())
+                                                     if diff else "the same params (the baseline)") + ".")
+
+
 def open_run(client: Any, exp_id: str, key: dict[str, str], name: str, tags: dict[str, str]) -> tuple[Any, bool]:
     """The newest run of `exp_id` tagged with `key`, else a new one named `name`, tagged `key` and `tags`; and
     whether it is new."""
@@ -129,7 +151,8 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
         parent_id = parent.info.run_id
         own_parent = new_parent or under_dvc or parent.info.status != "FINISHED"
         client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in params.flat().items()] if new_parent else [],
-                         tags=[RunTag(k, v) for k, v in data_tags(data_meta).items()])
+                         tags=[RunTag(k, v) for k, v in data_tags(data_meta).items()]
+                         + ([RunTag("mlflow.note.content", note(workdir))] if new_parent else []))
         child, new = open_run(client, exp_id, {TAG + "stage": stage, TAG + "input_hash": input_hash}, stage,
                               {**tags, "mlflow.parentRunId": parent_id, TAG + "kind": "stage"})
         run_id, linked = child.info.run_id, child.info.status == "FINISHED"

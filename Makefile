@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test bench quality gpu-check install clean-outputs plots-template team-up team-down
+.PHONY: run baseline test bench quality gpu-check install clean-outputs plots-template team-up team-down
 
 # PyTorch build: cuda where nvidia-smi answers, else cpu (requirements-cuda.lock / requirements-cpu.lock);
 # `make install TORCH=cuda` chooses it. pip installs without byte-compiling, and compileall then does it on
@@ -25,8 +25,20 @@ $(BIN)/.installed-$(TORCH): requirements.lock requirements-$(TORCH).lock pyproje
 
 install: $(BIN)/.installed-$(TORCH)
 
+# the pipeline, then the project's own summary (the data, FCD against its floors, the registered version, next steps)
 run: install
 	dvc repro
+	$(BIN)/mnist-ldm summary
+
+# the baseline git keeps (dvc.lock, metrics/, plots/curves/): the default params on the bundled subset, rebuilt
+# after a change to the code and staged for the next commit (docs/pipeline.md, "The baseline in git")
+baseline: install
+	@test ! -e data/raw/mnist || { echo "error: data/raw/mnist exists; the baseline is the bundled subset's"; exit 2; }
+	@git diff --quiet HEAD -- params.yaml || { echo "error: params.yaml differs from HEAD's; the baseline runs HEAD's"; \
+		exit 2; }
+	HF_HUB_OFFLINE=1 dvc repro
+	$(BIN)/mnist-ldm summary
+	git add dvc.lock metrics plots/curves
 
 # pytest-xdist processes: three on two cores (the tests wait on servers and subprocesses a fifth of the
 # time); each test module stays on one worker (its fixtures are built once)

@@ -904,7 +904,7 @@ def test_a_bad_param_is_refused_before_torch_or_mlflow_load(tmp_path: Path):
 import shlex, sys, yaml
 from mnist_ldm.commands.cli import COMMANDS, main
 stages = yaml.safe_load(open({str(REPO / "dvc.yaml")!r}))["stages"]
-extra = {{"infer": ["--ckpt", "a.pt", "--ae-ckpt", "b.pt"], "promote": [], "ui": [],
+extra = {{"infer": ["--ckpt", "a.pt", "--ae-ckpt", "b.pt"], "promote": [], "ui": [], "summary": [],
           "evaluate": shlex.split(stages["evaluate"]["cmd"])[2:]}}
 for command, module in COMMANDS.items():
     args = extra[command] if command in extra else shlex.split(stages[module]["cmd"])[2:]
@@ -916,7 +916,7 @@ for command, module in COMMANDS.items():
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 12 and all("diffusion.lr='fast'" in e for e in errors), proc.stderr
+    assert len(errors) == 13 and all("diffusion.lr='fast'" in e for e in errors), proc.stderr
 
 
 # --------------------------------------------------------------------------- outputs it owns, written through links

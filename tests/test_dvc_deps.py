@@ -1,4 +1,5 @@
-"""dvc.yaml lists the code each stage runs by folder, the layers stay apart, and git already ignores every output.
+"""dvc.yaml lists the code each stage runs by folder, the layers stay apart, git ignores every cached output and
+keeps the baseline's (metrics, curves).
 
 A stage's code deps are its entry in stages/, its command module and the library folders it imports (see
 tests/code_deps.py), so editing a module re-runs exactly the stages whose folders hold it.
@@ -93,11 +94,20 @@ def test_the_chart_in_the_docs_is_dvc_dag():
     assert drawn == ARROWS, f"docs/pipeline.md's chart: draw {sorted(ARROWS - drawn)}, remove {sorted(drawn - ARROWS)}"
 
 
-def test_every_output_is_cached():
-    """DVC skips its run-cache for a stage with any `cache: false` output."""
+def committed(out) -> bool:
+    """A `cache: false` output: the baseline's small files, which git keeps (docs/pipeline.md)."""
+    return not isinstance(out, str) and not out[next(iter(out))].get("cache", True)
+
+
+def test_only_metrics_and_curves_are_committed_and_the_rest_is_cached():
+    """The metrics files and the per-epoch curves are the baseline in git; every other output is DVC's. A `cache:
+    false` output is a stage's `metrics` or `plots`: DVC's run-cache skips a stage with one among its `outs`."""
     for name, stage in RAW.items():
-        for out in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
-            assert isinstance(out, str) or out[next(iter(out))].get("cache", True), f"{name}: {out}"
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind, []):
+                path = out if isinstance(out, str) else next(iter(out))
+                baseline = kind == "metrics" or (kind == "plots" and path.startswith("plots/curves/"))
+                assert committed(out) == baseline, f"{name}: {kind} {out} ({'cache: false' if baseline else 'cached'})"
 
 
 def _imports(path: Path) -> set[str]:
@@ -131,16 +141,22 @@ def test_no_source_module_is_long():
 
 
 def test_every_output_is_in_its_folders_committed_gitignore():
-    """DVC adds `/<name>` to the .gitignore beside an output when it first saves it. Were that entry not committed,
-    `dvc repro` in a clean clone would change tracked files, and every run would be tagged `git_dirty`."""
+    """DVC adds `/<name>` to the .gitignore beside a cached output when it first saves it. Were that entry not
+    committed, `dvc repro` in a clean clone would change tracked files, and every run would be tagged `git_dirty`.
+    A `cache: false` output is git's: no .gitignore names it, and once dvc.lock is committed so is it."""
     tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
                                  check=True).stdout.split())
-    missing = []
+    missing, ignored, untracked = [], [], []
     for spec in RAW.values():
-        for out in (o if isinstance(o, str) else next(iter(o)) for kind in ("outs", "metrics", "plots")
-                    for o in spec.get(kind, [])):
-            path = Path(out.rstrip("/"))
+        for out in (o for kind in ("outs", "metrics", "plots") for o in spec.get(kind, [])):
+            path = Path((out if isinstance(out, str) else next(iter(out))).rstrip("/"))
             ignore = (path.parent / ".gitignore").as_posix()
-            if f"/{path.name}" not in ((REPO / ignore).read_text().split() if ignore in tracked else []):
+            listed = f"/{path.name}" in ((REPO / ignore).read_text().split() if ignore in tracked else [])
+            if committed(out):
+                ignored += [f"{ignore}: /{path.name}"] if listed else []
+                untracked += [] if "dvc.lock" not in tracked or path.as_posix() in tracked else [path.as_posix()]
+            elif not listed:
                 missing.append(f"{ignore}: /{path.name}")
     assert not missing, f"entries DVC would add to committed files: {missing}"
+    assert not ignored, f"the baseline's files must not be git-ignored: {ignored}"
+    assert not untracked, f"dvc.lock is committed, these outputs of its run are not: {untracked}"

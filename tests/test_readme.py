@@ -16,6 +16,7 @@ stale one fails the test.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -41,6 +42,8 @@ DOCS = ["tracking.md", "pipeline.md", "results.md", "hardware.md", "troubleshoot
 NOT_HERE = {
     "mkdir -p data/raw/mnist": "copies the full MNIST IDX files from ../shared, which this shrunk copy does not have "
                                "(it uses the bundled subset); tests/test_data.py parses IDX files",
+    "make baseline": "runs `dvc repro` with the committed params.yaml, as the trained_repo fixture does (on shrunk "
+                     "params), and stages what `git add -A` stages here",
     "make run": "`make test` is what CI runs (this test is part of it); `make run` is `make install` plus "
                 "`dvc repro`, which the trained_repo fixture runs",
     "MNIST_LDM_DEVICE=cuda dvc repro": "needs a CUDA GPU; tests/test_distributed.py runs --device and torchrun on CPU",
@@ -55,8 +58,6 @@ NOT_HERE = {
 
 # first line of a block -> (README text, what runs instead, why)
 EDITS = {
-    "dvc exp run -n lr-5e-4": [("dvc exp run -n lr-1e-3 -S diffusion.lr=0.001\n", "",
-                                "the line above with another value: one more whole experiment of the same kind")],
     "dvc exp run --queue -S 'diffusion.lr=1e-4,2e-4,4e-4'": [
         ("diffusion.lr=1e-4,2e-4,4e-4", "diffusion.lr=1e-4,2e-4",
          "two values go through the same queue and worker; each value is one more whole experiment")],
@@ -223,6 +224,32 @@ def parents_like(repo: Path, params: dict[str, str]) -> int:
     return sum(all(v == params[k] for k, v in r.data.params.items() if k in params) for r in runs)
 
 
+VARIANT = re.compile(r"^dvc exp run --queue -n (\S+)((?: -S \S+)+)", re.M)
+
+
+def check_variants(block_text: str, repo: Path, env: dict) -> None:
+    """After the README's variants ran from the committed baseline: each differs from HEAD in exactly the params it
+    set, `dvc metrics diff` has a HEAD column of numbers, and `dvc exp show` as the README runs it has the changed
+    params and both evaluators' FCD among its first 10 columns."""
+    dvc = str(BIN / "dvc")
+    variants = {m.group(1): {s.split("=")[0] for s in m.group(2).split(" -S ")[1:]}
+                for m in VARIANT.finditer(block_text)}
+    assert len(variants) >= 2, block_text
+    for name, keys in variants.items():
+        diff = json.loads(run([dvc, "params", "diff", "HEAD", name, "--json"], repo, env=env).stdout)
+        assert set(diff.get("params.yaml", {})) == keys, (name, diff)
+        metrics = json.loads(run([dvc, "metrics", "diff", "HEAD", name, "--json"], repo, env=env).stdout)
+        head = {k: v["old"] for k, v in metrics["metrics/eval.json"].items()}
+        assert isinstance(head.get("fcd.generated"), float), (name, head)
+        assert all(isinstance(v, (int, float)) for v in head.values()), (name, head)
+    show = re.search(r"^dvc exp show .*?(?<!\\)$", block_text, re.M | re.S).group(0)
+    table = run(["bash", "-c", show], repo, env={**env, "COLUMNS": "1000"}).stdout
+    header = next(line.split() for line in table.splitlines() if "Experiment" in line)
+    changed = set().union(*variants.values())
+    assert changed | {"fcd.generated", "second_evaluator.fcd.generated"} <= set(header[:10]), header
+    assert all(f"[{name}]" in table for name in variants) and "workspace" in table, table
+
+
 def test_every_exception_names_a_block_of_the_docs():
     firsts = [b.first for b in readme_blocks()]
     for table in (NOT_HERE, EDITS, NEEDS):
@@ -279,6 +306,11 @@ def run_pages(pages: tuple[str, ...], workspace) -> list[str]:
             grid = re.search(r"diffusion\.lr=([\d.e,-]+)", prepared(block, values)).group(1).split(",")
             for lr in grid:
                 assert parents_like(repo, {**base, "diffusion.lr": str(float(lr))}) == 1, f"diffusion.lr={lr}"
+        if VARIANT.search(block.text):
+            check_variants(block.text, repo, env)
+        if block.first.startswith("dvc exp apply"):  # the README's way back to the baseline
+            assert not run(["git", "status", "--porcelain", "--untracked-files=no"], repo, env=env).stdout
+            assert "up to date" in run([str(BIN / "dvc"), "status"], repo, env=env).stdout
         if "mlflow models serve -m models:/" in block.text:
             assert '"predictions"' in proc.stdout and "HTTP 400" in proc.stdout, proc.stdout[-2000:]
         if block.first.startswith("import json, urllib.request"):
@@ -299,3 +331,19 @@ def test_the_last_stage_names_the_ui_command(trained_repo):
     lines = [line for line in stdout.splitlines() if line.startswith("package_model:")]
     assert lines and lines[-1].endswith("mnist-ldm ui"), stdout[-2000:]
     assert lines[-1] in (REPO / "README.md").read_text(), lines[-1]
+
+
+def test_make_run_ends_with_the_summary(trained_repo):
+    """`make run` ends with `mnist-ldm summary`: the data, FCD against its floor in both evaluators, the registered
+    version and the next commands, among them README.md's comparison as the README spells it."""
+    from conftest import cli
+    from mnist_ldm.commands.summary import COMPARE
+
+    run_target = re.search(r"^run:.*?\n\n", (REPO / "Makefile").read_text(), re.M | re.S).group(0)
+    assert run_target.strip().splitlines()[-1].strip().endswith("mnist-ldm summary"), run_target
+    out = cli("summary", cwd=trained_repo).stdout
+    assert re.search(r"data: +300 train / 100 test images from bundled", out), out
+    assert len(re.findall(r"\d\.\d{3} = \d+\.\d\dx (the autoencoder's|its) floor", out)) == 2, out
+    assert "model:     models:/mnist-ldm/1" in out, out
+    assert "source .venv/bin/activate" in out and "mnist-ldm ui" in out and COMPARE in out, out
+    assert COMPARE in (REPO / "README.md").read_text().replace(" \\\n  ", " ")

@@ -1,4 +1,4 @@
-"""`mnist-ldm`: one subcommand per pipeline stage, plus `infer`, `promote` and `ui`; each is a module of
+"""`mnist-ldm`: one subcommand per pipeline stage, plus `infer`, `promote`, `ui` and `summary`; each is a module of
 `mnist_ldm.commands`, run by `mnist_ldm.runtime.command.run_command` as `stages/<name>.py` runs it. Options go
 before or after the subcommand."""
 
@@ -12,7 +12,7 @@ from mnist_ldm.runtime.command import Parser, add_command, add_common, run_comma
 
 COMMANDS = {name.replace("_", "-"): name for name in (  # subcommand -> its module, the name of its DVC stage
     "check_params", "prepare", "train_ae", "encode", "train_diffusion", "sample", "infer", "train_evaluator",
-    "evaluate", "package_model", "promote", "ui")}
+    "evaluate", "package_model", "promote", "ui", "summary")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -325,8 +325,9 @@ def fresh_page(browser, width: int, height: int) -> Page:
     return pg
 
 
-# the curve plots of dvc.yaml (chart title -> the per-epoch file and fields it draws)
-CURVES = yaml.safe_load((conftest.REPO / "dvc.yaml").read_text())["plots"]
+# the curve charts of dvc.yaml, top-level and the stages' own plots outputs (name -> title)
+DVC_YAML = yaml.safe_load((conftest.REPO / "dvc.yaml").read_text())
+CURVES = DVC_YAML["plots"] + [p for s in DVC_YAML["stages"].values() for p in s.get("plots", [])]
 CURVE_TITLES = {next(iter(p)): p[next(iter(p))]["title"] for p in CURVES if isinstance(p, dict)}
 
 

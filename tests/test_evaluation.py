@@ -27,7 +27,7 @@ def _fit(model, loss, n, epochs, tmp_path, lr=1e-3):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     run_training(model=model, optimizer=opt, loss_fn=loss, n_items=n, batch_size=64, epochs=epochs, seed=0,
                  resume_path=tmp_path / f"{type(model).__name__}.resume.pt", checkpoint_every=10**9,
-                 run_fingerprint="t", on_epoch_end=lambda e, l: {}, desc="fit")
+                 run_fingerprint="t", on_epoch_end=lambda *_: {}, desc="fit")
     return model.eval()
 
 

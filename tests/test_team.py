@@ -82,8 +82,10 @@ def test_two_clones_share_experiments_runs_and_the_registry(workspace):
 
     s3 = boto3.client("s3", endpoint_url=team["endpoint"], aws_access_key_id="mnist-ldm",
                       aws_secret_access_key=team["secret"], region_name="us-east-1")
-    keys = lambda bucket: [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-                           for o in p.get("Contents", [])]
+    def keys(bucket: str) -> list[str]:
+        return [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                for o in p.get("Contents", [])]
+
     assert keys("mlflow-artifacts") and keys("dvc-remote")
     # the champion Bob chose, on the shared registry
     champion = client.get_model_version_by_alias("mnist-ldm", "champion")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import BIN, cli, copy_trained, free_port, run
 from conftest import test_env as shell_env
@@ -190,6 +191,19 @@ def test_the_model_is_a_dvc_artifact(registered, tmp_path):
         env=env)
     assert (tmp_path / "got" / "MLmodel").read_bytes() == (repo / "models/generator/MLmodel").read_bytes()
     assert (tmp_path / "got" / "artifacts" / "diffusion.pt").read_bytes() == (repo / "models/diffusion.pt").read_bytes()
+
+
+def test_packaging_again_gives_the_same_folder(registered):
+    """`dvc repro -f package_model` with the same checkpoints and params writes the same files: the folder's hash
+    in dvc.lock (which git keeps) changes only when what it packages does."""
+    repo, env = registered["repo"], shell_env()
+    def outs() -> list:
+        return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["package_model"]["outs"]
+
+    before = outs()
+    run([str(BIN / "dvc"), "repro", "-f", "-s", "package_model"], repo, env=env)
+    assert outs() == before
+    assert "utc_time_created" not in (repo / "models/generator/MLmodel").read_text()
 
 
 def test_request_fields_are_checked_with_one_line_messages():

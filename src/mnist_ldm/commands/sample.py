@@ -63,10 +63,11 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                                 nrow=len(GUIDANCE_SWEEP))
         write_npz(args.out, **({"images": out.images} if out.labels is None else
                                {"images": out.images, "labels": out.labels}))
-        summary = {"num_images": int(len(out.images)), "sampler": cfg.sampler, "network_evals": int(n_evals),
-                   "seconds": round(seconds, 2), "images_per_second": round(len(out.images) / seconds, 1)}
+        summary = {"num_images": int(len(out.images)), "sampler": cfg.sampler, "network_evals": int(n_evals)}
+        speed = {"seconds": round(seconds, 2), "images_per_second": round(len(out.images) / seconds, 1)}
         run.log_image(plots.grid_array(out.images[:64], 8), key="samples", step=0)
-        publish(run, {k: v for k, v in summary.items() if isinstance(v, (int, float))}, args.metrics,
+        # the time goes to MLflow, not to the metrics file git keeps: it differs at every run
+        publish(run, {k: v for k, v in {**summary, **speed}.items() if isinstance(v, (int, float))}, args.metrics,
                 sorted(args.plots.glob("*.png")) + [args.metrics], metrics_file=summary)
     print(f"sample: {len(out.images)} images with {cfg.sampler} ({n_evals} network evaluations) in {seconds:.1f} s "
           f"-> {args.out}")

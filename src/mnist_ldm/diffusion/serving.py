@@ -148,3 +148,16 @@ def save_generator(path, diffusion_ckpt, ae_ckpt, defaults: dict[str, Any], pack
             input_example=pd.DataFrame([{"n": 4, "seed": 0}]), model_config=cfg,
             metadata={**metadata, "request": REQUEST, "response": "one row per image: label (requested digit or "
                       "null), image (784 uint8, 28x28 row by row)"})
+    # The same checkpoints, code and defaults give the same folder, so its hash in dvc.lock changes only with them:
+    # MLflow's creation time, random id and temporary code path go (only the code file's name is read back).
+    import hashlib
+
+    import yaml
+
+    mlmodel = Path(path) / "MLmodel"
+    spec = yaml.safe_load(mlmodel.read_text())
+    spec.pop("utc_time_created", None)
+    spec["flavors"]["python_function"]["model_code_path"] = "generator.py"
+    spec["model_uuid"] = hashlib.md5(yaml.safe_dump(spec, sort_keys=True).encode() + b"".join(
+        Path(f).read_bytes() for f in (diffusion_ckpt, ae_ckpt))).hexdigest()
+    mlmodel.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -831,7 +831,8 @@ def test_a_failing_stage_under_dvc_ends_with_how_to_get_its_outputs_back(repo: P
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and lines[-2].startswith("error: --out"), proc.stderr[-2000:]
     assert lines[-1] == ("DVC removed the previous outputs of stage 'sample' before running it; `dvc checkout "
-                         "sample` brings them back from the cache"), proc.stderr[-2000:]
+                         "sample` brings them back from the cache, `git checkout HEAD -- metrics/sample.json` the "
+                         "ones git keeps"), proc.stderr[-2000:]
 
 
 def test_a_locked_tracking_store_is_one_line(repo: Path, tmp_path: Path):
@@ -1044,11 +1045,13 @@ def test_interrupted_dvc_stage_says_how_to_bring_back_its_outputs(trained_repo: 
     text = log.read_text()
     assert proc.returncode != 0, f"{states}\n{text[-2000:]}"
     line = "interrupted: DVC removed the previous outputs of stage 'sample' before running it; " \
-           "`dvc checkout sample` brings them back from the cache"
+           "`dvc checkout sample` brings them back from the cache, `git checkout HEAD -- metrics/sample.json` " \
+           "the ones git keeps"
     assert line in text.splitlines(), text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     subprocess.run(["git", "checkout", "params.yaml"], cwd=repo, check=True)
     run([str(BIN / "dvc"), "checkout", "sample"], repo)
+    run(["git", "checkout", "HEAD", "--", "metrics/sample.json"], repo)
     assert {rel: md5(repo / rel) for rel in outs} == before
 
 
@@ -1076,5 +1079,6 @@ def test_sigterm_ends_a_command_like_ctrl_c(repo: Path, tmp_path: Path):
     lines = [line.split("\r")[-1].strip() for line in err.splitlines() if line.strip()]
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert lines[-1] == ("interrupted: DVC removed the previous outputs of stage 'sample' before running it; "
-                         "`dvc checkout sample` brings them back from the cache"), err[-2000:]
+                         "`dvc checkout sample` brings them back from the cache, `git checkout HEAD -- "
+                         "metrics/sample.json` the ones git keeps"), err[-2000:]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ errors (`error: ...`, exit 2) and exit 130 on Ctrl-C or SIGTERM, and what a fini
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -137,11 +138,24 @@ def relaunch_under_torchrun(name: str, argv: Sequence[str]) -> None:
         os.execv(sys.executable, cmd)
 
 
+def git_kept(stage: str) -> list[str]:
+    """The outputs of `stage` that dvc.yaml marks `cache: false`: git keeps them, DVC's cache does not."""
+    with contextlib.suppress(Exception):
+        spec = parse_yaml(Path("dvc.yaml").read_text())["stages"][stage]
+        return [path for key in ("outs", "metrics", "plots") for entry in spec.get(key) or [] if isinstance(entry, dict)
+                for path, opts in entry.items() if isinstance(opts, dict) and opts.get("cache") is False]
+    return []
+
+
 def dvc_line() -> str:
     """Under `dvc repro` (DVC_STAGE set), how to bring back the outputs DVC removed before running the stage."""
     name = os.environ.get("DVC_STAGE", "").strip()
+    if not name:
+        return ""
+    kept = git_kept(name)
     return (f"DVC removed the previous outputs of stage '{name}' before running it; `dvc checkout {name}` brings "
-            f"them back from the cache") if name else ""
+            f"them back from the cache" + (f", `git checkout HEAD -- {' '.join(kept)}` the ones git keeps" if kept
+                                           else ""))
 
 
 def interrupted_line() -> str:

@@ -156,7 +156,7 @@ def save_generator(path, diffusion_ckpt, ae_ckpt, defaults: dict[str, Any], pack
 
     mlmodel = Path(path) / "MLmodel"
     spec = yaml.safe_load(mlmodel.read_text())
-    spec.pop("utc_time_created", None)
+    spec.pop("utc_time_created", None), spec.pop("model_uuid", None)
     spec["flavors"]["python_function"]["model_code_path"] = "generator.py"
     spec["model_uuid"] = hashlib.md5(yaml.safe_dump(spec, sort_keys=True).encode() + b"".join(
         Path(f).read_bytes() for f in (diffusion_ckpt, ae_ckpt))).hexdigest()

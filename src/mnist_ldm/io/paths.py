@@ -110,12 +110,12 @@ def check_writable(path: Path, folder: bool) -> None:
 
 def pipeline_stage_of(path: str | Path, lock: str | Path = "dvc.lock") -> Optional[str]:
     """The stage of the pipeline (`lock`) that writes `path` or a folder holding it; None if none does."""
-    import yaml
+    from mnist_ldm.config.params_file import parse_yaml  # read as DVC reads it
 
     try:
-        stages = yaml.safe_load(Path(lock).read_text())["stages"]
+        stages = parse_yaml(Path(lock).read_text())["stages"]
         outs = {os.path.realpath(o["path"]): name for name, st in stages.items() for o in st.get("outs", [])}
-    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ConfigError is a ValueError
         return None
     real = os.path.realpath(path)
     return next((name for out, name in outs.items() if real == out or _inside(real, out)), None)

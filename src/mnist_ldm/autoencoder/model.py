@@ -1,6 +1,5 @@
-"""The autoencoders, one per `autoencoder.kind`: `conv` (28->14->7->4 -> a 16-d latent, and its mirror), `mlp`
-(784 -> 512 -> 256 -> latent and back) and `none`, pixel space without weights, whose "latents" are the 784
-pixels, so the pixel-space DDPM goes through the same stages."""
+"""The autoencoders, one per `autoencoder.kind`: `conv` (28->14->7->4 -> latent, and its mirror), `mlp`
+(784 -> 512 -> 256 -> latent and back) and `none`, pixel space, whose "latents" are the 784 pixels."""
 
 from __future__ import annotations
 
@@ -44,8 +43,7 @@ class AutoencoderSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderSpec":
-        """A checkpoint's `model_config`, checked (a ValidationError names the field); checkpoints written before
-        the MLP kind existed hold a conv autoencoder without `kind`."""
+        """A checkpoint's `model_config`, checked (a ValidationError names the field)."""
         return TypeAdapter(cls).validate_python(d)
 
 
@@ -68,8 +66,8 @@ class _Logit(nn.Module):
 
 
 def _parts(spec: AutoencoderSpec) -> tuple[nn.Module, nn.Module]:
-    """Encoder (B, 1, 28, 28) in [0, 1] -> (B, latent) and decoder (B, latent) -> logits (B, 1, 28, 28), built in
-    this order (keyword arguments evaluate in order: `fc` before `net`, as the weights were always drawn)."""
+    """Encoder (B, 1, 28, 28) in [0, 1] -> (B, latent) and decoder -> logits (B, 1, 28, 28); `fc` is built before
+    `net`, the order the weights are drawn in."""
     if spec.kind == "none":
         return nn.Flatten(), _Logit()
     if spec.kind == "mlp":
@@ -91,7 +89,7 @@ def _parts(spec: AutoencoderSpec) -> tuple[nn.Module, nn.Module]:
         nn.ConvTranspose2d(c1, 1, 3, stride=2, padding=1, output_padding=1)))             # 14 -> 28
 
 
-KINDS = ("conv", "mlp", "none")  # what `_parts` builds; config.sections.AutoencoderKind names the same (tests/test_config.py)
+KINDS = ("conv", "mlp", "none")  # what `_parts` builds, as config.sections.AutoencoderKind names them
 
 
 class Autoencoder(nn.Module):
@@ -108,15 +106,14 @@ class Autoencoder(nn.Module):
 
     @property
     def fixed_scale(self) -> Optional[tuple[float, float]]:
-        """Pixel space maps [0, 1] to [-1, 1] as DDPMs do (MNIST's corners never change: a fitted per-pixel scaler
-        would divide by 0); latents are fitted."""
+        """Pixel space maps [0, 1] to [-1, 1] (a fitted per-pixel scaler would divide by MNIST's 0-std corners)."""
         return (0.5, 0.5) if self.spec.kind == "none" else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents to images in [0, 1]: the sigmoid of the decoder's logits; pixel space clamps its pixels."""
+        """Latents to images in [0, 1]."""
         return torch.sigmoid(self.decoder(z)) if self.trainable else z.clamp(0, 1).view(-1, 1, SIDE, SIDE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # logits
@@ -130,26 +127,24 @@ def load_autoencoder(path: str | Path) -> tuple[Autoencoder, dict]:
 
 
 @torch.no_grad()
+def _batched(fn, model: Autoencoder, xs, batch_size: int, precision: str) -> torch.Tensor:
+    """fn(batch on the model's device) over `xs` in batches, under `precision`, in fp32 on the CPU."""
+    model.eval()
+    dev = model_device(model)
+    with autocast(dev, precision):
+        return torch.cat([fn(xs[i:i + batch_size], dev).float().cpu() for i in range(0, len(xs), batch_size)])
+
+
 def encode_images(model: Autoencoder, images: np.ndarray, batch_size: int = INFERENCE_BATCH,
                   precision: str = "fp32") -> np.ndarray:
     """uint8 (N, 28, 28) -> raw latents (N, latent_dim) float32."""
-    model.eval()
-    dev = model_device(model)
-    with autocast(dev, precision):
-        out = [model.encode(as_batch(images[i:i + batch_size], dev)).float().cpu().numpy()
-               for i in range(0, len(images), batch_size)]
-    return np.concatenate(out).astype(np.float32)
+    return _batched(lambda x, dev: model.encode(as_batch(x, dev)), model, images, batch_size, precision).numpy()
 
 
-@torch.no_grad()
 def decode_latents(model: Autoencoder, z: torch.Tensor, batch_size: int = INFERENCE_BATCH,
                    precision: str = "fp32") -> np.ndarray:
     """Raw latents (N, latent_dim) -> uint8 images (N, 28, 28)."""
-    model.eval()
-    dev = model_device(model)
-    with autocast(dev, precision):
-        out = [model.decode(z[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(z), batch_size)]
-    return to_uint8(torch.cat(out))
+    return to_uint8(_batched(lambda x, dev: model.decode(x.to(dev)), model, z, batch_size, precision))
 
 
 @torch.no_grad()
@@ -167,11 +162,8 @@ def reconstruction_metrics(model: Autoencoder, images: np.ndarray, batch_size: i
     return {"test_bce": bce / (len(images) * PIXELS), "test_mse": mse / (len(images) * PIXELS)}
 
 
-@torch.no_grad()
 def reconstructions(model: Autoencoder, images: np.ndarray, precision: str = "fp32") -> torch.Tensor:
     """Originals above their reconstructions: (2N, 1, 28, 28)."""
-    model.eval()
-    x = as_batch(images, model_device(model))
-    with autocast(x.device, precision):
-        y = model.decode(model.encode(x)).float()
-    return torch.cat([x, y]).cpu()
+    y = _batched(lambda x, dev: model.decode(model.encode(as_batch(x, dev))), model, images, max(1, len(images)),
+                 precision)
+    return torch.cat([as_batch(images), y])

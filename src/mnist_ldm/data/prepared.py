@@ -87,15 +87,13 @@ class Meta(BaseModel):
 
 def load_meta(prepared_dir: Path) -> dict:
     path = Path(prepared_dir) / "meta.json"
-    error = input_error(path, "a file", "missing or not JSON; run the 'prepare' stage first",
-                        "expected the JSON file that 'prepare' writes")
-    if error is None:
-        try:
-            meta = json.loads(path.read_bytes())
-            Meta.model_validate(meta)
-            return meta
-        except ValidationError as e:
-            error = error_line(e, str(path), Meta) + "; re-run the 'prepare' stage (dvc repro -f prepare)"
-        except (OSError, ValueError):
-            error = f"{path}: missing or not JSON; run the 'prepare' stage first"
-    raise DataError(error)
+    try:
+        meta = json.loads(path.read_bytes())
+        Meta.model_validate(meta)
+        return meta
+    except ValidationError as e:
+        raise DataError(f"{error_line(e, str(path), Meta)}; re-run 'prepare' (dvc repro -f prepare)") from None
+    except (OSError, ValueError):
+        missing = "missing or not JSON; run the 'prepare' stage first"
+        raise DataError(input_error(path, "a file", missing, "expected the JSON file that 'prepare' writes")
+                        or f"{path}: {missing}") from None

@@ -1,11 +1,6 @@
-"""The denoising networks and their registry `DENOISERS` (`diffusion.denoiser` -> class; a new architecture is a
-class here and its entry, and its name in `config.sections.DenoiserArch`).
-
-A denoiser predicts the noise in x_t: `forward(x_t (B, D), t (B,), y (B,) or None, run=1)` -> eps (B, D), D the
-latent size (`mlp`) or the 784 pixels of a 28x28 image (`unet`), so the schedule, losses, samplers and pipeline
-are one code for both. A class-conditional network adds a label embedding to the time embedding; label index
-`num_classes` is the "no label" token of classifier-free guidance.
-"""
+"""The denoising networks, found by `diffusion.denoiser` in `DENOISERS` (a new one: its class and entry here, its
+name in `config.sections.DenoiserArch`). `forward(x_t (B, D), t (B,), y (B,) or None, run=1)` -> eps (B, D), D the
+latent size or the 784 pixels; label `num_classes` is classifier-free guidance's "no label"."""
 
 from __future__ import annotations
 
@@ -36,8 +31,7 @@ class DenoiserSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DenoiserSpec":
-        """A checkpoint's `model_config`, checked (a ValidationError names the field); checkpoints written before
-        the U-Net existed hold an MLP without `arch`."""
+        """A checkpoint's `model_config`, checked (a ValidationError names the field)."""
         return TypeAdapter(cls).validate_python(d)
 
 
@@ -50,8 +44,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class Denoiser(nn.Module):
-    """Subclasses set `spec`, `time_mlp` (timestep embedding -> what their blocks are conditioned on) and
-    `label_emb` (None for an unconditional network)."""
+    """Subclasses set `spec`, `time_mlp` and `label_emb` (None when unconditional)."""
 
     spec: DenoiserSpec
     time_mlp: nn.Module
@@ -62,8 +55,7 @@ class Denoiser(nn.Module):
         return self.spec.num_classes
 
     def embed(self, t: torch.Tensor, y: torch.Tensor | None, time_dim: int) -> torch.Tensor:
-        """(B, E); (1, E) when the batch shares one timestep and label, as in sampling: the embedding is then
-        computed once and its FiLM scale/shift broadcast, which skips most of the multiply-adds."""
+        """(B, E); (1, E), computed once and broadcast, when the batch shares one timestep and label."""
         if len(t) > 1 and bool((t == t[0]).all()) and (y is None or bool((y == y[0]).all())):
             t, y = t[:1], (y[:1] if y is not None else None)
         emb = self.time_mlp(timestep_embedding(t, time_dim))
@@ -109,15 +101,12 @@ class LatentDenoiser(Denoiser):
         self.out_proj = nn.Linear(H, spec.latent_dim)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, run: int = 1) -> torch.Tensor:
-        """`run` > 1 says that every `run` consecutive rows share their timestep (the last run may be shorter), as
-        `diffusion.samples_per_timestep` draws them in training: the time embedding and the FiLM scale and shift,
-        about two thirds of the multiply-adds, are then computed once per run, with the same result. Conditional
-        models take the per-row path (their labels differ within a run)."""
+        """`run` > 1: every `run` rows share their timestep (`diffusion.samples_per_timestep`), so the embedding
+        and FiLM are computed once per run (unconditional models only)."""
         h = self.in_proj(z)
         if run > 1 and self.label_emb is None:
             B, G = z.shape[0], len(t[::run])
             emb = self.time_mlp(timestep_embedding(t[::run], self.spec.hidden_dim))[:, None]  # (G, 1, H)
-            # a shorter last run is padded with zero rows (each row is computed on its own), dropped below
             h = F.pad(h, (0, 0, 0, G * run - B)).view(G, run, -1)
             for block in self.blocks:
                 h = block(h, emb)
@@ -152,8 +141,7 @@ class FiLMResBlock(nn.Module):
 
 
 class UNetDenoiser(Denoiser):
-    """`unet`: a small conv U-Net on 28x28 images standardized to [-1, 1] (about 150K parameters at width 16),
-    levels 28 -> 14 -> 7 with widths (c, 2c, 2c). `run` is the MLP's shortcut; the U-Net embeds every row's t."""
+    """`unet`: a small conv U-Net on 28x28 images in [-1, 1], levels 28 -> 14 -> 7 with widths (c, 2c, 2c)."""
 
     def __init__(self, spec: DenoiserSpec):
         super().__init__()

@@ -3,9 +3,7 @@
     pipe = LatentDiffusionPipeline.from_checkpoints("models/diffusion.pt", "models/autoencoder.pt")
     samples = pipe.sample(64, sampler="ddim", steps=50, eta=0.0, seed=0)   # samples.images: (64, 28, 28) uint8
 
-A request's fields left out take the `sample` params' defaults (`config.sections.SamplingRequest`). `infer`,
-the `sample` stage, `evaluate`'s floors and the benchmarks all go through it. The denoiser works on
-standardized latents; the scaler maps them to the autoencoder's raw latents and back.
+A request's fields left out take the `sample` params' defaults (`config.sections.SamplingRequest`).
 """
 
 from __future__ import annotations
@@ -39,22 +37,6 @@ class Samples:
     trajectory: Optional[list[np.ndarray]] = None  # predicted x_0 of the first 10 samples, over time
 
 
-def load_denoiser(path: str | Path, use_ema: bool = True) -> tuple[torch.nn.Module, NoiseSchedule, dict]:
-    """The denoiser (EMA or raw weights), its noise schedule and the checkpoint's other fields."""
-    model, ckpt = load_model_checkpoint(path, "mnist-ldm/diffusion", "diffusion checkpoint",
-                                        lambda cfg: build_denoiser(DenoiserSpec.from_dict(cfg)),
-                                        weights="ema_state_dict" if use_ema else "state_dict")
-    try:  # the `diffusion` params' own rules for T and the betas; the one kind of schedule there is
-        sch = DiffusionConfig.model_validate({k: ckpt["schedule"][k] for k in ("T", "beta_start", "beta_end")},
-                                             strict=False)
-        if ckpt["schedule"].get("kind", "linear") != "linear":
-            raise TypeError(f"schedule.kind={ckpt['schedule']['kind']!r} is not allowed; expected linear")
-    except (KeyError, TypeError, ValidationError) as e:
-        why = error_line(e, model=DiffusionConfig) if isinstance(e, ValidationError) else e
-        raise UserError(f"{path}: the noise schedule it records is unusable ({why})") from None
-    return model, NoiseSchedule.linear(sch.T, sch.beta_start, sch.beta_end), ckpt
-
-
 class LatentDiffusionPipeline:
     def __init__(self, autoencoder: Autoencoder, denoiser: torch.nn.Module, schedule: NoiseSchedule,
                  scaler: LatentScaler):
@@ -63,7 +45,6 @@ class LatentDiffusionPipeline:
         if len(set(dims.values())) != 1:
             raise UserError(f"latent sizes differ: {dims}")
         self.autoencoder, self.denoiser, self.schedule, self.scaler = autoencoder.eval(), denoiser.eval(), schedule, scaler
-        self.checkpoint: dict = {}
         self.source = ""  # the diffusion checkpoint's path, which a refused request names
         self.rt: Runtime = CPU
 
@@ -76,23 +57,30 @@ class LatentDiffusionPipeline:
 
     @classmethod
     def from_checkpoints(cls, diffusion_ckpt: str | Path, ae_ckpt: str | Path, use_ema: bool = True):
-        """Load both checkpoints, refusing a diffusion model trained in another autoencoder's latent space."""
-        denoiser, schedule, meta = load_denoiser(diffusion_ckpt, use_ema)
+        """Load both checkpoints (EMA or raw denoiser weights), refusing a diffusion model trained in another
+        autoencoder's latent space."""
+        denoiser, meta = load_model_checkpoint(diffusion_ckpt, "mnist-ldm/diffusion", "diffusion checkpoint",
+                                               lambda cfg: build_denoiser(DenoiserSpec.from_dict(cfg)),
+                                               weights="ema_state_dict" if use_ema else "state_dict")
+        try:  # the `diffusion` params' own rules for T and the betas; the one kind of schedule there is
+            sch = DiffusionConfig.model_validate({k: meta["schedule"][k] for k in ("T", "beta_start", "beta_end")},
+                                                 strict=False)
+            if meta["schedule"].get("kind", "linear") != "linear":
+                raise TypeError(f"schedule.kind={meta['schedule']['kind']!r} is not allowed; expected linear")
+        except (KeyError, TypeError, ValidationError) as e:
+            why = error_line(e, model=DiffusionConfig) if isinstance(e, ValidationError) else e
+            raise UserError(f"{diffusion_ckpt}: the noise schedule it records is unusable ({why})") from None
         ae, _ = load_autoencoder(ae_ckpt)
-        trained_on = meta.get("trained_on")
-        recorded = trained_on.get("autoencoder_md5") if isinstance(trained_on, dict) else None
-        if not recorded:
-            raise UserError(f"{diffusion_ckpt}: records no autoencoder md5 (trained_on.autoencoder_md5), so its "
-                            f"pairing with {ae_ckpt} cannot be checked; retrain it (dvc repro train_diffusion)")
+        recorded = meta["trained_on"].get("autoencoder_md5") if isinstance(meta.get("trained_on"), dict) else None
         actual = file_md5(ae_ckpt)
         if ae.spec.latent_dim != denoiser.spec.latent_dim or recorded != actual:
             raise UserError(f"{diffusion_ckpt} was trained on the latents of another autoencoder "
                             f"(md5 {str(recorded)[:12]}, {denoiser.spec.latent_dim}-d) than {ae_ckpt} "
                             f"(md5 {actual[:12]}, {ae.spec.latent_dim}-d); pass the autoencoder it was trained "
                             f"with, or retrain it (dvc repro train_diffusion)")
-        pipe = cls(ae, denoiser, schedule, LatentScaler.from_dict(meta.get("latent_stats", {}),
-                                                                  f"{diffusion_ckpt}: latent_stats"))
-        pipe.checkpoint, pipe.source = meta, str(diffusion_ckpt)
+        pipe = cls(ae, denoiser, NoiseSchedule.linear(sch.T, sch.beta_start, sch.beta_end),
+                   LatentScaler.from_dict(meta.get("latent_stats", {}), f"{diffusion_ckpt}: latent_stats"))
+        pipe.source = str(diffusion_ckpt)
         return pipe
 
     @property
@@ -107,8 +95,7 @@ class LatentDiffusionPipeline:
         return len(SAMPLERS[sampler](self.schedule, steps).timesteps)
 
     def check(self, request: SamplingRequest, given: Iterable[str] = ()) -> SamplingRequest:
-        """`request`, if this model can serve it; else a `RequestError` naming the field (and this model's file).
-        `given`: the fields the user set, each refused if it would change nothing."""
+        """`request`, if this model can serve it (`given`: the fields the user set); else a `RequestError`."""
         return request.checked(self.schedule.T, self.num_classes, self.source, given)
 
     def labels_for(self, n: int, digit: Optional[int]) -> Optional[torch.Tensor]:
@@ -121,7 +108,7 @@ class LatentDiffusionPipeline:
     def sample_latents(self, n: int, *, sampler: str = "ddpm", steps: Optional[int] = None, eta: float = 1.0,
                        guidance: float = 1.0, labels: Optional[torch.Tensor] = None, seed: int = 0,
                        batch_size: int = 2500, progress: bool = True, trajectory_every: int = 0):
-        """Standardized latents (n, D) and the predicted x_0 of the first batch every `trajectory_every` evals."""
+        """Standardized latents (n, D), and the first batch's predicted x_0 every `trajectory_every` evals."""
         rt = self.rt
         gen = rt.generator(seed)
         n_evals = self.network_evals(sampler, steps)
@@ -153,8 +140,7 @@ class LatentDiffusionPipeline:
 
     def sample(self, n: int, *, batch_size: int = 2500, progress: bool = True, trajectory_points: int = 0,
                **request: Any) -> Samples:
-        """`generate` for the request these fields make (sampler, steps, eta, guidance, digit, seed; the others
-        are the `sample` params' defaults), once it is valid and `check` accepts it."""
+        """`generate` for the request these fields make (the others: the `sample` params' defaults)."""
         try:
             req = SamplingRequest(**request)
         except ValidationError as e:
@@ -164,8 +150,7 @@ class LatentDiffusionPipeline:
 
     def generate(self, n: int, r: SamplingRequest, *, batch_size: int = 2500, progress: bool = True,
                  trajectory_points: int = 0) -> Samples:
-        """n decoded digits for a request that `check` returned; with `trajectory_points`, also the denoising
-        of the first 10 at that many moments."""
+        """n decoded digits for a request `check` returned, and the first 10's denoising at `trajectory_points`."""
         every = max(1, self.network_evals(r.sampler, r.steps) // trajectory_points) if trajectory_points else 0
         labels = self.labels_for(n, r.digit)
         z, traj = self.sample_latents(n, sampler=r.sampler, steps=r.steps, eta=r.eta, guidance=r.guidance,
@@ -196,8 +181,7 @@ class LatentDiffusionPipeline:
 
     @torch.no_grad()
     def interpolate(self, z_a: torch.Tensor, z_b: torch.Tensor, points: int = 10, steps: int = 50) -> np.ndarray:
-        """Rows: pairs (z_a[i], z_b[i]) of standardized latents; columns: their DDIM-inverted noise slerped
-        from one to the other and sampled back. Returns (pairs * points, 28, 28) uint8, row-major."""
+        """Rows: pairs (z_a[i], z_b[i]); columns: their DDIM-inverted noise slerped and sampled back."""
         steps = min(steps, self.schedule.T)
         xa, xb = self.invert(z_a, steps), self.invert(z_b, steps)
         rows = []

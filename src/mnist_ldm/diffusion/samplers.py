@@ -1,7 +1,6 @@
-"""The samplers, one class each (diffusers-style: `timesteps`, then `step` after each network evaluation), found
-by name in `SAMPLERS`; `sample_loop` runs any of them. Adding a sampler: its class and entry here, and its name
-in `config.sections.Sampler` (tests/test_config.py checks the two agree).
-"""
+"""The samplers, one class each (`timesteps`, and `step` after each network evaluation), found by name in
+`SAMPLERS`; `sample_loop` runs any of them. A new sampler: its class and entry here, its name in
+`config.sections.Sampler`."""
 
 from __future__ import annotations
 
@@ -40,8 +39,7 @@ SAMPLERS = {"ddpm": DDPM, "ddim": DDIM}
 def sample_loop(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s: NoiseSchedule, x_T: torch.Tensor,
                 sampler: str = "ddpm", steps: Optional[int] = None, eta: float = 1.0,
                 generator: Optional[torch.Generator] = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yields (t, x after the step, predicted x_0) after each evaluation of `eps_fn(x_t, t (B,))`; the last x is
-    the sample. One `torch.randn` per evaluation (the last step's included), so every sampler draws alike."""
+    """Yields (t, x after the step, predicted x_0) per evaluation of `eps_fn(x_t, t)`; one `randn` per step."""
     scheduler, x = SAMPLERS[sampler](s, steps, eta), x_T
     for i, t in enumerate(scheduler.timesteps):
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)

@@ -1,9 +1,6 @@
 """Gaussian diffusion math (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM"): the noise schedule, the forward
-process, one step of each sampler (`samplers.py` runs them) and classifier-free guidance.
-
-Coefficients are computed in float64 and cast to the sample dtype when used. Timesteps are 0-based:
-t = 0 .. T-1, with beta[t] the variance added at step t. The params models check T, the betas, steps and eta.
-"""
+process, one step of each sampler and classifier-free guidance. Coefficients are float64, cast to the sample dtype
+when used; timesteps are 0-based (t = 0 .. T-1)."""
 
 from __future__ import annotations
 
@@ -43,7 +40,7 @@ class NoiseSchedule:
                    posterior_mean_coef2=(1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac))
 
     def to(self, device: torch.device | str) -> "NoiseSchedule":
-        """The same schedule with its coefficients on `device` (no per-step copies while sampling)."""
+        """The same schedule on `device`."""
         return NoiseSchedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
@@ -58,10 +55,8 @@ def q_sample(s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.T
 
 
 def draw_timesteps(T: int, batch: int, gen: torch.Generator, device, run: int = 1) -> torch.Tensor:
-    """Training timesteps, each uniform on 0..T-1: independent (`run` = 1, as in DDPM), or in runs of `run`
-    consecutive rows sharing one (the last run may be shorter), the G runs taking the evenly spaced values
-    floor(T * ((u + g / G) mod 1)) for one uniform u (the low-discrepancy draw of Kingma et al. 2021): every
-    batch spans the schedule, and the denoiser embeds each run's timestep once."""
+    """Training timesteps uniform on 0..T-1: independent (`run` = 1), or in runs of `run` rows sharing one, the
+    runs evenly spaced from one uniform draw (the low-discrepancy sampler of Kingma et al. 2021)."""
     if run <= 1:
         return torch.randint(0, T, (batch,), generator=gen, device=device)
     runs = math.ceil(batch / run)
@@ -71,15 +66,12 @@ def draw_timesteps(T: int, batch: int, gen: torch.Generator, device, run: int = 
 
 
 def local_run(run: int, world: int) -> int:
-    """Rows sharing a timestep in one process's strided shard (rows rank, rank + world, ...) of a batch drawn
-    with `run`: run / world when world divides run, else 1 (rows passed one by one, with the same result)."""
+    """Rows sharing a timestep in one process's strided shard of a batch drawn with `run` (else 1)."""
     return run // world if run % world == 0 else 1
 
 
 def min_snr_weights(s: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weights min(SNR_t, gamma) / SNR_t for noise prediction (Hang et al. 2023, "min-SNR-gamma"),
-    SNR_t = abar_t / (1 - abar_t); gamma <= 0 gives 1 everywhere (L_simple). It lowers the weight of the nearly
-    clean timesteps, whose easy targets otherwise dominate the gradient."""
+    """Loss weights min(SNR_t, gamma) / SNR_t (Hang et al. 2023, "min-SNR-gamma"); gamma <= 0: all 1 (L_simple)."""
     if gamma <= 0:
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     ac = s.alphas_cumprod[t]
@@ -111,8 +103,7 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
 
 
 def ddim_sigma(s: NoiseSchedule, t: int, t_prev: int, eta: float) -> float:
-    """sigma_t(eta) of DDIM eq. (16); eta = 1 with t_prev = t-1 gives the DDPM posterior variance (eta outside
-    [0, 1] has no real step)."""
+    """sigma_t(eta) of DDIM eq. (16); eta = 1 with t_prev = t-1 is the DDPM posterior's."""
     ac = s.alphas_cumprod[t]
     ac_prev = s.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
     return float(eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt())
@@ -137,8 +128,7 @@ def ddim_invert_step(s: NoiseSchedule, eps: torch.Tensor, x: torch.Tensor, t_pre
 
 
 def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor], guidance: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w * (eps_c - eps_u); w = 0 is the
-    unconditional model, w = 1 the conditional one, w > 1 sharpens towards the label."""
+    """Classifier-free guidance (Ho & Salimans 2022): eps_u + w (eps_c - eps_u); w = 0 unconditional, 1 conditional."""
     if y is None or getattr(model, "label_emb", None) is None:
         return model(x, t)
     if guidance == 0.0:

@@ -16,11 +16,9 @@ from mnist_ldm.diffusion.schedule import NoiseSchedule, draw_timesteps, local_ru
 from mnist_ldm.runtime.device import CPU, Dist, Runtime, autocast
 from mnist_ldm.runtime.loop import EMA, EPOCH_TEST_ITEMS, adam, fingerprint, run_training, total_steps
 
-HELD_OUT_CHUNK = 2_000_000  # values per forward pass of the held-out loss
-
 
 def select_digit(z: np.ndarray, labels: np.ndarray, only_digit: Optional[int]):
-    """`diffusion.only_digit`: keep one digit's rows (the autoencoder still saw every digit)."""
+    """`diffusion.only_digit`: keep one digit's rows."""
     keep = labels == only_digit
     return (z, labels) if only_digit is None else (z[keep], labels[keep])
 
@@ -28,10 +26,9 @@ def select_digit(z: np.ndarray, labels: np.ndarray, only_digit: Optional[int]):
 def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, gen: torch.Generator, *,
                    y: Optional[torch.Tensor] = None, cond_drop_prob: float = 0.0, null_label: int = -1,
                    min_snr_gamma: float = 0.0, run: int = 1, dist: Dist = Dist()) -> torch.Tensor:
-    """L_simple of Ho et al. on the batch `z0` (B, D), each sample weighted by min(SNR_t, gamma) / SNR_t when
-    `min_snr_gamma` > 0; with labels `y`, each is dropped to `null_label` with probability `cond_drop_prob`
-    (classifier-free guidance training). t, the noise and the drops are drawn from `gen` for the whole batch,
-    then `dist.shard` keeps this process's rows: the global batch is the same at any process count."""
+    """L_simple of Ho et al. on `z0` (B, D) (min-SNR weighted when `min_snr_gamma` > 0), labels dropped to
+    `null_label` with probability `cond_drop_prob`. Drawn for the whole batch, then sharded: the same global batch
+    at any process count."""
     B, dev = z0.shape[0], z0.device
     t = draw_timesteps(s.T, B, gen, dev, run)
     noise = torch.randn(z0.shape, generator=gen, device=dev)
@@ -48,11 +45,10 @@ def diffusion_loss(model: torch.nn.Module, s: NoiseSchedule, z0: torch.Tensor, g
 @torch.no_grad()
 def held_out_loss(model: Denoiser, s: NoiseSchedule, z0: torch.Tensor, y: Optional[torch.Tensor],
                   precision: str = "fp32") -> float:
-    """The loss on held-out latents with fixed t and noise, so epochs are comparable; in chunks of about 2M
-    values (one chunk for 16-d latents, 2,551 images in pixel space)."""
+    """The loss on held-out latents with fixed t and noise (epochs compare), in chunks of about 2M values."""
     model.eval()
     gen = torch.Generator(device=z0.device).manual_seed(1234)
-    rows = max(1, HELD_OUT_CHUNK // z0.shape[1])
+    rows = max(1, 2_000_000 // z0.shape[1])
     total = 0.0
     for i in range(0, len(z0), rows):
         with autocast(z0.device, precision):
@@ -66,8 +62,7 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
                    y_test: torch.Tensor, resume_path: Path, data_hash: str,
                    on_epoch: Optional[Callable[[int, dict, dict], None]] = None,
                    preview: Optional[Callable[[Denoiser, NoiseSchedule, int], np.ndarray]] = None, rt: Runtime = CPU):
-    """Model, EMA, optimizer, schedule and per-epoch history; `on_epoch` gets each epoch's figures and, when
-    `preview` is given, its (EMA model, schedule, epoch) -> sample grid."""
+    """Model, EMA, optimizer, schedule and history; `on_epoch` gets each epoch's figures and `preview`'s grid."""
     torch.manual_seed(cfg.seed)
     spec = DenoiserSpec(z_train.shape[1], cfg.hidden_dim, cfg.num_blocks, DIGIT_CLASSES if cfg.conditional else 0,
                         cfg.denoiser, cfg.unet_channels)
@@ -99,10 +94,10 @@ def train_denoiser(cfg: DiffusionConfig, z_train: torch.Tensor, y_train: torch.T
             on_epoch(epoch, {"train_loss": train_loss, **metrics}, grids)
         return metrics
 
-    fields = {k: v for k, v in cfg.model_dump().items() if k != "generate_images"}
     history = run_training(model=model, optimizer=optimizer, loss_fn=loss_fn, n_items=len(z_train),
                            batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, resume_path=resume_path,
                            checkpoint_every=cfg.checkpoint_every, on_epoch_end=on_epoch_end, ema=ema,
                            lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
-                           desc="train_diffusion", run_fingerprint=fingerprint("diffusion", fields, data_hash), rt=rt)
+                           desc="train_diffusion", rt=rt, run_fingerprint=fingerprint(
+                               "diffusion", cfg.model_dump(exclude={"generate_images"}), data_hash))
     return model, ema, optimizer, s, history

@@ -1,5 +1,4 @@
-"""Sample-quality metrics over arrays (no I/O; statistics in float64): FCD, PRDC, the memorization ratio and
-class balance, computed in a classifier's feature space or from its softmax outputs."""
+"""Sample-quality metrics over arrays, in float64: FCD, PRDC, the memorization ratio and class balance."""
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ from mnist_ldm.evaluator.nearest import cdist, distances_to_train, rows_per_bloc
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
-    """The principal square root (Schur method), as the reference FID code takes it; SciPy's warning about a
-    singular matrix (features a network never activates) is not printed: the result is checked below."""
+    """The principal square root, as the reference FID code takes it, without SciPy's singular-matrix warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
         return scipy.linalg.sqrtm(a)
@@ -26,11 +24,9 @@ def _float64(x: Any) -> np.ndarray:
 
 
 def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6) -> float:
-    """d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)) between two Gaussians
-    (Heusel et al. 2017), with the numerics of the reference FID code (TTUR, pytorch-fid): a non-finite
-    square root is taken again with `eps * I` added to both covariances, and a complex one is accepted only
-    if the imaginary part of its diagonal is within 1e-3 of 0. FCD is this on classifier features, so it is
-    comparable only across runs that use the same classifier."""
+    """d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)) (Heusel et al. 2017), with
+    the numerics of the reference FID code: `eps * I` added if the root is not finite, a complex root accepted
+    only if its diagonal's imaginary part is within 1e-3 of 0."""
     mu1, mu2 = np.atleast_1d(_float64(mu1)), np.atleast_1d(_float64(mu2))
     sigma1, sigma2 = np.atleast_2d(_float64(sigma1)), np.atleast_2d(_float64(sigma2))
     d, diff = mu1.shape[0], mu1 - mu2
@@ -55,8 +51,7 @@ def feature_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_classifier_distance(feats_a: Any, feats_b: Any) -> float:
-    """FCD of two feature sets (N, D) and (M, D); its small-sample bias grows with D / N, so compare values
-    at equal sample sizes."""
+    """FCD of two feature sets (N, D) and (M, D) (biased by D / N: compare at equal sizes)."""
     return frechet_distance(*feature_statistics(feats_a), *feature_statistics(feats_b))
 
 
@@ -70,11 +65,10 @@ def _kth_neighbour_radii(x: torch.Tensor, k: int, block_rows: int | None) -> tor
 
 
 def prdc(real_features: Any, fake_features: Any, k: int = 5, *, block_rows: int | None = None) -> dict[str, float]:
-    """Precision, recall, density and coverage (Naeem et al. 2020) as in their reference code
-    (clovaai/generative-evaluation-prdc): each sample's ball reaches its k-th nearest neighbour in its own set,
-    "inside" is strictly closer. The distance matrices are computed in row blocks of `block_rows`."""
+    """Precision, recall, density and coverage (Naeem et al. 2020) as in their reference code, the distance
+    matrices in row blocks of `block_rows`."""
     real, fake = _float64(real_features), _float64(fake_features)
-    centre = real.mean(axis=0)  # distances do not change under a shift; centring keeps ||x||^2 small in `cdist`
+    centre = real.mean(axis=0)  # keeps ||x||^2 small in `cdist`
     r, f = torch.from_numpy(real - centre), torch.from_numpy(fake - centre)
     real_radii, fake_radii = _kth_neighbour_radii(r, k, block_rows), _kth_neighbour_radii(f, k, block_rows)
     n, m = r.shape[0], f.shape[0]
@@ -97,8 +91,8 @@ def prdc(real_features: Any, fake_features: Any, k: int = 5, *, block_rows: int 
 
 def memorization_ratio(generated: Any, train: Any, test: Any, *, block_rows: int | None = None,
                        test_to_train: np.ndarray | None = None) -> dict[str, float]:
-    """The median distance of generated samples to their nearest training item over that of held-out test items
-    (given as `test_to_train`, or computed): near 1 for a model that generalizes, 0 for exact copies."""
+    """Median distance of generated samples to their nearest training item over the test items' (`test_to_train`,
+    or computed): near 1 for a model that generalizes, 0 for copies."""
     gen, tr, te = _float64(generated), _float64(train), _float64(test)
     median_gen = float(np.median(distances_to_train(gen, tr, block_rows=block_rows)))
     test_d = distances_to_train(te, tr, block_rows=block_rows) if test_to_train is None else test_to_train
@@ -110,9 +104,8 @@ def memorization_ratio(generated: Any, train: Any, test: Any, *, block_rows: int
 
 
 def class_balance(probs: Any, num_classes: int = 10) -> dict[str, Any]:
-    """How evenly samples spread over the classes, from softmax outputs (N, C): the argmax histogram, the total
-    variation distance of its frequencies to uniform, the classes holding at least a tenth of their uniform
-    share (so a few stray predictions do not count), and the mean top probability."""
+    """From softmax outputs (N, C): the argmax histogram, its total variation distance to uniform, the classes
+    holding at least a tenth of their uniform share, and the mean top probability."""
     p = _float64(probs)
     n, c = len(p), num_classes
     counts = np.bincount(p.argmax(axis=1), minlength=c)

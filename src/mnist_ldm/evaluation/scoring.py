@@ -1,7 +1,6 @@
 """Scoring generated digits in an evaluator's feature space against the MNIST test set at the same n, beside
-floors: `train_vs_test` (real training images: what real data reaches at this n), `ae_reconstruction` (training
-images through the autoencoder, not test images, which would share the reference's sampling noise and read
-low), `single_gaussian` (decodes of one Gaussian fitted to the training latents: the baseline to beat) and
+floors: `train_vs_test` (real training images), `ae_reconstruction` (training images through the autoencoder),
+`single_gaussian` (decodes of one Gaussian fitted to the training latents: the baseline to beat) and
 `standard_normal` (decodes of N(0, I): must score far worse)."""
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from mnist_ldm.config.sections import min_images
 
 
 def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """An .npz's `images` as uint8 (N, 28, 28) (from uint8, or floats in [0, 1]) and its `labels` if any."""
+    """An .npz's `images` as uint8 (N, 28, 28) (from uint8 or floats in [0, 1]) and its `labels` if any."""
     if not Path(path).is_file():
         raise UserError(f"{path}: samples file not found")
     try:
@@ -59,8 +58,8 @@ def floor_images(ae, z_train: np.ndarray, n: int, seed: int, precision: str = "f
 def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_images: np.ndarray, ae,
           z_train: np.ndarray | None, n: int, k: int, seed: int, precision: str = "fp32", second=None,
           references: tuple = (None, None)) -> dict:
-    """The scores of `images` (networks under `precision`, metrics in float64); with a `second` evaluator, its
-    FCDs and PRDC too. `references` are each evaluator's `reference_features`, or None to compute them."""
+    """The scores of `images`, and a `second` evaluator's FCDs and PRDC; `references`: each evaluator's
+    `reference_features`, or None to compute them."""
     rng = np.random.default_rng(seed)
     sizes = {"evaluate.n": n, "samples": len(images), "test images": len(test_images),
              "train images": len(train_images)}
@@ -75,13 +74,12 @@ def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_
         sets.update(floor_images(ae, z_train, n, seed, precision))
 
     def fcds(net, ref, distances: bool):
-        """FCDs of every set against the test set in `net`'s features, those features, the generated probs."""
         ref = ref or reference_features(net, train_images, test_images, precision, distances=distances)
         out = {name: features_and_probs(net, ims, precision=precision) for name, ims in sets.items()}
         f = {"train": ref["train"], "test": ref["test"][:n], **{name: feats for name, (feats, _) in out.items()}}
         fcd = {"generated": metrics.frechet_classifier_distance(f["generated"], f["test"]),
                "train_vs_test": metrics.frechet_classifier_distance(f["train"][train_pick], f["test"])}
-        fcd.update({name: metrics.frechet_classifier_distance(f[name], f["test"]) for name in sets if name != "generated"})
+        fcd.update({name: metrics.frechet_classifier_distance(f[name], f["test"]) for name in list(sets)[1:]})
         return fcd, f, out["generated"][1], ref
 
     fcd, f, p_gen, ref = fcds(evaluator, references[0], distances=True)
@@ -106,7 +104,8 @@ def score(images: np.ndarray, labels, evaluator, train_images: np.ndarray, test_
                             for k in ("ae_reconstruction", "single_gaussian", "standard_normal")}
     if second is not None:
         fcd2, f2, _, _ = fcds(second, references[1], distances=False)  # no memorization check here
-        result["second_evaluator"] = {"arch": second.arch, "fcd": fcd2, "prdc": metrics.prdc(f2["test"], f2["generated"], k=k)}
+        result["second_evaluator"] = {"arch": second.arch, "fcd": fcd2,
+                                      "prdc": metrics.prdc(f2["test"], f2["generated"], k=k)}
         if "ae_reconstruction" in fcd2:
             result["second_evaluator"]["fcd_ratio_to_ae_reconstruction"] = fcd2["generated"] / fcd2["ae_reconstruction"]
     return result

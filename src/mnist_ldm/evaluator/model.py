@@ -1,6 +1,5 @@
-"""The evaluators: digit classifiers trained on the training split whose 128-d penultimate features (FCD,
-precision/recall) and softmax score generated digits. Two architectures, so that two independently trained
-networks score the same images (`evaluator`, `second_evaluator`): a change counts as better only when both agree."""
+"""The evaluators: digit classifiers whose 128-d penultimate features (FCD, precision/recall) and softmax score
+generated digits; two architectures, so that two independently trained networks can score the same images."""
 
 from __future__ import annotations
 
@@ -61,7 +60,6 @@ class EvaluatorAllConv(Evaluator):
                                        *block(64, FEATURE_DIM, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
 
 
-# evaluator.arch -> network; config.sections.EvaluatorArch names the same (tests/test_config.py)
 ARCHS = {"cnn": EvaluatorCNN, "allconv": EvaluatorAllConv}
 
 
@@ -74,12 +72,11 @@ def build_evaluator(arch: str) -> Evaluator:
 @torch.no_grad()
 def features_and_probs(model: Evaluator, images: np.ndarray, batch_size: int = INFERENCE_BATCH,
                        precision: str = "fp32"):
-    """uint8 (N, 28, 28) -> features (N, 128) and softmax (N, 10), float64; bf16 runs the network under autocast."""
+    """uint8 (N, 28, 28) -> features (N, 128) and softmax (N, 10), float64."""
     model.eval()
     feats, probs = [], []
     dev = model_device(model)
-    # a channels-last copy: oneDNN's faster layout on CPU (measured 1.6x here), the caller's model untouched
-    net = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    net = copy.deepcopy(model).to(memory_format=torch.channels_last)  # 1.6x faster on CPU; the caller's untouched
     for i in range(0, len(images), batch_size):
         with autocast(dev, precision):
             f = net.features(as_batch(images[i:i + batch_size], dev))
@@ -94,23 +91,21 @@ def accuracy(model: Evaluator, images: np.ndarray, labels: np.ndarray, precision
 
 
 def load_evaluator(path: str | Path) -> tuple[Evaluator, dict]:
-    """The evaluator a checkpoint holds (those from before `allconv` existed hold a `cnn`) and its payload."""
+    """The evaluator a checkpoint holds (a `cnn` if it names none) and its payload."""
     return load_model_checkpoint(path, "mnist-ldm/evaluator", "evaluator checkpoint",
                                  lambda cfg: build_evaluator(str(cfg.get("arch", "cnn"))))
 
 
 def reference_features(model: Evaluator, train_images: np.ndarray, test_images: np.ndarray,
                        precision: str = "fp32", distances: bool = True) -> dict[str, np.ndarray]:
-    """What every `evaluate` with one evaluator on one dataset needs: the features of both splits and, with
-    `distances`, each test item's distance to its nearest training item (the memorization ratio's reference)."""
+    """The features of both splits and, with `distances`, each test item's distance to the nearest training item."""
     train = features_and_probs(model, train_images, precision=precision)[0]
     test = features_and_probs(model, test_images, precision=precision)[0]
     return {"train": train, "test": test, **({"test_to_train": distances_to_train(test, train)} if distances else {})}
 
 
 def save_reference(path: str | Path, ref: dict[str, np.ndarray], **meta: str) -> None:
-    """`ref` as an .npz (features as float32, which holds their float32 or bf16 values exactly; checked) with
-    `meta` (weights_sha256, data_hash, precision) as JSON."""
+    """`ref` as an .npz (features as float32, which holds them exactly) with `meta` as JSON."""
     f32 = {k: ref[k].astype(np.float32) for k in ("train", "test")}
     assert all(np.array_equal(f32[k], ref[k]) for k in f32), "features that float32 does not hold exactly"
     write_npz(path, compress=False, **f32, test_to_train=ref["test_to_train"],
@@ -118,8 +113,7 @@ def save_reference(path: str | Path, ref: dict[str, np.ndarray], **meta: str) ->
 
 
 def load_reference(path: str | Path, **expected: str) -> tuple[dict[str, np.ndarray] | None, str]:
-    """`save_reference`'s file as float64, checked against the evaluator's weights and the data; (None, why)
-    when it was computed at another precision."""
+    """`save_reference`'s file as float64, checked against `expected`; (None, why) at another precision."""
     try:
         with np.load(path) as f:
             meta = dict(json.loads(str(f["meta"])))

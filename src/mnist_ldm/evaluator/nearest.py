@@ -1,5 +1,5 @@
-"""Nearest-neighbour distances between rows of feature matrices, in row blocks (the metrics' and the evaluators'
-stages'). It imports nothing of the package, so editing a metric does not re-run the evaluators' stages."""
+"""Nearest-neighbour distances between rows of feature matrices, in row blocks (for the metrics and the
+evaluators' reference features)."""
 
 from __future__ import annotations
 
@@ -19,15 +19,13 @@ def rows_per_block(n_cols: int, block_rows: int | None) -> int:
 
 
 def cdist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances by ||x||^2 + ||y||^2 - 2 x.y, as sklearn's in the PRDC reference code (the caller
-    centres the inputs so the cancellation error stays small)."""
+    """Euclidean distances by ||x||^2 + ||y||^2 - 2 x.y, as the PRDC reference code (callers centre the inputs)."""
     return torch.cdist(x, y, compute_mode="use_mm_for_euclid_dist")
 
 
 def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, block_rows: int | None) -> torch.Tensor:
-    """Each query row's distance to its nearest reference row. The search runs in float32 (10x faster here) and
-    keeps NN_CANDIDATES rows, whose distances are recomputed in float64 from the differences: the float64
-    answer unless more rows tie within float32 rounding, and exactly 0 for an exact copy."""
+    """Each query row's distance to its nearest reference row: a float32 search (10x faster) for NN_CANDIDATES
+    rows, whose distances are then recomputed in float64 (exactly 0 for a copy)."""
     keep, step = min(NN_CANDIDATES, reference.shape[0]), rows_per_block(reference.shape[0], block_rows)
     ref32 = reference.float()
     out = torch.empty(queries.shape[0], dtype=queries.dtype)
@@ -40,8 +38,7 @@ def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, block_rows
 
 
 def distances_to_train(queries: np.ndarray, train: np.ndarray, *, block_rows: int | None = None) -> np.ndarray:
-    """Each query row's Euclidean distance to its nearest training row, float64, both centred on the training
-    mean first (the distances do not change; the float32 search stays accurate)."""
+    """Each query row's distance to its nearest training row, float64, both centred on the training mean."""
     q, tr = np.asarray(queries, dtype=np.float64), np.asarray(train, dtype=np.float64)
     centre = tr.mean(axis=0)
     return nearest_distances(torch.from_numpy(q - centre), torch.from_numpy(tr - centre), block_rows).numpy()

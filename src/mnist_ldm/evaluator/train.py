@@ -22,8 +22,7 @@ def train_evaluator(cfg: EvaluatorConfig, train: Split, test: Split, resume_path
     """The trained classifier (`cfg.arch`) and its per-epoch history (train loss, test accuracy)."""
     torch.manual_seed(cfg.seed)
     model = build_evaluator(cfg.arch).to(rt.device)
-    # channels-last convolutions (measured 1.4x faster steps on CPU here); converted back at the end
-    model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # 1.4x faster steps on CPU; converted back at the end
     net = rt.wrap(model)
     images = torch.from_numpy(train.images).to(rt.device)
     labels = torch.from_numpy(train.labels).long().to(rt.device)

@@ -19,7 +19,7 @@ from mnist_ldm.evaluation.metrics import (
     prdc,
 )
 from mnist_ldm.evaluation import metrics
-from mnist_ldm.evaluator.nearest import nearest_distances
+from mnist_ldm.evaluator.model import nearest_distances
 
 
 # --------------------------------------------------------------------------- independent references

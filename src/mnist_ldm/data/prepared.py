@@ -87,13 +87,15 @@ class Meta(BaseModel):
 
 def load_meta(prepared_dir: Path) -> dict:
     path = Path(prepared_dir) / "meta.json"
+    missing = "missing or not JSON; run the 'prepare' stage first"
+    error = input_error(path, "a file", missing, "expected the JSON file that 'prepare' writes")
     try:
-        meta = json.loads(path.read_bytes())
-        Meta.model_validate(meta)
-        return meta
+        if error is None:  # a FIFO or a folder is never opened
+            meta = json.loads(path.read_bytes())
+            Meta.model_validate(meta)
+            return meta
     except ValidationError as e:
-        raise DataError(f"{error_line(e, str(path), Meta)}; re-run 'prepare' (dvc repro -f prepare)") from None
+        error = f"{error_line(e, str(path), Meta)}; re-run the 'prepare' stage (dvc repro -f prepare)"
     except (OSError, ValueError):
-        missing = "missing or not JSON; run the 'prepare' stage first"
-        raise DataError(input_error(path, "a file", missing, "expected the JSON file that 'prepare' writes")
-                        or f"{path}: {missing}") from None
+        error = f"{path}: {missing}"
+    raise DataError(error)

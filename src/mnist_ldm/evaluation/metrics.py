@@ -9,7 +9,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from mnist_ldm.evaluator.nearest import cdist, distances_to_train, rows_per_block
+from mnist_ldm.evaluator.model import cdist, distances_to_train, rows_per_block
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -47,15 +48,9 @@ class AutoencoderSpec:
         return TypeAdapter(cls).validate_python(d)
 
 
-class _Part(nn.Module):
-    """An encoder or decoder: `net`, after `fc` and a reshape to `shape` when given (the names checkpoints hold)."""
-
-    def __init__(self, net: nn.Module, fc: Optional[nn.Module] = None, shape: tuple = ()):
-        super().__init__()
-        self.fc, self.shape, self.net = fc, shape, net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x if self.fc is None else self.fc(x).view(-1, *self.shape))
+def _named(**parts: nn.Module) -> nn.Sequential:
+    """`parts` run in order under the names checkpoints hold (`encoder.net.0.weight`, ...)."""
+    return nn.Sequential(OrderedDict(parts))
 
 
 class _Logit(nn.Module):
@@ -66,23 +61,23 @@ class _Logit(nn.Module):
 
 
 def _parts(spec: AutoencoderSpec) -> tuple[nn.Module, nn.Module]:
-    """Encoder (B, 1, 28, 28) in [0, 1] -> (B, latent) and decoder -> logits (B, 1, 28, 28); `fc` is built before
-    `net`, the order the weights are drawn in."""
+    """Encoder (B, 1, 28, 28) in [0, 1] -> (B, latent) and decoder (B, latent) -> logits (B, 1, 28, 28)."""
     if spec.kind == "none":
         return nn.Flatten(), _Logit()
     if spec.kind == "mlp":
         (h1, h2), d = spec.hidden, spec.latent_dim
-        return (_Part(net=nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, h1), nn.SiLU(), nn.Linear(h1, h2), nn.SiLU(),
-                                        nn.Linear(h2, d))),
-                _Part(net=nn.Sequential(nn.Linear(d, h2), nn.SiLU(), nn.Linear(h2, h1), nn.SiLU(), nn.Linear(h1, PIXELS),
-                                        nn.Unflatten(1, (1, SIDE, SIDE)))))
+        return (_named(net=nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, h1), nn.SiLU(), nn.Linear(h1, h2), nn.SiLU(),
+                                         nn.Linear(h2, d))),
+                _named(net=nn.Sequential(nn.Linear(d, h2), nn.SiLU(), nn.Linear(h2, h1), nn.SiLU(),
+                                         nn.Linear(h1, PIXELS), nn.Unflatten(1, (1, SIDE, SIDE)))))
     c1, c2, c3 = spec.channels
-    encoder = _Part(net=nn.Sequential(
+    encoder = _named(net=nn.Sequential(
         nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.SiLU(),   # 28 -> 14
         nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.SiLU(),  # 14 -> 7
         nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.SiLU(),  # 7 -> 4
         nn.Flatten(), nn.Linear(c3 * 4 * 4, spec.latent_dim)))
-    return encoder, _Part(fc=nn.Linear(spec.latent_dim, c3 * 4 * 4), shape=(c3, 4, 4), net=nn.Sequential(
+    fc = nn.Linear(spec.latent_dim, c3 * 4 * 4)  # drawn before the convolutions, as the weights always were
+    return encoder, _named(fc=fc, shape=nn.Unflatten(1, (c3, 4, 4)), net=nn.Sequential(
         nn.SiLU(),
         nn.ConvTranspose2d(c3, c2, 3, stride=2, padding=1), nn.SiLU(),                    # 4 -> 7
         nn.ConvTranspose2d(c2, c1, 3, stride=2, padding=1, output_padding=1), nn.SiLU(),  # 7 -> 14

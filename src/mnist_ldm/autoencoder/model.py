@@ -18,7 +18,7 @@ from mnist_ldm.config.sections import AutoencoderKind, Width
 from mnist_ldm.io.checkpoint import load_model_checkpoint
 from mnist_ldm.runtime.device import autocast, model_device
 from mnist_ldm.runtime.memory import INFERENCE_BATCH
-from mnist_ldm.data.images import PIXELS, SIDE, as_batch, to_uint8
+from mnist_ldm.data.images import PIXELS, SIDE, as_batch, batched, to_uint8
 
 
 @dataclass(frozen=True)
@@ -121,25 +121,16 @@ def load_autoencoder(path: str | Path) -> tuple[Autoencoder, dict]:
                                  lambda cfg: Autoencoder(AutoencoderSpec.from_dict(cfg)))
 
 
-@torch.no_grad()
-def _batched(fn, model: Autoencoder, xs, batch_size: int, precision: str) -> torch.Tensor:
-    """fn(batch on the model's device) over `xs` in batches, under `precision`, in fp32 on the CPU."""
-    model.eval()
-    dev = model_device(model)
-    with autocast(dev, precision):
-        return torch.cat([fn(xs[i:i + batch_size], dev).float().cpu() for i in range(0, len(xs), batch_size)])
-
-
 def encode_images(model: Autoencoder, images: np.ndarray, batch_size: int = INFERENCE_BATCH,
                   precision: str = "fp32") -> np.ndarray:
     """uint8 (N, 28, 28) -> raw latents (N, latent_dim) float32."""
-    return _batched(lambda x, dev: model.encode(as_batch(x, dev)), model, images, batch_size, precision).numpy()
+    return batched(lambda x, dev: model.encode(as_batch(x, dev)), model, images, batch_size, precision).numpy()
 
 
 def decode_latents(model: Autoencoder, z: torch.Tensor, batch_size: int = INFERENCE_BATCH,
                    precision: str = "fp32") -> np.ndarray:
     """Raw latents (N, latent_dim) -> uint8 images (N, 28, 28)."""
-    return to_uint8(_batched(lambda x, dev: model.decode(x.to(dev)), model, z, batch_size, precision))
+    return to_uint8(batched(lambda x, dev: model.decode(x.to(dev)), model, z, batch_size, precision))
 
 
 @torch.no_grad()
@@ -159,6 +150,6 @@ def reconstruction_metrics(model: Autoencoder, images: np.ndarray, batch_size: i
 
 def reconstructions(model: Autoencoder, images: np.ndarray, precision: str = "fp32") -> torch.Tensor:
     """Originals above their reconstructions: (2N, 1, 28, 28)."""
-    y = _batched(lambda x, dev: model.decode(model.encode(as_batch(x, dev))), model, images, max(1, len(images)),
+    y = batched(lambda x, dev: model.decode(model.encode(as_batch(x, dev))), model, images, max(1, len(images)),
                  precision)
     return torch.cat([as_batch(images), y])

@@ -153,13 +153,11 @@ def load_mnist(cfg: DataConfig) -> Mnist:
         host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://", 1)[-1].split("/")[0].split(":")[0]
         try:
             socket.create_connection((host, 443), timeout=cfg.hf_timeout_s).close()
+            return load_huggingface(cfg)
         except OSError:
             pass
-        else:
-            try:
-                return load_huggingface(cfg)
-            except DataError as e:
-                hub = f"loading {cfg.hf_dataset} from the Hugging Face Hub failed ({e})"
+        except DataError as e:
+            hub = f"loading {cfg.hf_dataset} from the Hugging Face Hub failed ({e})"
     data = load_bundled(cfg)
     print(f"warning: data.source=auto: no IDX files in {idx_dir} and {hub}, "
           f"so the pipeline uses {data.description} ({len(data.train.images)} train / {len(data.test.images)} test). "

@@ -15,14 +15,11 @@ import torch.nn.functional as F
 
 from mnist_ldm.io.atomic import write_npz
 from mnist_ldm.io.checkpoint import load_model_checkpoint
-from mnist_ldm.runtime.device import autocast, model_device
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.runtime.memory import INFERENCE_BATCH
-from mnist_ldm.data.images import as_batch
+from mnist_ldm.data.images import as_batch, batched
 
 FEATURE_DIM = 128
-BLOCK_ELEMENTS = 1 << 23  # float64 entries of a block of a distance matrix (64 MiB)
-NN_CANDIDATES = 8  # nearest rows kept from the float32 search, then compared in float64
 
 
 class Evaluator(nn.Module):
@@ -71,21 +68,17 @@ def build_evaluator(arch: str) -> Evaluator:
     return ARCHS[arch]()
 
 
-@torch.no_grad()
 def features_and_probs(model: Evaluator, images: np.ndarray, batch_size: int = INFERENCE_BATCH,
                        precision: str = "fp32"):
     """uint8 (N, 28, 28) -> features (N, 128) and softmax (N, 10), float64."""
-    model.eval()
-    feats, probs = [], []
-    dev = model_device(model)
-    net = copy.deepcopy(model).to(memory_format=torch.channels_last)  # 1.6x faster on CPU; the caller's untouched
-    for i in range(0, len(images), batch_size):
-        with autocast(dev, precision):
-            f = net.features(as_batch(images[i:i + batch_size], dev))
-            logits = net.head(f).float()
-        feats.append(f.double().cpu())
-        probs.append(F.softmax(logits, dim=-1).double().cpu())
-    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+    net = copy.deepcopy(model.eval()).to(memory_format=torch.channels_last)  # 1.6x faster on CPU than the caller's
+
+    def run(x: np.ndarray, dev: torch.device) -> torch.Tensor:
+        f = net.features(as_batch(x, dev))
+        return torch.cat([f.float(), F.softmax(net.head(f).float(), dim=-1)], dim=1)
+
+    out = batched(run, net, images, batch_size, precision).double().numpy()
+    return out[:, :FEATURE_DIM].copy(), out[:, FEATURE_DIM:].copy()
 
 
 def accuracy(model: Evaluator, images: np.ndarray, labels: np.ndarray, precision: str = "fp32") -> float:
@@ -135,7 +128,7 @@ def load_reference(path: str | Path, **expected: str) -> tuple[dict[str, np.ndar
 
 def rows_per_block(n_cols: int, block_rows: int | None) -> int:
     if block_rows is None:
-        return max(1, BLOCK_ELEMENTS // max(1, n_cols))
+        return max(1, (1 << 23) // max(1, n_cols))  # 64 MiB blocks of float64 distances
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     return int(block_rows)
@@ -147,9 +140,9 @@ def cdist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, block_rows: int | None) -> torch.Tensor:
-    """Each query row's distance to its nearest reference row: a float32 search (10x faster) for NN_CANDIDATES
-    rows, whose distances are then recomputed in float64 (exactly 0 for a copy)."""
-    keep, step = min(NN_CANDIDATES, reference.shape[0]), rows_per_block(reference.shape[0], block_rows)
+    """Each query row's distance to its nearest reference row: a float32 search (10x faster) for 8 candidates,
+    whose distances are then recomputed in float64 (exactly 0 for a copy)."""
+    keep, step = min(8, reference.shape[0]), rows_per_block(reference.shape[0], block_rows)
     ref32 = reference.float()
     out = torch.empty(queries.shape[0], dtype=queries.dtype)
     for start in range(0, queries.shape[0], step):

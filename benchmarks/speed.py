@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mnist_ldm.autoencoder.model import Autoencoder, AutoencoderSpec
-from mnist_ldm.runtime.device import autocast, cpu_has_native_bf16
+from mnist_ldm.runtime.device import autocast
+from mnist_ldm.runtime.memory import cpu_has_native_bf16
 from mnist_ldm.diffusion.denoiser import DenoiserSpec, LatentDenoiser, build_denoiser
 from mnist_ldm.diffusion.schedule import NoiseSchedule, ddim_step, ddim_timesteps, ddpm_step, draw_timesteps
 from mnist_ldm.runtime.memory import keep_freed_memory

@@ -4,19 +4,24 @@ replaced by a default.
 
 * `dvc repro` with a bad param stops at `check_params`, with one `error:` line naming the key and every
   other stage's outputs byte-identical (a digit or a guidance scale for an unconditional model, steps for
-  DDPM, evaluate.k above the images compared, a registered-model name MLflow rejects, missing IDX files);
+  DDPM, evaluate.k above the images compared, a registered-model name MLflow rejects, missing IDX files), and
+  so does one with a valid change that a stage would refuse to run (MNIST_LDM_PRECISION=bf16 on a CPU
+  without bf16 units, a locked or read-only tracking store);
 * `mnist-ldm infer` refuses `--steps`/`--eta` with DDPM and `--guidance` for an unconditional model;
-* `mlflow models serve` answers HTTP 400 for NaN or inf in a number and for a field that would change nothing.
+* `mlflow models serve` answers HTTP 400 for NaN or inf in a number, for a field that would change nothing,
+  for an unknown field and for a field sent in `params`.
 
 One private copy of the shared trained repository serves the whole module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import re
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -27,6 +32,7 @@ import yaml
 from conftest import BIN, REPO, cli, copy_trained, free_port, merge, run
 from conftest import test_env as shell_env
 from test_bad_inputs import idx_images, idx_labels
+from test_bad_inputs_os import UNSHARE_PROBLEM
 from test_serving import post, stop, wait_until_up
 
 WATCHED = ("models", "data/prepared", "data/latents", "outputs", "metrics", "plots", "mlartifacts")
@@ -69,7 +75,43 @@ def idx_folder(root: Path, gz: bool = False, drop: str = "") -> Path:
 
 # --------------------------------------------------------------------------- dvc repro stops at check_params
 
-# case -> (params changed from the trained repository's, what the error line must contain)
+def in_mount_namespace(script: str, *args: str) -> list[str]:
+    """The command prefix that runs `dvc repro` after the `mount`s of `script` ($0, ... = `args`) in a mount
+    namespace of its own (nothing outside it sees them; tests/test_bad_inputs_os.py)."""
+    if UNSHARE_PROBLEM:
+        pytest.skip(UNSHARE_PROBLEM)
+    return ["unshare", "-m", "sh", "-c", f'{script} && exec "$@"', *args]
+
+
+@contextlib.contextmanager
+def bf16_on_a_cpu_without_it(repo: Path, tmp: Path):
+    """MNIST_LDM_PRECISION=bf16 on the CPU, whose /proc/cpuinfo lists no bf16 units (a file bound over it)."""
+    (tmp / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    yield (in_mount_namespace('mount --bind "$0" /proc/cpuinfo', str(tmp / "cpuinfo")),
+           {"MNIST_LDM_PRECISION": "bf16", "MNIST_LDM_DEVICE": "cpu"})
+
+
+@contextlib.contextmanager
+def store_locked(repo: Path, tmp: Path):
+    """Another process holds the write lock of the repository's mlflow.db."""
+    holder = sqlite3.connect(repo / "mlflow.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield [], {}
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+@contextlib.contextmanager
+def store_read_only(repo: Path, tmp: Path):
+    """The repository's mlflow.db on a read-only mount."""
+    yield in_mount_namespace('mount --bind "$0" "$0" && mount -o remount,bind,ro "$0"', str(repo / "mlflow.db")), {}
+
+
+# case -> (params changed from the trained repository's, what the error line must contain[, what runs it:
+# a context manager of (repo, tmp_path) giving a command prefix and environment variables])
+NEW_LR = {"autoencoder": {"lr": 0.005}}  # a valid change: without the refusal every stage would run again
 REPRO_CASES = {
     "idx-files-missing": (lambda tmp: {"data": {"source": "idx", "idx_dir": str(tmp / "empty")}},
                           lambda tmp: ["data.idx_dir", str(tmp / "empty"), "IDX files are missing"]),
@@ -80,19 +122,27 @@ REPRO_CASES = {
                                ["tracking.registered_model='my model:v1'", "':'"]),
     "ddpm-with-steps": ({"sample": {"sampler": "ddpm", "steps": 10}}, ["sample.steps=10", "sampler ddpm"]),
     "guidance-on-unconditional": ({"sample": {"guidance": 3.0}}, ["sample.guidance=3.0", "unconditional"]),
+    "bf16-on-a-cpu-without-it": (NEW_LR, ["MNIST_LDM_PRECISION=bf16", "no native bf16 units", "use fp32"],
+                                 bf16_on_a_cpu_without_it),
+    "tracking-store-locked": (NEW_LR, ["mlflow.db cannot be written (database is locked)", "tracking.enabled: false"],
+                              store_locked),
+    "tracking-store-read-only": (NEW_LR, ["mlflow.db cannot be written (attempt to write a readonly database)"],
+                                 store_read_only),
 }
 
 
 @pytest.mark.parametrize("name", list(REPRO_CASES))
 def test_dvc_repro_stops_at_check_params_and_deletes_nothing(name: str, repo: Path, tmp_path: Path):
-    changes, culprits = REPRO_CASES[name]
+    changes, culprits, how = (*REPRO_CASES[name], None)[:3]
     changes, culprits = (f(tmp_path) if callable(f) else f for f in (changes, culprits))
     (tmp_path / "empty").mkdir()
     params = repo / "params.yaml"
     text, before = params.read_text(), md5s(repo)
     params.write_text(yaml.safe_dump(merge(yaml.safe_load(text), changes), sort_keys=False))
     try:
-        proc = run([str(BIN / "dvc"), "repro"], repo, check=False, env=shell_env(PYTHONPATH=str(repo / "src")))
+        with how(repo, tmp_path) if how else contextlib.nullcontext(([], {})) as (prefix, env):
+            proc = run([*prefix, str(BIN / "dvc"), "repro"], repo, check=False,
+                       env=shell_env(PYTHONPATH=str(repo / "src"), **env))
     finally:
         params.write_text(text)
     line = one_error(proc, f"dvc repro with {changes}")
@@ -268,7 +318,8 @@ def test_rest_refuses_nan_inf_and_fields_that_would_change_nothing(repo: Path, t
            ({"guidance": -inf}, "guidance=-inf is not allowed"),
            ({"sampler": "ddpm", "steps": 10}, "steps=10 is not used by sampler ddpm"),
            ({"sampler": "ddpm", "eta": 0.0}, "eta=0.0 is not used by sampler ddpm"),
-           ({"guidance": 3.0}, "guidance=3.0 is not used by an unconditional model")]
+           ({"guidance": 3.0}, "guidance=3.0 is not used by an unconditional model"),
+           ({"colour": 3}, "unknown field(s) colour; valid: n, sampler")]  # no input schema to drop it
     try:
         wait_until_up(proc, port, log)
         for fields, reason in bad:
@@ -278,6 +329,11 @@ def test_rest_refuses_nan_inf_and_fields_that_would_change_nothing(repo: Path, t
                 assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", (body, status, answer)
                 ours = answer["message"].rsplit("Error: ", 1)[-1]
                 assert ours.startswith(reason) and "\n" not in ours, (body, answer)
+        for params in ({"steps": 5}, {"n": 3}, {"sampler": "ddpm"}):  # not dropped by MLflow: they reach the model
+            status, answer = post(port, {"dataframe_records": [{"n": 2}], "params": params})
+            (k, v), = params.items()
+            ours = answer["message"].rsplit("Error: ", 1)[-1]
+            assert status == 400 and ours.startswith(f"params {k}={v!r} is not read; send {k} in the record"), answer
         status, answer = post(port, {"dataframe_records": [{"n": 2, "sampler": "ddpm", "seed": 1}]})
         assert status == 200 and len(answer["predictions"]) == 2, answer  # ddpm without steps or eta is served
     finally:

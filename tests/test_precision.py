@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_ldm.runtime.device import BF16_CPU_FLAGS, CPU, Runtime, cpu_has_native_bf16, resolve_precision, runtime
+from mnist_ldm.runtime.device import CPU, Runtime, resolve_precision, runtime
+from mnist_ldm.runtime.memory import BF16_CPU_FLAGS, cpu_has_native_bf16
 from mnist_ldm.io.errors import UserError
 
 NATIVE = cpu_has_native_bf16()

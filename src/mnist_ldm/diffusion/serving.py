@@ -6,8 +6,9 @@
 
 One request per call (a one-row DataFrame, a dict, or over REST `{"dataframe_records": [{"n": 8}]}`): `n`
 (1 to `max_images`) and the `sample` params' request fields, which default to those the model was packaged with.
-A bad request raises `MlflowException` INVALID_PARAMETER_VALUE with one line naming the field: HTTP 400 from
-`mlflow models serve`. The weights are the two checkpoint files, read with `torch.load(weights_only=True)`.
+A bad request (an unknown field, or a field sent as `params`, included) raises `MlflowException`
+INVALID_PARAMETER_VALUE with one line naming the field: HTTP 400 from `mlflow models serve`. The weights are the
+two checkpoint files, read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def bad_request(message: str) -> MlflowException:
 def _scalar(v: Any) -> Any:
     """A plain Python value: numpy scalars and one-element lists unwrapped, an integral float (a pandas column
     with a null in it) an int. A NaN or infinite number stays, to be refused, never taken for the default."""
-    if isinstance(v, (list, tuple, np.ndarray)) and len(v) == 1:
+    if isinstance(v, (list, tuple)) and len(v) == 1:
         v = v[0]
-    v = v.item() if isinstance(v, np.generic) else v
+    v = v.item() if isinstance(v, (np.ndarray, np.generic)) and v.size == 1 else v  # REST `inputs`: 0-d arrays
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
@@ -101,6 +102,9 @@ class MnistGenerator(PythonModel):
             use_ema=bool(self.defaults.get("use_ema", True))).to(runtime())
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
+        for k, v in (params or {}).items():  # a request's `params`: the signature names the fields so they get here
+            if v is not None:
+                raise bad_request(f"params {k}={v!r} is not read; send {k} in the record, beside n")
         req = resolve_request(model_input, self.defaults, self.max_images)
         given = [k for k in request_fields(model_input) if k != "n"]
         try:  # a given field that would change nothing (steps for ddpm, ...) is refused, not ignored
@@ -115,14 +119,16 @@ class MnistGenerator(PythonModel):
 
 
 def signature():
-    """Input columns of any type (checked here, so that a wrong type gets a one-line message naming the field;
-    `REQUEST` in the model's metadata says what each must be); output: one row per image."""
+    """No input schema: MLflow would drop a column it does not name, and every field is checked here (`REQUEST` in
+    the model's metadata says what each must be). The fields as `params` (default null), so that a request's
+    `params` reach `predict`, which refuses them, instead of MLflow dropping them. Output: one row per image."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-    inputs = Schema([ColSpec(AnyType(), name, required=name == "n") for name in FIELDS])
+    params = ParamSchema([ParamSpec(k, {"sampler": "string", "eta": "double", "guidance": "double"}.get(k, "long"),
+                                    None) for k in FIELDS])
     outputs = Schema([ColSpec("long", "label", required=False), ColSpec(Array("long"), "image")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    return ModelSignature(inputs=None, outputs=outputs, params=params)
 
 
 REQUEST = {"n": f"integer 1 to {MAX_IMAGES}, required",  # what each field must be, from the `sample` params' fields

@@ -25,9 +25,9 @@ from typing import Optional
 import torch
 
 from mnist_ldm.io.errors import UserError
+from mnist_ldm.runtime.memory import require_cpu_bf16
 
 DEVICE_ENV, PRECISION_ENV, THREADS_ENV = "MNIST_LDM_DEVICE", "MNIST_LDM_PRECISION", "MNIST_LDM_THREADS"
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 RECHECK_S = 2.0
 
 
@@ -59,22 +59,12 @@ def resolve_device(spec: str | None = None) -> torch.device:
     return torch.device(text)
 
 
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the kernel lists AMX or AVX-512 BF16 among the CPU's flags."""
-    try:
-        flags = re.search(r"^flags\s*:(.*)$", Path(cpuinfo).read_text(), re.M)
-    except OSError:
-        return False
-    return flags is not None and any(f in flags[1].split() for f in BF16_CPU_FLAGS)
-
-
 def resolve_precision(spec: str | None, device: torch.device) -> str:
     text = (spec or os.environ.get(PRECISION_ENV) or "fp32").strip().lower()
     if text not in ("fp32", "bf16"):
         raise UserError(f"--precision/{PRECISION_ENV}={text!r} is not a precision; valid: fp32, bf16")
-    if text == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        raise UserError(f"--precision/{PRECISION_ENV}=bf16: this CPU has no native bf16 units (neither "
-                        f"{' nor '.join(BF16_CPU_FLAGS)} in /proc/cpuinfo), so bf16 would be slower than fp32; use fp32")
+    if text == "bf16" and device.type == "cpu":
+        require_cpu_bf16(f"--precision/{PRECISION_ENV}")
     if text == "bf16" and device.type not in ("cuda", "cpu"):
         raise UserError(f"--precision bf16 needs a CUDA device or a CPU with native bf16 (this run uses {device}); "
                         f"use fp32")

@@ -4,7 +4,8 @@ glibc's malloc trims freed memory and hands large blocks to fresh `mmap`s, so ev
 activations back in (tests/test_heap.py). Every command keeps up to 1 GiB of freed memory and serves blocks up to
 32 MiB from the heap (1.23x the autoencoder's training rate, benchmarks/results/speed.json); a user's own
 `MALLOC_TRIM_THRESHOLD_` or `MALLOC_MMAP_THRESHOLD_` wins. Forward passes without gradients run in batches of
-`INFERENCE_BATCH` so their activations stay under that threshold, with bit-identical results.
+`INFERENCE_BATCH` so their activations stay under that threshold, with bit-identical results. Whether the CPU has
+native bf16 units is read from /proc/cpuinfo here too, without torch, so that `check_params` can ask.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Optional
 from mnist_ldm.io.errors import UserError
 
 INFERENCE_BATCH = 500  # images per forward pass of the encoder, decoder and evaluators
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def keep_freed_memory() -> bool:
@@ -59,3 +61,19 @@ def check_sampling_memory(what: str, n: int, batch_size: int, latent_dim: int) -
     if avail is not None and need > avail:
         raise UserError(f"{what}: {n:,} images need about {gib(need)} of memory, but {gib(avail)} is available; "
                         f"ask for fewer images (or a smaller sample.batch_size)")
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the kernel lists AMX or AVX-512 BF16 among the CPU's flags."""
+    try:
+        flags = re.search(r"^flags\s*:(.*)$", Path(cpuinfo).read_text(), re.M)
+    except OSError:
+        return False
+    return flags is not None and any(f in flags[1].split() for f in BF16_CPU_FLAGS)
+
+
+def require_cpu_bf16(source: str) -> None:
+    """Refuse bf16 (asked for by `source`) on a CPU without native bf16 units, where it is slower than fp32."""
+    if not cpu_has_native_bf16():
+        raise UserError(f"{source}=bf16: this CPU has no native bf16 units (neither {' nor '.join(BF16_CPU_FLAGS)} "
+                        f"in /proc/cpuinfo), so bf16 would be slower than fp32; use fp32")

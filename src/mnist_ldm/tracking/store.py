@@ -50,6 +50,20 @@ def tracking_uri(root: Path) -> str:
     return str(root / uri) if not has_scheme and not Path(uri).is_absolute() else uri  # a plain folder: a file store
 
 
+def check_writable(uri: str) -> None:
+    """One line for a read-only or locked sqlite store (SQLAlchemy's pages at the first write); `check_params` asks."""
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    try:
+        if db is not None and db.exists():
+            with contextlib.closing(sqlite3.connect(db, timeout=10, isolation_level=None)) as con:
+                con.execute("BEGIN IMMEDIATE")  # the write lock, then a write that is rolled back
+                con.execute(f"PRAGMA user_version = {con.execute('PRAGMA user_version').fetchone()[0]}")
+                con.execute("ROLLBACK")
+    except sqlite3.Error as e:
+        raise TrackingError(f"MLflow store {db} cannot be written ({first_line(e)}); make it writable, wait for "
+                            f"the process holding it, or set tracking.enabled: false") from None
+
+
 def connect(uri: str) -> Any:
     """An MlflowClient of `uri`, once a server there answers /health; MLflow's own log lines are silenced."""
     if uri.startswith(("http://", "https://")):
@@ -61,16 +75,7 @@ def connect(uri: str) -> Any:
             raise TrackingError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not answering "
                                 f"({type(e).__name__}); start it, or unset MLFLOW_TRACKING_URI to log to the "
                                 f"repository's sqlite store") from None
-    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-    try:  # a read-only or locked store: one line now, not SQLAlchemy's pages when the first run is written
-        if db is not None and db.exists():
-            with contextlib.closing(sqlite3.connect(db, timeout=10, isolation_level=None)) as con:
-                con.execute("BEGIN IMMEDIATE")  # the write lock, then a write that is rolled back
-                con.execute(f"PRAGMA user_version = {con.execute('PRAGMA user_version').fetchone()[0]}")
-                con.execute("ROLLBACK")
-    except sqlite3.Error as e:
-        raise TrackingError(f"MLflow store {db} cannot be written ({first_line(e)}); make it writable, wait for "
-                            f"the process holding it, or set tracking.enabled: false") from None
+    check_writable(uri)
     for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.tracking._tracking_service.client"):

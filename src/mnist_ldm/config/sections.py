@@ -298,3 +298,11 @@ def error_line(e: ValidationError, where: str = "", model: type[BaseModel] = Par
             EXPECTED.get(err["type"], err["msg"][:1].lower() + err["msg"][1:]).format(kind=kind, **ctx)
         line = f"{key + '=' if key else ''}{reprlib.repr(value)[:100]} is not allowed; expected {expected}"
     return f"{where}: {line}" if where else line
+
+
+def spec_from(spec: Any, d: dict) -> Any:
+    """A checkpoint's `model_config` read by `spec.from_dict`; a ConfigError names the field it refuses."""
+    try:
+        return spec.from_dict(d)
+    except ValidationError as e:
+        raise ConfigError(error_line(e, prefix="model_config")) from None

@@ -19,7 +19,7 @@ import torch
 from pydantic import ValidationError
 
 from mnist_ldm.autoencoder.model import Autoencoder, decode_latents, encode_images, load_autoencoder
-from mnist_ldm.config.sections import ConfigError, DiffusionConfig, SamplingRequest, error_line
+from mnist_ldm.config.sections import ConfigError, DiffusionConfig, SamplingRequest, error_line, spec_from
 from mnist_ldm.data.latents import LatentScaler
 from mnist_ldm.diffusion.denoiser import DenoiserSpec, build_denoiser
 from mnist_ldm.diffusion.samplers import SAMPLERS, sample_loop
@@ -42,7 +42,7 @@ class Samples:
 def load_denoiser(path: str | Path, use_ema: bool = True) -> tuple[torch.nn.Module, NoiseSchedule, dict]:
     """The denoiser (EMA or raw weights), its noise schedule and the checkpoint's other fields."""
     model, ckpt = load_model_checkpoint(path, "mnist-ldm/diffusion", "diffusion checkpoint",
-                                        lambda cfg: build_denoiser(DenoiserSpec.from_dict(cfg)),
+                                        lambda cfg: build_denoiser(spec_from(DenoiserSpec, cfg)),
                                         weights="ema_state_dict" if use_ema else "state_dict")
     try:  # the `diffusion` params' own rules for T and the betas; the one kind of schedule there is
         sch = DiffusionConfig.model_validate({k: ckpt["schedule"][k] for k in ("T", "beta_start", "beta_end")},

@@ -59,7 +59,6 @@ def reference_for(path, meta: dict, data_hash: str, precision: str):
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from mnist_ldm import tracking
     from mnist_ldm.autoencoder.model import load_autoencoder
     from mnist_ldm.evaluator.model import load_evaluator
@@ -80,10 +79,10 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     evaluator, ev_meta = load_evaluator(args.evaluator)
     evaluator.to(rt.device)
     second, second_meta = load_evaluator(args.second_evaluator) if args.second_evaluator else (None, {})
-    if second is not None and second_meta.get("weights_sha256") == ev_meta.get("weights_sha256"):
-        raise UserError(f"--second-evaluator {args.second_evaluator}: holds the weights of --evaluator "
-                        f"{args.evaluator}; expected an evaluator trained on its own (second_evaluator params)")
     if second is not None:
+        if second_meta.get("weights_sha256") == ev_meta.get("weights_sha256"):
+            raise UserError(f"--second-evaluator {args.second_evaluator}: holds the weights of --evaluator "
+                            f"{args.evaluator}; expected an evaluator trained on its own (second_evaluator params)")
         second.to(rt.device)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
     ae = load_autoencoder(args.ae_ckpt)[0].to(rt.device)
@@ -93,7 +92,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     references = (reference_for(args.features, ev_meta, data_hash, rt.precision),
                   reference_for(args.second_features, second_meta, data_hash, rt.precision))
     stage_params = {**tracking.section_params(params, "evaluate"), "evaluate.samples": str(args.samples)}
-    second_fcd = {}  # the second evaluator's FCDs, once scored
+    second_fcd = {}
     with tracking.stage_run("evaluate", params, stage_params) as run:
         run.set_tag(PRECISION_TAG, rt.precision)
         result = score(images, labels, evaluator, train.images, test.images, ae, z_train, cfg.n, cfg.k, cfg.seed,

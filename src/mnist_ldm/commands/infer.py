@@ -37,13 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def pipeline_stage_of(path: Path) -> Optional[str]:
     """The stage that dvc.lock says writes `path` or a folder holding it; None if none does."""
+    real = Path(os.path.realpath(path))
     try:
-        stages = parse_yaml(Path("dvc.lock").read_text())["stages"]
-        outs = {o["path"]: name for name, st in stages.items() for o in st.get("outs", [])}
+        return next((name for name, st in parse_yaml(Path("dvc.lock").read_text())["stages"].items()
+                     for o in st.get("outs", []) if real.is_relative_to(os.path.realpath(o["path"]))), None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ConfigError is a ValueError
         return None
-    real = Path(os.path.realpath(path))
-    return next((name for out, name in outs.items() if real.is_relative_to(os.path.realpath(out))), None)
 
 
 def run(params: Params, args: argparse.Namespace) -> Path:
@@ -70,8 +69,7 @@ def run(params: Params, args: argparse.Namespace) -> Path:
     check_sampling_memory(asked, n, cfg.batch_size, pipe.latent_dim)
     out = pipe.generate(n, request, batch_size=cfg.batch_size)
     if suffix == ".npz":
-        write_npz(args.output, **({"images": out.images} if out.labels is None else
-                                  {"images": out.images, "labels": out.labels}))
+        write_npz(args.output, images=out.images, labels=out.labels)
     else:
         plots.save_grid(out.images, args.output, nrow=max(1, int(math.ceil(math.sqrt(n)))), min_side=GRID_PX)
     print(f"infer: {n} images ({cfg.sampler}, seed {cfg.seed}) -> {args.output}")

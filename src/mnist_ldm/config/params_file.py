@@ -1,12 +1,7 @@
-"""Reading `params.yaml` as DVC reads it, and the values that change it for one command: `--set section.key=value`
-items and command flags.
-
-The file is parsed as DVC parses it (ruamel's YAML 1.2 safe loader, `YAML(typ="safe")`, as in
-`dvc.utils.serialize.parse_yaml`; tests/test_config.py compares the two), so what a stage ran with is what
-`dvc params diff` and dvc.lock show (`010` is 10, `2e-4` a number, `yes` text); `--set` and flag values are read
-the same way. Every value is validated by the models of `sections`; each refusal is one `ConfigError` line
-naming where the value came from: the file, the `--set` item or the flag.
-"""
+"""Reading `params.yaml` as DVC reads it (ruamel's YAML 1.2 safe loader, as `dvc.utils.serialize.parse_yaml`:
+`010` is 10, `2e-4` a number, `yes` text), and the `--set section.key=value` items and flags that change it for one
+command, read the same way. The models of `sections` validate every value; a refusal is one `ConfigError` line
+naming where the value came from: the file, the `--set` item or the flag."""
 
 from __future__ import annotations
 
@@ -111,16 +106,6 @@ def dotted_value(tree: Any, dotted: str) -> Any:
     return node
 
 
-def _parse_item(item: str) -> tuple[str, Any]:
-    left, eq, text = item.partition("=")
-    parts = left.strip().split(".")
-    if not eq or len(parts) != 2 or not all(parts):
-        raise ConfigError("expected section.key=value, e.g. diffusion.lr=0.0005")
-    if not text.strip():
-        raise ConfigError(f"no value for {left.strip()}; write {left.strip()}=VALUE (null for none)")
-    return left.strip(), parse_yaml(text)
-
-
 def with_changes(params: Params, changes: Iterable[tuple[str, str, Any]], sections_only: bool = False) -> Params:
     """`params` with each `(origin, "section.key", value)` applied and validated; a refusal names the origin of
     the key it is about (every origin, for a rule between keys), and a key changed twice is refused.
@@ -160,8 +145,13 @@ def apply_overrides(params: Params, items: list[str]) -> Params:
     """`params` with each `section.key=value` item (the value read as YAML) applied, validated as params.yaml is."""
     changes = []
     for item in items:
+        key, eq, text = (part.strip() for part in item.partition("="))
         try:
-            changes.append((f"--set {item}", *_parse_item(item)))
+            if not eq or len(key.split(".")) != 2 or not all(key.split(".")):
+                raise ConfigError("expected section.key=value, e.g. diffusion.lr=0.0005")
+            if not text:
+                raise ConfigError(f"no value for {key}; write {key}=VALUE (null for none)")
+            changes.append((f"--set {item}", key, parse_yaml(text)))
         except ConfigError as e:
             raise ConfigError(f"--set {item}: {str(e).removeprefix('params: ')}") from None
     return with_changes(params, changes)

@@ -101,7 +101,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def write_npz(path: str | Path, compress: bool = True, **arrays: np.ndarray) -> None:
-    """`arrays` as an .npz, written atomically; `compress=False` for float data that zlib barely shrinks."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
+    """`arrays` (those not None) as an .npz, written atomically; `compress=False` for float data that zlib barely
+    shrinks."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        (np.savez_compressed if compress else np.savez)(f, **{k: a for k, a in arrays.items() if a is not None})

@@ -68,9 +68,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     if args.no_tracking:
         params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
     cfg = params.evaluate
-    inputs = {"samples": "a file", "evaluator": "a file", "data": "a folder", "ae_ckpt": "a file", "latents": "a folder"}
-    inputs.update({name: "a file" for name in ("second_evaluator", "features", "second_features")
-                   if getattr(args, name) is not None})
+    inputs = {"samples": "a file", "evaluator": "a file", "data": "a folder", "ae_ckpt": "a file",
+              "latents": "a folder", "second_evaluator": "a file", "features": "a file", "second_features": "a file"}
     if args.second_features is not None and args.second_evaluator is None:
         raise UserError("--second-features without --second-evaluator: give the checkpoint they belong to too")
     check_paths(args, inputs, ["output"], ["plots"])

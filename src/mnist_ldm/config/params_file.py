@@ -61,7 +61,9 @@ def params_from_dict(raw: Any, require_all_sections: bool = True, where: str = "
         raise ConfigError(error_line(e, where)) from None
 
 
-def _read_text(path: Path) -> str:
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """The validated `Params` in the YAML file at `path`; every problem is one `ConfigError` line."""
+    path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory, not a params file; pass the YAML file itself "
                           f"(e.g. {path / 'params.yaml'})")
@@ -79,19 +81,11 @@ def _read_text(path: Path) -> str:
         raise ConfigError(f"{path}: cannot read the params file ({e.strerror or e}); pass a readable "
                           "YAML file") from None
     try:
-        return data.decode("utf-8-sig")
+        raw = parse_yaml(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise ConfigError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at line {line}); "
                           "save the params file as UTF-8") from None
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """The validated `Params` in the YAML file at `path`; every problem is one `ConfigError` line."""
-    path = Path(path)
-    text = _read_text(path)
-    try:
-        raw = parse_yaml(text)
     except ConfigError as e:
         raise ConfigError(str(e).replace("params:", f"{path}:", 1)) from None
     return params_from_dict(raw, where=str(path))

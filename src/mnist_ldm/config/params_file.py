@@ -114,25 +114,16 @@ def with_changes(params: Params, changes: Iterable[tuple[str, str, Any]], sectio
         tree.setdefault(section, {})[name] = value
     if not origins:
         return params
-    if not sections_only:
-        try:
-            return Params.model_validate(tree)
-        except ValidationError as e:
-            raise _refused(e, origins, Params, "") from None
     update = {}
-    for section in {k.partition(".")[0] for k in origins}:
-        model = Params.model_fields[section].annotation
+    for section in sorted({k.partition(".")[0] for k in origins}) if sections_only else [""]:
+        model = Params.model_fields[section].annotation if section else Params
         try:
-            update[section] = model.model_validate(tree[section])
+            update[section] = model.model_validate(tree[section] if section else tree)
         except ValidationError as e:
-            raise _refused(e, origins, model, section) from None
-    return params.model_copy(update=update)
-
-
-def _refused(e: ValidationError, origins: dict[str, str], model: type, prefix: str) -> ConfigError:
-    loc = ".".join([prefix, *map(str, e.errors()[0]["loc"])]).strip(".")
-    named = [o for k, o in origins.items() if k == loc or k.startswith(loc + ".") or loc.startswith(k + ".")]
-    return ConfigError(error_line(e, " ".join(named or origins.values()), model, prefix))
+            loc = ".".join([section, *map(str, e.errors()[0]["loc"])]).strip(".")
+            named = [o for k, o in origins.items() if k == loc or k.startswith(loc + ".") or loc.startswith(k + ".")]
+            raise ConfigError(error_line(e, " ".join(named or origins.values()), model, section)) from None
+    return params.model_copy(update=update) if sections_only else update[""]
 
 
 def apply_overrides(params: Params, items: list[str]) -> Params:

@@ -81,11 +81,12 @@ def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> di
 def load_model_checkpoint(path: str | Path, kind: str, what: str, build: Callable[[dict], torch.nn.Module],
                           weights: str = "state_dict") -> tuple[Any, dict]:
     """The model that `build` makes of the `model_config` in `path`, with its `weights` (finite, fitting), in eval
-    mode on the CPU; a ConfigError from `build` (config.sections.spec_from) names the file."""
+    mode on the CPU; a ValueError from `build` (a spec's checks, one line: config.sections.spec_from) names the
+    file."""
     ckpt = load_checkpoint(path, kind, what)
     try:
         model, state = build(ckpt.get("model_config", {})), ckpt[weights]
-    except ValueError as e:  # a spec's own checks, worded as one line
+    except ValueError as e:
         raise CheckpointError(f"{path}: {first_line(e)}") from None
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: incomplete {what} (missing or malformed field {e})") from None

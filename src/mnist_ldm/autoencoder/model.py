@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import TypeAdapter
 
-from mnist_ldm.config.sections import AutoencoderKind, Width
+from mnist_ldm.config.sections import AutoencoderKind, Width, spec_from
 from mnist_ldm.io.checkpoint import load_model_checkpoint
 from mnist_ldm.runtime.device import autocast, model_device
 from mnist_ldm.runtime.memory import INFERENCE_BATCH
@@ -118,7 +118,7 @@ class Autoencoder(nn.Module):
 def load_autoencoder(path: str | Path) -> tuple[Autoencoder, dict]:
     """The autoencoder in `path` (eval mode, on the CPU) and the checkpoint's other fields."""
     return load_model_checkpoint(path, "mnist-ldm/autoencoder", "autoencoder checkpoint",
-                                 lambda cfg: Autoencoder(AutoencoderSpec.from_dict(cfg)))
+                                 lambda cfg: Autoencoder(spec_from(AutoencoderSpec, cfg)))
 
 
 def encode_images(model: Autoencoder, images: np.ndarray, batch_size: int = INFERENCE_BATCH,

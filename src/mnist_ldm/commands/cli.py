@@ -21,9 +21,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command, module in COMMANDS.items():
         mod = importlib.import_module(f"{__package__}.{module}")
-        s = sub.add_parser(command, help=mod.HELP, description=mod.HELP)
-        add_common(s, suppress=True, computes=getattr(mod, "COMPUTES", True))
-        add_command(s, mod)
+        add_command(sub.add_parser(command, help=mod.HELP, description=mod.HELP), mod, suppress=True)
     return run_command(p, sys.argv[1:] if argv is None else argv)
 
 

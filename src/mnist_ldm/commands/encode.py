@@ -19,7 +19,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from mnist_ldm import tracking
     from mnist_ldm.autoencoder.model import encode_images, load_autoencoder
     from mnist_ldm.io.hashing import file_md5

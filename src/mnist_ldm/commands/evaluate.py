@@ -59,7 +59,6 @@ def reference_for(path, meta: dict, data_hash: str, precision: str):
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from mnist_ldm import tracking
     from mnist_ldm.autoencoder.model import load_autoencoder
     from mnist_ldm.evaluator.model import load_evaluator
@@ -69,9 +68,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     if args.no_tracking:
         params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
     cfg = params.evaluate
-    inputs = {"samples": "a file", "evaluator": "a file", "data": "a folder", "ae_ckpt": "a file", "latents": "a folder"}
-    inputs.update({name: "a file" for name in ("second_evaluator", "features", "second_features")
-                   if getattr(args, name) is not None})
+    inputs = {"samples": "a file", "evaluator": "a file", "data": "a folder", "ae_ckpt": "a file",
+              "latents": "a folder", "second_evaluator": "a file", "features": "a file", "second_features": "a file"}
     if args.second_features is not None and args.second_evaluator is None:
         raise UserError("--second-features without --second-evaluator: give the checkpoint they belong to too")
     check_paths(args, inputs, ["output"], ["plots"])
@@ -80,10 +78,10 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     evaluator, ev_meta = load_evaluator(args.evaluator)
     evaluator.to(rt.device)
     second, second_meta = load_evaluator(args.second_evaluator) if args.second_evaluator else (None, {})
-    if second is not None and second_meta.get("weights_sha256") == ev_meta.get("weights_sha256"):
-        raise UserError(f"--second-evaluator {args.second_evaluator}: holds the weights of --evaluator "
-                        f"{args.evaluator}; expected an evaluator trained on its own (second_evaluator params)")
     if second is not None:
+        if second_meta.get("weights_sha256") == ev_meta.get("weights_sha256"):
+            raise UserError(f"--second-evaluator {args.second_evaluator}: holds the weights of --evaluator "
+                            f"{args.evaluator}; expected an evaluator trained on its own (second_evaluator params)")
         second.to(rt.device)
     train, test = (load_split(args.data, s) for s in ("train", "test"))
     ae = load_autoencoder(args.ae_ckpt)[0].to(rt.device)
@@ -93,7 +91,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     references = (reference_for(args.features, ev_meta, data_hash, rt.precision),
                   reference_for(args.second_features, second_meta, data_hash, rt.precision))
     stage_params = {**tracking.section_params(params, "evaluate"), "evaluate.samples": str(args.samples)}
-    second_fcd = {}  # the second evaluator's FCDs, once scored
+    second_fcd = {}
     with tracking.stage_run("evaluate", params, stage_params) as run:
         run.set_tag(PRECISION_TAG, rt.precision)
         result = score(images, labels, evaluator, train.images, test.images, ae, z_train, cfg.n, cfg.k, cfg.seed,

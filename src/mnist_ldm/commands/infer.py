@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
+from typing import Optional
 
 from mnist_ldm.io.atomic import write_npz
+from mnist_ldm.config.params_file import parse_yaml
 from mnist_ldm.config.sections import REQUEST_FIELDS, Params, SamplingRequest
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.runtime.memory import check_sampling_memory
-from mnist_ldm.io.paths import check_paths, pipeline_stage_of
+from mnist_ldm.io.paths import check_paths
 from mnist_ldm.runtime.command import add_param_flags, add_paths, runtime_for
 
 HELP = "generate digits from a trained pair of checkpoints"
@@ -30,6 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     weights.add_argument("--raw-weights", dest="use_ema", action="store_const", const=False,
                          help="sample with the weights as trained (sample.use_ema: false)")
     add_param_flags(p, **{k: f"sample.{k}" for k in ("num_images", *REQUEST_FIELDS, "use_ema")})
+
+
+def pipeline_stage_of(path: Path) -> Optional[str]:
+    """The stage that dvc.lock says writes `path` or a folder holding it; None if none does."""
+    real = Path(os.path.realpath(path))
+    try:
+        return next((name for name, st in parse_yaml(Path("dvc.lock").read_text())["stages"].items()
+                     for o in st.get("outs", []) if real.is_relative_to(os.path.realpath(o["path"]))), None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ConfigError is a ValueError
+        return None
 
 
 def run(params: Params, args: argparse.Namespace) -> Path:
@@ -56,8 +69,7 @@ def run(params: Params, args: argparse.Namespace) -> Path:
     check_sampling_memory(asked, n, cfg.batch_size, pipe.latent_dim)
     out = pipe.generate(n, request, batch_size=cfg.batch_size)
     if suffix == ".npz":
-        write_npz(args.output, **({"images": out.images} if out.labels is None else
-                                  {"images": out.images, "labels": out.labels}))
+        write_npz(args.output, images=out.images, labels=out.labels)
     else:
         plots.save_grid(out.images, args.output, nrow=max(1, int(math.ceil(math.sqrt(n)))), min_side=GRID_PX)
     print(f"infer: {n} images ({cfg.sampler}, seed {cfg.seed}) -> {args.output}")

@@ -12,8 +12,7 @@ from mnist_ldm.config.sections import Params
 from mnist_ldm.runtime.memory import check_sampling_memory
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.paths import check_paths
-from mnist_ldm.runtime.command import PRECISION_TAG, add_paths, runtime_for
-from mnist_ldm.runtime.command import publish
+from mnist_ldm.runtime.command import PRECISION_TAG, add_paths, publish, runtime_for
 
 HELP = "generate the digits evaluate scores (sample.num_images) and their grids, trajectory and interpolation"
 GUIDANCE_SWEEP = (0.0, 1.0, 2.0, 4.0)
@@ -61,8 +60,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             if pipe.num_classes:
                 plots.save_grid(pipe.guidance_sweep(GUIDANCE_SWEEP), tmp / "guidance_sweep.png",
                                 nrow=len(GUIDANCE_SWEEP))
-        write_npz(args.out, **({"images": out.images} if out.labels is None else
-                               {"images": out.images, "labels": out.labels}))
+        write_npz(args.out, images=out.images, labels=out.labels)
         summary = {"num_images": int(len(out.images)), "sampler": cfg.sampler, "network_evals": int(n_evals)}
         speed = {"seconds": round(seconds, 2), "images_per_second": round(len(out.images) / seconds, 1)}
         run.log_image(plots.grid_array(out.images[:64], 8), key="samples", step=0)

@@ -8,21 +8,18 @@ from mnist_ldm.io.atomic import atomic_dir
 from mnist_ldm.config.sections import Params
 from mnist_ldm.data.prepared import load_meta, load_split
 from mnist_ldm.io.paths import check_paths
-from mnist_ldm.runtime.command import PRECISION_TAG, add_curves, add_param_flags, add_paths, runtime_for
-from mnist_ldm.runtime.command import publish, writes_outputs
+from mnist_ldm.runtime.command import PRECISION_TAG, add_param_flags, add_paths, publish, runtime_for, writes_outputs
 
 HELP = "train the autoencoder (conv or mlp; pixel space writes a pass-through one)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_paths(p, data="prepared data folder", out="checkpoint to write", metrics="metrics JSON to write",
+    add_paths(p, curves=True, data="prepared data folder", out="checkpoint to write", metrics="metrics JSON to write",
               plots="folder for the PNG pictures")
-    add_curves(p)
     add_param_flags(p, **{k: f"autoencoder.{k}" for k in ("epochs", "batch_size", "lr", "latent_dim", "generate_images")})
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from mnist_ldm.io import plots
     from mnist_ldm import tracking
     from mnist_ldm.autoencoder.model import reconstruction_metrics, reconstructions

@@ -9,19 +9,15 @@ from mnist_ldm.config.sections import Params
 from mnist_ldm.data.prepared import load_meta
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.paths import check_paths
-from mnist_ldm.runtime.command import PRECISION_TAG, add_curves, add_param_flags, add_paths, runtime_for
-from mnist_ldm.runtime.command import publish, writes_outputs
+from mnist_ldm.runtime.command import PRECISION_TAG, add_param_flags, add_paths, publish, runtime_for, writes_outputs
 
 HELP = "train the latent denoiser"
-PREVIEW_GUIDANCE = 2.0  # guidance of the per-epoch MLflow preview grid (conditional models only)
-PREVIEW_STEPS = 50  # DDIM steps of that preview: cheap enough to run every epoch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_paths(p, ae_ckpt="autoencoder checkpoint (sets the latent size)",
+    add_paths(p, curves=True, ae_ckpt="autoencoder checkpoint (sets the latent size)",
               latents="latent cache written by 'encode'", data="prepared data folder (for meta.json)",
               out="checkpoint to write", metrics="metrics JSON to write", plots="folder for the PNG pictures")
-    add_curves(p)
     add_param_flags(p, **{k: f"diffusion.{k}" for k in ("epochs", "batch_size", "lr", "T", "only_digit", "hidden_dim",
                                                           "conditional", "generate_images")})
     p.add_argument("--latent-dim", type=int,
@@ -56,18 +52,14 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     meta = load_meta(args.data)
     z_tr, y_tr = select_digit(*load_latents(args.latents, "train"), cfg.only_digit)
     z_te, y_te = select_digit(*load_latents(args.latents, "test"), cfg.only_digit)
-    if z_tr.shape[1] != ae.spec.latent_dim:
-        raise UserError(f"{args.latents}: cached latents have dim {z_tr.shape[1]}, but the autoencoder in "
-                        f"{args.ae_ckpt} makes {ae.spec.latent_dim}-d latents; re-run 'encode'")
     ae_md5 = file_md5(args.ae_ckpt)
     with tracking.training_run("train_diffusion", params, "diffusion", meta, "mnist-train-latents", args.latents) as run:
         run.set_tag(PRECISION_TAG, rt.precision)
 
-        def preview(model, s, epoch):
+        def preview(model, s, epoch):  # the per-epoch MLflow grid: 50 DDIM steps are cheap enough
             pipe = LatentDiffusionPipeline(ae, model, s, scaler).to(rt)
-            labels = pipe.labels_for(64, None)
-            z, _ = pipe.sample_latents(64, sampler="ddim", steps=min(PREVIEW_STEPS, s.T), eta=0.0, labels=labels,
-                                       guidance=PREVIEW_GUIDANCE, seed=epoch, progress=False)
+            z, _ = pipe.sample_latents(64, sampler="ddim", steps=min(50, s.T), eta=0.0, guidance=2.0, seed=epoch,
+                                       labels=pipe.labels_for(64, None), progress=False)
             return plots.grid_array(pipe.decode(z), 8)
 
         z_held, y_held = scaler.standardize(z_te), torch.from_numpy(y_te).long()

@@ -10,24 +10,20 @@ from pathlib import Path
 from mnist_ldm.config.sections import Params
 from mnist_ldm.data.prepared import load_meta, load_split
 from mnist_ldm.io.paths import check_paths
-from mnist_ldm.runtime.command import PRECISION_TAG, add_curves, add_paths, runtime_for
-from mnist_ldm.runtime.command import publish, weights_digest, writes_outputs
+from mnist_ldm.runtime.command import PRECISION_TAG, add_paths, publish, runtime_for, weights_digest, writes_outputs
 
 HELP = "train a network that scores samples (the evaluator, or the second evaluator)"
-SECTIONS = ("evaluator", "second_evaluator")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_paths(p, data="prepared data folder", out="checkpoint to write", metrics="metrics JSON to write")
+    add_paths(p, curves=True, data="prepared data folder", out="checkpoint to write", metrics="metrics JSON to write")
     p.add_argument("--features", type=Path, default=None,
                    help=".npz to write: the network's features of both splits, which `evaluate --features` reuses")
-    p.add_argument("--section", choices=SECTIONS, default="evaluator",
+    p.add_argument("--section", choices=("evaluator", "second_evaluator"), default="evaluator",
                    help="params section that says which network and how to train it (default: evaluator)")
-    add_curves(p)
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    # the library is imported here, not at the top: `--help` and a bad param answer before torch loads
     from mnist_ldm import tracking
     from mnist_ldm.io.checkpoint import save_checkpoint
     from mnist_ldm.evaluator.model import FEATURE_DIM, reference_features, save_reference

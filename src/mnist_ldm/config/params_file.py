@@ -1,12 +1,7 @@
-"""Reading `params.yaml` as DVC reads it, and the values that change it for one command: `--set section.key=value`
-items and command flags.
-
-The file is parsed as DVC parses it (ruamel's YAML 1.2 safe loader, `YAML(typ="safe")`, as in
-`dvc.utils.serialize.parse_yaml`; tests/test_config.py compares the two), so what a stage ran with is what
-`dvc params diff` and dvc.lock show (`010` is 10, `2e-4` a number, `yes` text); `--set` and flag values are read
-the same way. Every value is validated by the models of `sections`; each refusal is one `ConfigError` line
-naming where the value came from: the file, the `--set` item or the flag.
-"""
+"""Reading `params.yaml` as DVC reads it (ruamel's YAML 1.2 safe loader, as `dvc.utils.serialize.parse_yaml`:
+`010` is 10, `2e-4` a number, `yes` text), and the `--set section.key=value` items and flags that change it for one
+command, read the same way. The models of `sections` validate every value; a refusal is one `ConfigError` line
+naming where the value came from: the file, the `--set` item or the flag."""
 
 from __future__ import annotations
 
@@ -66,7 +61,9 @@ def params_from_dict(raw: Any, require_all_sections: bool = True, where: str = "
         raise ConfigError(error_line(e, where)) from None
 
 
-def _read_text(path: Path) -> str:
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """The validated `Params` in the YAML file at `path`; every problem is one `ConfigError` line."""
+    path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory, not a params file; pass the YAML file itself "
                           f"(e.g. {path / 'params.yaml'})")
@@ -84,19 +81,11 @@ def _read_text(path: Path) -> str:
         raise ConfigError(f"{path}: cannot read the params file ({e.strerror or e}); pass a readable "
                           "YAML file") from None
     try:
-        return data.decode("utf-8-sig")
+        raw = parse_yaml(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise ConfigError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at line {line}); "
                           "save the params file as UTF-8") from None
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """The validated `Params` in the YAML file at `path`; every problem is one `ConfigError` line."""
-    path = Path(path)
-    text = _read_text(path)
-    try:
-        raw = parse_yaml(text)
     except ConfigError as e:
         raise ConfigError(str(e).replace("params:", f"{path}:", 1)) from None
     return params_from_dict(raw, where=str(path))
@@ -109,16 +98,6 @@ def dotted_value(tree: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
-
-
-def _parse_item(item: str) -> tuple[str, Any]:
-    left, eq, text = item.partition("=")
-    parts = left.strip().split(".")
-    if not eq or len(parts) != 2 or not all(parts):
-        raise ConfigError("expected section.key=value, e.g. diffusion.lr=0.0005")
-    if not text.strip():
-        raise ConfigError(f"no value for {left.strip()}; write {left.strip()}=VALUE (null for none)")
-    return left.strip(), parse_yaml(text)
 
 
 def with_changes(params: Params, changes: Iterable[tuple[str, str, Any]], sections_only: bool = False) -> Params:
@@ -135,33 +114,29 @@ def with_changes(params: Params, changes: Iterable[tuple[str, str, Any]], sectio
         tree.setdefault(section, {})[name] = value
     if not origins:
         return params
-    if not sections_only:
-        try:
-            return Params.model_validate(tree)
-        except ValidationError as e:
-            raise _refused(e, origins, Params, "") from None
     update = {}
-    for section in {k.partition(".")[0] for k in origins}:
-        model = Params.model_fields[section].annotation
+    for section in sorted({k.partition(".")[0] for k in origins}) if sections_only else [""]:
+        model = Params.model_fields[section].annotation if section else Params
         try:
-            update[section] = model.model_validate(tree[section])
+            update[section] = model.model_validate(tree[section] if section else tree)
         except ValidationError as e:
-            raise _refused(e, origins, model, section) from None
-    return params.model_copy(update=update)
-
-
-def _refused(e: ValidationError, origins: dict[str, str], model: type, prefix: str) -> ConfigError:
-    loc = ".".join([prefix, *map(str, e.errors()[0]["loc"])]).strip(".")
-    named = [o for k, o in origins.items() if k == loc or k.startswith(loc + ".") or loc.startswith(k + ".")]
-    return ConfigError(error_line(e, " ".join(named or origins.values()), model, prefix))
+            loc = ".".join([section, *map(str, e.errors()[0]["loc"])]).strip(".")
+            named = [o for k, o in origins.items() if k == loc or k.startswith(loc + ".") or loc.startswith(k + ".")]
+            raise ConfigError(error_line(e, " ".join(named or origins.values()), model, section)) from None
+    return params.model_copy(update=update) if sections_only else update[""]
 
 
 def apply_overrides(params: Params, items: list[str]) -> Params:
     """`params` with each `section.key=value` item (the value read as YAML) applied, validated as params.yaml is."""
     changes = []
     for item in items:
+        key, eq, text = (part.strip() for part in item.partition("="))
         try:
-            changes.append((f"--set {item}", *_parse_item(item)))
+            if not eq or len(key.split(".")) != 2 or not all(key.split(".")):
+                raise ConfigError("expected section.key=value, e.g. diffusion.lr=0.0005")
+            if not text:
+                raise ConfigError(f"no value for {key}; write {key}=VALUE (null for none)")
+            changes.append((f"--set {item}", key, parse_yaml(text)))
         except ConfigError as e:
             raise ConfigError(f"--set {item}: {str(e).removeprefix('params: ')}") from None
     return with_changes(params, changes)

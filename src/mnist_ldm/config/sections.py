@@ -1,11 +1,7 @@
-"""The params of `params.yaml`: one frozen pydantic model per section, each key's type, range, default (the
-file's value) and meaning written once; the rules between sections are validators of `Params`.
-
-A sampling request (`SamplingRequest`) is built from the `sample` section's fields; `request_problem` holds the
-rules that need the model a request meets (steps <= T, a digit needs a class-conditional model, a field that
-changes nothing), which `Params` applies with diffusion.T and diffusion.conditional. `error_line` words a
-`ValidationError` as the one line a user sees. Imports pydantic only: every stage depends on it, torch-free.
-"""
+"""The params of `params.yaml`: one frozen pydantic model per section, each key's type, range, default and
+meaning written once; the rules between sections are validators of `Params`. A `SamplingRequest` is made of the
+`sample` section's fields; `request_problem` holds the rules that need the model it meets. `error_line` words a
+`ValidationError` as the one line a user sees."""
 
 from __future__ import annotations
 
@@ -15,10 +11,7 @@ from typing import Annotated, Any, Iterable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-
-# Names whose code lives in torch modules, which config must not import: tests/test_config.py checks that each
-# choice equals its registry's keys (diffusion/samplers.py SAMPLERS, autoencoder/model.py KINDS,
-# diffusion/denoiser.py DENOISERS, evaluator/model.py ARCHS).
+# choices whose code lives in torch modules; tests/test_config.py checks each against its registry's keys
 Sampler = Literal["ddpm", "ddim"]
 IGNORED_BY_SAMPLER = {"ddpm": ("steps", "eta")}  # request fields a sampler does not use (ddpm: all T steps, eta 1)
 AutoencoderKind = Literal["conv", "mlp", "none"]
@@ -298,3 +291,11 @@ def error_line(e: ValidationError, where: str = "", model: type[BaseModel] = Par
             EXPECTED.get(err["type"], err["msg"][:1].lower() + err["msg"][1:]).format(kind=kind, **ctx)
         line = f"{key + '=' if key else ''}{reprlib.repr(value)[:100]} is not allowed; expected {expected}"
     return f"{where}: {line}" if where else line
+
+
+def spec_from(spec: Any, d: dict) -> Any:
+    """A checkpoint's `model_config` read by `spec.from_dict`; a ConfigError names the field it refuses."""
+    try:
+        return spec.from_dict(d)
+    except ValidationError as e:
+        raise ConfigError(error_line(e, prefix="model_config")) from None

@@ -17,7 +17,7 @@ import torch
 from pydantic import ValidationError
 
 from mnist_ldm.autoencoder.model import Autoencoder, decode_latents, encode_images, load_autoencoder
-from mnist_ldm.config.sections import ConfigError, DiffusionConfig, SamplingRequest, error_line
+from mnist_ldm.config.sections import ConfigError, DiffusionConfig, SamplingRequest, error_line, spec_from
 from mnist_ldm.data.latents import LatentScaler
 from mnist_ldm.diffusion.denoiser import DenoiserSpec, build_denoiser
 from mnist_ldm.diffusion.samplers import SAMPLERS, sample_loop
@@ -60,7 +60,7 @@ class LatentDiffusionPipeline:
         """Load both checkpoints (EMA or raw denoiser weights), refusing a diffusion model trained in another
         autoencoder's latent space."""
         denoiser, meta = load_model_checkpoint(diffusion_ckpt, "mnist-ldm/diffusion", "diffusion checkpoint",
-                                               lambda cfg: build_denoiser(DenoiserSpec.from_dict(cfg)),
+                                               lambda cfg: build_denoiser(spec_from(DenoiserSpec, cfg)),
                                                weights="ema_state_dict" if use_ema else "state_dict")
         try:  # the `diffusion` params' own rules for T and the betas; the one kind of schedule there is
             sch = DiffusionConfig.model_validate({k: meta["schedule"][k] for k in ("T", "beta_start", "beta_end")},

@@ -14,11 +14,6 @@ from typing import Any, Iterator
 import numpy as np
 
 
-def _target(path: str | Path) -> Path:  # a symlink's target (the link stays), else the path itself
-    path = Path(path)
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
-
-
 @contextlib.contextmanager
 def _naming_target(tmp: Path, path: Path) -> Iterator[None]:
     """An OSError about `tmp` (or naming no file: a write through a file object) names `path` instead."""
@@ -32,18 +27,33 @@ def _naming_target(tmp: Path, path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path` (a symlink: its target); on success it replaces `path`, on
-    error it is removed."""
-    path = _target(path)
+def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `path` (a symlink: its target); on success it replaces `path`, on error it
+    is removed. `folder`: an empty folder, whose entries on success replace those of their names in `path`."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}" + ("" if folder else path.suffix))
+    if folder:
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
     try:
         with _naming_target(tmp, path):
             yield tmp
-            os.replace(tmp, path)
+            if folder:
+                _move_into(tmp, path)
+            else:
+                os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_dir(path: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """`atomic_path` for a folder: on error `path` stays as it was."""
+    return atomic_path(path, folder=True)
 
 
 def _move_into(src: Path, dest: Path) -> None:
@@ -53,24 +63,6 @@ def _move_into(src: Path, dest: Path) -> None:
             _move_into(entry, dest / entry.name)
         else:
             os.replace(entry, dest / entry.name)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty folder beside `path` (a symlink: its target); on success its entries are moved into
-    `path` (created if need be), each replacing the one of its name; on error `path` stays as it was."""
-    path = _target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
-    try:
-        with _naming_target(tmp, path):
-            yield tmp
-            _move_into(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def finite_json(obj: Any) -> Any:
@@ -101,7 +93,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def write_npz(path: str | Path, compress: bool = True, **arrays: np.ndarray) -> None:
-    """`arrays` as an .npz, written atomically; `compress=False` for float data that zlib barely shrinks."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
+    """`arrays` (those not None) as an .npz, written atomically; `compress=False` for float data that zlib barely
+    shrinks."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        (np.savez_compressed if compress else np.savez)(f, **{k: a for k, a in arrays.items() if a is not None})

@@ -10,9 +10,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from pydantic import ValidationError
-
-from mnist_ldm.config.sections import error_line
 from mnist_ldm.io.atomic import atomic_path
 from mnist_ldm.io.errors import UserError, first_line
 from mnist_ldm.io.paths import input_error
@@ -83,13 +80,15 @@ def load_checkpoint(path: str | Path, kind: str, what: str = "checkpoint") -> di
 
 def load_model_checkpoint(path: str | Path, kind: str, what: str, build: Callable[[dict], torch.nn.Module],
                           weights: str = "state_dict") -> tuple[Any, dict]:
-    """The model that `path` describes with its `weights` (finite, fitting), in eval mode on the CPU."""
+    """The model that `build` makes of the `model_config` in `path`, with its `weights` (finite, fitting), in eval
+    mode on the CPU; a ValueError from `build` (a spec's checks, one line: config.sections.spec_from) names the
+    file."""
     ckpt = load_checkpoint(path, kind, what)
     try:
         model, state = build(ckpt.get("model_config", {})), ckpt[weights]
-    except ValidationError as e:  # a spec's own checks (config.sections' types)
-        raise CheckpointError(error_line(e, str(path), prefix="model_config")) from None
-    except (KeyError, TypeError, ValueError) as e:
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {first_line(e)}") from None
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: incomplete {what} (missing or malformed field {e})") from None
     for name, t in state.items():  # NaN weights would decode to blank images without any error
         if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():

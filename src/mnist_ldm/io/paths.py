@@ -107,15 +107,3 @@ def check_writable(path: Path, folder: bool) -> None:
         code = errno.EROFS if os.statvfs(path.parent).f_flag & os.ST_RDONLY else errno.EACCES
         raise UserError(os_error_line(OSError(code, os.strerror(code)), path))
 
-
-def pipeline_stage_of(path: str | Path, lock: str | Path = "dvc.lock") -> Optional[str]:
-    """The stage of the pipeline (`lock`) that writes `path` or a folder holding it; None if none does."""
-    from mnist_ldm.config.params_file import parse_yaml  # read as DVC reads it
-
-    try:
-        stages = parse_yaml(Path(lock).read_text())["stages"]
-        outs = {os.path.realpath(o["path"]): name for name, st in stages.items() for o in st.get("outs", [])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ConfigError is a ValueError
-        return None
-    real = os.path.realpath(path)
-    return next((name for out, name in outs.items() if real == out or _inside(real, out)), None)

@@ -1,6 +1,6 @@
-"""How every command runs, whichever entry starts it (`mnist-ldm <name>`, `python stages/<name>.py`, `torchrun
-stages/<name>.py`): the options every command takes, the params they select, the re-run under torchrun, one-line
-errors (`error: ...`, exit 2) and exit 130 on Ctrl-C or SIGTERM, and what a finished stage writes."""
+"""How every command runs, whichever entry starts it (`mnist-ldm <name>`, `python stages/<name>.py`, torchrun):
+its options and params, the re-run under torchrun, one-line errors (exit 2), exit 130 on Ctrl-C or SIGTERM, and
+what a finished stage writes."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_common(p: argparse.ArgumentParser, suppress: bool = False, computes: bool = True) -> None:
-    """`--params`, `--set` (repeatable) and, for a command that computes, `--device`, `--precision`; `suppress` for
-    a subcommand's copy, so that they work before and after the subcommand."""
+    """`--params`, `--set` and, for a command that computes, `--device`, `--precision`; `suppress` for a
+    subcommand's copy, so that they work before and after the subcommand."""
     default = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     p.add_argument("--params", type=Path, default=default(Path("params.yaml")), help="params file (default: params.yaml)")
     # the subcommand's copy appends to a list of its own: argparse would otherwise drop the items given before it
@@ -58,14 +58,13 @@ def add_common(p: argparse.ArgumentParser, suppress: bool = False, computes: boo
                         "(default: $MNIST_LDM_PRECISION, else fp32)")
 
 
-def add_paths(p: argparse.ArgumentParser, **flags: str) -> None:
-    """Required paths: `add_paths(p, ae_ckpt="...")` adds `--ae-ckpt` (dvc.yaml passes every path)."""
+def add_paths(p: argparse.ArgumentParser, curves: bool = False, **flags: str) -> None:
+    """Required paths: `add_paths(p, ae_ckpt="...")` adds `--ae-ckpt` (dvc.yaml passes every path); `curves`: the
+    optional `--curves`."""
     for name, text in flags.items():
         p.add_argument("--" + name.replace("_", "-"), type=Path, required=True, help=text)
-
-
-def add_curves(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--curves", type=Path, help="per-epoch figures to write as JSON (dvc.yaml's curve plots)")
+    if curves:
+        p.add_argument("--curves", type=Path, help="per-epoch figures to write as JSON (dvc.yaml's curve plots)")
 
 
 def add_param_flags(p: argparse.ArgumentParser, **keys: str) -> None:
@@ -108,17 +107,18 @@ def runtime_for(args: argparse.Namespace):
     return runtime(getattr(args, "device", None), getattr(args, "precision", None))
 
 
-def add_command(p: argparse.ArgumentParser, command: ModuleType) -> None:
+def add_command(p: argparse.ArgumentParser, command: ModuleType, suppress: bool = False) -> argparse.ArgumentParser:
+    """`command`'s flags and the common ones, on `p`."""
+    add_common(p, suppress, getattr(command, "COMPUTES", True))
     command.add_arguments(p)
     p.set_defaults(command_module=command)
+    return p
 
 
 def command_parser(command: ModuleType) -> Parser:
     """The parser of `stages/<name>.py`: the flags of `mnist-ldm <name>`."""
-    p = Parser(prog="mnist-ldm " + command.__name__.rpartition(".")[2].replace("_", "-"), description=command.HELP)
-    add_common(p, computes=getattr(command, "COMPUTES", True))
-    add_command(p, command)
-    return p
+    name = command.__name__.rpartition(".")[2].replace("_", "-")
+    return add_command(Parser(prog=f"mnist-ldm {name}", description=command.HELP), command)
 
 
 def relaunch_under_torchrun(name: str, argv: Sequence[str]) -> None:
@@ -138,21 +138,16 @@ def relaunch_under_torchrun(name: str, argv: Sequence[str]) -> None:
         os.execv(sys.executable, cmd)
 
 
-def git_kept(stage: str) -> list[str]:
-    """The outputs of `stage` that dvc.yaml marks `cache: false`: git keeps them, DVC's cache does not."""
-    with contextlib.suppress(Exception):
-        spec = parse_yaml(Path("dvc.yaml").read_text())["stages"][stage]
-        return [path for key in ("outs", "metrics", "plots") for entry in spec.get(key) or [] if isinstance(entry, dict)
-                for path, opts in entry.items() if isinstance(opts, dict) and opts.get("cache") is False]
-    return []
-
-
 def dvc_line() -> str:
-    """Under `dvc repro` (DVC_STAGE set), how to bring back the outputs DVC removed before running the stage."""
-    name = os.environ.get("DVC_STAGE", "").strip()
+    """Under `dvc repro` (DVC_STAGE set), how to bring back the outputs DVC removed before running the stage: from
+    its cache, and those dvc.yaml marks `cache: false` from git."""
+    name, kept = os.environ.get("DVC_STAGE", "").strip(), []
     if not name:
         return ""
-    kept = git_kept(name)
+    with contextlib.suppress(Exception):
+        spec = parse_yaml(Path("dvc.yaml").read_text())["stages"][name]
+        kept = [path for key in ("outs", "metrics", "plots") for entry in spec.get(key) or [] if isinstance(entry, dict)
+                for path, opts in entry.items() if isinstance(opts, dict) and opts.get("cache") is False]
     return (f"DVC removed the previous outputs of stage '{name}' before running it; `dvc checkout {name}` brings "
             f"them back from the cache" + (f", `git checkout HEAD -- {' '.join(kept)}` the ones git keeps" if kept
                                            else ""))
@@ -164,7 +159,7 @@ def interrupted_line() -> str:
 
 
 def failed(line: str, code: int) -> int:
-    """Print `line` (after the progress bars), and under `dvc repro` how to get the stage's outputs back: `code`."""
+    """Print `line` after closing the progress bars, then, under `dvc repro`, `dvc_line`; return `code`."""
     close_bars()
     print(line, file=sys.stderr)
     if dvc_line() and code != 130:  # the interrupted line says it already

@@ -1,14 +1,9 @@
-"""Where the work runs: the device, the precision, the CPU threads, and the process group under `torchrun`.
+"""Where the work runs: the device and precision (run-time choices, not params, so choosing them never makes an
+output stale; bf16 autocasts the forward passes, all else stays fp32), the CPU threads, and torchrun's process group.
 
-Device and precision are run-time choices, not params (`--device`/`MNIST_LDM_DEVICE`, `--precision`/
-`MNIST_LDM_PRECISION`), so choosing them never makes DVC call an output stale. bf16 is autocast around the forward
-passes; weights, optimizer, losses and metrics stay fp32.
-
-A CPU job sizes torch's thread pool to the cores divided by the mnist-ldm jobs alive now, re-counted every 2 s: two
-jobs with a pool of all cores each spin against each other (benchmarks/results/concurrent_jobs.json). Each job holds
-an exclusive `flock` on its own file in a folder of the temp directory; a file whose lock can be taken belongs to a
-dead job and goes. `MNIST_LDM_THREADS=N` (or `OMP_NUM_THREADS`) fixes the pool instead.
-"""
+A CPU job sizes torch's thread pool to the cores divided by the mnist-ldm jobs alive now (two jobs with all cores
+each spin against each other: benchmarks/results/concurrent_jobs.json); each job holds a `flock` on its own file in
+a temp folder. `MNIST_LDM_THREADS=N` (or `OMP_NUM_THREADS`) fixes the pool instead."""
 
 from __future__ import annotations
 
@@ -77,8 +72,7 @@ def autocast(device: torch.device, precision: str):
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's weights are (the CPU for one without any, like the pixel-space autoencoder)."""
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def live_jobs(folder: Path) -> int:
@@ -184,8 +178,7 @@ CPU = Runtime()
 
 
 def runtime(device: str | None = None, precision: str | None = None) -> Runtime:
-    """The runtime from flags and environment; joins the process group `torchrun` describes (NCCL on CUDA, Gloo
-    on CPU)."""
+    """The runtime from flags and environment; joins torchrun's process group (NCCL on CUDA, Gloo on CPU)."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     if dev.type == "cuda":  # TF32 matmuls: fp32 accuracy is ample for this model

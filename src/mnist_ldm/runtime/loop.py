@@ -22,9 +22,7 @@ from mnist_ldm.io.hashing import json_digest
 from mnist_ldm.runtime.device import CPU, Runtime
 from mnist_ldm.runtime.progress import progress
 
-# held-out items behind the per-epoch curves of the autoencoder and the diffusion model (on all 10,000 they took
-# 1.8 s and 1 s an epoch on 2 CPU cores); the stages' final figures use the whole test split
-EPOCH_TEST_ITEMS = 2000
+EPOCH_TEST_ITEMS = 2000  # held-out items behind the per-epoch curves (the final figures use the whole test split)
 DIVERGED = 1000.0  # a training loss this many times its first value has run away: the stage stops
 
 
@@ -68,11 +66,11 @@ class EMA:
         self.max_horizon = max(1.0, max_horizon)
 
     def current_decay(self) -> float:
-        if not self.warmup_steps or self.updates >= self.warmup_steps:
-            if 1.0 / (1.0 - self.decay) <= self.max_horizon:
-                return self.decay
-            return 1.0 - 1.0 / self.max_horizon
-        horizon = 1.0 + (1.0 / (1.0 - self.decay) - 1.0) * self.updates / self.warmup_steps
+        horizon = 1.0 / (1.0 - self.decay)
+        if self.warmup_steps and self.updates < self.warmup_steps:
+            horizon = 1.0 + (horizon - 1.0) * self.updates / self.warmup_steps
+        elif horizon <= self.max_horizon:
+            return self.decay
         return 1.0 - 1.0 / min(horizon, self.max_horizon)
 
     @torch.no_grad()
@@ -107,7 +105,7 @@ def run_training(*, model: nn.Module, optimizer: torch.optim.Optimizer,
                         f"the global batch is split between them")
     steps_per_epoch = total_steps(n_items, batch_size, 1)
     total = steps_per_epoch * epochs
-    if rt.precision != "fp32":  # a resume state saved at another precision does not match; fp32's stays as it was
+    if rt.precision != "fp32":  # a resume state saved at another precision does not match
         run_fingerprint = fingerprint(run_fingerprint, rt.precision)
     gen = rt.generator(seed)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them with the last step's

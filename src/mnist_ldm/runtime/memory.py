@@ -1,12 +1,10 @@
 """Where a command's memory comes from, and whether what it is asked to build fits, checked before any work.
 
-glibc's malloc trims freed memory and hands large blocks to fresh `mmap`s, so every training step page-faults its
-activations back in (tests/test_heap.py). Every command keeps up to 1 GiB of freed memory and serves blocks up to
-32 MiB from the heap (1.23x the autoencoder's training rate, benchmarks/results/speed.json); a user's own
-`MALLOC_TRIM_THRESHOLD_` or `MALLOC_MMAP_THRESHOLD_` wins. Forward passes without gradients run in batches of
-`INFERENCE_BATCH` so their activations stay under that threshold, with bit-identical results. Whether the CPU has
-native bf16 units is read from /proc/cpuinfo here too, without torch, so that `check_params` can ask.
-"""
+glibc's malloc would trim freed memory and `mmap` large blocks afresh, so that every training step page-faults its
+activations back in (tests/test_heap.py); keeping them is 1.23x the autoencoder's training rate
+(benchmarks/results/speed.json). Forward passes without gradients run in batches of `INFERENCE_BATCH`, which stay
+under the mmap threshold. Whether the CPU has native bf16 units is read from /proc/cpuinfo here, without torch,
+so that `check_params` can ask."""
 
 from __future__ import annotations
 
@@ -24,7 +22,8 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's trim threshold to 1 GiB and its mmap threshold to 32 MiB (its largest); whether it did."""
+    """Set glibc's trim threshold to 1 GiB and its mmap threshold to 32 MiB (its largest), unless the user set
+    either; whether it did."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return False
     try:
@@ -52,9 +51,8 @@ def gib(nbytes: float) -> str:
 
 
 def check_sampling_memory(what: str, n: int, batch_size: int, latent_dim: int) -> None:
-    """Refuse to sample `n` digits (asked for by `what`, e.g. "--num-images 100000000") before any work
-    when they need more memory than is available: the uint8 images, the float32 decoded batches, their
-    concatenation and rounding (3 x 4 bytes a pixel), the latents twice, and one working batch."""
+    """Refuse `n` digits (asked for by `what`, e.g. "--num-images 100000000") that need more memory than is
+    available: uint8 images, float32 decoded batches, concatenated and rounded, the latents twice, a working batch."""
     pixels = 28 * 28
     need = n * (pixels * 13 + latent_dim * 8) + min(batch_size, n) * (latent_dim * 64 + pixels * 16)
     avail = available_memory()

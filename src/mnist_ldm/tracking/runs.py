@@ -31,9 +31,8 @@ PARENT_METRICS = (*(f"eval.{k}" for k in HEADLINE[:8]), "autoencoder.test_bce", 
 
 
 def dvc_inputs(workdir: Path, stage: str) -> tuple[dict, dict]:
-    """DVC's hashes, now: of `stage`'s command, deps and params ({} if dvc.yaml lacks it), and of each dep that no
-    stage writes (code, raw data, params.yaml); read from the workspace, since a running stage's dvc.lock entry is
-    its previous run's."""
+    """DVC's hashes of `stage`'s command, deps and params ({} if dvc.yaml lacks it), and of each dep no stage writes
+    (code, raw data, params.yaml), from the workspace: a running stage's dvc.lock entry is its previous run's."""
     from dvc.dependency import ParamsDependency
     from dvc.repo import Repo
 
@@ -93,16 +92,15 @@ def note(workdir: Path) -> str:
 
 
 def open_run(client: Any, exp_id: str, key: dict[str, str], name: str, tags: dict[str, str]) -> tuple[Any, bool]:
-    """The newest run of `exp_id` tagged with `key`, else a new one named `name`, tagged `key` and `tags`; and
-    whether it is new."""
+    """The newest run of `exp_id` tagged `key`, else a new one named `name`, tagged `key` and `tags`; and if new."""
     found = client.search_runs([exp_id], " and ".join(f"tags.`{k}` = '{v}'" for k, v in key.items()), max_results=1,
                                order_by=["attributes.start_time DESC"])
     return (found[0], False) if found else (client.create_run(exp_id, run_name=name, tags={**tags, **key}), True)
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_meta: Optional[dict] = None,
-              workdir: Optional[Path] = None) -> Iterator[StageRun]:
+def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
+              data_meta: Optional[dict] = None) -> Iterator[StageRun]:
     """The run of `stage` under the parent run of the pipeline's state: a new one; the interrupted one with the same
     inputs, continued; or the finished one, linked to (tagged, and named on the parent) instead of a twin. Both are
     marked FAILED if the stage raises (KILLED on Ctrl-C or SIGTERM, e.g. `dvc queue kill`). A stage run by hand
@@ -113,8 +111,7 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
     from dvc.utils import dict_md5
     from mlflow.entities import Param, RunTag
 
-    workdir = (workdir or Path.cwd()).resolve()
-    root = repo_root()
+    workdir, root = Path.cwd().resolve(), repo_root()
     uri = tracking_uri(root)
     dvc_stage, sources = dvc_inputs(workdir, stage)
     # the command line and the run-time choices set in the environment (MNIST_LDM_PRECISION, ...) are inputs too

@@ -109,11 +109,10 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         while True:
             with contextlib.suppress(OSError), urllib.request.urlopen(base + "/health", timeout=2):
                 break
-            if proc.poll() is not None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = f"no answer in {START_TIMEOUT_S} s" if proc.poll() is None else f"exit status {proc.returncode}"
                 tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
-                raise UserError(f"mlflow ui exited with status {proc.returncode} before answering ({log}: {tail})")
-            if time.monotonic() > deadline:
-                raise UserError(f"mlflow ui did not answer on {base} within {START_TIMEOUT_S} s (its log: {log})")
+                raise UserError(f"mlflow ui did not come up on {base} ({why}; its log {log}: {tail})")
             time.sleep(0.3)
         print(f"ui: MLflow UI on {uri} at {base} (server log: {log}); Ctrl-C stops it", flush=True)
         print(addresses(base, uri, params), flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mnist_ldm import tracking
 from mnist_ldm.config.sections import Params
 from mnist_ldm.tracking.registry import read_json
 
@@ -24,8 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def registered(params: Params, fcd: float) -> str:
     """The registry's version whose fcd.generated tag is this workspace's, as package_model tagged it."""
-    from mnist_ldm import tracking
-
     name = params.tracking.registered_model
     client = tracking.connect(tracking.tracking_uri(tracking.repo_root()))
     versions = [int(v.version) for v in client.search_model_versions(f"name = '{name}'", max_results=10000)

@@ -330,7 +330,7 @@ def test_parent_gets_the_headline_of_current_stages_fcd_first(repo: Path, monkey
 
 def test_a_registered_models_files_that_dvc_caches_are_stored_once(tmp_path: Path) -> None:
     """A model file whose bytes DVC's cache holds becomes a hard link to the cache file; the others are copied."""
-    from mnist_ldm.tracking.registry import dvc_cache, store_once
+    from mnist_ldm.tracking.registry import store_once
 
     (tmp_path / "ckpt.pt").write_bytes(b"weights" * 1000)
     for args in (["init", "--no-scm", "-q"], ["add", "-q", "ckpt.pt"]):  # the CLI: DVC's logger stays its own
@@ -340,8 +340,8 @@ def test_a_registered_models_files_that_dvc_caches_are_stored_once(tmp_path: Pat
     shutil.copy(tmp_path / "ckpt.pt", model / "artifacts/ckpt.pt")
     (model / "MLmodel").write_text("flavors: {}\n")
     dest = tmp_path / "mlartifacts/m 1"
-    assert store_once(model, dest.as_uri(), dvc_cache(tmp_path))
+    assert store_once(model, dest.as_uri(), tmp_path)
     cached = [p for p in (tmp_path / ".dvc/cache").rglob("*") if p.is_file()]
     assert (dest / "artifacts/ckpt.pt").samefile(cached[0]) and len(cached) == 1
     assert (dest / "MLmodel").read_text() == "flavors: {}\n" and (dest / "MLmodel").stat().st_nlink == 1
-    assert not store_once(model, "mlflow-artifacts:/1/models/m", dvc_cache(tmp_path))  # a server: MLflow uploads
+    assert not store_once(model, "mlflow-artifacts:/1/models/m", tmp_path)  # a server: MLflow uploads

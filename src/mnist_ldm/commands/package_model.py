@@ -5,7 +5,6 @@ and, with tracking on, a new version of `tracking.registered_model` (`mnist-ldm 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -17,7 +16,6 @@ from mnist_ldm import tracking
 from mnist_ldm.tracking import registry
 from mnist_ldm.io.atomic import atomic_dir
 from mnist_ldm.config.sections import Params
-from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.paths import check_paths
 from mnist_ldm.runtime.command import add_paths
 
@@ -32,18 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               out="folder of the MLflow model to write")
 
 
-def _eval_metrics(path: Path) -> dict[str, float]:
-    try:
-        result = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found; run the 'evaluate' stage first (dvc repro evaluate)") from None
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e}); re-run 'evaluate' (dvc repro -f evaluate)") from None
-    if not isinstance(result, dict) or not isinstance(result.get("fcd"), dict):
-        raise UserError(f"{path}: holds no 'fcd' section; re-run 'evaluate' (dvc repro -f evaluate)")
-    return registry.headline(result)
-
-
 def run(params: Params, args: argparse.Namespace) -> dict:
     from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
     from mnist_ldm.config.sections import SamplingRequest
@@ -52,7 +38,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log
     cfg = params.sample
     check_paths(args, {"ckpt": "a file", "ae_ckpt": "a file", "eval": "a file"}, folders=["out"])
-    metrics = _eval_metrics(args.eval)
+    metrics = registry.headline(registry.read_json(args.eval))
     pipe = LatentDiffusionPipeline.from_checkpoints(args.ckpt, args.ae_ckpt, use_ema=cfg.use_ema)
     pipe.check(SamplingRequest.of(cfg))  # the packaged defaults must be a valid request for this model
     stage_params = {**tracking.section_params(params, "sample"), **tracking.section_params(params, "tracking")}

@@ -9,9 +9,9 @@ import math
 
 from mnist_ldm import tracking
 from mnist_ldm.config.sections import Params
-from mnist_ldm.io.errors import UserError, first_line
-from mnist_ldm.tracking.registry import CHAMPION
+from mnist_ldm.io.errors import UserError
 from mnist_ldm.runtime.command import positive_int
+from mnist_ldm.tracking.registry import CHAMPION
 
 HELP = "set the registry alias 'champion' on the best version by generated FCD (or on --version N)"
 COMPUTES = False  # no --device/--precision: nothing here runs a network
@@ -27,16 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def metric_of(version, metric: str) -> float | None:
     try:
         value = float(version.tags.get(metric, "nan"))
-    except (TypeError, ValueError):
+    except ValueError:
         return None
     return value if math.isfinite(value) else None
 
 
 def describe(version, metric: str) -> str:
-    if version is None:
-        return "none"
-    value = metric_of(version, metric)
-    return f"version {version.version}" + ("" if value is None else f" ({metric} {value:.4f})")
+    value = None if version is None else metric_of(version, metric)
+    return ("none" if version is None else f"version {version.version}"
+            + ("" if value is None else f" ({metric} {value:.4f})"))
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
@@ -47,28 +46,24 @@ def run(params: Params, args: argparse.Namespace) -> dict:
 
     uri, name = tracking.tracking_uri(tracking.repo_root()), params.tracking.registered_model
     client = tracking.connect(uri)
-    try:
-        versions = list(client.search_model_versions(f"name = '{name}'", max_results=10000))
-    except MlflowException as e:
-        raise tracking.TrackingError(f"model registry: cannot list versions of '{name}' ({first_line(e)})") from None
+    versions = sorted(client.search_model_versions(f"name = '{name}'", max_results=10000), key=lambda v: int(v.version))
     if not versions:
         raise tracking.TrackingError(f"model registry: no registered model '{name}' has versions yet; run the "
                                      f"pipeline with tracking.enabled=true (dvc repro) first")
     higher = args.metric.startswith(HIGHER_IS_BETTER)
+    scored = [v for v in versions if metric_of(v, args.metric) is not None]
     if args.version is not None:
         chosen = next((v for v in versions if int(v.version) == args.version), None)
         if chosen is None:
-            have = ", ".join(sorted((str(v.version) for v in versions), key=int))
-            raise UserError(f"--version {args.version}: '{name}' has no such version; it has {have}")
-    else:
-        scored = [((-m if higher else m), -int(v.version), v) for v in versions
-                  if (m := metric_of(v, args.metric)) is not None]
-        if not scored:
-            latest = max(versions, key=lambda v: int(v.version))
-            numeric = sorted(k for k in latest.tags if metric_of(latest, k) is not None)
-            raise UserError(f"--metric {args.metric}: no version of '{name}' has a number under this tag; "
-                            f"version {latest.version} has {', '.join(numeric) or 'none'}")
-        chosen = min(scored, key=lambda s: s[:2])[2]
+            raise UserError(f"--version {args.version}: '{name}' has no such version; it has "
+                            f"{', '.join(str(v.version) for v in versions)}")
+    elif not scored:
+        numeric = sorted(k for k in versions[-1].tags if metric_of(versions[-1], k) is not None)
+        raise UserError(f"--metric {args.metric}: no version of '{name}' has a number under this tag; "
+                        f"version {versions[-1].version} has {', '.join(numeric) or 'none'}")
+    else:  # the best, the newest on a tie
+        sign = -1 if higher else 1
+        chosen = min(reversed(scored), key=lambda v: sign * metric_of(v, args.metric))
     try:
         previous = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:

@@ -5,11 +5,11 @@ commands to take next. It reads the workspace's files (and the Model Registry); 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from mnist_ldm import tracking
 from mnist_ldm.config.sections import Params
-from mnist_ldm.io.errors import UserError
+from mnist_ldm.tracking.registry import read_json
 
 HELP = "print what the last `dvc repro` produced: the data, FCD against its floors, the registered version, next steps"
 COMPUTES = False  # no --device/--precision: nothing here runs a network
@@ -23,18 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--meta", type=Path, default=Path("data/prepared/meta.json"), help="prepare's description")
 
 
-def read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the pipeline's output ({type(e).__name__}); "
-                        f"run `dvc repro` first") from None
-
-
 def registered(params: Params, fcd: float) -> str:
     """The registry's version whose fcd.generated tag is this workspace's, as package_model tagged it."""
-    from mnist_ldm import tracking
-
     name = params.tracking.registered_model
     client = tracking.connect(tracking.tracking_uri(tracking.repo_root()))
     versions = [int(v.version) for v in client.search_model_versions(f"name = '{name}'", max_results=10000)
@@ -43,7 +33,7 @@ def registered(params: Params, fcd: float) -> str:
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:
-    meta, ev = read(args.meta), read(args.eval)
+    meta, ev = read_json(args.meta), read_json(args.eval)
     second = ev.get("second_evaluator", {})
     lines = [f"data:      {meta['counts']['train']:,} train / {meta['counts']['test']:,} test images from "
              f"{meta['source']} ({meta['description']}); FCD on n = {ev['n']:,}",

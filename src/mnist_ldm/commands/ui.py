@@ -32,22 +32,22 @@ HEADLINE = ("eval.fcd.generated", "eval.fcd_ratio_to_ae_reconstruction", "eval.s
             "eval.second_evaluator.fcd_ratio_to_ae_reconstruction")
 MAX_PARAMS = 6  # changed params shown as columns
 VIEWS = {"runs": "mnist-ldm-runs", "compare": "mnist-ldm-compare"}  # the experiment's shared views
+PIPELINE = "tags.`mnist_ldm.kind` = 'pipeline'"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=positive_int, default=5000, help="port on 127.0.0.1 (default: 5000)")
 
 
-def save_views(client, exp_id: str) -> bool:
+def save_views(client, exp_id: str, parents: list) -> bool:
     """Write the runs view and the compare view as shared views of the experiment: the tag
     `mlflow.sharedViewState.<key>` that the UI's *Share* button writes and `?viewStateShareKey=<key>` opens (MLflow's
     URL sets no columns). Both list the pipeline runs only, lowest FCD first; False if the store refuses the tag."""
-    parents = client.search_runs([exp_id], "tags.`mnist_ldm.kind` = 'pipeline'", max_results=500)
     changed = sorted({k for r in parents for k, v in r.data.params.items()
                       if any(p.data.params.get(k) != v for p in parents)})[:MAX_PARAMS]
     columns = [f"params.`{k}`" for k in changed] + [f"metrics.`{k}`" for k in HEADLINE]
-    table = {"searchFilter": "tags.`mnist_ldm.kind` = 'pipeline'", "orderByKey": f"metrics.`{HEADLINE[0]}`",
-             "orderByAsc": True, "selectedColumns": columns, "columnOrder": columns}
+    table = {"searchFilter": PIPELINE, "orderByKey": f"metrics.`{HEADLINE[0]}`", "orderByAsc": True,
+             "selectedColumns": columns, "columnOrder": columns}
     chart = {"metricSectionId": "headline", "deleted": False, "isGenerated": True}
     charts = [*({"uuid": k, "type": "BAR", "metricKey": k, **chart} for k in HEADLINE),
               {"uuid": "params", "type": "PARALLEL", "selectedParams": changed, "selectedMetrics": list(HEADLINE[::2]),
@@ -64,18 +64,16 @@ def save_views(client, exp_id: str) -> bool:
 
 
 def addresses(base: str, uri: str, params: Params) -> str:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
+    """The runs, compare and model addresses on the UI at `base`, after writing the shared views."""
+    client = tracking.connect(uri)
     exp, name = client.get_experiment_by_name(params.tracking.experiment), params.tracking.registered_model
     if exp is None:
         raise UserError(f"tracking.experiment={params.tracking.experiment!r}: no such experiment in {uri}; run the "
                         f"pipeline first (dvc repro)")
-    parents = client.search_runs([exp.experiment_id], "tags.`mnist_ldm.kind` = 'pipeline'", max_results=2,
-                                 order_by=["start_time DESC"])
+    parents = client.search_runs([exp.experiment_id], PIPELINE, max_results=500, order_by=["start_time DESC"])
     runs = f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"  # else the GenAI pages
-    shared = save_views(client, exp.experiment_id)
-    ids = [quote(json.dumps(x, separators=(",", ":")), safe="") for x in ([r.info.run_id for r in parents],
+    shared = save_views(client, exp.experiment_id, parents)
+    ids = [quote(json.dumps(x, separators=(",", ":")), safe="") for x in ([r.info.run_id for r in parents[:2]],
                                                                           [exp.experiment_id])]
     return "\n".join([
         f"runs:    {runs}" + (f"&viewStateShareKey={VIEWS['runs']}" if shared else ""),
@@ -87,20 +85,9 @@ def addresses(base: str, uri: str, params: Params) -> str:
         f"model:   no registered model {name!r} yet (tracking.registered_model; package_model adds it)"])
 
 
-def answers(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def run(params: Params, args: argparse.Namespace) -> dict:
     uri = tracking.tracking_uri(tracking.repo_root())
     if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
-        if not answers(uri.rstrip("/")):
-            raise UserError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not answering; start it, or "
-                            f"unset MLFLOW_TRACKING_URI")
         print(addresses(uri.rstrip("/"), uri, params), flush=True)
         return {"uri": uri, "started": False}
     with socket.socket() as s:  # a server already there would answer in place of ours
@@ -110,22 +97,22 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             raise UserError(f"--port {args.port}: something already listens on 127.0.0.1:{args.port}; pass another "
                             f"--port") from None
     base, log = f"http://127.0.0.1:{args.port}", Path(tempfile.mkstemp(prefix="mnist-ldm-ui-", suffix=".log")[1])
-    mlflow = Path(sys.executable).parent / "mlflow"
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and `kill` stop the server (also when started with &)
         signal.signal(sig, signal.default_int_handler)
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", uri,
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                  "--port", str(args.port), "--host", "127.0.0.1"], stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not answers(base):
-            if proc.poll() is not None:
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(base + "/health", timeout=2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = f"no answer in {START_TIMEOUT_S} s" if proc.poll() is None else f"exit status {proc.returncode}"
                 tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
-                raise UserError(f"mlflow ui exited with status {proc.returncode} before answering ({log}: {tail})")
-            if time.monotonic() > deadline:
-                raise UserError(f"mlflow ui did not answer on {base} within {START_TIMEOUT_S} s (its log: {log})")
+                raise UserError(f"mlflow ui did not come up on {base} ({why}; its log {log}: {tail})")
             time.sleep(0.3)
         print(f"ui: MLflow UI on {uri} at {base} (server log: {log}); Ctrl-C stops it", flush=True)
         print(addresses(base, uri, params), flush=True)

@@ -1,11 +1,12 @@
 """The Model Registry: the packaged generator logged into its stage's run and registered as a new version whose
-description gives its headline and what it was trained from, tagged with its DVC experiment, git commit and the
+description gives its headline and where it comes from, tagged with its DVC experiment, git commit and the
 `VERSION_TAGS` numbers (which `mnist-ldm promote` compares). In a local store each file of the model whose bytes
 DVC's cache holds (the checkpoints, the packaged code of an earlier version) is a hard link to that cache file."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -14,16 +15,24 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mnist_ldm.config.params_file import dotted_value
-from mnist_ldm.tracking.runs import HEADLINE, changes, git_tags
+from mnist_ldm.io.errors import UserError
+from mnist_ldm.tracking.runs import HEADLINE, git_tags, note
 from mnist_ldm.tracking.stagerun import StageRun
 from mnist_ldm.tracking.store import TAG
 
 CHAMPION = "champion"
 DESCRIPTION = ("MNIST latent-diffusion generator (mnist-ldm): pyfunc model, input n/digit/sampler/steps/eta/guidance/"
                "seed, output one row per image")
-# the numbers each version is tagged with (the FCDs, their ratios to the autoencoder floor, recall); the rest of
-# HEADLINE is in its description
-VERSION_TAGS = HEADLINE[:4] + ("prdc.recall",)
+VERSION_TAGS = HEADLINE[:4] + ("prdc.recall",)  # the FCDs, their ratios to the autoencoder floor, recall
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file the pipeline wrote; one line naming it if it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the pipeline's output ({type(e).__name__}); "
+                        f"run `dvc repro` first") from None
 
 
 def headline(result: dict) -> dict[str, float]:
@@ -53,7 +62,7 @@ def register(run: StageRun, model_dir: Path, name: str, metrics: dict[str, float
     return str(mv.version)
 
 
-def describe(metrics: dict[str, float], experiment: str, commit: str, dirty: str, changed: str) -> str:
+def describe(metrics: dict[str, float]) -> str:
     """A version's description: its headline figures and where it comes from."""
     def fig(key: str, digits: int = 4) -> str:
         return f"{metrics[key]:.{digits}f}" if key in metrics else "-"
@@ -61,23 +70,25 @@ def describe(metrics: dict[str, float], experiment: str, commit: str, dirty: str
     return (f"FCD {fig('fcd.generated')} ({fig('fcd_ratio_to_ae_reconstruction', 3)} x the autoencoder floor); "
             f"second evaluator FCD {fig('second_evaluator.fcd.generated')} "
             f"({fig('second_evaluator.fcd_ratio_to_ae_reconstruction', 3)} x); precision {fig('prdc.precision', 3)}, "
-            f"recall {fig('prdc.recall', 3)}; n = {fig('n', 0)}.\n\nDVC experiment `{experiment}` on commit "
-            f"`{commit[:12]}`{' (uncommitted changes)' if dirty == 'true' and experiment == 'workspace' else ''}: "
-            f"{changed}.")
+            f"recall {fig('prdc.recall', 3)}; n = {fig('n', 0)}.\n\n{note(Path.cwd())}")
 
 
-def store_once(model_dir: Path, location: str, cache: Any) -> bool:
-    """Put `model_dir` at the local artifact `location` (file://), each file whose md5 DVC's `cache` holds as a hard
-    link to the cache file, the others copied; False if `location` is not local or a link cannot be made there."""
+def store_once(model_dir: Path, location: str, workdir: Path) -> bool:
+    """Put `model_dir` at the local artifact `location` (file://), each file whose md5 the DVC cache of `workdir`
+    holds as a hard link to the cache file, the others copied; False if `location` is not local, there is no DVC
+    cache, or a link cannot be made there (MLflow copies then)."""
     from urllib.parse import urlparse
     from urllib.request import url2pathname
 
+    from dvc.repo import Repo
     from dvc_data.hashfile.hash import file_md5
 
-    if not location.startswith("file://") or cache is None:
+    if not location.startswith("file://"):
         return False
     dest = Path(url2pathname(urlparse(location).path))
     try:
+        with Repo(str(workdir), uninitialized=True) as repo:
+            cache = repo.cache.local
         for src in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
             target = dest / src.relative_to(model_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -86,20 +97,10 @@ def store_once(model_dir: Path, location: str, cache: Any) -> bool:
                 os.link(cached, target)
             else:
                 shutil.copy2(src, target)
-    except OSError:  # another file system, no hard links: MLflow copies
+    except Exception:  # no DVC cache, another file system, no hard links
         shutil.rmtree(dest, ignore_errors=True)
         return False
     return True
-
-
-def dvc_cache(workdir: Path) -> Any:
-    """The repository's DVC cache of md5-named files, or None."""
-    with contextlib.suppress(Exception):
-        from dvc.repo import Repo
-
-        with Repo(str(workdir), uninitialized=True) as repo:
-            return repo.cache.local
-    return None
 
 
 def new_version(client: Any, run_id: str, stage: str, model_dir: Path, name: str, metrics: dict[str, float]) -> Any:
@@ -108,18 +109,15 @@ def new_version(client: Any, run_id: str, stage: str, model_dir: Path, name: str
     model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="generator",
                                        source_run_id=run_id, tags={TAG + "stage": stage})
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
-    if not store_once(model_dir, model.artifact_location, dvc_cache(Path.cwd())):
+    if not store_once(model_dir, model.artifact_location, Path.cwd()):
         client.log_model_artifacts(model.model_id, str(model_dir))
     client.finalize_logged_model(model.model_id, "READY")
     with contextlib.suppress(Exception):  # there already
         client.create_registered_model(name, description=DESCRIPTION)
-    git = git_tags(Path.cwd())
-    experiment = os.environ.get("DVC_EXP_NAME") or "workspace"
-    commit, dirty = git.get(TAG + "git_commit", "unknown"), git.get(TAG + "git_dirty", "unknown")
-    changed = ", ".join(f"{k}={v}" for k, (_, v) in changes(Path.cwd()).items()) or "the params of that commit"
-    tags = {"dvc_experiment": experiment, "git_commit": commit,
+    tags = {"dvc_experiment": os.environ.get("DVC_EXP_NAME") or "workspace",
+            "git_commit": git_tags(Path.cwd()).get(TAG + "git_commit", "unknown"),
             **{k: repr(metrics[k]) for k in VERSION_TAGS if k in metrics}}
     # the source is the logged model's own location: a `models:/<model_id>` source would make MLflow look the
     # model up in the process-wide default store, not in this client's
     return client.create_model_version(name, model.artifact_location, run_id=run_id, tags=tags, model_id=model.model_id,
-                                       description=describe(metrics, experiment, commit, dirty, changed))
+                                       description=describe(metrics))

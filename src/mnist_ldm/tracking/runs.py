@@ -19,23 +19,20 @@ from mnist_ldm.io.errors import first_line
 from mnist_ldm.tracking.stagerun import StageRun, data_tags
 from mnist_ldm.tracking.store import TAG, TrackingError, connect, experiment_id, git, repo_root, tracking_uri
 
-# eval.json's numbers that a comparison is about, those of the first evaluator first: tracking/registry.py describes
-# each registered version with them (and tags it with the first four), and the first `PARENT_EVAL` go on the parent
-# run, so a new headline metric is one line here. What the parent shows, in this order (MLflow's compare page plots
-# the first metric a run received); the rest stays on the stage runs:
+# eval.json's figures that a comparison is about, in the order the parent run shows them (MLflow's compare page
+# plots the first metric a run received): the first eight go on the parent run, the first four tag each registered
+# version (tracking/registry.py) and all describe it. A new headline metric is one line here.
 HEADLINE = ("fcd.generated", "second_evaluator.fcd.generated", "fcd_ratio_to_ae_reconstruction",
             "second_evaluator.fcd_ratio_to_ae_reconstruction", "fcd.train_vs_test", "prdc.precision", "prdc.recall",
             "class_balance.tv_to_uniform", "fcd_ratio_to_single_gaussian", "fcd.single_gaussian", "prdc.density",
             "prdc.coverage", "class_balance.classes_present", "memorization.ratio", "n")
-PARENT_EVAL = 8
-PARENT_METRICS = (*(f"eval.{k}" for k in HEADLINE[:PARENT_EVAL]), "autoencoder.test_bce", "diffusion.test_loss",
+PARENT_METRICS = (*(f"eval.{k}" for k in HEADLINE[:8]), "autoencoder.test_bce", "diffusion.test_loss",
                   "evaluator.test_accuracy", "second_evaluator.test_accuracy")
 
 
 def dvc_inputs(workdir: Path, stage: str) -> tuple[dict, dict]:
-    """DVC's hashes, now: of `stage`'s command, deps and params ({} if dvc.yaml lacks it), and of each dep that no
-    stage writes (code, raw data, params.yaml); read from the workspace, since a running stage's dvc.lock entry is
-    its previous run's."""
+    """DVC's hashes of `stage`'s command, deps and params ({} if dvc.yaml lacks it), and of each dep no stage writes
+    (code, raw data, params.yaml), from the workspace: a running stage's dvc.lock entry is its previous run's."""
     from dvc.dependency import ParamsDependency
     from dvc.repo import Repo
 
@@ -60,20 +57,6 @@ def dvc_inputs(workdir: Path, stage: str) -> tuple[dict, dict]:
     return inputs, sources
 
 
-def current_metrics(workdir: Path, running: str) -> set[str]:
-    """The metrics files of `running` and of each stage that DVC finds up to date (its dvc.lock entry against the
-    workspace) with all its upstream stages: not one still to run under `dvc repro`, nor one after a failed stage.
-    Asked through DVC's API, not `dvc status`, whose lock the running `dvc repro` holds."""
-    from dvc.repo import Repo
-    from dvc.repo.graph import collect_pipeline
-
-    with Repo(str(workdir), uninitialized=True) as repo:
-        graph = repo.index.graph
-        stale = {s for s in graph if s.name != running and (s.changed_stage() or any(d.status() for d in s.deps))}
-        return {o.def_path for s in graph for o in s.outs if o.metric
-                and (s.name == running or stale.isdisjoint(collect_pipeline(s, graph)))}
-
-
 def section_params(params: Params, section: str) -> dict[str, Any]:
     """`{"section.key": value}` for one params section."""
     return {k: v for k, v in params.flat().items() if k.startswith(section + ".")}
@@ -89,39 +72,35 @@ def git_tags(workdir: Path) -> dict[str, str]:
     return {**tags, **{TAG + v.lower(): os.environ[v] for v in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if os.environ.get(v)}}
 
 
-def changes(workdir: Path) -> dict[str, tuple[Any, Any]]:
-    """`{"section.key": (baseline value, value)}` for each param of `workdir`'s params.yaml that differs from the
-    params.yaml of the commit it starts from (the DVC experiment's baseline, else HEAD); {} if either is unreadable."""
+def note(workdir: Path) -> str:
+    """Where a run or a registered version comes from (a parent run's `mlflow.note.content`): the DVC experiment or
+    the workspace, its commit (the experiment's baseline, else HEAD), and each param of params.yaml that differs
+    from that commit's."""
     from mnist_ldm.config.params_file import load_params, params_from_dict, parse_yaml
 
-    base = git(["show", f"{os.environ.get('DVC_EXP_BASELINE_REV') or 'HEAD'}:params.yaml"], workdir)
+    tags = git_tags(workdir)
+    rev = tags.get(TAG + "git_commit", "")
     try:
-        old, new = params_from_dict(parse_yaml(base)).flat(), load_params(workdir / "params.yaml").flat()
+        old = params_from_dict(parse_yaml(git(["show", f"{rev or 'HEAD'}:params.yaml"], workdir))).flat()
+        diff = [f"`{k}` {old.get(k)} -> {v}" for k, v in load_params(workdir / "params.yaml").flat().items()
+                if old.get(k) != v]
     except Exception:  # no commit, no params.yaml in it, or one this version cannot read
-        return {}
-    return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-
-
-def note(workdir: Path) -> str:
-    """A parent run's description (`mlflow.note.content`): the DVC experiment and the params it changes."""
-    diff = changes(workdir)
-    rev = os.environ.get("DVC_EXP_BASELINE_REV") or git(["rev-parse", "HEAD"], workdir) or "no commit"
-    name = f"DVC experiment `{os.environ['DVC_EXP_NAME']}`" if os.environ.get("DVC_EXP_NAME") else "The workspace"
-    return (f"{name} against commit `{rev[:12]}`: " + (", ".join(f"`{k}` {a} -> {b}" for k, (a, b) in diff.items())
-                                                     if diff else "the same params (the baseline)") + ".")
+        diff = []
+    name = (f"DVC experiment `{os.environ['DVC_EXP_NAME']}`" if os.environ.get("DVC_EXP_NAME") else
+            "The workspace" + (" (uncommitted changes)" if tags.get(TAG + "git_dirty") == "true" else ""))
+    return f"{name} against commit `{rev[:12] or 'none'}`: {', '.join(diff) or 'the same params (the baseline)'}."
 
 
 def open_run(client: Any, exp_id: str, key: dict[str, str], name: str, tags: dict[str, str]) -> tuple[Any, bool]:
-    """The newest run of `exp_id` tagged with `key`, else a new one named `name`, tagged `key` and `tags`; and
-    whether it is new."""
+    """The newest run of `exp_id` tagged `key`, else a new one named `name`, tagged `key` and `tags`; and if new."""
     found = client.search_runs([exp_id], " and ".join(f"tags.`{k}` = '{v}'" for k, v in key.items()), max_results=1,
                                order_by=["attributes.start_time DESC"])
     return (found[0], False) if found else (client.create_run(exp_id, run_name=name, tags={**tags, **key}), True)
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_meta: Optional[dict] = None,
-              workdir: Optional[Path] = None) -> Iterator[StageRun]:
+def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
+              data_meta: Optional[dict] = None) -> Iterator[StageRun]:
     """The run of `stage` under the parent run of the pipeline's state: a new one; the interrupted one with the same
     inputs, continued; or the finished one, linked to (tagged, and named on the parent) instead of a twin. Both are
     marked FAILED if the stage raises (KILLED on Ctrl-C or SIGTERM, e.g. `dvc queue kill`). A stage run by hand
@@ -132,8 +111,7 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
     from dvc.utils import dict_md5
     from mlflow.entities import Param, RunTag
 
-    workdir = (workdir or Path.cwd()).resolve()
-    root = repo_root()
+    workdir, root = Path.cwd().resolve(), repo_root()
     uri = tracking_uri(root)
     dvc_stage, sources = dvc_inputs(workdir, stage)
     # the command line and the run-time choices set in the environment (MNIST_LDM_PRECISION, ...) are inputs too
@@ -192,7 +170,7 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any], data_met
         if main:
             signal.signal(signal.SIGTERM, previous)
         if own_parent and under_dvc:  # a failed stage's own figures are not taken
-            parent_metrics(run, workdir, stage if status == "FINISHED" else "")
+            run.call("parent metrics", parent_metrics, run, workdir, stage if status == "FINISHED" else "")
         for rid, own in ((run_id, not linked), (parent_id, own_parent)):
             if own:
                 run.call("run status", client.set_terminated, rid, status)
@@ -209,15 +187,25 @@ def training_run(stage: str, params: Params, section: str, data_meta: dict, data
 
 
 def parent_metrics(run: StageRun, workdir: Path, finished: str) -> None:
-    """Put `PARENT_METRICS` on the parent, in that order, from the metrics files `current_metrics` names (the
-    running stage's only if it `finished`); each value once."""
+    """Put `PARENT_METRICS` on the parent, in that order, each value once, from the metrics files of `finished` (the
+    running stage, or "" if it failed) and of each stage that DVC finds up to date (its dvc.lock entry against the
+    workspace) with all its upstream stages: not one still to run under `dvc repro`, nor one after a failed stage.
+    Asked through DVC's API, not `dvc status`, whose lock the running `dvc repro` holds."""
+    from dvc.repo import Repo
+    from dvc.repo.graph import collect_pipeline
+
+    with Repo(str(workdir), uninitialized=True) as repo:
+        graph = repo.index.graph
+        stale = {s for s in graph if s.name != finished and (s.changed_stage() or any(d.status() for d in s.deps))}
+        paths = sorted(o.def_path for s in graph for o in s.outs if o.metric
+                       and (s.name == finished or stale.isdisjoint(collect_pipeline(s, graph))))
     found = {}
-    for path in sorted(run.call("dvc stage status", current_metrics, workdir, finished) or ()):
+    for path in paths:
         with contextlib.suppress(OSError, ValueError):
             data = json.loads((workdir / path).read_text())
             found.update({k: dotted_value(data, k.split(".", 1)[1]) for k in PARENT_METRICS
                           if k.split(".", 1)[0] == Path(path).stem})
-    parent = run.call("parent metrics", run.client.get_run, run.parent_id) if found else None
-    if parent is not None:
-        run.log_metrics({k: found[k] for k in PARENT_METRICS if k in found and parent.data.metrics.get(k) != found[k]},
+    if found:
+        logged = run.client.get_run(run.parent_id).data.metrics
+        run.log_metrics({k: found[k] for k in PARENT_METRICS if k in found and logged.get(k) != found[k]},
                         run_id=run.parent_id)

@@ -108,10 +108,9 @@ def experiment_id(client: Any, name: str, uri: str, root: Path) -> str:
 
 
 def repoint(db: Path, old: str, new: str) -> None:
-    """Replace the prefix `old` by `new` in every artifact location of the sqlite store `db`: the store of a copied
-    or moved repository, whose locations name the original's `mlartifacts`. MLflow has no call for it: its sqlite
-    store turns every local artifact location into an absolute path when the experiment is created and copies it
-    into each run, logged model and model version."""
+    """Replace the prefix `old` by `new` in every artifact location of the sqlite store `db` (a copied or moved
+    repository's): MLflow makes each local location absolute and copies it into every run, model and version, and
+    has no call to change them."""
     columns = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
                ("model_versions", "source"), ("model_versions", "storage_location"))
     try:

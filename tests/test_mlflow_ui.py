@@ -234,7 +234,7 @@ def test_registry_page_lists_a_version_per_variant_and_the_champion(logged, page
     assert set(versions) == set(VARIANTS), sorted(versions)
     for name, version in versions.items():  # a handful of tags; the headline in the description
         assert len(version.tags) <= 8 and version.description.startswith("FCD "), (version.tags, version.description)
-        assert f"`{name}`" in version.description and f"`diffusion.lr` " in version.description
+        assert f"`{name}`" in version.description and "`diffusion.lr` " in version.description
         assert f"-> {VARIANTS[name]}" in version.description, version.description
     champion = client.get_model_version_by_alias(EXPERIMENT, "champion")
     best = min(versions.values(), key=lambda v: (float(v.tags["fcd.generated"]), -int(v.version)))

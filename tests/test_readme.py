@@ -9,9 +9,9 @@ docs/tracking.md's in tests/test_docs_tracking.py (the grid search through `dvc 
 the DVC artifact) and the other pages' in tests/test_docs_api.py (the command line and the pipeline API), each in a
 workspace of its own. What this machine cannot do is in `NOT_HERE`, with the reason; what a test must change in a
 block (a free port instead of 5001, a local folder instead of an S3 bucket) is in `EDITS`, what a block needs
-from an earlier page's in `NEEDS`, and a block whose result other tests read too, run once by a session fixture
-whose copy is its page's workspace, in `SHARED`, each with the reason. Each entry must still match a block of one of the files: a
-stale one fails the test.
+from an earlier page's in `NEEDS`, and a block whose result other tests read too (run once by a session fixture
+whose copy is its page's workspace) in `SHARED`, each with the reason. Each entry must still match a block of one
+of the files: a stale one fails the test.
 """
 
 from __future__ import annotations

@@ -288,8 +288,9 @@ def copy_trained(trained_repo: Path, dest: Path, params: dict | None = None) -> 
     return dest
 
 
-# the learning-rate experiments of `lr_experiments`: DVC experiment name -> diffusion.lr
-LR_VARIANTS = {"lr-5e-4": "0.0005", "lr-1e-3": "0.001"}
+# the learning-rate experiments of `lr_experiments`, docs/tracking.md's grid search as tests/test_readme.py's `EDITS`
+# runs it: DVC experiment name -> diffusion.lr
+LR_VARIANTS = {"lr-1": "0.0001", "lr-2": "0.0002"}
 
 
 @pytest.fixture(scope="session")
@@ -303,17 +304,19 @@ def untracked_repo(trained_repo, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lr_experiments(trained_repo, tmp_path_factory) -> Path:
-    """The committed trained repository, its MLflow store emptied, after `dvc exp run -n <name> -S diffusion.lr=<lr>`
-    for each of `LR_VARIANTS` (the stages from train_diffusion on, each experiment registering a generator version
-    in the repository's default sqlite store, which holds these two experiments' runs only) and `mnist-ldm promote`
-    (what it printed is in `promoted.txt` beside the repository). Built once (`built_once`), read only (`copy_repo`
-    gives a private copy)."""
+    """The committed trained repository, its MLflow store emptied, after docs/tracking.md's grid search
+    (`run_grid` in tests/test_readme.py: `dvc exp run --queue -n lr -S diffusion.lr=...` for each of `LR_VARIANTS`,
+    the stages from train_diffusion on, each experiment registering a generator version in the repository's default
+    sqlite store, which holds these two experiments' runs only) and `mnist-ldm promote` (what it printed is in
+    `promoted.txt` beside the repository). Built once (`built_once`), read only (`copy_repo` gives a private copy;
+    tests/test_docs_tracking.py runs the page's later blocks in one)."""
     def build(repo: Path) -> None:
+        from test_readme import run_grid
+
         copy_trained(trained_repo, repo)
         (repo / "mlflow.db").unlink()
         shutil.rmtree(repo / "mlartifacts")
-        for name, lr in LR_VARIANTS.items():  # the whole pipeline after train_diffusion
-            run([str(BIN / "dvc"), "exp", "run", "-n", name, "-S", f"diffusion.lr={lr}"], repo, timeout=400)
+        run_grid(repo, test_env())
         (repo.parent / "promoted.txt").write_text(run([str(BIN / "mnist-ldm"), "promote"], repo).stdout)
 
     return built_once(tmp_path_factory, "lr_experiments", build)

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, cli, copy_trained, merge, run
+from conftest import REPO, cli, copy_repo, copy_trained, merge, run
 
 # Everything a stage may write; an error must leave all of it as it was.
 WATCHED_DIRS = ("models", "data/prepared", "data/latents", "outputs", "metrics", "plots")
@@ -43,10 +43,10 @@ def snapshot(repo: Path) -> dict[str, tuple[int, int, str]]:
 
 
 @pytest.fixture(scope="module")
-def repo(trained_repo, tmp_path_factory) -> Path:
-    """A shrunk copy of the project after a full `dvc repro` (tracking off: it only adds time here):
-    models, data, samples and metrics exist."""
-    repo = copy_trained(trained_repo, tmp_path_factory.mktemp("bad_inputs") / "repo", {"tracking": {"enabled": False}})
+def repo(untracked_repo, tmp_path_factory) -> Path:
+    """A shrunk copy of the project after a full `dvc repro` (tracking off: it only adds time here; a private
+    copy of `untracked_repo`): models, data, samples and metrics exist."""
+    repo = copy_repo(untracked_repo, tmp_path_factory.mktemp("bad_inputs") / "repo")
     for rel in ("models/autoencoder.pt", "models/diffusion.pt", "models/evaluator.pt", "data/prepared/train.npz",
                 "data/latents/train.npz", "outputs/samples.npz", "metrics/eval.json"):
         assert (repo / rel).is_file(), rel

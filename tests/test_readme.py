@@ -8,9 +8,10 @@ Python program, in the repository, one after another in the docs' order: README.
 docs/tracking.md's in tests/test_docs_tracking.py (the grid search through `dvc queue`, the Python REST client,
 the DVC artifact) and the other pages' in tests/test_docs_api.py (the command line and the pipeline API), each in a
 workspace of its own. What this machine cannot do is in `NOT_HERE`, with the reason; what a test must change in a
-block (a free port instead of 5001, a local folder instead of an S3 bucket) is in `EDITS`, and what a block needs
-from an earlier page's in `NEEDS`, each with the reason. Each entry must still match a block of one of the files: a
-stale one fails the test.
+block (a free port instead of 5001, a local folder instead of an S3 bucket) is in `EDITS`, what a block needs
+from an earlier page's in `NEEDS`, and a block whose result other tests read too (run once by a session fixture
+whose copy is its page's workspace) in `SHARED`, each with the reason. Each entry must still match a block of one
+of the files: a stale one fails the test.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, SERVER_JOBS, first_build, free_port, run
+from conftest import BIN, REPO, SERVER_JOBS, copy_repo, first_build, free_port, run
 from conftest import test_env as user_env
 from mnist_ldm.config.params_file import load_params
 
@@ -58,7 +58,7 @@ NOT_HERE = {
 
 # first line of a block -> (README text, what runs instead, why)
 EDITS = {
-    "dvc exp run --queue -S 'diffusion.lr=1e-4,2e-4,4e-4'": [
+    "dvc exp run --queue -n lr -S 'diffusion.lr=1e-4,2e-4,4e-4'": [
         ("diffusion.lr=1e-4,2e-4,4e-4", "diffusion.lr=1e-4,2e-4",
          "two values go through the same queue and worker; each value is one more whole experiment")],
     "export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db": [("5001", "{port_a}", "a free port")],
@@ -157,8 +157,7 @@ def docs_workspace(trained_repo: Path, root: Path):
     """A copy of the trained shrunk repository (tracking on: its own sqlite store) with a git remote
     `origin` and a local DVC remote, as a user's clone has; the servers the README starts are stopped
     at the end."""
-    repo = root / "repo"
-    shutil.copytree(trained_repo, repo, symlinks=True)
+    repo = copy_repo(trained_repo, root / "repo")
     origin, team = root / "origin.git", root / "dvc-remote"
     values = {"origin": str(origin), "storage": str(root / "storage"), "port_a": str(free_port()),
               "port_b": str(free_port()), "port_ui": str(free_port())}
@@ -166,7 +165,7 @@ def docs_workspace(trained_repo: Path, root: Path):
                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=SERVER_JOBS)  # as the README's tip says
     for cmd in (["git", "init", "-q", "--bare", "-b", "main", str(origin)], ["git", "remote", "add", "origin", str(origin)],
                 [str(BIN / "dvc"), "remote", "add", "-d", "team", str(team)], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "trained"], ["git", "push", "-q", "-u", "origin", "main"],
+                ["git", "commit", "-qm", "trained", "--allow-empty"], ["git", "push", "-q", "-u", "origin", "main"],
                 [str(BIN / "dvc"), "push", "-q"]):
         run(cmd, repo, env=env)
     try:
@@ -197,6 +196,24 @@ def run_block(block: Block, repo: Path, values: dict, env: dict) -> subprocess.C
     return proc
 
 
+# first line of a block -> the session fixture of tests/conftest.py that runs it once (through `run_grid`) for the
+# tests that read what it leaves, and whose copy is the workspace of the page's later blocks
+SHARED = {"dvc exp run --queue -n lr -S": "lr_experiments: the MLflow UI and tracking tests read the same two "
+                                          "experiments, their runs and their registered versions"}
+
+
+def run_grid(repo: Path, env: dict) -> None:
+    """docs/tracking.md's grid search (the block `SHARED` names, with its `EDITS`) in `repo`, until the queue has
+    finished: one MLflow parent run per value, with the params of the commit it started from and that value."""
+    [block] = [b for b in readme_blocks() if key_of(b, SHARED)]
+    base = logged_params(repo / "params.yaml")  # what a queued variant starts from
+    run_block(block, repo, {}, env)
+    wait_for_queue(repo, env)
+    grid = re.search(r"diffusion\.lr=([\d.e,-]+)", prepared(block, {})).group(1).split(",")
+    for lr in grid:
+        assert parents_like(repo, {**base, "diffusion.lr": str(float(lr))}) == 1, f"diffusion.lr={lr}"
+
+
 def wait_for_queue(repo: Path, env: dict) -> None:
     """`dvc queue start` returns at once; a user waits until `dvc queue status` has nothing left to run."""
     deadline = time.monotonic() + 900
@@ -224,7 +241,7 @@ def parents_like(repo: Path, params: dict[str, str]) -> int:
     return sum(all(v == params[k] for k, v in r.data.params.items() if k in params) for r in runs)
 
 
-VARIANT = re.compile(r"^dvc exp run --queue -n (\S+)((?: -S \S+)+)", re.M)
+VARIANT = re.compile(r"^dvc exp run --queue -n (\S+)((?: -S [\w.]+=[^\s,']+)+)\s", re.M)  # one value per key
 
 
 def check_variants(block_text: str, repo: Path, env: dict) -> None:
@@ -252,7 +269,7 @@ def check_variants(block_text: str, repo: Path, env: dict) -> None:
 
 def test_every_exception_names_a_block_of_the_docs():
     firsts = [b.first for b in readme_blocks()]
-    for table in (NOT_HERE, EDITS, NEEDS):
+    for table in (NOT_HERE, EDITS, NEEDS, SHARED):
         for key in table:
             assert any(f.startswith(key) for f in firsts), f"no block of {doc_files()} starts with {key!r}; update the test"
 
@@ -295,17 +312,14 @@ def run_pages(pages: tuple[str, ...], workspace) -> list[str]:
     for block in readme_blocks():
         if key_of(block, NOT_HERE) or block.file not in pages:
             continue
-        base = logged_params(repo / "params.yaml")  # what a queued variant starts from
+        if key_of(block, SHARED):  # ran in the fixture this workspace is a copy of
+            ran.append(block.first)
+            continue
         need = key_of(block, NEEDS)
         if need and "README.md" not in pages:
             run_block(Block("bash", block.file, block.line, NEEDS[need][1].format(**values) + "\n"), repo, values, env)
         proc = run_block(block, repo, values, env)
         ran.append(block.first)
-        if "dvc queue start" in block.text:  # the grid: every experiment finished, one MLflow parent run each
-            wait_for_queue(repo, env)
-            grid = re.search(r"diffusion\.lr=([\d.e,-]+)", prepared(block, values)).group(1).split(",")
-            for lr in grid:
-                assert parents_like(repo, {**base, "diffusion.lr": str(float(lr))}) == 1, f"diffusion.lr={lr}"
         if VARIANT.search(block.text):
             check_variants(block.text, repo, env)
         if block.first.startswith("dvc exp apply"):  # the README's way back to the baseline

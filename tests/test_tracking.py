@@ -418,17 +418,19 @@ def test_server_lost_mid_training_warns_and_finishes(server, server_repo, tmp_pa
 # --------------------------------------------------------------------------- experiments
 
 def test_an_experiment_adds_one_parent_with_a_child_per_stage_it_reruns(lr_experiments):
-    """`dvc exp run -S diffusion.lr=...` twice (`lr_experiments`: its store held no runs before them)."""
+    """docs/tracking.md's grid search of two `diffusion.lr` values (`lr_experiments`: its store held no runs before
+    them)."""
     repo = lr_experiments
     runs = all_runs(client_for(sqlite_uri(repo)))
     assert sorted(p.info.run_name for p in parents(runs)) == sorted(LR_VARIANTS)  # one parent per experiment
-    [parent] = [p for p in parents(runs) if p.info.run_name == "lr-5e-4"]
+    name, lr = next(iter(LR_VARIANTS.items()))
+    [parent] = [p for p in parents(runs) if p.info.run_name == name]
     kids = children(runs, parent.info.run_id)
     assert set(kids) == downstream(pipeline(repo), {"train_diffusion"})
     assert set(kids) & STAGES == {"train_diffusion", "sample", "evaluate"}
     assert len(runs) == len(LR_VARIANTS) * (1 + len(kids))  # and a child per stage it re-ran, nothing more
-    assert kids["train_diffusion"].data.params["diffusion.lr"] == "0.0005"
-    assert parent.data.params["diffusion.lr"] == "0.0005"
+    assert kids["train_diffusion"].data.params["diffusion.lr"] == lr
+    assert parent.data.params["diffusion.lr"] == lr
     assert parent.data.tags["mnist_ldm.dvc_exp_name"] == parent.info.run_name
     assert parent.data.tags["mnist_ldm.dvc_exp_baseline_rev"] == git("rev-parse", "HEAD", repo=repo)
     assert "autoencoder.test_bce" in parent.data.metrics  # from the stage the experiment did not re-run

@@ -99,12 +99,13 @@ def test_wrong_s3_secret_fails_the_push_and_writes_nothing(workspace, tmp_path: 
     (alice / "extra.txt").write_text("extra\n")
     run([str(BIN / "dvc"), "add", "extra.txt"], alice, env=env)
     before = run([str(BIN / "dvc"), "status", "-c"], alice, env=env).stdout
-    run([str(BIN / "dvc"), "remote", "modify", "--local", "shared", "secret_access_key", "wrong"], alice, env=env)
+    local, secret = alice / ".dvc/config.local", settings(alice.parent / "team.env")["secret"]
+    config = local.read_text()
+    local.write_text(config.replace(secret, "wrong"))  # as `dvc remote modify --local shared secret_access_key wrong`
     try:
         proc = run([str(BIN / "dvc"), "push"], alice, check=False, env=env)
     finally:
-        run([str(BIN / "dvc"), "remote", "modify", "--local", "shared", "secret_access_key",
-             settings(alice.parent / "team.env")["secret"]], alice, env=env)
+        local.write_text(config)
     print("wrong secret:", proc.stderr.strip())
     assert proc.returncode != 0
     assert proc.stderr.startswith("ERROR: ") and "Forbidden" in proc.stderr.splitlines()[0], proc.stderr

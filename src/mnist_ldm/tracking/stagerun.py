@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from mnist_ldm.io.errors import first_line
 from mnist_ldm.runtime.progress import warn
-from mnist_ldm.tracking.store import TAG
+from mnist_ldm.tracking.store import ENV_DEFAULTS, TAG
 
 RETRY_S = 5.0  # a store that failed is tried again after this, then after twice as long each time, and at the end
+RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
 def data_tags(meta: Optional[dict]) -> dict[str, str]:
     """The data's source and content hash, from `prepare`'s meta.json."""
@@ -50,7 +52,7 @@ class StageRun:
         if self.lost:
             if write:
                 self.pending.append((what, fn, args, kwargs))
-            if write or not self.retry():
+            if not self.retry() or write:
                 return None
         try:
             return fn(*args, **kwargs)
@@ -69,18 +71,22 @@ class StageRun:
         self.lost, self.warned, self.next_try = what, True, time.monotonic() + self.wait
 
     def retry(self, final: bool = False) -> bool:
-        """Send the kept writes, in order, if the store is due to be tried again (always if `final`); whether the
-        store answers."""
+        """Send the kept writes, in order, if the store is due to be tried again (always if `final`, with MLflow's
+        own retries; else one try, a moment's cost if it is still away); whether the store answers."""
         if self.lost and (final or time.monotonic() >= self.next_try):
-            sent = 0
-            for what, fn, args, kwargs in self.pending:
-                try:
-                    fn(*args, **kwargs)
-                except Exception as e:
-                    del self.pending[:sent]
-                    self.failed(what, e)
-                    return False
-                sent += 1
+            retries = os.environ.get(RETRIES, ENV_DEFAULTS[RETRIES])
+            os.environ[RETRIES], sent = retries if final else "0", 0
+            try:
+                for what, fn, args, kwargs in self.pending:
+                    try:
+                        fn(*args, **kwargs)
+                    except Exception as e:
+                        del self.pending[:sent]
+                        self.failed(what, e)
+                        return False
+                    sent += 1
+            finally:
+                os.environ[RETRIES] = retries
             self.pending.clear()
             self.lost = None
             if sent:

@@ -99,12 +99,13 @@ def test_wrong_s3_secret_fails_the_push_and_writes_nothing(workspace, tmp_path: 
     (alice / "extra.txt").write_text("extra\n")
     run([str(BIN / "dvc"), "add", "extra.txt"], alice, env=env)
     before = run([str(BIN / "dvc"), "status", "-c"], alice, env=env).stdout
-    run([str(BIN / "dvc"), "remote", "modify", "--local", "shared", "secret_access_key", "wrong"], alice, env=env)
+    local, secret = alice / ".dvc/config.local", settings(alice.parent / "team.env")["secret"]
+    config = local.read_text()
+    local.write_text(config.replace(secret, "wrong"))  # as `dvc remote modify --local shared secret_access_key wrong`
     try:
         proc = run([str(BIN / "dvc"), "push"], alice, check=False, env=env)
     finally:
-        run([str(BIN / "dvc"), "remote", "modify", "--local", "shared", "secret_access_key",
-             settings(alice.parent / "team.env")["secret"]], alice, env=env)
+        local.write_text(config)
     print("wrong secret:", proc.stderr.strip())
     assert proc.returncode != 0
     assert proc.stderr.startswith("ERROR: ") and "Forbidden" in proc.stderr.splitlines()[0], proc.stderr
@@ -129,28 +130,80 @@ def test_s3_down_during_push_then_the_next_push_completes(workspace):
     assert "Cache and remote 'shared' are in sync." in status, status
 
 
-def test_postgres_stopped_during_training_warns_once_and_the_stage_finishes(workspace, tmp_path: Path):
+def test_postgres_stopped_during_training_warns_once_and_the_figures_arrive(workspace, tmp_path: Path):
+    """PostgreSQL stops for 10 s while `train_diffusion` trains: one warning, the stage goes on and finishes, and
+    every epoch's figures and the headline reach the run once the server's store is back."""
     alice, values, env = workspace
     root = str(alice / ".team")
     run([*TEAM, "up", "--root", root], alice, env=env)
-    env = {**env, "MLFLOW_TRACKING_URI": settings(alice.parent / "team.env")["uri"]}
-    out = tmp_path / "diffusion.pt"
+    uri = settings(alice.parent / "team.env")["uri"]
+    epochs, out = 80, tmp_path / "diffusion.pt"
     proc = subprocess.Popen(
         [str(BIN / "mnist-ldm"), "train-diffusion", "--ae-ckpt", "models/autoencoder.pt", "--latents", "data/latents",
          "--data", "data/prepared", "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--plots",
-         str(tmp_path / "plots"), "--epochs", "60"], cwd=alice, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+         str(tmp_path / "plots"), "--epochs", str(epochs)], cwd=alice, env={**env, "MLFLOW_TRACKING_URI": uri},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     lines = []
     while not any("logging to run" in line for line in lines):  # the run exists: training starts
         assert proc.poll() is None and time.monotonic() < deadline, "".join(lines) + proc.stderr.read()
         lines.append(proc.stderr.readline())
+    run_id = next(line for line in lines if "logging to run" in line).split("logging to run ")[1].split()[0]
     run([*TEAM, "down", "postgres", "--root", root], alice, env=env)
     time.sleep(10)
     run([*TEAM, "up", "postgres", "--root", root], alice, env=env)
+    back = proc.poll() is None  # the stage still trains when PostgreSQL is back
     stdout, stderr = proc.communicate(timeout=600)
     stderr = "".join(lines) + stderr
     print("PostgreSQL stopped 10 s:", stderr.strip())
     assert proc.returncode == 0, stderr
+    assert back, f"the stage ended before PostgreSQL was back: give it more epochs than {epochs}"
     assert stderr.count("warning: mlflow: train_diffusion") == 1, stderr
-    assert out.stat().st_size > 0 and json.loads((tmp_path / "m.json").read_text())
+    assert out.stat().st_size > 0
+    final = json.loads((tmp_path / "m.json").read_text())
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    got = client.get_run(run_id)
+    assert got.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == list(range(1, epochs + 1))
+    headline = {k: v for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert headline and {k: got.data.metrics.get(k) for k in headline} == pytest.approx(headline), got.data.metrics
+
+
+def test_four_stages_logging_at_once_lose_no_metric_and_make_no_twin(workspace, tmp_path: Path):
+    """Load: 4 `train-diffusion` processes (each its own outputs, so its own stage run) log to the server at once;
+    every run gets every epoch's figures, and the 4 share one parent run (the same params and sources)."""
+    alice, values, env = workspace
+    run([*TEAM, "up", "--root", str(alice / ".team")], alice, env=env)
+    uri = settings(alice.parent / "team.env")["uri"]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.get_experiment_by_name("mnist-ldm").experiment_id
+    before = {r.info.run_id for r in client.search_runs([exp_id], "")}
+    epochs, t0 = 4, time.monotonic()
+    procs = [subprocess.Popen(
+        [str(BIN / "mnist-ldm"), "train-diffusion", "--ae-ckpt", "models/autoencoder.pt", "--latents", "data/latents",
+         "--data", "data/prepared", "--out", str(tmp_path / f"d{i}.pt"), "--metrics", str(tmp_path / f"m{i}.json"),
+         "--plots", str(tmp_path / f"plots{i}"), "--epochs", str(epochs), "--set", "diffusion.generate_images=false"],
+        cwd=alice, env={**env, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(4)]
+    results = [p.communicate(timeout=600) for p in procs]
+    wall = time.monotonic() - t0
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0 and "warning: mlflow" not in err, err
+    new = [r for r in client.search_runs([exp_id], "") if r.info.run_id not in before]
+    stages = [r for r in new if r.data.tags.get("mnist_ldm.kind") == "stage"]
+    parent_ids = {r.data.tags["mlflow.parentRunId"] for r in stages}
+    key = client.get_run(next(iter(parent_ids))).data.tags["mnist_ldm.pipeline_key"]
+    twins = client.search_runs([exp_id], f"tags.`mnist_ldm.pipeline_key` = '{key}'")
+    points = {r.info.run_id: [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")] for r in stages}
+    print(f"4 stages at once: {wall:.0f} s; {len(new)} new runs ({len(stages)} stage runs, parents of this "
+          f"pipeline: {len(twins)}); train_loss points per run: {sorted(map(len, points.values()))}; "
+          f"metrics per run: {sorted(len(r.data.metrics) for r in stages)}")
+    assert len(stages) == 4 and len(parent_ids) == 1 and len(twins) == 1, (len(stages), parent_ids, len(twins))
+    assert all(steps == list(range(1, epochs + 1)) for steps in points.values()), points
+    assert len(new) - len(stages) <= 1  # at most the one parent

@@ -169,6 +169,7 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+        run.retry(final=True)  # what the store missed, if it answers now
         if own_parent and under_dvc:  # a failed stage's own figures are not taken
             run.call("parent metrics", parent_metrics, run, workdir, stage if status == "FINISHED" else "")
         for rid, own in ((run_id, not linked), (parent_id, own_parent)):

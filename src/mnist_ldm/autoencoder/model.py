@@ -16,9 +16,9 @@ from pydantic import TypeAdapter
 
 from mnist_ldm.config.sections import AutoencoderKind, Width, spec_from
 from mnist_ldm.io.checkpoint import load_model_checkpoint
-from mnist_ldm.runtime.device import autocast, model_device
+from mnist_ldm.runtime.device import autocast, batched, model_device
 from mnist_ldm.runtime.memory import INFERENCE_BATCH
-from mnist_ldm.data.images import PIXELS, SIDE, as_batch, batched, to_uint8
+from mnist_ldm.data.images import PIXELS, SIDE, as_batch, to_uint8
 
 
 @dataclass(frozen=True)

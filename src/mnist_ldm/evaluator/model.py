@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from mnist_ldm.io.atomic import write_npz
 from mnist_ldm.io.checkpoint import load_model_checkpoint
 from mnist_ldm.io.errors import UserError
+from mnist_ldm.runtime.device import batched
 from mnist_ldm.runtime.memory import INFERENCE_BATCH
-from mnist_ldm.data.images import as_batch, batched
+from mnist_ldm.data.images import as_batch
 
 FEATURE_DIM = 128
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -73,6 +73,16 @@ def autocast(device: torch.device, precision: str):
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's weights are (the CPU for one without any, like the pixel-space autoencoder)."""
     return next(model.parameters(), torch.empty(0)).device
+
+
+@torch.no_grad()
+def batched(fn: Callable, model: torch.nn.Module, xs, batch_size: int, precision: str) -> torch.Tensor:
+    """`fn(batch, device)` over `xs` in batches, with `model` in eval mode on its device under `precision`; the
+    results concatenated in fp32 on the CPU."""
+    model.eval()
+    dev = model_device(model)
+    with autocast(dev, precision):
+        return torch.cat([fn(xs[i:i + batch_size], dev).float().cpu() for i in range(0, len(xs), batch_size)])
 
 
 def live_jobs(folder: Path) -> int:

@@ -144,9 +144,8 @@ class EvaluateConfig(Section):
 
 
 def registry_name_ok(name: str) -> bool:
-    """A registered-model name that MLflow 3 takes (`mlflow.utils.validation._validate_model_name`: not blank, no
-    '/' or ':', unchanged by `posixpath.normpath`; its file store: no path separator or '%'), without
-    surrounding spaces."""
+    """A registered-model name MLflow 3 takes (`mlflow.utils.validation._validate_model_name` and its file store),
+    without surrounding spaces."""
     return (bool(name.strip()) and name == name.strip() and not any(c in name for c in "/\\:%")
             and name != "." and not name.startswith(".."))
 

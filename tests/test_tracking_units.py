@@ -6,6 +6,7 @@ import math
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from mlflow import MlflowClient
 from mnist_ldm.config.sections import Params
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.tracking import StageRun, TrackingError, repo_root, section_params, stage_run, tracking_uri
-from mnist_ldm.tracking.runs import dvc_inputs, git_tags
+from mnist_ldm.tracking.runs import dvc_inputs, git_tags, open_run
 from mnist_ldm.tracking.stagerun import data_tags
 from mnist_ldm.tracking.store import ENV_DEFAULTS, KIND, KIND_TAG, experiment_id
 
@@ -299,6 +300,28 @@ def test_failure_marks_the_runs_failed_and_a_rerun_continues(repo: Path) -> None
         with stage_run("evaluate", PARAMS, {}) as killed:
             raise KeyboardInterrupt
     assert client.get_run(killed.run_id).info.status == "KILLED"
+
+
+def test_stages_finding_the_parent_at_once_make_one_parent(repo: Path) -> None:
+    """Eight clients released together into the find-or-create of one pipeline state's parent (without the lock,
+    each finds nothing and creates one): one run, and all but one were told it was found."""
+    uri, n = tracking_uri(repo), 8
+    exp_id = experiment_id(client_of(repo), EXPERIMENT, uri, repo)
+    start, got = threading.Barrier(n), []
+
+    def find_or_create() -> None:
+        client = MlflowClient(tracking_uri=uri)
+        start.wait()
+        run, new = open_run(client, uri, exp_id, {"mnist_ldm.pipeline_key": "k", "mnist_ldm.kind": "pipeline"}, "p", {})
+        got.append((run.info.run_id, new))
+
+    threads = [threading.Thread(target=find_or_create) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(runs_of(client_of(repo))) == 1 and len({r for r, _ in got}) == 1, got
+    assert sorted(new for _, new in got) == [False] * (n - 1) + [True]
 
 
 def test_tracking_off_logs_nothing(repo: Path) -> None:

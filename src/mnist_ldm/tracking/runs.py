@@ -4,10 +4,12 @@ both identified by what DVC hashes (each dep as dvc.lock records it, the params)
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any, Iterator, Optional
 from mnist_ldm.config.params_file import dotted_value
 from mnist_ldm.config.sections import Params
 from mnist_ldm.io.errors import first_line
+from mnist_ldm.io.hashing import json_digest
 from mnist_ldm.tracking.stagerun import StageRun, data_tags
 from mnist_ldm.tracking.store import TAG, TrackingError, connect, experiment_id, git, repo_root, tracking_uri
 
@@ -91,11 +94,17 @@ def note(workdir: Path) -> str:
     return f"{name} against commit `{rev[:12] or 'none'}`: {', '.join(diff) or 'the same params (the baseline)'}."
 
 
-def open_run(client: Any, exp_id: str, key: dict[str, str], name: str, tags: dict[str, str]) -> tuple[Any, bool]:
-    """The newest run of `exp_id` tagged `key`, else a new one named `name`, tagged `key` and `tags`; and if new."""
-    found = client.search_runs([exp_id], " and ".join(f"tags.`{k}` = '{v}'" for k, v in key.items()), max_results=1,
-                               order_by=["attributes.start_time DESC"])
-    return (found[0], False) if found else (client.create_run(exp_id, run_name=name, tags={**tags, **key}), True)
+def open_run(client: Any, uri: str, exp_id: str, key: dict[str, str], name: str,
+             tags: dict[str, str]) -> tuple[Any, bool]:
+    """The newest run of `exp_id` tagged `key`, else a new one named `name`, tagged `key` and `tags`; and if new.
+    Found or created under an exclusive lock per store and experiment on this machine, so that two stages of one
+    pipeline state starting at once (two `dvc queue` workers) get one run, not twins."""
+    lock = Path(tempfile.gettempdir()) / f"mnist-ldm-{os.getuid()}-runs-{json_digest([uri, exp_id], 16)}.lock"
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+        found = client.search_runs([exp_id], " and ".join(f"tags.`{k}` = '{v}'" for k, v in key.items()),
+                                   max_results=1, order_by=["attributes.start_time DESC"])
+        return (found[0], False) if found else (client.create_run(exp_id, run_name=name, tags={**tags, **key}), True)
 
 
 @contextlib.contextmanager
@@ -125,13 +134,14 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
         tags = {**git_tags(workdir), **data_tags(data_meta)}
         key = dict_md5(json.loads(json.dumps({"params": params.flat(), "sources": sources}, default=str)))
         name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{key[:6]}"
-        parent, new_parent = open_run(client, exp_id, {TAG + "pipeline_key": key, TAG + "kind": "pipeline"}, name, tags)
+        parent, new_parent = open_run(client, uri, exp_id, {TAG + "pipeline_key": key, TAG + "kind": "pipeline"},
+                                      name, tags)
         parent_id = parent.info.run_id
         own_parent = new_parent or under_dvc or parent.info.status != "FINISHED"
         client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in params.flat().items()] if new_parent else [],
                          tags=[RunTag(k, v) for k, v in data_tags(data_meta).items()]
                          + ([RunTag("mlflow.note.content", note(workdir))] if new_parent else []))
-        child, new = open_run(client, exp_id, {TAG + "stage": stage, TAG + "input_hash": input_hash}, stage,
+        child, new = open_run(client, uri, exp_id, {TAG + "stage": stage, TAG + "input_hash": input_hash}, stage,
                               {**tags, "mlflow.parentRunId": parent_id, TAG + "kind": "stage"})
         run_id, linked = child.info.run_id, child.info.status == "FINISHED"
         for rid, run_info, own in ((parent_id, parent.info, own_parent), (run_id, child.info, not linked)):

@@ -39,7 +39,8 @@ def diffusion_args(folder: str, name: str = "diff") -> list[str]:
 @pytest.fixture(scope="module")
 def one_process_diffusion(repo) -> Path:
     """train_diffusion as one process (`MNIST_LDM_NPROC=1`): the weights every torchrun layout must end near."""
-    _stage(repo, "train_diffusion", diffusion_args("ddp", "single-diff"), MLFLOW_TRACKING_URI="", MNIST_LDM_NPROC="1")
+    _stage(repo, "train_diffusion", diffusion_args("ddp", "single-diff") + ["--set", "tracking.enabled=false"],
+           MNIST_LDM_NPROC="1")
     return repo / "ddp" / "single-diff.pt"
 
 
@@ -118,8 +119,8 @@ def test_device_cpu_and_auto_agree_on_a_cpu_only_machine(repo):
 
 
 def test_bad_device_is_one_line(repo):
-    proc = run([str(BIN / "python"), "stages/train_evaluator.py", "--data", "data/prepared", "--out", "x.pt",
-                "--metrics", "x.json", "--device", "tpu"], repo, check=False)
+    proc = cli("train-evaluator", "--data", "data/prepared", "--out", "x.pt", "--metrics", "x.json", "--device", "tpu",
+               cwd=repo, check=False)  # in this process: the stage script is the same command
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --device='tpu'")
     assert "auto, cpu, cuda, cuda:N, mps" in proc.stderr and "Traceback" not in proc.stderr
 

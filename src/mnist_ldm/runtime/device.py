@@ -20,9 +20,9 @@ from typing import Callable, Optional
 import torch
 
 from mnist_ldm.io.errors import UserError
-from mnist_ldm.runtime.memory import require_cpu_bf16
+from mnist_ldm.runtime.memory import DEVICE_ENV, PRECISION_ENV, require_cpu_bf16
 
-DEVICE_ENV, PRECISION_ENV, THREADS_ENV = "MNIST_LDM_DEVICE", "MNIST_LDM_PRECISION", "MNIST_LDM_THREADS"
+THREADS_ENV = "MNIST_LDM_THREADS"
 RECHECK_S = 2.0
 
 

@@ -19,6 +19,7 @@ from mnist_ldm.io.errors import UserError
 
 INFERENCE_BATCH = 500  # images per forward pass of the encoder, decoder and evaluators
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+DEVICE_ENV, PRECISION_ENV = "MNIST_LDM_DEVICE", "MNIST_LDM_PRECISION"  # run-time choices, read here and in device.py
 
 
 def keep_freed_memory() -> bool:

@@ -246,47 +246,34 @@ def test_reruns_link_instead_of_duplicating(tracked_repo):
                if r.data.tags.get("mnist_ldm.stage") == "train_evaluator")
 
 
-def test_temp_experiment_logs_to_the_origin_store(tracked_repo):
-    repo = tracked_repo
-    client = client_for(sqlite_uri(repo))
-    before = all_runs(client)
-
-    # up to train_diffusion only (sample and evaluate would log the same way, in more time); without the
-    # per-epoch preview grids (diffusion.generate_images only changes what MLflow gets)
-    dvc("exp", "run", "--temp", "-S", "diffusion.lr=0.0003", "-S", "diffusion.generate_images=false",
-        "train_diffusion", repo=repo)
-    runs = all_runs(client)
-    new = {k: r for k, r in runs.items() if k not in before}
-    [parent] = parents(new)
-    kids = children(runs, parent.info.run_id)
-    assert set(kids) == {"train_diffusion"} and len(new) == 2
-    assert kids["train_diffusion"].data.params["diffusion.lr"] == "0.0003"
-    assert kids["train_diffusion"].data.params["diffusion.generate_images"] == "False"
-    assert kids["train_diffusion"].info.status == parent.info.status == "FINISHED"
-    assert client.get_metric_history(kids["train_diffusion"].info.run_id, "train_loss")
-    arts = artifact_paths(client, kids["train_diffusion"].info.run_id)
-    assert "loss.png" in arts and not any(a.startswith("images/") for a in arts), arts
-    assert parent.data.tags["mnist_ldm.dvc_exp_name"] == parent.info.run_name
-    assert "train_ae" not in kids
-    assert not list((repo / ".dvc").rglob("mlflow.db"))
-
-
 def test_a_variant_never_shows_another_models_figures(trained_repo, tmp_path):
     """A variant's parent run holds the figures of this pipeline's models only: after its new diffusion model
     is trained and before its samples are (`dvc exp run ... train_diffusion`), not the workspace's previous
     samples and FCD; and when its training diverges, the figures of the stages it shares with the baseline
-    (the autoencoder, the evaluator) and none of the previous diffusion model's, samples' or FCD."""
+    (the autoencoder, the evaluator) and none of the previous diffusion model's, samples' or FCD. The first runs
+    with `--temp`, in a copy under .dvc/tmp/exps/, and logs to the origin's store all the same."""
     repo = copy_trained(trained_repo, tmp_path / "repo")  # with the runs the pipeline logged to its own store
     client = client_for(sqlite_uri(repo))
     before = all_runs(client)
-    dvc("exp", "run", "-n", "halfway", "-S", "diffusion.lr=0.0005", "-S", "diffusion.generate_images=false",
+    # up to train_diffusion only; without the per-epoch preview grids (generate_images only changes what MLflow gets)
+    dvc("exp", "run", "--temp", "-n", "halfway", "-S", "diffusion.lr=0.0005", "-S", "diffusion.generate_images=false",
         "train_diffusion", repo=repo)
     runs = all_runs(client)
-    [halfway] = parents({k: r for k, r in runs.items() if k not in before})
+    new = {k: r for k, r in runs.items() if k not in before}
+    [halfway] = parents(new)
     shown = set(halfway.data.metrics)
     assert not {k for k in shown if k.split(".")[0] in ("sample", "eval")}, sorted(shown)
-    trained = children(runs, halfway.info.run_id)["train_diffusion"]
+    kids = children(runs, halfway.info.run_id)
+    assert set(kids) == {"train_diffusion"} and len(new) == 2
+    trained = kids["train_diffusion"]
     assert halfway.data.metrics["diffusion.test_loss"] == trained.data.metrics["test_loss"]
+    assert trained.data.params["diffusion.lr"] == "0.0005" and trained.data.params["diffusion.generate_images"] == "False"
+    assert trained.info.status == halfway.info.status == "FINISHED"
+    assert client.get_metric_history(trained.info.run_id, "train_loss")
+    arts = artifact_paths(client, trained.info.run_id)
+    assert "loss.png" in arts and not any(a.startswith("images/") for a in arts), arts
+    assert halfway.data.tags["mnist_ldm.dvc_exp_name"] == halfway.info.run_name == "halfway"
+    assert not list((repo / ".dvc").rglob("mlflow.db"))
     assert {"autoencoder.test_bce", "evaluator.test_accuracy"} <= shown, sorted(shown)
 
     # a learning rate written without an exponent: DVC writes `-S` values back as YAML, where 1e+15 is text

@@ -3,10 +3,11 @@ before DVC deletes any output, and a value given that would change nothing is re
 replaced by a default.
 
 * `dvc repro` with a bad param stops at `check_params`, with one `error:` line naming the key and every
-  other stage's outputs byte-identical (a digit or a guidance scale for an unconditional model, steps for
-  DDPM, evaluate.k above the images compared, a registered-model name MLflow rejects, missing IDX files), and
-  so does one with a valid change that a stage would refuse to run (MNIST_LDM_PRECISION=bf16 on a CPU
-  without bf16 units, a locked or read-only tracking store);
+  other stage's outputs byte-identical (evaluate.k above the images compared, missing IDX files), and so does
+  one with a valid change that a stage would refuse to run (MNIST_LDM_PRECISION=bf16 on a CPU without bf16
+  units, a locked or read-only tracking store); the other rules (a digit or a guidance scale for an
+  unconditional model, steps for DDPM, a registered-model name MLflow rejects, ...) through `check-params`
+  in-process, with the same one line;
 * `mnist-ldm infer` refuses `--steps`/`--eta` with DDPM and `--guidance` for an unconditional model;
 * `mlflow models serve` answers HTTP 400 for NaN or inf in a number, for a field that would change nothing,
   for an unknown field and for a field sent in `params`.
@@ -110,18 +111,13 @@ def store_read_only(repo: Path, tmp: Path):
 
 
 # case -> (params changed from the trained repository's, what the error line must contain[, what runs it:
-# a context manager of (repo, tmp_path) giving a command prefix and environment variables])
+# a context manager of (repo, tmp_path) giving a command prefix and environment variables]): one param rule, the
+# IDX files, and what check_params refuses of the environment; the other param rules run in-process (CHECK_CASES)
 NEW_LR = {"autoencoder": {"lr": 0.005}}  # a valid change: without the refusal every stage would run again
 REPRO_CASES = {
     "idx-files-missing": (lambda tmp: {"data": {"source": "idx", "idx_dir": str(tmp / "empty")}},
                           lambda tmp: ["data.idx_dir", str(tmp / "empty"), "IDX files are missing"]),
-    "digit-on-unconditional": ({"sample": {"digit": 3}}, ["sample.digit=3", "unconditional",
-                                                          "diffusion.conditional=true"]),
     "k-above-n": ({"evaluate": {"k": 200}}, ["evaluate.k=200", "evaluate.n=100"]),
-    "registered-model-colon": ({"tracking": {"registered_model": "my model:v1"}},
-                               ["tracking.registered_model='my model:v1'", "':'"]),
-    "ddpm-with-steps": ({"sample": {"sampler": "ddpm", "steps": 10}}, ["sample.steps=10", "sampler ddpm"]),
-    "guidance-on-unconditional": ({"sample": {"guidance": 3.0}}, ["sample.guidance=3.0", "unconditional"]),
     "bf16-on-a-cpu-without-it": (NEW_LR, ["MNIST_LDM_PRECISION=bf16", "no native bf16 units", "use fp32"],
                                  bf16_on_a_cpu_without_it),
     "tracking-store-locked": (NEW_LR, ["mlflow.db cannot be written (database is locked)", "tracking.enabled: false"],
@@ -184,6 +180,12 @@ def test_a_diverging_stage_under_dvc_repro_names_dvc_checkout(repo: Path):
 # --------------------------------------------------------------------------- the same rules, without DVC
 
 CHECK_CASES = {
+    "digit-on-unconditional": ({"sample": {"digit": 3}}, ["sample.digit=3", "unconditional",
+                                                          "diffusion.conditional=true"]),
+    "registered-model-colon": ({"tracking": {"registered_model": "my model:v1"}},
+                               ["tracking.registered_model='my model:v1'", "':'"]),
+    "ddpm-with-steps": ({"sample": {"sampler": "ddpm", "steps": 10}}, ["sample.steps=10", "sampler ddpm"]),
+    "guidance-on-unconditional": ({"sample": {"guidance": 3.0}}, ["sample.guidance=3.0", "unconditional"]),
     "k-above-num-images": ({"sample": {"num_images": 5}}, ["evaluate.k=5", "sample.num_images=5"]),
     "k-above-limit-test": ({"data": {"limit_test": 6}}, ["evaluate.k=5", "data.limit_test=6"]),
     "ddpm-with-eta": ({"sample": {"sampler": "ddpm", "steps": 250, "eta": 0.0}}, ["sample.eta=0.0", "sampler ddpm"]),

@@ -1082,3 +1082,16 @@ def test_sigterm_ends_a_command_like_ctrl_c(repo: Path, tmp_path: Path):
                          "`dvc checkout sample` brings them back from the cache, `git checkout HEAD -- "
                          "metrics/sample.json` the ones git keeps"), err[-2000:]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_interrupt_line_starts_its_own_line_after_a_bar_cut_short_in_its_constructor(capsys):
+    """Ctrl-C or SIGTERM can land in tqdm's constructor after it drew the bar and before it noted the time; tqdm's
+    `close` then leaves the bar on its line. `close_bars` (run before `interrupted` is printed) clears it too."""
+    from mnist_ldm.runtime.progress import close_bars, progress
+
+    bar = progress(total=50, desc="sample ddpm")
+    del bar.last_print_t  # the constructor's state when the interrupt lands right after its first draw
+    close_bars()
+    print("interrupted", file=sys.stderr)
+    err = capsys.readouterr().err
+    assert "sample ddpm" in err and err.splitlines()[-1].split("\r")[-1] == "interrupted", repr(err)

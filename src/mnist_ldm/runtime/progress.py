@@ -19,6 +19,10 @@ def warn(message: str) -> None:
 
 
 def close_bars() -> None:
-    """Close every open bar, so that a line printed next (an error, `interrupted`) starts a line of its own."""
+    """Close every open bar, so that a line printed next (an error, `interrupted`) starts a line of its own; also a
+    bar drawn by a constructor that Ctrl-C or SIGTERM cut short, which tqdm's `close` leaves on its line."""
     for bar in list(getattr(tqdm, "_instances", ())):
+        if not hasattr(bar, "last_print_t") and getattr(bar, "sp", None) is not None:
+            bar.sp("")
+            bar.fp.write("\r")
         bar.close()

@@ -189,6 +189,20 @@ def test_default_store_holds_one_parent_with_a_child_per_stage(tracked_repo):
         assert r.data.tags["mnist_ldm.git_commit"] == tags["mnist_ldm.git_commit"]
         assert "dvc_inputs.yaml" in artifact_paths(client, r.info.run_id), stage
 
+    # the evaluate run: every number of eval.json, under the dotted key `dvc metrics show` gives it
+    def numbers(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                out.update(numbers(v, f"{prefix}{k}."))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[prefix + k] = v
+        return out
+
+    evaluated = numbers(json.loads((repo / "metrics/eval.json").read_text()))
+    assert {"fcd.generated", "second_evaluator.fcd.generated", "prdc.recall"} <= evaluated.keys()
+    assert kids["evaluate"].data.metrics == pytest.approx(evaluated)
+
     # each stage's own params, as dvc.yaml lists them (`sample` logs num_images=0 resolved to the test set size)
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     flat = flat_params(repo)

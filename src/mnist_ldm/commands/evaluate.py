@@ -103,10 +103,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         with atomic_dir(args.plots) as tmp:
             _charts(result, tmp)
         write_json(args.output, result)
-        run.headline({"fcd": result["fcd"]["generated"],
-                      **{f"fcd_floor_{k}": v for k, v in result["fcd"].items() if k != "generated"},
-                      **result["prdc"], "class_tv": result["class_balance"]["tv_to_uniform"],
-                      **{f"second_fcd{'' if k == 'generated' else '_floor_' + k}": v for k, v in second_fcd.items()}})
+        run.headline(result)  # every number of eval.json, under its dotted key
         for p in (args.output, args.plots / "fcd.png", args.plots / "class_histogram.png"):
             run.log_artifact(p)
     head = "  set                  evaluator" + ("  second" if second_fcd else "")

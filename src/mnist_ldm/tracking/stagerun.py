@@ -22,13 +22,6 @@ def data_tags(meta: Optional[dict]) -> dict[str, str]:
     return {TAG + "data_source": str(meta.get("source")), TAG + "data_hash": str(meta.get("content_hash"))} if meta else {}
 
 
-def flat(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested figures under dotted keys (`fcd.generated`), DVC's own names for them in `dvc metrics show`."""
-    from dvc.utils.flatten import flatten
-
-    return flatten(dict(metrics))
-
-
 class StageRun:
     """An MlflowClient bound to one run: `run.set_tag(k, v)` is `client.set_tag(run_id, k, v)`, and so on for each
     client method. `active` is False when tracking is off or the run is a finished one linked to: nothing goes into
@@ -113,7 +106,7 @@ class StageRun:
             return
         from mlflow.entities import Metric
 
-        numbers = {k: float(v) for k, v in flat(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for k in sorted(k for k, v in numbers.items() if not math.isfinite(v) and k not in self.not_finite):
             self.not_finite.add(k)
             warn(f"warning: mlflow: {self.stage}: metric {k} is {numbers[k]}; not logged")
@@ -129,9 +122,14 @@ class StageRun:
             self.log_image(image, key=key, step=epoch)
 
     def headline(self, metrics: Mapping[str, Any]) -> None:
-        """The stage's final figures, at the last step logged (a value logged there already is not repeated)."""
+        """The stage's final figures, nested ones under DVC's dotted names (`fcd.generated`), at the last step logged
+        (a value logged there already is not repeated)."""
+        if not self.active:
+            return
+        from dvc.utils.flatten import flatten
+
         step = max((s for s, _ in self.last.values()), default=0)
-        self.log_metrics({k: v for k, v in flat(metrics).items() if self.last.get(k) != (step, v)}, step)
+        self.log_metrics({k: v for k, v in flatten(dict(metrics)).items() if self.last.get(k) != (step, v)}, step)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         if self.active and Path(path).exists():

@@ -15,18 +15,6 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def _naming_target(tmp: Path, path: Path) -> Iterator[None]:
-    """An OSError about `tmp` (or naming no file: a write through a file object) names `path` instead."""
-    try:
-        yield
-    except OSError as e:
-        name = str(tmp) if e.filename is None else os.fsdecode(e.filename)
-        if name != str(tmp) and not name.startswith(str(tmp) + os.sep):
-            raise
-        raise OSError(e.errno, e.strerror or str(e), str(path) + name[len(str(tmp)):]) from None
-
-
-@contextlib.contextmanager
 def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `path` (a symlink: its target); on success it replaces `path`, on error it
     is removed. `folder`: an empty folder, whose entries on success replace those of their names in `path`."""
@@ -38,12 +26,16 @@ def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     try:
-        with _naming_target(tmp, path):
-            yield tmp
-            if folder:
-                _move_into(tmp, path)
-            else:
-                os.replace(tmp, path)
+        yield tmp
+        if folder:
+            _move_into(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except OSError as e:  # one about `tmp` (or naming no file: a write through a file object) names `path` instead
+        name = str(tmp) if e.filename is None else os.fsdecode(e.filename)
+        if name != str(tmp) and not name.startswith(str(tmp) + os.sep):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path) + name[len(str(tmp)):]) from None
     finally:
         if folder:
             shutil.rmtree(tmp, ignore_errors=True)

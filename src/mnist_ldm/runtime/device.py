@@ -103,15 +103,15 @@ def live_jobs(folder: Path) -> int:
 class CpuShare:
     """This process's registration among the CPU jobs (held while the object lives) and its thread count."""
 
-    def __init__(self, cores: Optional[int] = None, folder: Optional[Path] = None):
+    def __init__(self, cores: Optional[int] = None):
         text = os.environ.get(THREADS_ENV, "").strip()
         if text and not (text.isdigit() and int(text) >= 1):
             raise UserError(f"{THREADS_ENV}={text!r} is not a thread count; expected an integer >= 1")
         omp = os.environ.get("OMP_NUM_THREADS", "").strip()
         self.fixed = int(text) if text else int(omp) if omp.isdigit() and int(omp) >= 1 else None
         self.cores = cores or len(os.sched_getaffinity(0))
-        self.folder = folder or Path(os.environ.get("MNIST_LDM_JOBS_DIR") or
-                                     Path(tempfile.gettempdir()) / f"mnist-ldm-jobs-{os.getuid()}")
+        self.folder = Path(os.environ.get("MNIST_LDM_JOBS_DIR") or
+                           Path(tempfile.gettempdir()) / f"mnist-ldm-jobs-{os.getuid()}")
         if self.fixed is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = self.folder / f".{os.getpid()}.tmp"  # locked before it gets the name other jobs count

@@ -76,10 +76,8 @@ def add_param_flags(p: argparse.ArgumentParser, **keys: str) -> None:
         text = f"{key}: {field.description}" if field.description else key
         if dest in {a.dest for a in p._actions}:  # a flag of the command's own making (infer's --ema)
             continue
-        if field.annotation is bool:
-            p.add_argument("--" + dest.replace("_", "-"), dest=dest, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            p.add_argument("--" + dest.replace("_", "-"), dest=dest, metavar=name.upper(), help=text)
+        kind = {"action": argparse.BooleanOptionalAction} if field.annotation is bool else {"metavar": name.upper()}
+        p.add_argument("--" + dest.replace("_", "-"), help=text, **kind)
     p.set_defaults(param_flags={**(p.get_default("param_flags") or {}), **keys})
 
 
@@ -87,7 +85,7 @@ def load(args: argparse.Namespace) -> Params:
     """The params file, the `--set` overrides given before and after the subcommand, then the param flags."""
     params = apply_overrides(load_params(args.params), [*getattr(args, "set", []), *getattr(args, "set_after", [])])
     changes = []
-    for dest, key in (getattr(args, "param_flags", None) or {}).items():
+    for dest, key in getattr(args, "param_flags", {}).items():
         value = given = getattr(args, dest, None)
         flag = "--" + dest.replace("_", "-")
         if isinstance(value, str):

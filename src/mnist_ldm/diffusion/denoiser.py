@@ -35,10 +35,10 @@ class DenoiserSpec:
         return TypeAdapter(cls).validate_python(d)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of integer timesteps, (B,) -> (B, dim), as in the Transformer/DDPM papers."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), (0, dim % 2))
 
@@ -103,18 +103,16 @@ class LatentDenoiser(Denoiser):
     def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, run: int = 1) -> torch.Tensor:
         """`run` > 1: every `run` rows share their timestep (`diffusion.samples_per_timestep`), so the embedding
         and FiLM are computed once per run (unconditional models only)."""
-        h = self.in_proj(z)
+        B, h = z.shape[0], self.in_proj(z)
         if run > 1 and self.label_emb is None:
-            B, G = z.shape[0], len(t[::run])
+            G = len(t[::run])
             emb = self.time_mlp(timestep_embedding(t[::run], self.spec.hidden_dim))[:, None]  # (G, 1, H)
             h = F.pad(h, (0, 0, 0, G * run - B)).view(G, run, -1)
-            for block in self.blocks:
-                h = block(h, emb)
-            return self.out_proj(h.reshape(G * run, -1)[:B])
-        emb = self.embed(t, y, self.spec.hidden_dim)
+        else:
+            emb = self.embed(t, y, self.spec.hidden_dim)
         for block in self.blocks:
             h = block(h, emb)
-        return self.out_proj(h)
+        return self.out_proj(h.reshape(-1, h.shape[-1])[:B])  # (B, H), the padding rows of a run dropped
 
 
 def _norm(channels: int) -> nn.GroupNorm:

@@ -48,13 +48,10 @@ class LatentScaler:
 
     def standardize(self, z: np.ndarray | torch.Tensor) -> torch.Tensor:
         z = torch.as_tensor(z).double()
-        mean, std = torch.tensor(self.mean, dtype=torch.float64), torch.tensor(self.std, dtype=torch.float64)
-        return ((z - mean.to(z.device)) / std.to(z.device)).float()
+        return ((z - z.new_tensor(self.mean)) / z.new_tensor(self.std)).float()
 
     def unstandardize(self, z_std: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=z_std.dtype, device=z_std.device)
-        std = torch.tensor(self.std, dtype=z_std.dtype, device=z_std.device)
-        return z_std * std + mean
+        return z_std * z_std.new_tensor(self.std) + z_std.new_tensor(self.mean)
 
 
 def latent_stats(z: np.ndarray, fixed: Optional[tuple[float, float]] = None) -> dict:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -38,9 +38,7 @@ class AutoencoderSpec:
         return cls(latent_dim=PIXELS if kind == "none" else latent_dim, kind=kind)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channels"], d["hidden"] = list(self.channels), list(self.hidden)
-        return d
+        return TypeAdapter(AutoencoderSpec).dump_python(self, mode="json")  # the tuples as lists
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderSpec":

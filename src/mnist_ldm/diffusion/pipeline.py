@@ -26,7 +26,6 @@ from mnist_ldm.io.checkpoint import load_model_checkpoint
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.hashing import file_md5
 from mnist_ldm.runtime.device import CPU, Runtime
-from mnist_ldm.runtime.memory import INFERENCE_BATCH
 from mnist_ldm.runtime.progress import progress as progress_bar
 
 
@@ -160,10 +159,10 @@ class LatentDiffusionPipeline:
                        [self.decode(x[:10]) for x in traj] if traj else None)
 
     @torch.no_grad()
-    def decode(self, z_std: torch.Tensor, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
+    def decode(self, z_std: torch.Tensor) -> np.ndarray:
         """Standardized latents (N, D) -> uint8 images (N, 28, 28)."""
-        return decode_latents(self.autoencoder, self.scaler.unstandardize(z_std.to(self.rt.device)), batch_size,
-                              self.rt.precision)
+        return decode_latents(self.autoencoder, self.scaler.unstandardize(z_std.to(self.rt.device)),
+                              precision=self.rt.precision)
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """uint8 images (N, 28, 28) -> standardized latents (N, D), on the pipeline's device."""

@@ -40,7 +40,6 @@ class NoiseSchedule:
                    posterior_mean_coef2=(1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac))
 
     def to(self, device: torch.device | str) -> "NoiseSchedule":
-        """The same schedule on `device`."""
         return NoiseSchedule(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 

@@ -13,15 +13,21 @@ two checkpoint files, read with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import yaml
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 from pydantic import ValidationError
 
 from mnist_ldm.config.sections import REQUEST_FIELDS, RequestError, SamplingRequest, error_line
@@ -122,9 +128,6 @@ def signature():
     """No input schema: MLflow would drop a column it does not name, and every field is checked here (`REQUEST` in
     the model's metadata says what each must be). The fields as `params` (default null), so that a request's
     `params` reach `predict`, which refuses them, instead of MLflow dropping them. Output: one row per image."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
-
     params = ParamSchema([ParamSpec(k, {"sampler": "string", "eta": "double", "guidance": "double"}.get(k, "long"),
                                     None) for k in FIELDS])
     outputs = Schema([ColSpec("long", "label", required=False), ColSpec(Array("long"), "image")])
@@ -139,10 +142,6 @@ def save_generator(path, diffusion_ckpt, ae_ckpt, defaults: dict[str, Any], pack
                    metadata: dict[str, Any]) -> None:
     """Save the pair of checkpoints as an MLflow pyfunc model in the (empty or missing) folder `path`;
     `package_dir` is a copy of the `mnist_ldm` modules that this module needs (the model's `code_paths`)."""
-    import tempfile
-
-    import mlflow.pyfunc
-
     cfg = {"defaults": {k: defaults[k] for k in DEFAULT_KEYS}, "max_images": MAX_IMAGES}
     with tempfile.TemporaryDirectory() as tmp:
         entry = Path(tmp) / "generator.py"
@@ -156,10 +155,6 @@ def save_generator(path, diffusion_ckpt, ae_ckpt, defaults: dict[str, Any], pack
                       "null), image (784 uint8, 28x28 row by row)"})
     # The same checkpoints, code and defaults give the same folder, so its hash in dvc.lock changes only with them:
     # MLflow's creation time, random id and temporary code path go (only the code file's name is read back).
-    import hashlib
-
-    import yaml
-
     mlmodel = Path(path) / "MLmodel"
     spec = yaml.safe_load(mlmodel.read_text())
     spec.pop("utc_time_created", None), spec.pop("model_uuid", None)

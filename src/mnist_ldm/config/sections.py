@@ -30,8 +30,6 @@ Digit = Optional[Annotated[int, Field(ge=0, le=9)]]
 class ConfigError(ValueError):
     """A refused param or request field, as one line naming it; the commands print it as `error: ...`, exit 2."""
 
-    exit_code = 2
-
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
@@ -164,8 +162,6 @@ class TrackingConfig(Section):
         return name
 
 
-UNCONDITIONAL = ("needs a class-conditional model, and this one is unconditional (train with "
-                 "diffusion.conditional=true, or use diffusion.only_digit)")
 REQUEST_FIELDS = ("sampler", "steps", "eta", "guidance", "digit", "seed")
 
 
@@ -177,7 +173,8 @@ def request_problem(r: Any, T: int, num_classes: int, given: Iterable[str] = ())
     if "steps" not in ignored and r.steps > T:
         return "steps", f"is more than the T={T} diffusion steps of this model (diffusion.T); expected 1 to {T}"
     if r.digit is not None and not num_classes:
-        return "digit", UNCONDITIONAL
+        return "digit", ("needs a class-conditional model, and this one is unconditional (train with "
+                         "diffusion.conditional=true, or use diffusion.only_digit)")
     if r.digit is not None and r.digit >= num_classes:
         return "digit", f"is not allowed; expected 0 to {num_classes - 1}"
     for field in (f for f in REQUEST_FIELDS if f in set(given)):

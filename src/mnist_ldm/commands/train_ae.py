@@ -51,7 +51,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
             save_checkpoint(args.out, "mnist-ldm/autoencoder", {
                 "model_config": model.spec.to_dict(),
                 "state_dict": model.state_dict(),
-                "train_config": {k: v for k, v in cfg.model_dump().items() if k != "generate_images"},
+                "train_config": cfg.model_dump(exclude={"generate_images"}),
                 "trained_on": {k: meta[k] for k in ("source", "content_hash", "counts")},
                 "runtime": rt.record(),
                 "history": history,

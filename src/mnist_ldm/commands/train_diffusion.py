@@ -90,7 +90,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                 "step": ema.updates,
                 "schedule": {"kind": "linear", "T": cfg.T, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end},
                 "latent_stats": scaler.to_dict(),
-                "train_config": {k: v for k, v in cfg.model_dump().items() if k != "generate_images"},
+                "train_config": cfg.model_dump(exclude={"generate_images"}),
                 "trained_on": {"data_source": meta["source"], "data_hash": meta["content_hash"],
                                "autoencoder_md5": ae_md5, "autoencoder_config": ae.spec.to_dict(),
                                "only_digit": cfg.only_digit, "latents": int(len(z_tr))},

@@ -15,7 +15,7 @@ from pathlib import Path
 from mnist_ldm import tracking
 from mnist_ldm.tracking import registry
 from mnist_ldm.io.atomic import atomic_dir
-from mnist_ldm.config.sections import Params
+from mnist_ldm.config.sections import Params, SamplingRequest
 from mnist_ldm.io.paths import check_paths
 from mnist_ldm.runtime.command import add_paths
 
@@ -32,7 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(params: Params, args: argparse.Namespace) -> dict:
     from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
-    from mnist_ldm.config.sections import SamplingRequest
     from mnist_ldm.diffusion.serving import MAX_IMAGES, save_generator
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log

@@ -8,7 +8,7 @@ import math
 import time
 
 from mnist_ldm.io.atomic import atomic_dir, write_npz
-from mnist_ldm.config.sections import Params
+from mnist_ldm.config.sections import Params, SamplingRequest
 from mnist_ldm.runtime.memory import check_sampling_memory
 from mnist_ldm.io.errors import UserError
 from mnist_ldm.io.paths import check_paths
@@ -30,7 +30,6 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     from mnist_ldm import tracking
     from mnist_ldm.data.latents import check_producer, load_latents
     from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
-    from mnist_ldm.config.sections import SamplingRequest
 
     cfg = params.sample
     if args.out.suffix != ".npz":
@@ -52,7 +51,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - t0
         n_evals = pipe.network_evals(cfg.sampler, cfg.steps)
         with atomic_dir(args.plots) as tmp:
-            plots.save_grid(out.images[:cfg.grid_size], tmp / "grid.png", nrow=int(math.sqrt(cfg.grid_size)) or 1)
+            plots.save_grid(out.images[:cfg.grid_size], tmp / "grid.png", nrow=math.isqrt(cfg.grid_size))
             strip = np.stack(out.trajectory, 1).reshape(-1, 28, 28)  # rows: samples, columns: time
             plots.save_grid(strip, tmp / "trajectory.png", nrow=len(out.trajectory))
             z_std = pipe.scaler.standardize(z_test[:12])

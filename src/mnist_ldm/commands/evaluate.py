@@ -91,7 +91,6 @@ def run(params: Params, args: argparse.Namespace) -> dict:
     references = (reference_for(args.features, ev_meta, data_hash, rt.precision),
                   reference_for(args.second_features, second_meta, data_hash, rt.precision))
     stage_params = {**tracking.section_params(params, "evaluate"), "evaluate.samples": str(args.samples)}
-    second_fcd = {}
     with tracking.stage_run("evaluate", params, stage_params) as run:
         run.set_tag(PRECISION_TAG, rt.precision)
         result = score(images, labels, evaluator, train.images, test.images, ae, z_train, cfg.n, cfg.k, cfg.seed,
@@ -99,13 +98,13 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         result["evaluator_test_accuracy"] = ev_meta["metrics"]["test_accuracy"]
         if second is not None:
             result["second_evaluator"]["test_accuracy"] = second_meta["metrics"]["test_accuracy"]
-            second_fcd = result["second_evaluator"]["fcd"]
         with atomic_dir(args.plots) as tmp:
             _charts(result, tmp)
         write_json(args.output, result)
         run.headline(result)  # every number of eval.json, under its dotted key
         for p in (args.output, args.plots / "fcd.png", args.plots / "class_histogram.png"):
             run.log_artifact(p)
+    second_fcd = result.get("second_evaluator", {}).get("fcd", {})
     head = "  set                  evaluator" + ("  second" if second_fcd else "")
     rows = "\n".join(f"  {k:<18} {v:10.4f}" + (f" {second_fcd[k]:10.4f}" if k in second_fcd else "")
                      for k, v in result["fcd"].items())

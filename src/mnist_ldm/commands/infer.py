@@ -65,12 +65,12 @@ def run(params: Params, args: argparse.Namespace) -> Path:
     given = [name for name in REQUEST_FIELDS if getattr(args, name) is not None]  # the flags given: used, or refused
     request = pipe.check(SamplingRequest.of(cfg), given)  # steps beyond T, --steps for ddpm, ...
     key = "num_images" if cfg.num_images else "grid_size"
-    asked = f"--num-images {n}" if args.num_images is not None and cfg.num_images else f"sample.{key}={n}"
+    asked = f"--num-images {n}" if args.num_images is not None else f"sample.{key}={n}"
     check_sampling_memory(asked, n, cfg.batch_size, pipe.latent_dim)
     out = pipe.generate(n, request, batch_size=cfg.batch_size)
     if suffix == ".npz":
         write_npz(args.output, images=out.images, labels=out.labels)
     else:
-        plots.save_grid(out.images, args.output, nrow=max(1, int(math.ceil(math.sqrt(n)))), min_side=GRID_PX)
+        plots.save_grid(out.images, args.output, nrow=math.ceil(math.sqrt(n)), min_side=GRID_PX)
     print(f"infer: {n} images ({cfg.sampler}, seed {cfg.seed}) -> {args.output}")
     return args.output

@@ -33,9 +33,10 @@ def metric_of(version, metric: str) -> float | None:
 
 
 def describe(version, metric: str) -> str:
-    value = None if version is None else metric_of(version, metric)
-    return ("none" if version is None else f"version {version.version}"
-            + ("" if value is None else f" ({metric} {value:.4f})"))
+    if version is None:
+        return "none"
+    value = metric_of(version, metric)
+    return f"version {version.version}" + ("" if value is None else f" ({metric} {value:.4f})")
 
 
 def run(params: Params, args: argparse.Namespace) -> dict:

@@ -131,16 +131,16 @@ class StageRun:
         step = max((s for s, _ in self.last.values()), default=0)
         self.log_metrics({k: v for k, v in flatten(dict(metrics)).items() if self.last.get(k) != (step, v)}, step)
 
-    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+    def log_artifact(self, path: str | Path) -> None:
         if self.active and Path(path).exists():
-            self.call(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path), artifact_path)
+            self.call(f"artifact {Path(path).name}", self.client.log_artifact, self.run_id, str(path))
 
-    def log_dataset(self, meta: dict, name: str, context: str, path: Optional[str | Path] = None) -> None:
+    def log_dataset(self, meta: dict, name: str, context: str, path: Path) -> None:
         """The data as an MLflow dataset input, its digest the content hash of `meta.json` (MLflow keeps 36 chars)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         digest = str(meta.get("content_hash", ""))
-        source = {"path": None if path is None else str(path), "origin": meta.get("source"),
+        source = {"path": str(path), "origin": meta.get("source"),
                   "description": meta.get("description"), "content_hash": digest}
         dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps(source),
                           profile=json.dumps({"counts": meta.get("counts", {})}))
@@ -156,4 +156,4 @@ class StageRun:
             self.call("data tags", self.client.log_batch, run_id, tags=tags)
         self.log_dataset(meta, "mnist-prepared", "prepared", out_dir)
         self.headline({f"{split}_images": n for split, n in meta.get("counts", {}).items()})
-        self.log_artifact(Path(out_dir) / "meta.json")
+        self.log_artifact(out_dir / "meta.json")

@@ -7,10 +7,8 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -112,8 +110,9 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
               data_meta: Optional[dict] = None) -> Iterator[StageRun]:
     """The run of `stage` under the parent run of the pipeline's state: a new one; the interrupted one with the same
     inputs, continued; or the finished one, linked to (tagged, and named on the parent) instead of a twin. Both are
-    marked FAILED if the stage raises (KILLED on Ctrl-C or SIGTERM, e.g. `dvc queue kill`). A stage run by hand
-    leaves a parent that finished alone; one that DVC runs sets the parent's status and headline metrics."""
+    marked FAILED if the stage raises (KILLED on Ctrl-C, or on SIGTERM such as `dvc queue kill`'s, which every
+    command turns into KeyboardInterrupt). A stage run by hand leaves a parent that finished alone; one that DVC runs
+    sets the parent's status and headline metrics."""
     if not params.tracking.enabled or os.environ.get("RANK", "0") != "0":
         yield StageRun(active=False)
         return
@@ -168,8 +167,6 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
         where = f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}" if uri.startswith("http") else uri
         print(f"mlflow: {stage}: {'logging to' if new else 'continuing interrupted'} run {run_id} "
               f"(parent {parent_id}) at {where}", file=sys.stderr)
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None  # SIGTERM: KeyboardInterrupt
     status = "FINISHED"
     try:
         yield run
@@ -177,8 +174,6 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         raise
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
         run.retry(final=True)  # what the store missed, if it answers now
         if own_parent and under_dvc:  # a failed stage's own figures are not taken
             run.call("parent metrics", parent_metrics, run, workdir, stage if status == "FINISHED" else "")

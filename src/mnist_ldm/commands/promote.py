@@ -63,8 +63,7 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         raise UserError(f"--metric {args.metric}: no version of '{name}' has a number under this tag; "
                         f"version {versions[-1].version} has {', '.join(numeric) or 'none'}")
     else:  # the best, the newest on a tie
-        sign = -1 if higher else 1
-        chosen = min(reversed(scored), key=lambda v: sign * metric_of(v, args.metric))
+        chosen = (max if higher else min)(reversed(scored), key=lambda v: metric_of(v, args.metric))
     try:
         previous = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:

@@ -44,9 +44,9 @@ def params_from_dict(raw: Any, require_all_sections: bool = True, where: str = "
     """`Params` from a parsed params mapping; keys left out of a section take their defaults. With
     `require_all_sections` (what `load_params` uses), a section left out is an error; without it, it takes its
     defaults too (for tests and partial dicts)."""
-    raw = {} if raw is None and not require_all_sections else raw
-    if raw is None or (raw == {} and require_all_sections):
+    if require_all_sections and raw in (None, {}):
         raise ConfigError(f"{where}: the file is empty; it needs the sections {', '.join(SECTIONS)}")
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the file must hold a mapping of sections ({', '.join(SECTIONS)}), "
                           f"got {type(raw).__name__}")

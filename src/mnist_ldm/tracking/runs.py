@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from mnist_ldm.config.params_file import dotted_value
+from mnist_ldm.config.params_file import dotted_value, load_params, params_from_dict, parse_yaml
 from mnist_ldm.config.sections import Params
 from mnist_ldm.io.errors import first_line
 from mnist_ldm.io.hashing import json_digest
@@ -66,19 +66,18 @@ def section_params(params: Params, section: str) -> dict[str, Any]:
 def git_tags(workdir: Path) -> dict[str, str]:
     """The commit (the experiment's baseline under `dvc exp run`), whether the tree is dirty, the DVC experiment."""
     tags = {}
-    commit = os.environ.get("DVC_EXP_BASELINE_REV") or git(["rev-parse", "HEAD"], workdir)
-    if commit:
+    if commit := os.environ.get("DVC_EXP_BASELINE_REV") or git(["rev-parse", "HEAD"], workdir):
         dirty = git(["status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"], workdir)
-        tags = {"mlflow.source.git.commit": commit, TAG + "git_commit": commit, TAG + "git_dirty": str(bool(dirty)).lower()}
-    return {**tags, **{TAG + v.lower(): os.environ[v] for v in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if os.environ.get(v)}}
+        tags = {"mlflow.source.git.commit": commit, TAG + "git_commit": commit,
+                TAG + "git_dirty": str(bool(dirty)).lower()}
+    return {**tags, **{TAG + v.lower(): os.environ[v] for v in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")
+                       if os.environ.get(v)}}
 
 
 def note(workdir: Path) -> str:
     """Where a run or a registered version comes from (a parent run's `mlflow.note.content`): the DVC experiment or
     the workspace, its commit (the experiment's baseline, else HEAD), and each param of params.yaml that differs
     from that commit's."""
-    from mnist_ldm.config.params_file import load_params, params_from_dict, parse_yaml
-
     tags = git_tags(workdir)
     rev = tags.get(TAG + "git_commit", "")
     try:

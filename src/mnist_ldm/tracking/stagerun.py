@@ -17,6 +17,7 @@ from mnist_ldm.tracking.store import ENV_DEFAULTS, TAG
 RETRY_S = 5.0  # a store that failed is tried again after this, then after twice as long each time, and at the end
 RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
+
 def data_tags(meta: Optional[dict]) -> dict[str, str]:
     """The data's source and content hash, from `prepare`'s meta.json."""
     return {TAG + "data_source": str(meta.get("source")), TAG + "data_hash": str(meta.get("content_hash"))} if meta else {}

@@ -30,9 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               out="folder of the MLflow model to write")
 
 
-def run(params: Params, args: argparse.Namespace) -> dict:
+def run(params: Params, args: argparse.Namespace) -> None:
     from mnist_ldm.diffusion.pipeline import LatentDiffusionPipeline
-    from mnist_ldm.diffusion.serving import MAX_IMAGES, save_generator
+    from mnist_ldm.diffusion.serving import save_generator
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the stage's log
     cfg = params.sample
@@ -49,11 +49,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                            [f"{n}=={re.sub(r'[+].*$', '', metadata.version(n))}" for n in REQUIREMENTS],  # no +cu130
                            {"num_classes": pipe.num_classes, "T": pipe.schedule.T, "latent_dim": pipe.latent_dim})
         version = registry.register(run, args.out, params.tracking.registered_model, metrics)
-    summary = {"out": str(args.out), "registered_model": params.tracking.registered_model if version else None,
-               "version": version, "max_images": MAX_IMAGES}
     where = f"; version {version} of '{params.tracking.registered_model}'" if version else ""
     print(f"package_model: MLflow model ({'conditional' if pipe.num_classes else 'unconditional'}, defaults "
           f"{cfg.sampler}, seed {cfg.seed}) -> {args.out}{where}")
     if params.tracking.enabled:
         print("package_model: compare runs and models in the MLflow UI: mnist-ldm ui")
-    return summary

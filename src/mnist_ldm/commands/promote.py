@@ -39,7 +39,7 @@ def describe(version, metric: str) -> str:
     return f"version {version.version}" + ("" if value is None else f" ({metric} {value:.4f})")
 
 
-def run(params: Params, args: argparse.Namespace) -> dict:
+def run(params: Params, args: argparse.Namespace) -> None:
     if not params.tracking.enabled:  # the registry is part of tracking: never move an alias the user turned off
         raise UserError(f"tracking.enabled is false in {args.params}, so promote leaves the Model Registry alone; "
                         f"enable tracking (or pass --set tracking.enabled=true) to move @{CHAMPION}")
@@ -76,5 +76,3 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         f"is now @{CHAMPION} ({how}); previous champion: {describe(previous, args.metric)}" if moved else
         f"is @{CHAMPION} already ({how}); nothing changed"))
     print(f"  load it with mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\") ({uri})")
-    return {"version": str(chosen.version), "previous": None if previous is None else str(previous.version),
-            "moved": moved}

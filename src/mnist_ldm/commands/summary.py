@@ -32,7 +32,7 @@ def registered(params: Params, fcd: float) -> str:
     return f"models:/{name}/{max(versions)}" if versions else f"no version of '{name}' holds this FCD yet"
 
 
-def run(params: Params, args: argparse.Namespace) -> dict:
+def run(params: Params, args: argparse.Namespace) -> None:
     meta, ev = read_json(args.meta), read_json(args.eval)
     second = ev.get("second_evaluator", {})
     lines = [f"data:      {meta['counts']['train']:,} train / {meta['counts']['test']:,} test images from "
@@ -49,4 +49,3 @@ def run(params: Params, args: argparse.Namespace) -> dict:
               "           dvc exp run --queue -n lr-5e-4 -S diffusion.lr=0.0005 && dvc exp run --run-all",
               f"           {COMPARE}"]
     print("\n".join(["summary:", *(f"  {line}" for line in lines)]))
-    return {"lines": lines}

@@ -85,11 +85,11 @@ def addresses(base: str, uri: str, params: Params) -> str:
         f"model:   no registered model {name!r} yet (tracking.registered_model; package_model adds it)"])
 
 
-def run(params: Params, args: argparse.Namespace) -> dict:
+def run(params: Params, args: argparse.Namespace) -> None:
     uri = tracking.tracking_uri(tracking.repo_root())
     if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
         print(addresses(uri.rstrip("/"), uri, params), flush=True)
-        return {"uri": uri, "started": False}
+        return
     with socket.socket() as s:  # a server already there would answer in place of ours
         try:
             s.bind(("127.0.0.1", args.port))

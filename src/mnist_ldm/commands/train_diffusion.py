@@ -78,8 +78,9 @@ def run(params: Params, args: argparse.Namespace) -> dict:
                  "params": count_parameters(model),
                  "train_latents": int(len(z_tr))}
         with atomic_dir(args.plots) as tmp:
-            plots.save_figure(plots.line_chart(history, ["train_loss", "test_loss", "test_loss_ema"],
-                                               f"{'pixel' if ae.spec.kind == 'none' else 'latent'} diffusion loss (MSE on noise)"), tmp / "loss.png")
+            title = f"{'pixel' if ae.spec.kind == 'none' else 'latent'} diffusion loss (MSE on noise)"
+            plots.save_figure(plots.line_chart(history, ["train_loss", "test_loss", "test_loss_ema"], title),
+                              tmp / "loss.png")
             # inside: a checkpoint that cannot be written (a full disk) leaves the plots as they were
             save_checkpoint(args.out, "mnist-ldm/diffusion", {
                 "model_config": model.spec.to_dict(),

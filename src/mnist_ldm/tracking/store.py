@@ -45,14 +45,14 @@ def tracking_uri(root: Path) -> str:
     if not uri:
         return f"sqlite:///{root / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{root / uri[len('sqlite:///'):]}"
+        return f"sqlite:///{root / uri.removeprefix('sqlite:///')}"
     has_scheme = ":" in uri.split("/", 1)[0] or uri.startswith("databricks")
     return str(root / uri) if not has_scheme and not Path(uri).is_absolute() else uri  # a plain folder: a file store
 
 
 def check_writable(uri: str) -> None:
     """One line for a read-only or locked sqlite store (SQLAlchemy's pages at the first write); `check_params` asks."""
-    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     try:
         if db is not None and db.exists():
             with contextlib.closing(sqlite3.connect(db, timeout=10, isolation_level=None)) as con:
@@ -89,7 +89,8 @@ def experiment_id(client: Any, name: str, uri: str, root: Path) -> str:
     """The id of experiment `name`, created if missing (a sqlite store's artifacts in `mlartifacts` beside it)."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:///") else None
+        sqlite = uri.startswith("sqlite:///")
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() if sqlite else None
         with contextlib.suppress(Exception):  # created meanwhile by another process: found below
             client.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
         exp = client.get_experiment_by_name(name)

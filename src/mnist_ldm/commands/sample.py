@@ -64,8 +64,8 @@ def run(params: Params, args: argparse.Namespace) -> dict:
         speed = {"seconds": round(seconds, 2), "images_per_second": round(len(out.images) / seconds, 1)}
         run.log_image(plots.grid_array(out.images[:64], 8), key="samples", step=0)
         # the time goes to MLflow, not to the metrics file git keeps: it differs at every run
-        publish(run, {k: v for k, v in {**summary, **speed}.items() if isinstance(v, (int, float))}, args.metrics,
-                sorted(args.plots.glob("*.png")) + [args.metrics], metrics_file=summary)
+        publish(run, {**summary, **speed}, args.metrics, sorted(args.plots.glob("*.png")) + [args.metrics],
+                metrics_file=summary)
     print(f"sample: {len(out.images)} images with {cfg.sampler} ({n_evals} network evaluations) in {seconds:.1f} s "
           f"-> {args.out}")
     return summary

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +303,26 @@ def test_failure_marks_the_runs_failed_and_a_rerun_continues(repo: Path) -> None
         with stage_run("evaluate", PARAMS, {}) as killed:
             raise KeyboardInterrupt
     assert client.get_run(killed.run_id).info.status == "KILLED"
+
+
+def test_sigterm_in_a_tracked_command_marks_its_runs_killed(repo: Path) -> None:
+    """SIGTERM (`kill`, `dvc queue kill`) while a command is inside its stage's run: exit 130, and the stage run
+    and its parent are KILLED, not left RUNNING (the command's SIGTERM handler raises inside the run)."""
+    from mnist_ldm.runtime.command import guarded
+
+    assert threading.current_thread() is threading.main_thread()  # else no handler: the signal would end pytest
+    runs = []
+
+    def command() -> None:
+        with stage_run("evaluate", PARAMS, {"evaluate.seed": 0}) as run:
+            runs.append(run)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler raises KeyboardInterrupt before this ends
+
+    assert guarded(command) == 130
+    client = client_of(repo)
+    assert client.get_run(runs[0].run_id).info.status == "KILLED"
+    assert client.get_run(runs[0].parent_id).info.status == "KILLED"
 
 
 def test_stages_finding_the_parent_at_once_make_one_parent(repo: Path) -> None:

@@ -180,10 +180,17 @@ class Stack:
         wait("SeaweedFS", lambda: answers(self.s3_url), proc, self.root / "s3.log")
         s3 = self.s3_client()
         have = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
-        for bucket in set(BUCKETS.values()) - have:
-            for _ in range(50):  # the volume server registers with the master a moment after S3 answers
+        for bucket in BUCKETS.values():
+            # the volume server registers with the master a moment after S3 answers: until then reading a file
+            # fails (a restarted server's too), so a file is written, read back and removed in each bucket
+            for _ in range(50):
                 try:
-                    s3.create_bucket(Bucket=bucket)
+                    if bucket not in have:
+                        s3.create_bucket(Bucket=bucket)
+                        have.add(bucket)
+                    s3.put_object(Bucket=bucket, Key=".team-up", Body=b"ok")
+                    s3.get_object(Bucket=bucket, Key=".team-up")["Body"].read()
+                    s3.delete_object(Bucket=bucket, Key=".team-up")
                     break
                 except Exception:
                     time.sleep(0.3)

@@ -7,7 +7,8 @@ pixel-space U-Net beside the latent MLP; and a profile of one latent DDPM sampli
 that says where the time beyond the matrix multiplies goes; and the training speed-up of rows that share a
 timestep (`diffusion.samples_per_timestep`). Every figure runs with glibc's malloc as the pipeline's commands
 set it (`mnist_ldm.runtime.memory`); the conv autoencoder's training is also measured in a child process with glibc as
-it comes, and the ratio printed.
+it comes, and the ratio printed. Last, the CPU time of opening a stage's MLflow run (`stage_run`: MLflow, its sqlite
+store, DVC's view of the pipeline) with its set-up's objects kept out of the cyclic GC (`long_lived`) and without.
 
     python benchmarks/speed.py        # prints tables, writes benchmarks/results/speed.json (about 3 minutes)
     python benchmarks/speed.py --seconds 0.05 --only bf16 --no-save   # a quick run of the bf16 figures alone
@@ -17,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +41,7 @@ from mnist_ldm.diffusion.train import diffusion_loss
 from mnist_ldm.runtime.loop import adam
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
 SECONDS = 3.0  # per figure, after a warm-up
 THREADS = 2  # this machine's cores: every figure, the matmul rates included, runs on this many threads
 CPU = torch.device("cpu")
@@ -179,6 +184,35 @@ def autoencoder_rate_glibc_defaults(seconds: float) -> float:
     return float(out.stdout.split()[-1])
 
 
+# a child process: `sample`'s MLflow run opened and closed; with "collected", `long_lived` does nothing
+TRACKING_SETUP = """import contextlib, sys
+import mnist_ldm.runtime.memory as memory
+if sys.argv[1] == "collected":
+    memory.long_lived = contextlib.contextmanager(lambda: (yield))
+from mnist_ldm.config.params_file import load_params
+from mnist_ldm.tracking.runs import stage_run
+with stage_run("sample", load_params("params.yaml"), {}):
+    pass
+"""
+
+
+def tracking_setup_cpu(runs: int = 5) -> dict:
+    """CPU seconds (user + sys) of `TRACKING_SETUP` in this repository on a new sqlite store, after one run that
+    creates the store: the mean of `runs` runs each way, alternating."""
+    cpu: dict[str, list[float]] = {"long_lived": [], "collected": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "OMP_NUM_THREADS": "1"}
+        for mode in ["long_lived"] + [m for _ in range(runs) for m in cpu]:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run([sys.executable, "-c", TRACKING_SETUP, mode], cwd=REPO, env=env, check=True,
+                           capture_output=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[mode].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    mean = {mode: sum(v[-runs:]) / runs for mode, v in cpu.items()}
+    return {"cpu_s_long_lived": round(mean["long_lived"], 2), "cpu_s_gc_on": round(mean["collected"], 2),
+            "ratio": round(mean["collected"] / mean["long_lived"], 2), "runs": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=SECONDS, help="timing per figure (default %(default)s)")
@@ -239,6 +273,8 @@ def main() -> None:
         heap = {"images_per_s_glibc_defaults": round(untuned, 1), "images_per_s_kept_memory": round(tuned, 1),
                 "ratio": round(tuned / untuned, 3)}
 
+    setup = tracking_setup_cpu() if args.only is None else None
+
     native = "native" if cpu_has_native_bf16() else "no native bf16 units"
     print(f"matmul (2048x2048, {THREADS} threads): fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s "
           f"({native}) — the reference limits")
@@ -260,6 +296,10 @@ def main() -> None:
         print(f"\nconv autoencoder training, batch 256, fp32: {heap['images_per_s_kept_memory']:,.0f} images/s with freed "
               f"memory kept (mnist_ldm.runtime.memory), {heap['images_per_s_glibc_defaults']:,.0f} with glibc's defaults: "
               f"{heap['ratio']:.2f}x")
+    if setup is not None:
+        print(f"\na stage's MLflow run opened and closed (stage_run, a child process, mean of {setup['runs']}): "
+              f"{setup['cpu_s_long_lived']:.2f} CPU-s with its set-up kept out of the cyclic GC "
+              f"(mnist_ldm.runtime.memory.long_lived), {setup['cpu_s_gc_on']:.2f} without: {setup['ratio']:.2f}x")
     if profile is not None:
         print("\none latent DDPM step at batch 2,500, by operator (torch.profiler, self CPU time):")
         for r in profile:
@@ -270,7 +310,8 @@ def main() -> None:
     out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
            "threads": THREADS, "torch": torch.__version__, "native_bf16": cpu_has_native_bf16(),
            "matmul_gflops": round(rates["fp32"], 1), "matmul_gflops_bf16": round(rates["bf16"], 1), "figures": rows,
-           "ddpm_step_profile_batch2500": profile, "heap": heap}
+           "ddpm_step_profile_batch2500": profile, "heap": heap,
+           "tracking_setup": setup}
     (RESULTS / "speed.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"-> {RESULTS / 'speed.json'}")
 

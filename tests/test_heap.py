@@ -1,5 +1,6 @@
 """glibc's malloc as the commands set it (`mnist_ldm.runtime.memory`): freed blocks stay in the process, so training steps
-stop page-faulting their activations back in; a user's own setting wins."""
+stop page-faulting their activations back in; a user's own setting wins. And `long_lived`, which keeps the objects of
+a stage's tracking set-up out of the cyclic GC."""
 
 from __future__ import annotations
 
@@ -91,3 +92,23 @@ def test_every_command_runs_with_freed_memory_kept(tmp_path):
     """, cwd=tmp_path)
     assert after["result"] == 0
     assert after["faults_per_step"] < FEW, after
+
+
+def test_long_lived_pauses_the_collector_freezes_what_it_built_and_resumes_it():
+    """A nested block leaves the collector to the outer one; an error inside still resumes it."""
+    import gc
+
+    from mnist_ldm.runtime.memory import long_lived
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with pytest.raises(KeyError), long_lived():
+            kept = [[] for _ in range(1000)]
+            with long_lived():
+                assert not gc.isenabled()
+            assert not gc.isenabled()
+            raise KeyError
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(kept)
+    finally:
+        gc.unfreeze()

@@ -3,17 +3,19 @@
 glibc's malloc would trim freed memory and `mmap` large blocks afresh, so that every training step page-faults its
 activations back in (tests/test_heap.py); keeping them is 1.23x the autoencoder's training rate
 (benchmarks/results/speed.json). Forward passes without gradients run in batches of `INFERENCE_BATCH`, which stay
-under the mmap threshold. Whether the CPU has native bf16 units is read from /proc/cpuinfo here, without torch,
-so that `check_params` can ask."""
+under the mmap threshold. What a stage's tracking builds to last until the process ends stays out of the cyclic
+garbage collector (`long_lived`). Whether the CPU has native bf16 units is read from /proc/cpuinfo here, without
+torch, so that `check_params` can ask."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from mnist_ldm.io.errors import UserError
 
@@ -33,6 +35,21 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(libc.mallopt(-1, 1 << 30) and libc.mallopt(-3, 32 << 20))  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+
+
+@contextlib.contextmanager
+def long_lived() -> Iterator[None]:
+    """A block that builds what lives until the process ends (the modules and clients of MLflow and DVC), run with
+    the cyclic garbage collector paused and then frozen, so that the collector never scans it again: a stage's
+    MLflow run opens in about half the CPU time (benchmarks/speed.py, docs/results.md#speed-of-the-networks)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:  # an outer block resumes it
+            gc.freeze()
+            gc.enable()
 
 
 def available_memory() -> Optional[int]:

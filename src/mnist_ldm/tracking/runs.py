@@ -17,6 +17,7 @@ from mnist_ldm.config.params_file import dotted_value, load_params, params_from_
 from mnist_ldm.config.sections import Params
 from mnist_ldm.io.errors import first_line
 from mnist_ldm.io.hashing import json_digest
+from mnist_ldm.runtime.memory import long_lived
 from mnist_ldm.tracking.stagerun import StageRun, data_tags
 from mnist_ldm.tracking.store import TAG, TrackingError, connect, experiment_id, git, repo_root, tracking_uri
 
@@ -104,28 +105,21 @@ def open_run(client: Any, uri: str, exp_id: str, key: dict[str, str], name: str,
         return (found[0], False) if found else (client.create_run(exp_id, run_name=name, tags={**tags, **key}), True)
 
 
-@contextlib.contextmanager
-def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
-              data_meta: Optional[dict] = None) -> Iterator[StageRun]:
-    """The run of `stage` under the parent run of the pipeline's state: a new one; the interrupted one with the same
-    inputs, continued; or the finished one, linked to (tagged, and named on the parent) instead of a twin. Both are
-    marked FAILED if the stage raises (KILLED on Ctrl-C, or on SIGTERM such as `dvc queue kill`'s, which every
-    command turns into KeyboardInterrupt). A stage run by hand leaves a parent that finished alone; one that DVC runs
-    sets the parent's status and headline metrics."""
-    if not params.tracking.enabled or os.environ.get("RANK", "0") != "0":
-        yield StageRun(active=False)
-        return
+@long_lived()  # MLflow's and DVC's modules and clients, kept to the end
+def open_runs(stage: str, params: Params, stage_params: dict[str, Any], data_meta: Optional[dict],
+              workdir: Path) -> tuple[StageRun, bool]:
+    """`stage_run`'s run, opened (new, continued or linked to) under its parent, and whether this process sets the
+    parent's status."""
     from dvc.utils import dict_md5
     from mlflow.entities import Param, RunTag
 
-    workdir, root = Path.cwd().resolve(), repo_root()
+    root = repo_root()
     uri = tracking_uri(root)
     dvc_stage, sources = dvc_inputs(workdir, stage)
     # the command line and the run-time choices set in the environment (MNIST_LDM_PRECISION, ...) are inputs too
     inputs = {**dvc_stage, "stage_params": stage_params, "argv": sys.argv[1:],
               "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MNIST_LDM_")}}
     input_hash = dict_md5(json.loads(json.dumps(inputs, default=str)))
-    under_dvc = bool(os.environ.get("DVC_STAGE"))
     try:
         client = connect(uri)
         exp_id = experiment_id(client, params.tracking.experiment, uri, root)
@@ -135,7 +129,7 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
         parent, new_parent = open_run(client, uri, exp_id, {TAG + "pipeline_key": key, TAG + "kind": "pipeline"},
                                       name, tags)
         parent_id = parent.info.run_id
-        own_parent = new_parent or under_dvc or parent.info.status != "FINISHED"
+        own_parent = new_parent or bool(os.environ.get("DVC_STAGE")) or parent.info.status != "FINISHED"
         client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in params.flat().items()] if new_parent else [],
                          tags=[RunTag(k, v) for k, v in data_tags(data_meta).items()]
                          + ([RunTag("mlflow.note.content", note(workdir))] if new_parent else []))
@@ -166,6 +160,22 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
         where = f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}" if uri.startswith("http") else uri
         print(f"mlflow: {stage}: {'logging to' if new else 'continuing interrupted'} run {run_id} "
               f"(parent {parent_id}) at {where}", file=sys.stderr)
+    return run, own_parent
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
+              data_meta: Optional[dict] = None) -> Iterator[StageRun]:
+    """The run of `stage` under the parent run of the pipeline's state: a new one; the interrupted one with the same
+    inputs, continued; or the finished one, linked to (tagged, and named on the parent) instead of a twin. Both are
+    marked FAILED if the stage raises (KILLED on Ctrl-C, or on SIGTERM such as `dvc queue kill`'s, which every
+    command turns into KeyboardInterrupt). A stage run by hand leaves a parent that finished alone; one that DVC runs
+    sets the parent's status and headline metrics."""
+    if not params.tracking.enabled or os.environ.get("RANK", "0") != "0":
+        yield StageRun(active=False)
+        return
+    workdir = Path.cwd().resolve()
+    run, own_parent = open_runs(stage, params, stage_params, data_meta, workdir)
     status = "FINISHED"
     try:
         yield run
@@ -174,11 +184,11 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
         raise
     finally:
         run.retry(final=True)  # what the store missed, if it answers now
-        if own_parent and under_dvc:  # a failed stage's own figures are not taken
+        if own_parent and os.environ.get("DVC_STAGE"):  # a failed stage's own figures are not taken
             run.call("parent metrics", parent_metrics, run, workdir, stage if status == "FINISHED" else "")
-        for rid, own in ((run_id, not linked), (parent_id, own_parent)):
+        for rid, own in ((run.run_id, run.active), (run.parent_id, own_parent)):
             if own:
-                run.call("run status", client.set_terminated, rid, status)
+                run.call("run status", run.client.set_terminated, rid, status)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mnist_ldm.io.errors import UserError, first_line
+from mnist_ldm.runtime.memory import long_lived
 
 TAG = "mnist_ldm."
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # MLflow 3's UI: the training-runs view
@@ -64,6 +65,7 @@ def check_writable(uri: str) -> None:
                             f"the process holding it, or set tracking.enabled: false") from None
 
 
+@long_lived()  # its modules and client, kept to the end
 def connect(uri: str) -> Any:
     """An MlflowClient of `uri`, once a server there answers /health; MLflow's own log lines are silenced."""
     if uri.startswith(("http://", "https://")):

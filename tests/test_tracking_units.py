@@ -270,6 +270,28 @@ def test_non_finite_metrics_are_never_sent(stage: StageRun, capsys) -> None:
     assert sorted(w.split("metric ")[1].split(" ")[0] for w in warnings) == ["inf", "nan", "neg"]  # once per key
 
 
+def test_a_store_away_warns_once_keeps_the_writes_and_says_at_the_end_what_it_lost(capsys, monkeypatch) -> None:
+    """A store that stops answering (a port nothing listens on): the first failure warns, the writes meanwhile are
+    kept and a due retry that fails again says nothing more; still away at the stage's end, one more line says how
+    many calls were not sent and that the run stays RUNNING."""
+    from conftest import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"
+    run = StageRun(MlflowClient(tracking_uri=uri), "r" * 32, stage="unit", uri=uri)
+    run.log_epoch(1, {"loss": 0.5})
+    assert run.lost == "metrics" and not run.logging and len(run.pending) == 1
+    run.next_try = 0.0  # the retry is due
+    run.log_epoch(2, {"loss": 0.25})
+    run.set_tag("k", "v")
+    assert len(run.pending) == 3 and run.wait == 2 * 5.0  # the retry failed: the next one waits twice as long
+    assert run.retry(final=True) is False and len(run.pending) == 3
+    first, last = capsys.readouterr().err.splitlines()
+    assert first.startswith(f"warning: mlflow: unit: logging to {uri} failed at metrics (")
+    assert last == (f"warning: mlflow: unit: {uri} still fails at the stage's end; the 3 calls kept since the first "
+                    f"warning are not sent, and run {'r' * 32} stays RUNNING there")
+
+
 def test_same_inputs_link_to_the_finished_run(repo: Path) -> None:
     with stage_run("train_ae", PARAMS, {"autoencoder.seed": 0}) as first:
         first.log_epoch(1, {"loss": 0.5})

@@ -84,6 +84,10 @@ class StageRun:
                     except Exception as e:
                         del self.pending[:sent]
                         self.failed(what, e)
+                        if final:
+                            warn(f"warning: mlflow: {self.stage}: {self.uri} still fails at the stage's end; the "
+                                 f"{len(self.pending)} calls kept since the first warning are not sent, and run "
+                                 f"{self.run_id} stays RUNNING there")
                         return False
                     sent += 1
             finally:

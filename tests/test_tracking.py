@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -402,8 +403,10 @@ def test_server_lost_mid_training_warns_and_finishes(server, server_repo, tmp_pa
             if new and client.get_metric_history(new[0].info.run_id, "train_loss"):
                 break
             time.sleep(0.5)
+        proc.send_signal(signal.SIGSTOP)  # paused while the server dies, so that it cannot end training first
         server.kill()
         t_kill = time.monotonic()
+        proc.send_signal(signal.SIGCONT)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

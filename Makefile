@@ -10,8 +10,8 @@ export PYTHONUNBUFFERED := 1
 
 # PyTorch build: cuda where nvidia-smi answers, else cpu (requirements-cuda.lock / requirements-cpu.lock);
 # `make install TORCH=cuda` chooses it. pip installs without byte-compiling, and compileall then does it on
-# every core (pip uses one); files written for other Python versions fail to compile and are skipped, as pip
-# skips them.
+# every core (pip uses one), for the library's src/ too (where PYTHONDONTWRITEBYTECODE is set, no process would
+# save what it compiles); files written for other Python versions fail to compile and are skipped, as pip skips them.
 TORCH ?= $(if $(shell nvidia-smi -L 2>/dev/null),cuda,cpu)
 
 $(BIN)/.installed-$(TORCH): requirements.lock requirements-$(TORCH).lock pyproject.toml
@@ -19,7 +19,7 @@ $(BIN)/.installed-$(TORCH): requirements.lock requirements-$(TORCH).lock pyproje
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-compile -r requirements.lock -r requirements-$(TORCH).lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
-	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib > /dev/null || true
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib src > /dev/null || true
 	rm -f $(BIN)/.installed-*
 	touch $@
 

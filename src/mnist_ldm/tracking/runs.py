@@ -107,9 +107,9 @@ def open_run(client: Any, uri: str, exp_id: str, key: dict[str, str], name: str,
 
 @long_lived()  # MLflow's and DVC's modules and clients, kept to the end
 def open_runs(stage: str, params: Params, stage_params: dict[str, Any], data_meta: Optional[dict],
-              workdir: Path) -> tuple[StageRun, bool]:
+              workdir: Path, under_dvc: bool) -> tuple[StageRun, bool]:
     """`stage_run`'s run, opened (new, continued or linked to) under its parent, and whether this process sets the
-    parent's status."""
+    parent's status (always under DVC)."""
     from dvc.utils import dict_md5
     from mlflow.entities import Param, RunTag
 
@@ -129,7 +129,7 @@ def open_runs(stage: str, params: Params, stage_params: dict[str, Any], data_met
         parent, new_parent = open_run(client, uri, exp_id, {TAG + "pipeline_key": key, TAG + "kind": "pipeline"},
                                       name, tags)
         parent_id = parent.info.run_id
-        own_parent = new_parent or bool(os.environ.get("DVC_STAGE")) or parent.info.status != "FINISHED"
+        own_parent = new_parent or under_dvc or parent.info.status != "FINISHED"
         client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in params.flat().items()] if new_parent else [],
                          tags=[RunTag(k, v) for k, v in data_tags(data_meta).items()]
                          + ([RunTag("mlflow.note.content", note(workdir))] if new_parent else []))
@@ -174,8 +174,8 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
     if not params.tracking.enabled or os.environ.get("RANK", "0") != "0":
         yield StageRun(active=False)
         return
-    workdir = Path.cwd().resolve()
-    run, own_parent = open_runs(stage, params, stage_params, data_meta, workdir)
+    workdir, under_dvc = Path.cwd().resolve(), bool(os.environ.get("DVC_STAGE"))
+    run, own_parent = open_runs(stage, params, stage_params, data_meta, workdir, under_dvc)
     status = "FINISHED"
     try:
         yield run
@@ -184,7 +184,7 @@ def stage_run(stage: str, params: Params, stage_params: dict[str, Any],
         raise
     finally:
         run.retry(final=True)  # what the store missed, if it answers now
-        if own_parent and os.environ.get("DVC_STAGE"):  # a failed stage's own figures are not taken
+        if own_parent and under_dvc:  # a failed stage's own figures are not taken
             run.call("parent metrics", parent_metrics, run, workdir, stage if status == "FINISHED" else "")
         for rid, own in ((run.run_id, run.active), (run.parent_id, own_parent)):
             if own:
